@@ -1,0 +1,78 @@
+//! Tensor kernels for the M3AE training hot path.
+//!
+//! The model never calls candle's fused `LayerNorm` / `softmax_last_dim` (they have no backward in
+//! candle 0.11 and silently stop gradients). It calls the three entry points of this crate instead:
+//!
+//! * [`layer_norm`]: LayerNorm over the last axis with scale and bias (flax semantics, eps given).
+//! * [`masked_attention`]: multi-head scaled dot-product attention with a key-padding mask applied
+//!   the official way (the score of a padding key is *replaced* by `-1e7`).
+//! * [`gelu_tanh`]: the tanh approximation of GELU (flax `nn.gelu`).
+//!
+//! Each entry point dispatches on a [`KernelPath`]. Today only [`KernelPath::Reference`] exists: a
+//! plain composition of differentiable candle ops in [`reference`]. Fused custom ops with
+//! hand-written backward passes come later behind the same functions, so the model does not change.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! let x = Tensor::new(&[[1f32, 2., 3.]], &Device::Cpu)?;
+//! let g = Tensor::ones(3, candle_core::DType::F32, &Device::Cpu)?;
+//! let b = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu)?;
+//! let y = m3ae_kernels::layer_norm(&x, &g, &b, 1e-6)?;
+//! let v = y.flatten_all()?.to_vec1::<f32>()?;
+//! assert!((v[0] + 1.2247).abs() < 1e-3 && v[1].abs() < 1e-6);
+//! # Ok::<(), m3ae_kernels::Error>(())
+//! ```
+
+pub mod reference;
+
+use candle_core::Tensor;
+
+/// Errors of the kernels crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error raised by candle while running an op.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An input had a shape the kernel does not accept.
+    #[error("{op}: {msg}")]
+    Shape {
+        /// The kernel that rejected the input.
+        op: &'static str,
+        /// What was wrong, with the offending shapes.
+        msg: String,
+    },
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Which implementation of the kernels to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelPath {
+    /// Composition of differentiable candle ops (the f32 reference every fast path is tested against).
+    #[default]
+    Reference,
+}
+
+/// LayerNorm over the last axis: `(x - mean) / sqrt(var + eps) * gamma + beta` with the biased
+/// variance. `x`: `[.., D]`; `gamma`, `beta`: `[D]`. Differentiable in all three inputs.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    reference::layer_norm(x, gamma, beta, eps)
+}
+
+/// Masked multi-head attention. `q`, `k`, `v`: `[B, H, L, Dh]`; `key_padding`: `[B, L]` with
+/// `1` = padding key (its score is replaced by `-1e7`) or `None`; returns `[B, H, L, Dh]`.
+pub fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    reference::masked_attention(q, k, v, key_padding, scale)
+}
+
+/// tanh-approximated GELU, elementwise: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    reference::gelu_tanh(x)
+}

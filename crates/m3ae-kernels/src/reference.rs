@@ -1,0 +1,164 @@
+//! Reference kernels: plain compositions of differentiable candle ops.
+//!
+//! These are the ground truth for every fused or fast path: readable, f32, and differentiable
+//! through candle's autograd (no `*_no_bwd` op is used anywhere in this module).
+
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, D};
+
+/// Score given to a padding key before the softmax (the official code replaces, not adds, it).
+pub const PADDING_SCORE: f64 = -1e7;
+
+/// LayerNorm over the last axis (two-pass biased variance). See [`crate::layer_norm`].
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if gamma.dims() != [d] || beta.dims() != [d] {
+        return Err(Error::Shape {
+            op: "layer_norm",
+            msg: format!(
+                "x has last dim {d} but gamma is {:?} and beta is {:?}",
+                gamma.dims(),
+                beta.dims()
+            ),
+        });
+    }
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    Ok(xc
+        .broadcast_mul(&inv)?
+        .broadcast_mul(gamma)?
+        .broadcast_add(beta)?)
+}
+
+/// Masked attention from matmul, `where_cond` and a max-subtracted softmax.
+/// See [`crate::masked_attention`] for shapes.
+pub fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, l, dh) = q.dims4()?;
+    let (kb, kh, lk, kdh) = k.dims4()?;
+    if (kb, kh, kdh) != (b, h, dh) || v.dims() != k.dims() {
+        return Err(Error::Shape {
+            op: "masked_attention",
+            msg: format!(
+                "q {:?}, k {:?}, v {:?} do not agree",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            ),
+        });
+    }
+    let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
+    let scores = match key_padding {
+        None => scores,
+        Some(pad) => {
+            if pad.dims() != [b, lk] {
+                return Err(Error::Shape {
+                    op: "masked_attention",
+                    msg: format!("key_padding is {:?}, expected [{b}, {lk}]", pad.dims()),
+                });
+            }
+            let is_pad = pad
+                .gt(0.0)?
+                .reshape((b, 1, 1, lk))?
+                .broadcast_as((b, h, l, lk))?;
+            let fill = Tensor::full(PADDING_SCORE as f32, (b, h, l, lk), q.device())?
+                .to_dtype(scores.dtype())?;
+            is_pad.where_cond(&fill, &scores)?
+        }
+    };
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    Ok(p.matmul(&v.contiguous()?)?)
+}
+
+/// tanh-approximated GELU (candle's `Tensor::gelu` is this form and has a backward).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu()?)
+}
+
+/// Softmax over the last axis built from differentiable ops (max-subtracted).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Converts a 0/1 float mask to the `u8` form `where_cond` wants.
+pub fn mask_to_u8(mask: &Tensor) -> Result<Tensor> {
+    Ok(mask.gt(0.0)?.to_dtype(DType::U8)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t(v: &[f32], s: &[usize]) -> Tensor {
+        Tensor::from_slice(v, s, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn attention_replaces_padding_scores() -> anyhow::Result<()> {
+        // one head, two keys; the second key is padding so the output is v[0].
+        let q = t(&[1.0, 0.0, 0.5, 0.5], &[1, 1, 2, 2]);
+        let k = t(&[0.3, 0.1, 5.0, 5.0], &[1, 1, 2, 2]);
+        let v = t(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 2, 2]);
+        let pad = t(&[0.0, 1.0], &[1, 2]);
+        let y = masked_attention(&q, &k, &v, Some(&pad), 1.0)?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![1.0, 2.0, 1.0, 2.0]);
+        // every key padded: uniform attention (replacement, not -inf).
+        let pad = t(&[1.0, 1.0], &[1, 2]);
+        let y = masked_attention(&q, &k, &v, Some(&pad), 1.0)?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![2.0, 3.0, 2.0, 3.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_has_gradients_for_all_inputs() -> anyhow::Result<()> {
+        let x = Var::from_tensor(&t(&[1.0, 2.0, 4.0, -1.0, 0.5, 3.0], &[2, 3]))?;
+        let g = Var::from_tensor(&t(&[1.0, 2.0, 3.0], &[3]))?;
+        let b = Var::from_tensor(&t(&[0.1, 0.2, 0.3], &[3]))?;
+        let y = layer_norm(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-6)?;
+        let w = t(&[1.0, -2.0, 0.5, 3.0, 1.0, -1.0], &[2, 3]);
+        let grads = (y * w)?.sum_all()?.backward()?;
+        for v in [&x, &g, &b] {
+            let gr = grads.get(v.as_tensor()).expect("missing gradient");
+            assert!(gr.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_gradients_match_finite_differences() -> anyhow::Result<()> {
+        let vals: Vec<f32> = (0..24).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
+        let q = Var::from_tensor(&t(&vals, &[1, 2, 3, 4]))?;
+        let k = t(&vals.iter().map(|x| x * 0.7 + 0.1).collect::<Vec<_>>(), &[1, 2, 3, 4]);
+        let v = t(&vals.iter().map(|x| 1.0 - x).collect::<Vec<_>>(), &[1, 2, 3, 4]);
+        let pad = t(&[0.0, 0.0, 1.0], &[1, 3]);
+        let f = |q: &Tensor| -> anyhow::Result<f64> {
+            let y = masked_attention(q, &k, &v, Some(&pad), 0.5)?;
+            Ok((y.sqr()?.sum_all()?.to_dtype(DType::F64)?).to_scalar::<f64>()?)
+        };
+        let y = masked_attention(q.as_tensor(), &k, &v, Some(&pad), 0.5)?;
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        let g = grads.get(q.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let h = 1e-2f32;
+        for i in [0usize, 5, 13, 23] {
+            let mut plus = vals.clone();
+            plus[i] += h;
+            let mut minus = vals.clone();
+            minus[i] -= h;
+            let fd = (f(&t(&plus, &[1, 2, 3, 4]))? - f(&t(&minus, &[1, 2, 3, 4]))?) / (2.0 * h as f64);
+            assert!((fd - g[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()), "{i}: fd {fd} vs {}", g[i]);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! Transformer building blocks (pre-norm ViT blocks as in the official code), each built from a
+//! [`ParamStore`] prefix and running its numerics through `m3ae-kernels`.
+
+use crate::params::ParamStore;
+use crate::Result;
+use candle_core::{Tensor, D};
+
+/// Epsilon of every LayerNorm (flax default).
+pub const LN_EPS: f64 = 1e-6;
+
+/// Dense layer `y = x W^T + b` with `W` stored `(out, in)`.
+#[derive(Debug, Clone)]
+pub struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    /// Reads `{prefix}.weight` and `{prefix}.bias`.
+    pub fn new(p: &ParamStore, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            weight: p.get(&format!("{prefix}.weight"))?,
+            bias: p.get(&format!("{prefix}.bias"))?,
+        })
+    }
+
+    /// `x`: `[.., in]` -> `[.., out]` (flattened to one 2-D matmul).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / inp.max(1);
+        let y = x
+            .contiguous()?
+            .reshape((rows, inp))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// LayerNorm over the last axis with scale and bias, eps 1e-6.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    /// Reads `{prefix}.weight` and `{prefix}.bias`.
+    pub fn new(p: &ParamStore, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            weight: p.get(&format!("{prefix}.weight"))?,
+            bias: p.get(&format!("{prefix}.bias"))?,
+        })
+    }
+
+    /// `x`: `[.., D]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(m3ae_kernels::layer_norm(x, &self.weight, &self.bias, LN_EPS)?)
+    }
+}
+
+/// Multi-head self-attention with fused qkv (columns `[q | k | v]`, each head-contiguous).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Dense,
+    proj: Dense,
+    heads: usize,
+}
+
+impl Attention {
+    /// Reads `{prefix}.qkv` and `{prefix}.proj`.
+    pub fn new(p: &ParamStore, prefix: &str, heads: usize) -> Result<Self> {
+        Ok(Self {
+            qkv: Dense::new(p, &format!("{prefix}.qkv"))?,
+            proj: Dense::new(p, &format!("{prefix}.proj"))?,
+            heads,
+        })
+    }
+
+    /// `x`: `[B, L, C]`; `key_padding`: `[B, L]` (1 = padding key) -> `[B, L, C]`.
+    pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l, c) = x.dims3()?;
+        let hd = c / self.heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, l, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let y = m3ae_kernels::masked_attention(&q, &k, &v, key_padding, scale)?;
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, l, c))?;
+        self.proj.forward(&y)
+    }
+}
+
+/// Pre-norm transformer block: `x + Attn(LN(x))`, then `x + MLP(LN(x))` with tanh-GELU.
+#[derive(Debug, Clone)]
+pub struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Dense,
+    fc2: Dense,
+}
+
+impl Block {
+    /// Reads the block under `prefix` (`encoder.blocks.0`).
+    pub fn new(p: &ParamStore, prefix: &str, heads: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::new(p, &format!("{prefix}.norm1"))?,
+            attn: Attention::new(p, &format!("{prefix}.attn"), heads)?,
+            norm2: LayerNorm::new(p, &format!("{prefix}.norm2"))?,
+            fc1: Dense::new(p, &format!("{prefix}.mlp.fc1"))?,
+            fc2: Dense::new(p, &format!("{prefix}.mlp.fc2"))?,
+        })
+    }
+
+    /// `x`: `[B, L, C]` -> `[B, L, C]`.
+    pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?, key_padding)?)?;
+        let h = m3ae_kernels::gelu_tanh(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
+        Ok((&x + self.fc2.forward(&h)?)?)
+    }
+}
+
+/// `depth` blocks followed by a final LayerNorm.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+}
+
+impl Transformer {
+    /// Reads `{prefix}.blocks.{i}` for `i < depth` and `{prefix}.norm`.
+    pub fn new(p: &ParamStore, prefix: &str, depth: usize, heads: usize) -> Result<Self> {
+        let blocks = (0..depth)
+            .map(|i| Block::new(p, &format!("{prefix}.blocks.{i}"), heads))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            blocks,
+            norm: LayerNorm::new(p, &format!("{prefix}.norm"))?,
+        })
+    }
+
+    /// `x`: `[B, L, C]` -> `[B, L, C]` (post final LayerNorm).
+    pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for b in &self.blocks {
+            x = b.forward(&x, key_padding)?;
+        }
+        self.norm.forward(&x)
+    }
+}
+
+/// Output head: a single Dense (depth 0) or `LN -> k x [Dense -> GELU -> LN (+ residual for j>0)]
+/// -> Dense` (depth k).
+#[derive(Debug, Clone)]
+pub struct Head {
+    norm_in: Option<LayerNorm>,
+    layers: Vec<(Dense, LayerNorm)>,
+    out: Dense,
+}
+
+impl Head {
+    /// Reads the head under `prefix` (`decoder.image_head`).
+    pub fn new(p: &ParamStore, prefix: &str, depth: usize) -> Result<Self> {
+        let norm_in = if depth > 0 {
+            Some(LayerNorm::new(p, &format!("{prefix}.norm_in"))?)
+        } else {
+            None
+        };
+        let layers = (0..depth)
+            .map(|j| {
+                Ok((
+                    Dense::new(p, &format!("{prefix}.layers.{j}.fc"))?,
+                    LayerNorm::new(p, &format!("{prefix}.layers.{j}.norm"))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm_in,
+            layers,
+            out: Dense::new(p, &format!("{prefix}.out"))?,
+        })
+    }
+
+    /// `x`: `[B, L, Dd]` -> `[B, L, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = match &self.norm_in {
+            Some(n) => n.forward(x)?,
+            None => x.clone(),
+        };
+        for (j, (fc, norm)) in self.layers.iter().enumerate() {
+            let y = norm.forward(&m3ae_kernels::gelu_tanh(&fc.forward(&x)?)?)?;
+            x = if j > 0 { (x + y)? } else { y };
+        }
+        self.out.forward(&x)
+    }
+}
+
+/// Mean over the last axis of `(a - b)^2`: `[.., D]` -> `[..]`.
+pub(crate) fn mean_sq_err_last(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a - b)?.sqr()?.mean(D::Minus1)?)
+}

@@ -1,0 +1,580 @@
+//! The M3AE model (image + text, image-only and text-only paths) and the image-only MAE baseline.
+//!
+//! Both share one implementation ([`Core`]): MAE is the image half of M3AE with its own parameter
+//! set ([`Variant::Mae`]). The encoder sees only kept tokens plus cls; the decoder restores the
+//! full sequence with mask embeddings and predicts every position; losses select.
+
+use crate::config::M3aeConfig;
+use crate::layers::{Dense, Head, Transformer};
+use crate::loss::{cross_entropy_loss_and_accuracy, patch_mse_loss};
+use crate::masking::Masking;
+use crate::params::{param_specs, ParamSpec, ParamStore, Unexpected, Variant};
+use crate::posemb::{sincos_1d, sincos_2d};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// A collated batch as the model consumes it. Either modality may be absent.
+#[derive(Debug, Clone, Default)]
+pub struct ModelInput {
+    /// `[B, Li, P*P*3]` f32 patches (see [`crate::patchify`]).
+    pub image_patches: Option<Tensor>,
+    /// `[B, T]` token ids (u32, or any integer dtype convertible to it).
+    pub text_ids: Option<Tensor>,
+    /// `[B, T]` f32, 1 = padding. Required with `text_ids`.
+    pub text_padding: Option<Tensor>,
+}
+
+/// Intermediate tensors of a forward pass (kept for parity checks and inspection; they exist
+/// anyway, so keeping them costs nothing).
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// `[B, 1+ki+kt, D]`: encoder transformer input.
+    pub enc_input: Tensor,
+    /// `[B, 1+ki+kt]`: key padding given to the encoder (`None` for MAE).
+    pub enc_padding: Option<Tensor>,
+    /// `[B, 1+ki+kt, D]`: encoder output after its final LayerNorm.
+    pub enc_output: Tensor,
+    /// `[B, 1+Li+T, Dd]`: decoder transformer input.
+    pub dec_input: Tensor,
+    /// `[B, 1+Li+T]`: key padding given to the decoder (`None` for MAE).
+    pub dec_padding: Option<Tensor>,
+    /// `[B, 1+Li+T, Dd]`: decoder output after its final LayerNorm.
+    pub dec_output: Tensor,
+}
+
+/// Outputs of a masked forward pass.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// `[B, Li, image_output_dim]` predictions at every image position.
+    pub image: Option<Tensor>,
+    /// `[B, T, V]` text logits at every position.
+    pub text_logits: Option<Tensor>,
+    /// `[B, Li]` 1 = masked image patch.
+    pub image_mask: Option<Tensor>,
+    /// `[B, T]` 1 = masked text token.
+    pub text_mask: Option<Tensor>,
+    /// Intermediates.
+    pub trace: Trace,
+}
+
+/// Losses of one forward pass.
+#[derive(Debug, Clone)]
+pub struct Losses {
+    /// Patch MSE (scalar), when an image was given.
+    pub image_loss: Option<Tensor>,
+    /// Text cross-entropy (scalar), when text was given.
+    pub text_loss: Option<Tensor>,
+    /// Text accuracy (scalar, no gradient).
+    pub text_accuracy: Option<Tensor>,
+    /// `[B, T]` the mask the text loss used (masked or all, and not padding).
+    pub text_valid: Option<Tensor>,
+    /// `image_loss_weight * image_loss + text_loss_weight * text_loss` over what is present.
+    pub total: Tensor,
+}
+
+/// How a sequence representation is pooled into one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The cls token output (official default, `global_pool=False`).
+    #[default]
+    Cls,
+    /// Mean of the non-cls token outputs (`global_pool=True`).
+    Mean,
+}
+
+/// Pools a representation `[B, 1+N, D]` into `[B, D]`.
+pub fn pool(repr: &Tensor, pooling: Pooling) -> Result<Tensor> {
+    let n = repr.dim(1)?;
+    Ok(match pooling {
+        Pooling::Cls => repr.narrow(1, 0, 1)?.squeeze(1)?,
+        Pooling::Mean => repr.narrow(1, 1, n - 1)?.mean(1)?,
+    })
+}
+
+/// The unmasked image representation evaluation needs (linear probe, kNN, OOD).
+pub trait Represent {
+    /// `[B, Li, P*P*3]` patches -> `[B, 1+Li, D]` encoder output after its final LayerNorm.
+    fn represent(&self, image_patches: &Tensor) -> Result<Tensor>;
+    /// The configuration of the model.
+    fn config(&self) -> &M3aeConfig;
+}
+
+/// Shared implementation of M3AE and MAE.
+#[derive(Debug, Clone)]
+struct Core {
+    cfg: M3aeConfig,
+    variant: Variant,
+    params: ParamStore,
+    cls: Tensor,
+    image_embedding: Dense,
+    text_embedding: Option<Tensor>,
+    enc_image_type: Option<Tensor>,
+    enc_text_type: Option<Tensor>,
+    dec_image_type: Option<Tensor>,
+    dec_text_type: Option<Tensor>,
+    image_mask_token: Tensor,
+    text_mask_token: Option<Tensor>,
+    encoder: Transformer,
+    input_projection: Dense,
+    decoder: Transformer,
+    image_head: Head,
+    text_head: Option<Head>,
+}
+
+fn add_opt(x: Tensor, t: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match t {
+        Some(t) => x.broadcast_add(t)?,
+        None => x,
+    })
+}
+
+impl Core {
+    fn new(cfg: &M3aeConfig, variant: Variant, params: ParamStore) -> Result<Self> {
+        let text = variant == Variant::M3ae;
+        cfg.validate(text)?;
+        let cfg = cfg.resolved();
+        // Every spec must be present with its shape; the store may not hold extra weights.
+        let specs = param_specs(&cfg, variant);
+        check_store(&specs, &params)?;
+        let p = &params;
+        let opt = |name: &str, cond: bool| -> Result<Option<Tensor>> {
+            if cond {
+                Ok(Some(p.get(name)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let te = cfg.use_type_embedding;
+        Ok(Self {
+            cls: p.get("cls_token")?,
+            image_embedding: Dense::new(p, "image_embedding")?,
+            text_embedding: opt("text_embedding.weight", text)?,
+            enc_image_type: opt("encoder.image_type_embedding", te)?,
+            enc_text_type: opt("encoder.text_type_embedding", te && text)?,
+            dec_image_type: opt("decoder.image_type_embedding", te)?,
+            dec_text_type: opt("decoder.text_type_embedding", te && text)?,
+            image_mask_token: p.get("decoder.image_mask_embedding")?,
+            text_mask_token: opt("decoder.text_mask_embedding", text)?,
+            encoder: Transformer::new(p, "encoder", cfg.depth, cfg.num_heads)?,
+            input_projection: Dense::new(p, "decoder.input_projection")?,
+            decoder: Transformer::new(p, "decoder", cfg.dec_depth, cfg.dec_num_heads)?,
+            image_head: Head::new(p, "decoder.image_head", cfg.output_head_depth)?,
+            text_head: if text {
+                Some(Head::new(p, "decoder.text_head", cfg.output_head_depth)?)
+            } else {
+                None
+            },
+            cfg,
+            variant,
+            params,
+        })
+    }
+
+    fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    /// `[B, Li, P*P*3]` -> `[B, Li, D]` with 2-D position and type embeddings.
+    fn embed_image(&self, patches: &Tensor) -> Result<Tensor> {
+        let (_, li, pd) = patches.dims3()?;
+        if pd != self.cfg.patch_dim() {
+            return Err(Error::Shape(format!(
+                "image patches have dim {pd}, the model expects P*P*3 = {}",
+                self.cfg.patch_dim()
+            )));
+        }
+        let x = self.image_embedding.forward(patches)?;
+        let x = x.broadcast_add(&sincos_2d(li, self.cfg.emb_dim, self.device())?)?;
+        add_opt(x, &self.enc_image_type)
+    }
+
+    /// `[B, T]` ids -> `[B, T, D]` with 1-D position and type embeddings.
+    fn embed_text(&self, ids: &Tensor) -> Result<Tensor> {
+        let table = self
+            .text_embedding
+            .as_ref()
+            .ok_or_else(|| Error::Shape("this model has no text embedding".into()))?;
+        let (b, t) = ids.dims2()?;
+        let ids = ids.to_dtype(DType::U32)?;
+        let max = ids.max_all()?.to_scalar::<u32>()? as usize;
+        if max >= self.cfg.text_vocab_size {
+            return Err(Error::Shape(format!(
+                "token id {max} is outside the vocabulary of {} tokens",
+                self.cfg.text_vocab_size
+            )));
+        }
+        let x = table
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.emb_dim))?;
+        let x = x.broadcast_add(&sincos_1d(t, self.cfg.emb_dim, self.device())?)?;
+        add_opt(x, &self.enc_text_type)
+    }
+
+    fn batch_of(input: &ModelInput) -> Result<usize> {
+        match (&input.image_patches, &input.text_ids) {
+            (Some(i), _) => Ok(i.dim(0)?),
+            (None, Some(t)) => Ok(t.dim(0)?),
+            (None, None) => Err(Error::Shape("the input has neither image nor text".into())),
+        }
+    }
+
+    fn text_padding<'a>(input: &'a ModelInput, ids: &Tensor) -> Result<&'a Tensor> {
+        let pad = input
+            .text_padding
+            .as_ref()
+            .ok_or_else(|| Error::Shape("text_ids given without text_padding".into()))?;
+        if pad.dims() != ids.dims() {
+            return Err(Error::Shape(format!(
+                "text_padding {:?} does not match text_ids {:?}",
+                pad.dims(),
+                ids.dims()
+            )));
+        }
+        Ok(pad)
+    }
+
+    fn forward(
+        &self,
+        input: &ModelInput,
+        image_masking: Option<&Masking>,
+        text_masking: Option<&Masking>,
+    ) -> Result<Output> {
+        let b = Self::batch_of(input)?;
+        let dev = self.device().clone();
+        let with_padding = self.variant == Variant::M3ae;
+        let d = self.cfg.emb_dim;
+        let mut tokens = vec![self.cls.broadcast_as((b, 1, d))?];
+        let mut pads = vec![Tensor::zeros((b, 1), DType::F32, &dev)?];
+        let mut image = None;
+        if let Some(patches) = &input.image_patches {
+            let m = image_masking
+                .ok_or_else(|| Error::Shape("an image was given without its masking".into()))?;
+            let li = patches.dim(1)?;
+            self.check_keep("image", m, li, self.cfg.image_keep(li))?;
+            tokens.push(m.keep_tokens(&self.embed_image(patches)?)?);
+            pads.push(Tensor::zeros((b, m.keep), DType::F32, &dev)?);
+            image = Some((m, li));
+        }
+        let mut text = None;
+        if let Some(ids) = &input.text_ids {
+            if self.variant == Variant::Mae {
+                return Err(Error::Shape("the MAE model takes no text".into()));
+            }
+            let m = text_masking
+                .ok_or_else(|| Error::Shape("text was given without its masking".into()))?;
+            let pad = Self::text_padding(input, ids)?.to_dtype(DType::F32)?;
+            let t = ids.dim(1)?;
+            self.check_keep("text", m, t, self.cfg.text_keep(t))?;
+            tokens.push(m.keep_tokens(&self.embed_text(ids)?)?);
+            pads.push(m.keep_mask(&pad)?);
+            text = Some((m, t, pad));
+        }
+        let enc_input = Tensor::cat(&tokens, 1)?;
+        let enc_padding = if with_padding {
+            Some(Tensor::cat(&pads, 1)?)
+        } else {
+            None
+        };
+        let enc_output = self.encoder.forward(&enc_input, enc_padding.as_ref())?;
+
+        // Decoder: project everything once, then restore each modality to its original order.
+        let dd = self.cfg.dec_emb_dim;
+        let y = self.input_projection.forward(&enc_output)?;
+        let mut dec_tokens = vec![y.narrow(1, 0, 1)?];
+        let mut dec_pads = vec![Tensor::zeros((b, 1), DType::F32, &dev)?];
+        let mut offset = 1;
+        if let Some((m, li)) = image {
+            let kept = y.narrow(1, offset, m.keep)?;
+            offset += m.keep;
+            let x = m.restore_tokens(&kept, &self.image_mask_token)?;
+            let x = x.broadcast_add(&sincos_2d(li, dd, &dev)?)?;
+            dec_tokens.push(add_opt(x, &self.dec_image_type)?);
+            dec_pads.push(Tensor::zeros((b, li), DType::F32, &dev)?);
+        }
+        if let Some((m, t, pad)) = &text {
+            let kept = y.narrow(1, offset, m.keep)?;
+            let mask_token = self.text_mask_token.as_ref().expect("M3AE has a text mask token");
+            let x = m.restore_tokens(&kept, mask_token)?;
+            let x = x.broadcast_add(&sincos_1d(*t, dd, &dev)?)?;
+            dec_tokens.push(add_opt(x, &self.dec_text_type)?);
+            dec_pads.push(pad.clone());
+        }
+        let dec_input = Tensor::cat(&dec_tokens, 1)?;
+        let dec_padding = if with_padding {
+            Some(Tensor::cat(&dec_pads, 1)?)
+        } else {
+            None
+        };
+        let dec_output = self.decoder.forward(&dec_input, dec_padding.as_ref())?;
+        let mut offset = 1;
+        let image_out = match image {
+            Some((_, li)) => {
+                let o = self.image_head.forward(&dec_output.narrow(1, offset, li)?)?;
+                offset += li;
+                Some(o)
+            }
+            None => None,
+        };
+        let text_out = match &text {
+            Some((_, t, _)) => {
+                let head = self.text_head.as_ref().expect("M3AE has a text head");
+                Some(head.forward(&dec_output.narrow(1, offset, *t)?)?)
+            }
+            None => None,
+        };
+        Ok(Output {
+            image: image_out,
+            text_logits: text_out,
+            image_mask: image.map(|(m, _)| m.mask.clone()),
+            text_mask: text.as_ref().map(|(m, _, _)| m.mask.clone()),
+            trace: Trace {
+                enc_input,
+                enc_padding,
+                enc_output,
+                dec_input,
+                dec_padding,
+                dec_output,
+            },
+        })
+    }
+
+    fn check_keep(&self, what: &str, m: &Masking, len: usize, keep: usize) -> Result<()> {
+        if m.len != len || m.keep != keep {
+            return Err(Error::Shape(format!(
+                "{what} masking keeps {} of {} tokens, the config needs {keep} of {len}",
+                m.keep, m.len
+            )));
+        }
+        Ok(())
+    }
+
+    fn represent(&self, input: &ModelInput) -> Result<Tensor> {
+        let b = Self::batch_of(input)?;
+        let dev = self.device().clone();
+        let d = self.cfg.emb_dim;
+        let mut tokens = vec![self.cls.broadcast_as((b, 1, d))?];
+        let mut pads = vec![Tensor::zeros((b, 1), DType::F32, &dev)?];
+        if let Some(p) = &input.image_patches {
+            tokens.push(self.embed_image(p)?);
+            pads.push(Tensor::zeros((b, p.dim(1)?), DType::F32, &dev)?);
+        }
+        let mut has_text = false;
+        if let Some(ids) = &input.text_ids {
+            let pad = Self::text_padding(input, ids)?.to_dtype(DType::F32)?;
+            tokens.push(self.embed_text(ids)?);
+            pads.push(pad);
+            has_text = true;
+        }
+        let x = Tensor::cat(&tokens, 1)?;
+        let pad = if has_text {
+            Some(Tensor::cat(&pads, 1)?)
+        } else {
+            None
+        };
+        self.encoder.forward(&x, pad.as_ref())
+    }
+
+    fn losses(&self, input: &ModelInput, out: &Output) -> Result<Losses> {
+        let mut total: Option<Tensor> = None;
+        let mut add = |t: &Tensor, w: f64| -> Result<()> {
+            let wt = (t * w)?;
+            total = Some(match total.take() {
+                Some(acc) => (acc + wt)?,
+                None => wt,
+            });
+            Ok(())
+        };
+        let mut image_loss = None;
+        if let (Some(pred), Some(target), Some(mask)) =
+            (&out.image, &input.image_patches, &out.image_mask)
+        {
+            let valid = if self.cfg.image_all_token_loss {
+                mask.ones_like()?
+            } else {
+                mask.clone()
+            };
+            let l = patch_mse_loss(pred, target, &valid)?;
+            add(&l, self.cfg.image_loss_weight)?;
+            image_loss = Some(l);
+        }
+        let (mut text_loss, mut text_accuracy, mut text_valid) = (None, None, None);
+        if let (Some(logits), Some(ids), Some(mask)) =
+            (&out.text_logits, &input.text_ids, &out.text_mask)
+        {
+            let pad = Self::text_padding(input, ids)?.to_dtype(DType::F32)?;
+            let selected = if self.cfg.text_all_token_loss {
+                mask.ones_like()?
+            } else {
+                mask.clone()
+            };
+            let valid = (selected * (1.0 - pad)?)?;
+            let (l, a) = cross_entropy_loss_and_accuracy(logits, ids, &valid)?;
+            add(&l, self.cfg.text_loss_weight)?;
+            text_loss = Some(l);
+            text_accuracy = Some(a);
+            text_valid = Some(valid);
+        }
+        Ok(Losses {
+            image_loss,
+            text_loss,
+            text_accuracy,
+            text_valid,
+            total: total.ok_or_else(|| Error::Shape("no modality to compute a loss on".into()))?,
+        })
+    }
+}
+
+fn check_store(specs: &[ParamSpec], store: &ParamStore) -> Result<()> {
+    for s in specs {
+        let t = store.get(&s.name)?;
+        if t.dims() != s.shape.as_slice() {
+            return Err(Error::WeightShape {
+                name: s.name.clone(),
+                expected: s.shape.clone(),
+                got: t.dims().to_vec(),
+                origin: "parameter store".into(),
+            });
+        }
+    }
+    if store.len() != specs.len() {
+        let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        if let Some((name, _)) = store.vars().find(|(n, _)| !known.contains(n)) {
+            return Err(Error::UnexpectedWeight {
+                name: name.into(),
+                origin: "parameter store".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+macro_rules! model_common {
+    ($ty:ident, $variant:expr) => {
+        impl $ty {
+            /// Builds the model from `params`; the config is validated (errors name the field)
+            /// and every weight is checked by name and shape.
+            pub fn new(cfg: &M3aeConfig, params: ParamStore) -> Result<Self> {
+                Ok(Self(Core::new(cfg, $variant, params)?))
+            }
+
+            /// A freshly initialised model (official initialisers) drawn from `seed`.
+            pub fn init(cfg: &M3aeConfig, seed: u64, device: &Device) -> Result<Self> {
+                cfg.validate($variant == Variant::M3ae)?;
+                let specs = Self::specs(cfg);
+                Self::new(cfg, ParamStore::init(&specs, seed, device)?)
+            }
+
+            /// Loads from official (Flax-named) tensors, e.g. a fixture or converted checkpoint.
+            pub fn from_official(
+                cfg: &M3aeConfig,
+                tensors: HashMap<String, Tensor>,
+                unexpected: Unexpected,
+                source: &str,
+                device: &Device,
+            ) -> Result<Self> {
+                cfg.validate($variant == Variant::M3ae)?;
+                let specs = Self::specs(cfg);
+                Self::new(
+                    cfg,
+                    ParamStore::from_official(&specs, tensors, unexpected, source, device)?,
+                )
+            }
+
+            /// Every weight of this model for `cfg`.
+            pub fn specs(cfg: &M3aeConfig) -> Vec<ParamSpec> {
+                param_specs(cfg, $variant)
+            }
+
+            /// The trainable weights.
+            pub fn params(&self) -> &ParamStore {
+                &self.0.params
+            }
+
+            /// The resolved configuration.
+            pub fn config(&self) -> &M3aeConfig {
+                &self.0.cfg
+            }
+        }
+
+        impl Represent for $ty {
+            fn represent(&self, image_patches: &Tensor) -> Result<Tensor> {
+                self.0.represent(&ModelInput {
+                    image_patches: Some(image_patches.clone()),
+                    ..Default::default()
+                })
+            }
+            fn config(&self) -> &M3aeConfig {
+                &self.0.cfg
+            }
+        }
+    };
+}
+
+/// The multimodal masked autoencoder (`MaskedMultimodalAutoencoder`).
+#[derive(Debug, Clone)]
+pub struct M3ae(Core);
+
+model_common!(M3ae, Variant::M3ae);
+
+impl M3ae {
+    /// Masked forward pass. Each present modality needs its masking (built from noise with the
+    /// config's keep length). Image-only, text-only (unpaired text) and paired inputs all work.
+    pub fn forward(
+        &self,
+        input: &ModelInput,
+        image_masking: Option<&Masking>,
+        text_masking: Option<&Masking>,
+    ) -> Result<Output> {
+        self.0.forward(input, image_masking, text_masking)
+    }
+
+    /// Losses of a forward pass (weights and all-token flags from the config).
+    pub fn losses(&self, input: &ModelInput, out: &Output) -> Result<Losses> {
+        self.0.losses(input, out)
+    }
+
+    /// Unmasked representation `[B, 1+Li+T, D]` after the encoder's final LayerNorm; text padding
+    /// keys are masked.
+    pub fn forward_representation(&self, input: &ModelInput) -> Result<Tensor> {
+        self.0.represent(input)
+    }
+}
+
+/// The image-only masked autoencoder baseline (`MaskedAutoencoder`).
+#[derive(Debug, Clone)]
+pub struct Mae(Core);
+
+model_common!(Mae, Variant::Mae);
+
+impl Mae {
+    /// Masked forward pass on `[B, Li, P*P*3]` patches.
+    pub fn forward(&self, image_patches: &Tensor, masking: &Masking) -> Result<Output> {
+        self.0.forward(
+            &ModelInput {
+                image_patches: Some(image_patches.clone()),
+                ..Default::default()
+            },
+            Some(masking),
+            None,
+        )
+    }
+
+    /// Patch MSE of a forward pass (masked patches, or all with `image_all_token_loss`).
+    pub fn losses(&self, image_patches: &Tensor, out: &Output) -> Result<Losses> {
+        self.0.losses(
+            &ModelInput {
+                image_patches: Some(image_patches.clone()),
+                ..Default::default()
+            },
+            out,
+        )
+    }
+
+    /// Unmasked representation `[B, 1+Li, D]` after the encoder's final LayerNorm.
+    pub fn forward_representation(&self, image_patches: &Tensor) -> Result<Tensor> {
+        self.represent(image_patches)
+    }
+}

@@ -1,0 +1,24 @@
+//! Compares this implementation with golden outputs of the official JAX code.
+//!
+//! ```text
+//! cargo run --release --example official_parity -- tests/fixtures/official_tiny
+//! ```
+//! The folder needs `config.json` and the `m3ae_*`, `mae_*` and `linear_probe` safetensors files
+//! (see `tests/fixtures/official_tiny/README.md`). Prints one line per tensor and exits non-zero
+//! if any tensor is out of tolerance, missing, or not checked.
+
+fn main() -> anyhow::Result<()> {
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "tests/fixtures/official_tiny".into());
+    let checks = m3ae::parity::run(std::path::Path::new(&dir))?;
+    for c in &checks {
+        println!("{c}");
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    println!("{} passed, {} failed", checks.len() - failed, failed);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! m3ae: the M3AE multimodal masked autoencoder in Rust, on candle.
+//!
+//! This facade re-exports the workspace crates under short names and holds what spans them:
+//! the comparison against the official JAX fixtures ([`parity`]).
+//!
+//! * [`kernels`]: differentiable tensor kernels (LayerNorm, masked attention, GELU).
+//! * [`model`]: configuration, the M3AE and MAE models, losses, weights.
+//! * [`data`], [`train`], [`eval`]: data pipeline, training, evaluation.
+
+pub use m3ae_data as data;
+pub use m3ae_eval as eval;
+pub use m3ae_kernels as kernels;
+pub use m3ae_model as model;
+pub use m3ae_train as train;
+
+pub mod parity;
