@@ -103,7 +103,9 @@ impl std::fmt::Display for Check {
 
 fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     let t = match t.dtype() {
-        DType::U32 | DType::U8 | DType::I32 | DType::I64 | DType::I16 => t.to_dtype(DType::I64)?.to_dtype(DType::F64)?,
+        DType::U32 | DType::U8 | DType::I32 | DType::I64 | DType::I16 => {
+            t.to_dtype(DType::I64)?.to_dtype(DType::F64)?
+        }
         _ => t.to_dtype(DType::F64)?,
     };
     Ok(t.flatten_all()?.to_vec1::<f64>()?)
@@ -119,7 +121,8 @@ pub fn compare(name: &str, ours: &Tensor, expected: &Tensor, tol: Tolerance) -> 
         note: String::new(),
     };
     // Scalars are stored with shape [1].
-    let same_shape = ours.dims() == expected.dims() || ours.elem_count() == 1 && expected.elem_count() == 1;
+    let same_shape =
+        ours.dims() == expected.dims() || ours.elem_count() == 1 && expected.elem_count() == 1;
     if !same_shape {
         check.note = format!("shape {:?} vs expected {:?}", ours.dims(), expected.dims());
         return check;
@@ -226,7 +229,11 @@ pub struct FixtureConfig {
     pub batch: usize,
 }
 
-fn overlay(base: &M3aeConfig, model: &serde_json::Value, extra: &[(&str, serde_json::Value)]) -> Result<M3aeConfig> {
+fn overlay(
+    base: &M3aeConfig,
+    model: &serde_json::Value,
+    extra: &[(&str, serde_json::Value)],
+) -> Result<M3aeConfig> {
     let mut v = serde_json::to_value(base)?;
     let obj = v.as_object_mut().expect("config serialises to an object");
     if let Some(m) = model.as_object() {
@@ -246,8 +253,10 @@ impl FixtureConfig {
     /// Reads `config.json` of a fixture folder.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let j: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let j: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let field = |k: &str| j.get(k).cloned().unwrap_or(serde_json::Value::Null);
         let base = M3aeConfig {
             model_type: None,
@@ -274,13 +283,28 @@ impl FixtureConfig {
         let mut mae_extra = shared.to_vec();
         mae_extra.push((
             "image_all_token_loss",
-            mae_j.get("image_all_token_loss").cloned().unwrap_or(serde_json::Value::Null),
+            mae_j
+                .get("image_all_token_loss")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
         ));
-        let mae_model = mae_j.get("model").cloned().unwrap_or(serde_json::Value::Null);
+        let mae_model = mae_j
+            .get("model")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
         let mae = overlay(&base, &mae_model, &mae_extra)?;
-        let n_pad: Vec<usize> = serde_json::from_value(field("n_pad")).context("config.json: n_pad")?;
-        let batch = j.get("batch").and_then(|b| b.as_u64()).ok_or_else(|| anyhow!("config.json: batch"))? as usize;
-        Ok(Self { m3ae, mae, n_pad, batch })
+        let n_pad: Vec<usize> =
+            serde_json::from_value(field("n_pad")).context("config.json: n_pad")?;
+        let batch = j
+            .get("batch")
+            .and_then(|b| b.as_u64())
+            .ok_or_else(|| anyhow!("config.json: batch"))? as usize;
+        Ok(Self {
+            m3ae,
+            mae,
+            n_pad,
+            batch,
+        })
     }
 }
 
@@ -288,7 +312,12 @@ fn noise(file: &mut FixtureFile, key: &str) -> Result<Noise> {
     Ok(Noise::from_tensor(&file.get(key)?)?)
 }
 
-fn scalar_check(out: &mut Vec<Check>, f: &mut FixtureFile, key: &str, t: Option<&Tensor>) -> Result<()> {
+fn scalar_check(
+    out: &mut Vec<Check>,
+    f: &mut FixtureFile,
+    key: &str,
+    t: Option<&Tensor>,
+) -> Result<()> {
     let t = t.ok_or_else(|| anyhow!("{key}: not computed"))?;
     f.check(out, key, t, Tolerance::LOSS);
     Ok(())
@@ -330,18 +359,34 @@ pub fn run(dir: &Path) -> Result<Vec<Check>> {
     // ---------------------------------------------------------------- M3AE
     let params = FixtureFile::open(dir, "m3ae_params")?;
     let mut m3ae_params = params.tensors.clone();
-    let model = M3ae::from_official(&fc.m3ae, params.tensors, Unexpected::Error, "m3ae_params.safetensors", &dev)?;
+    let model = M3ae::from_official(
+        &fc.m3ae,
+        params.tensors,
+        Unexpected::Error,
+        "m3ae_params.safetensors",
+        &dev,
+    )?;
     let cfg = model.config().clone();
     let mut io = FixtureFile::open(dir, "m3ae_io")?;
     let image = io.get("input.image")?;
     let patches = patchify(&image, cfg.patch_size)?;
-    io.check(&mut out, "input.image_patches", &patches, Tolerance::FORWARD);
+    io.check(
+        &mut out,
+        "input.image_patches",
+        &patches,
+        Tolerance::FORWARD,
+    );
     let text = io.get("input.text")?.to_dtype(DType::U32)?;
     let pad = io.get("input.text_padding_mask")?;
     // The padding pattern must be the one config.json describes.
     let (b, t) = pad.dims2()?;
     if b != fc.batch || fc.n_pad.len() != b {
-        bail!("config.json batch {} / n_pad {:?} do not match input.text_padding_mask {:?}", fc.batch, fc.n_pad, pad.dims());
+        bail!(
+            "config.json batch {} / n_pad {:?} do not match input.text_padding_mask {:?}",
+            fc.batch,
+            fc.n_pad,
+            pad.dims()
+        );
     }
     let mut want = vec![0f32; b * t];
     for (i, &n) in fc.n_pad.iter().enumerate() {
@@ -360,7 +405,12 @@ pub fn run(dir: &Path) -> Result<Vec<Check>> {
     let tm = Masking::new(&noise(&mut io, "noise.text")?, b, cfg.text_keep(t), &dev)?;
     check_masking(&mut out, &mut io, "mask.image", &im);
     check_masking(&mut out, &mut io, "mask.text", &tm);
-    io.check(&mut out, "mask.text_padding_mask_kept", &tm.keep_mask(&pad)?, Tolerance::Exact);
+    io.check(
+        &mut out,
+        "mask.text_padding_mask_kept",
+        &tm.keep_mask(&pad)?,
+        Tolerance::Exact,
+    );
     let input = ModelInput {
         image_patches: Some(patches.clone()),
         text_ids: Some(text.clone()),
@@ -369,19 +419,53 @@ pub fn run(dir: &Path) -> Result<Vec<Check>> {
     let o = model.forward(&input, Some(&im), Some(&tm))?;
     let tr = &o.trace;
     io.check(&mut out, "enc.input", &tr.enc_input, Tolerance::FORWARD);
-    io.check(&mut out, "enc.padding_mask", tr.enc_padding.as_ref().ok_or_else(|| anyhow!("no encoder padding"))?, Tolerance::Exact);
+    io.check(
+        &mut out,
+        "enc.padding_mask",
+        tr.enc_padding
+            .as_ref()
+            .ok_or_else(|| anyhow!("no encoder padding"))?,
+        Tolerance::Exact,
+    );
     io.check(&mut out, "enc.output", &tr.enc_output, Tolerance::FORWARD);
     io.check(&mut out, "dec.input", &tr.dec_input, Tolerance::FORWARD);
-    io.check(&mut out, "dec.padding_mask", tr.dec_padding.as_ref().ok_or_else(|| anyhow!("no decoder padding"))?, Tolerance::Exact);
+    io.check(
+        &mut out,
+        "dec.padding_mask",
+        tr.dec_padding
+            .as_ref()
+            .ok_or_else(|| anyhow!("no decoder padding"))?,
+        Tolerance::Exact,
+    );
     io.check(&mut out, "dec.output", &tr.dec_output, Tolerance::FORWARD);
-    io.check(&mut out, "out.image", o.image.as_ref().ok_or_else(|| anyhow!("no image output"))?, Tolerance::FORWARD);
-    io.check(&mut out, "out.text_logits", o.text_logits.as_ref().ok_or_else(|| anyhow!("no text output"))?, Tolerance::FORWARD);
+    io.check(
+        &mut out,
+        "out.image",
+        o.image.as_ref().ok_or_else(|| anyhow!("no image output"))?,
+        Tolerance::FORWARD,
+    );
+    io.check(
+        &mut out,
+        "out.text_logits",
+        o.text_logits
+            .as_ref()
+            .ok_or_else(|| anyhow!("no text output"))?,
+        Tolerance::FORWARD,
+    );
     let losses = model.losses(&input, &o)?;
     scalar_check(&mut out, &mut io, "loss.image", losses.image_loss.as_ref())?;
     scalar_check(&mut out, &mut io, "loss.text", losses.text_loss.as_ref())?;
     scalar_check(&mut out, &mut io, "loss.total", Some(&losses.total))?;
     scalar_check(&mut out, &mut io, "acc.text", losses.text_accuracy.as_ref())?;
-    io.check(&mut out, "loss.text_valid_mask", losses.text_valid.as_ref().ok_or_else(|| anyhow!("no text valid mask"))?, Tolerance::Exact);
+    io.check(
+        &mut out,
+        "loss.text_valid_mask",
+        losses
+            .text_valid
+            .as_ref()
+            .ok_or_else(|| anyhow!("no text valid mask"))?,
+        Tolerance::Exact,
+    );
 
     // Loss variants: the same outputs under the masked-only and all-token flags.
     for (img_all, txt_all) in [(false, false), (true, true)] {
@@ -391,28 +475,65 @@ pub fn run(dir: &Path) -> Result<Vec<Check>> {
         let vmodel = M3ae::new(&vcfg, model.params().clone())?;
         let l = vmodel.losses(&input, &o)?;
         let (ik, tk) = if img_all {
-            ("loss.variant.image_all_token", "loss.variant.text_all_token")
+            (
+                "loss.variant.image_all_token",
+                "loss.variant.text_all_token",
+            )
         } else {
-            ("loss.variant.image_masked_only", "loss.variant.text_masked_only")
+            (
+                "loss.variant.image_masked_only",
+                "loss.variant.text_masked_only",
+            )
         };
         scalar_check(&mut out, &mut io, ik, l.image_loss.as_ref())?;
         scalar_check(&mut out, &mut io, tk, l.text_loss.as_ref())?;
         if txt_all {
-            scalar_check(&mut out, &mut io, "acc.variant.text_all_token", l.text_accuracy.as_ref())?;
-            io.check(&mut out, "loss.variant.text_all_token_valid_mask", l.text_valid.as_ref().ok_or_else(|| anyhow!("no valid mask"))?, Tolerance::Exact);
+            scalar_check(
+                &mut out,
+                &mut io,
+                "acc.variant.text_all_token",
+                l.text_accuracy.as_ref(),
+            )?;
+            io.check(
+                &mut out,
+                "loss.variant.text_all_token_valid_mask",
+                l.text_valid
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("no valid mask"))?,
+                Tolerance::Exact,
+            );
         }
     }
 
     // Text-only (unpaired) path.
-    let ttm = Masking::new(&noise(&mut io, "textonly.noise")?, b, cfg.text_keep(t), &dev)?;
+    let ttm = Masking::new(
+        &noise(&mut io, "textonly.noise")?,
+        b,
+        cfg.text_keep(t),
+        &dev,
+    )?;
     let tinput = ModelInput {
         image_patches: None,
         text_ids: Some(text.clone()),
         text_padding: Some(pad.clone()),
     };
     let to = model.forward(&tinput, None, Some(&ttm))?;
-    io.check(&mut out, "textonly.text_logits", to.text_logits.as_ref().ok_or_else(|| anyhow!("no text output"))?, Tolerance::FORWARD);
-    io.check(&mut out, "textonly.text_mask", to.text_mask.as_ref().ok_or_else(|| anyhow!("no text mask"))?, Tolerance::Exact);
+    io.check(
+        &mut out,
+        "textonly.text_logits",
+        to.text_logits
+            .as_ref()
+            .ok_or_else(|| anyhow!("no text output"))?,
+        Tolerance::FORWARD,
+    );
+    io.check(
+        &mut out,
+        "textonly.text_mask",
+        to.text_mask
+            .as_ref()
+            .ok_or_else(|| anyhow!("no text mask"))?,
+        Tolerance::Exact,
+    );
     let tl = model.losses(&tinput, &to)?;
     scalar_check(&mut out, &mut io, "textonly.loss", tl.text_loss.as_ref())?;
     scalar_check(&mut out, &mut io, "textonly.acc", tl.text_accuracy.as_ref())?;
@@ -421,29 +542,72 @@ pub fn run(dir: &Path) -> Result<Vec<Check>> {
     let repr = model.forward_representation(&input)?;
     io.check(&mut out, "m3ae_repr.output", &repr, Tolerance::FORWARD);
     let (d, dd) = (cfg.emb_dim, cfg.dec_emb_dim);
-    io.check(&mut out, "posemb.enc_image_2d", &posemb::sincos_2d(li, d, &dev)?.squeeze(0)?, Tolerance::FORWARD);
-    io.check(&mut out, "posemb.enc_text_1d", &posemb::sincos_1d(t, d, &dev)?.squeeze(0)?, Tolerance::FORWARD);
-    io.check(&mut out, "posemb.dec_image_2d", &posemb::sincos_2d(li, dd, &dev)?.squeeze(0)?, Tolerance::FORWARD);
-    io.check(&mut out, "posemb.dec_text_1d", &posemb::sincos_1d(t, dd, &dev)?.squeeze(0)?, Tolerance::FORWARD);
+    io.check(
+        &mut out,
+        "posemb.enc_image_2d",
+        &posemb::sincos_2d(li, d, &dev)?.squeeze(0)?,
+        Tolerance::FORWARD,
+    );
+    io.check(
+        &mut out,
+        "posemb.enc_text_1d",
+        &posemb::sincos_1d(t, d, &dev)?.squeeze(0)?,
+        Tolerance::FORWARD,
+    );
+    io.check(
+        &mut out,
+        "posemb.dec_image_2d",
+        &posemb::sincos_2d(li, dd, &dev)?.squeeze(0)?,
+        Tolerance::FORWARD,
+    );
+    io.check(
+        &mut out,
+        "posemb.dec_text_1d",
+        &posemb::sincos_1d(t, dd, &dev)?.squeeze(0)?,
+        Tolerance::FORWARD,
+    );
     io.finish(&mut out);
 
     // Gradients of the total loss.
     let grads = losses.total.backward()?;
-    check_grads(&mut out, dir, "m3ae_grads", &param_specs(&cfg, Variant::M3ae), model.params(), &grads)?;
+    check_grads(
+        &mut out,
+        dir,
+        "m3ae_grads",
+        &param_specs(&cfg, Variant::M3ae),
+        model.params(),
+        &grads,
+    )?;
 
     // ---------------------------------------------------------------- linear probe backbone + head
     let mut lp = FixtureFile::open(dir, "linear_probe")?;
     let mut probe_cfg = fc.m3ae.clone();
     probe_cfg.use_type_embedding = true;
-    let backbone = Mae::from_official(&probe_cfg, std::mem::take(&mut m3ae_params), Unexpected::Ignore, "m3ae_params.safetensors", &dev)?;
+    let backbone = Mae::from_official(
+        &probe_cfg,
+        std::mem::take(&mut m3ae_params),
+        Unexpected::Ignore,
+        "m3ae_params.safetensors",
+        &dev,
+    )?;
     let lp_patches = lp.get("linear.input_image_patches")?;
-    out.push(compare("linear_probe:linear.input_image_patches (vs patchify)", &patches, &lp_patches, Tolerance::FORWARD));
+    out.push(compare(
+        "linear_probe:linear.input_image_patches (vs patchify)",
+        &patches,
+        &lp_patches,
+        Tolerance::FORWARD,
+    ));
     let rep = backbone.forward_representation(&lp_patches)?;
     lp.check(&mut out, "linear.representation", &rep, Tolerance::FORWARD);
     let cls = pool(&rep, Pooling::Cls)?;
     let mean = pool(&rep, Pooling::Mean)?;
     lp.check(&mut out, "linear.feature_cls", &cls, Tolerance::FORWARD);
-    lp.check(&mut out, "linear.feature_meanpool", &mean, Tolerance::FORWARD);
+    lp.check(
+        &mut out,
+        "linear.feature_meanpool",
+        &mean,
+        Tolerance::FORWARD,
+    );
     let head = m3ae_eval::LinearProbeHead::new(
         lp.get("linear.head.Dense_0.kernel")?.t()?.contiguous()?,
         lp.get("linear.head.Dense_0.bias")?,
@@ -452,47 +616,151 @@ pub fn run(dir: &Path) -> Result<Vec<Check>> {
     )?;
     let mut train_head = head.clone();
     let (logits, bn_out) = train_head.forward_train(&cls)?;
-    lp.check(&mut out, "linear.bn_out_train", &bn_out, Tolerance::BATCHNORM);
-    lp.check(&mut out, "linear.logits_train", &logits, Tolerance::BATCHNORM);
-    lp.check(&mut out, "linear.bn.new_mean", &train_head.running_mean, Tolerance::BATCHNORM);
-    lp.check(&mut out, "linear.bn.new_var", &train_head.running_var, Tolerance::BATCHNORM);
-    lp.check(&mut out, "linear.logits_eval", &head.forward_eval(&cls)?, Tolerance::BATCHNORM);
+    lp.check(
+        &mut out,
+        "linear.bn_out_train",
+        &bn_out,
+        Tolerance::BATCHNORM,
+    );
+    lp.check(
+        &mut out,
+        "linear.logits_train",
+        &logits,
+        Tolerance::BATCHNORM,
+    );
+    lp.check(
+        &mut out,
+        "linear.bn.new_mean",
+        &train_head.running_mean,
+        Tolerance::BATCHNORM,
+    );
+    lp.check(
+        &mut out,
+        "linear.bn.new_var",
+        &train_head.running_var,
+        Tolerance::BATCHNORM,
+    );
+    lp.check(
+        &mut out,
+        "linear.logits_eval",
+        &head.forward_eval(&cls)?,
+        Tolerance::BATCHNORM,
+    );
     let (pool_logits, _) = head.clone().forward_train(&mean)?;
-    lp.check(&mut out, "linear.logits_train_pool", &pool_logits, Tolerance::BATCHNORM);
+    lp.check(
+        &mut out,
+        "linear.logits_train_pool",
+        &pool_logits,
+        Tolerance::BATCHNORM,
+    );
     lp.finish(&mut out);
 
     // ---------------------------------------------------------------- MAE
     let mp = FixtureFile::open(dir, "mae_params")?;
-    let mae = Mae::from_official(&fc.mae, mp.tensors, Unexpected::Error, "mae_params.safetensors", &dev)?;
+    let mae = Mae::from_official(
+        &fc.mae,
+        mp.tensors,
+        Unexpected::Error,
+        "mae_params.safetensors",
+        &dev,
+    )?;
     let mcfg = mae.config().clone();
     let mut mio = FixtureFile::open(dir, "mae_io")?;
     let mimage = mio.get("input.image")?;
     let mpatches = patchify(&mimage, mcfg.patch_size)?;
-    mio.check(&mut out, "input.image_patches", &mpatches, Tolerance::FORWARD);
+    mio.check(
+        &mut out,
+        "input.image_patches",
+        &mpatches,
+        Tolerance::FORWARD,
+    );
     let (mb, mli) = (mpatches.dim(0)?, mpatches.dim(1)?);
-    let mm = Masking::new(&noise(&mut mio, "noise.image")?, mb, mcfg.image_keep(mli), &dev)?;
+    let mm = Masking::new(
+        &noise(&mut mio, "noise.image")?,
+        mb,
+        mcfg.image_keep(mli),
+        &dev,
+    )?;
     check_masking(&mut out, &mut mio, "mask.image", &mm);
     let mo = mae.forward(&mpatches, &mm)?;
-    mio.check(&mut out, "enc.input", &mo.trace.enc_input, Tolerance::FORWARD);
-    mio.check(&mut out, "enc.output", &mo.trace.enc_output, Tolerance::FORWARD);
-    mio.check(&mut out, "dec.input", &mo.trace.dec_input, Tolerance::FORWARD);
-    mio.check(&mut out, "dec.output", &mo.trace.dec_output, Tolerance::FORWARD);
-    mio.check(&mut out, "out.image", mo.image.as_ref().ok_or_else(|| anyhow!("no image output"))?, Tolerance::FORWARD);
+    mio.check(
+        &mut out,
+        "enc.input",
+        &mo.trace.enc_input,
+        Tolerance::FORWARD,
+    );
+    mio.check(
+        &mut out,
+        "enc.output",
+        &mo.trace.enc_output,
+        Tolerance::FORWARD,
+    );
+    mio.check(
+        &mut out,
+        "dec.input",
+        &mo.trace.dec_input,
+        Tolerance::FORWARD,
+    );
+    mio.check(
+        &mut out,
+        "dec.output",
+        &mo.trace.dec_output,
+        Tolerance::FORWARD,
+    );
+    mio.check(
+        &mut out,
+        "out.image",
+        mo.image
+            .as_ref()
+            .ok_or_else(|| anyhow!("no image output"))?,
+        Tolerance::FORWARD,
+    );
     let ml = mae.losses(&mpatches, &mo)?;
     scalar_check(&mut out, &mut mio, "loss.image", ml.image_loss.as_ref())?;
     scalar_check(&mut out, &mut mio, "loss.total", Some(&ml.total))?;
     let mut all_cfg = mcfg.clone();
     all_cfg.image_all_token_loss = !mcfg.image_all_token_loss;
     let mall = Mae::new(&all_cfg, mae.params().clone())?.losses(&mpatches, &mo)?;
-    let (masked_l, all_l) = if mcfg.image_all_token_loss { (&mall, &ml) } else { (&ml, &mall) };
+    let (masked_l, all_l) = if mcfg.image_all_token_loss {
+        (&mall, &ml)
+    } else {
+        (&ml, &mall)
+    };
     let _ = masked_l;
-    scalar_check(&mut out, &mut mio, "loss.variant.image_all_token", all_l.image_loss.as_ref())?;
-    mio.check(&mut out, "repr.output", &mae.forward_representation(&mpatches)?, Tolerance::FORWARD);
-    mio.check(&mut out, "posemb.enc_image_2d", &posemb::sincos_2d(mli, mcfg.emb_dim, &dev)?.squeeze(0)?, Tolerance::FORWARD);
-    mio.check(&mut out, "posemb.dec_image_2d", &posemb::sincos_2d(mli, mcfg.dec_emb_dim, &dev)?.squeeze(0)?, Tolerance::FORWARD);
+    scalar_check(
+        &mut out,
+        &mut mio,
+        "loss.variant.image_all_token",
+        all_l.image_loss.as_ref(),
+    )?;
+    mio.check(
+        &mut out,
+        "repr.output",
+        &mae.forward_representation(&mpatches)?,
+        Tolerance::FORWARD,
+    );
+    mio.check(
+        &mut out,
+        "posemb.enc_image_2d",
+        &posemb::sincos_2d(mli, mcfg.emb_dim, &dev)?.squeeze(0)?,
+        Tolerance::FORWARD,
+    );
+    mio.check(
+        &mut out,
+        "posemb.dec_image_2d",
+        &posemb::sincos_2d(mli, mcfg.dec_emb_dim, &dev)?.squeeze(0)?,
+        Tolerance::FORWARD,
+    );
     mio.finish(&mut out);
     let mgrads = ml.total.backward()?;
-    check_grads(&mut out, dir, "mae_grads", &param_specs(&mcfg, Variant::Mae), mae.params(), &mgrads)?;
+    check_grads(
+        &mut out,
+        dir,
+        "mae_grads",
+        &param_specs(&mcfg, Variant::Mae),
+        mae.params(),
+        &mgrads,
+    )?;
     Ok(out)
 }
 
@@ -510,7 +778,11 @@ fn check_grads(
         let var = params.var(&s.name)?;
         match grads.get(var.as_tensor()) {
             Some(ours) => {
-                let ours = if s.transposed { ours.t()?.contiguous()? } else { ours.clone() };
+                let ours = if s.transposed {
+                    ours.t()?.contiguous()?
+                } else {
+                    ours.clone()
+                };
                 g.check(out, &key, &ours, Tolerance::GRAD);
             }
             None => {

@@ -12,12 +12,28 @@ fn fixture() -> PathBuf {
 #[test]
 fn every_fixture_tensor_matches_the_official_code() -> anyhow::Result<()> {
     let checks = run(&fixture())?;
-    let failed: Vec<String> = checks.iter().filter(|c| !c.ok).map(|c| c.to_string()).collect();
-    assert!(failed.is_empty(), "out of tolerance:\n{}", failed.join("\n"));
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.to_string())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "out of tolerance:\n{}",
+        failed.join("\n")
+    );
     // 44 m3ae_io + 1 config + 56 m3ae grads + 10 probe + 1 cross-check + 18 mae_io + 39 mae grads
     assert!(checks.len() >= 169, "only {} checks ran", checks.len());
-    for key in ["m3ae_io:out.text_logits", "m3ae_grads:grad.text_embedding.embedding", "linear_probe:linear.logits_train", "mae_io:repr.output"] {
-        assert!(checks.iter().any(|c| c.name == key), "{key} was not checked");
+    for key in [
+        "m3ae_io:out.text_logits",
+        "m3ae_grads:grad.text_embedding.embedding",
+        "linear_probe:linear.logits_train",
+        "mae_io:repr.output",
+    ] {
+        assert!(
+            checks.iter().any(|c| c.name == key),
+            "{key} was not checked"
+        );
     }
     Ok(())
 }
@@ -37,7 +53,11 @@ fn a_small_weight_perturbation_is_caught() -> anyhow::Result<()> {
     t.insert(key.into(), scaled);
     m3ae::model::params::write_safetensors(&path, &t, meta)?;
     let checks = run(&dir)?;
-    let bad: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
+    let bad: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.as_str())
+        .collect();
     assert!(bad.contains(&"m3ae_io:out.image"), "{bad:?}");
     assert!(bad.contains(&"m3ae_io:dec.output"), "{bad:?}");
     std::fs::remove_dir_all(&dir)?;

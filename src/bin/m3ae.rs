@@ -1,1 +1,74 @@
-fn main() {}
+//! The `m3ae` command-line tool.
+//!
+//! `m3ae info --preset base` prints a configuration, its exact parameter count and the training
+//! FLOPs per sample. Further subcommands (pretrain, probe, convert, ...) arrive with their crates.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use m3ae::model::{flops::training_flops, param_count, M3aeConfig, Variant};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "m3ae",
+    version,
+    about = "Multimodal masked autoencoders (M3AE) in Rust"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a model configuration, its parameter count and its training FLOPs per sample.
+    Info {
+        /// Preset: small, base, large, huge, debug or tiny.
+        #[arg(long, default_value = "base", conflicts_with = "config")]
+        preset: String,
+        /// A config file (JSON or TOML) instead of a preset.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Report the image-only MAE instead of M3AE.
+        #[arg(long)]
+        mae: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Info {
+            preset,
+            config,
+            mae,
+        } => {
+            let cfg = match config {
+                Some(path) => M3aeConfig::from_file(&path)?.resolved(),
+                None => M3aeConfig::preset(&preset)?,
+            };
+            let variant = if mae { Variant::Mae } else { Variant::M3ae };
+            cfg.validate(variant == Variant::M3ae)
+                .context("the configuration is invalid")?;
+            println!("{}", serde_json::to_string_pretty(&cfg)?);
+            let name = if mae { "MAE" } else { "M3AE" };
+            println!("model: {name}");
+            println!("parameters: {}", param_count(&cfg, variant));
+            let f = training_flops(&cfg, variant);
+            println!(
+                "tokens per sample: encoder {}, decoder {}",
+                f.encoder_tokens, f.decoder_tokens
+            );
+            println!(
+                "forward FLOPs per sample: {:.0} ({:.2} GFLOP)",
+                f.forward,
+                f.forward / 1e9
+            );
+            println!(
+                "training FLOPs per sample: {:.0} ({:.2} GFLOP, 3x forward)",
+                f.training,
+                f.training / 1e9
+            );
+        }
+    }
+    Ok(())
+}

@@ -24,7 +24,12 @@ pub struct LinearProbeHead {
 
 impl LinearProbeHead {
     /// A head from its weights; `weight` is `[C, D]`, statistics `[D]`.
-    pub fn new(weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor) -> Result<Self> {
+    pub fn new(
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+    ) -> Result<Self> {
         let (c, d) = weight.dims2()?;
         if bias.dims() != [c] || running_mean.dims() != [d] || running_var.dims() != [d] {
             return Err(Error::Shape(format!(
@@ -44,8 +49,7 @@ impl LinearProbeHead {
     }
 
     fn normalize(x: &Tensor, mean: &Tensor, var: &Tensor) -> Result<Tensor> {
-        Ok(x
-            .broadcast_sub(mean)?
+        Ok(x.broadcast_sub(mean)?
             .broadcast_div(&(var + BN_EPS)?.sqrt()?)?)
     }
 

@@ -138,10 +138,18 @@ mod tests {
 
     #[test]
     fn attention_gradients_match_finite_differences() -> anyhow::Result<()> {
-        let vals: Vec<f32> = (0..24).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
+        let vals: Vec<f32> = (0..24)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0)
+            .collect();
         let q = Var::from_tensor(&t(&vals, &[1, 2, 3, 4]))?;
-        let k = t(&vals.iter().map(|x| x * 0.7 + 0.1).collect::<Vec<_>>(), &[1, 2, 3, 4]);
-        let v = t(&vals.iter().map(|x| 1.0 - x).collect::<Vec<_>>(), &[1, 2, 3, 4]);
+        let k = t(
+            &vals.iter().map(|x| x * 0.7 + 0.1).collect::<Vec<_>>(),
+            &[1, 2, 3, 4],
+        );
+        let v = t(
+            &vals.iter().map(|x| 1.0 - x).collect::<Vec<_>>(),
+            &[1, 2, 3, 4],
+        );
         let pad = t(&[0.0, 0.0, 1.0], &[1, 3]);
         let f = |q: &Tensor| -> anyhow::Result<f64> {
             let y = masked_attention(q, &k, &v, Some(&pad), 0.5)?;
@@ -149,15 +157,24 @@ mod tests {
         };
         let y = masked_attention(q.as_tensor(), &k, &v, Some(&pad), 0.5)?;
         let grads = y.sqr()?.sum_all()?.backward()?;
-        let g = grads.get(q.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let g = grads
+            .get(q.as_tensor())
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let h = 1e-2f32;
         for i in [0usize, 5, 13, 23] {
             let mut plus = vals.clone();
             plus[i] += h;
             let mut minus = vals.clone();
             minus[i] -= h;
-            let fd = (f(&t(&plus, &[1, 2, 3, 4]))? - f(&t(&minus, &[1, 2, 3, 4]))?) / (2.0 * h as f64);
-            assert!((fd - g[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()), "{i}: fd {fd} vs {}", g[i]);
+            let fd =
+                (f(&t(&plus, &[1, 2, 3, 4]))? - f(&t(&minus, &[1, 2, 3, 4]))?) / (2.0 * h as f64);
+            assert!(
+                (fd - g[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                "{i}: fd {fd} vs {}",
+                g[i]
+            );
         }
         Ok(())
     }

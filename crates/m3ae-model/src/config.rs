@@ -305,7 +305,9 @@ impl M3aeConfig {
                 ),
             );
         }
-        if !(self.mlp_ratio > 0.0 && self.mlp_ratio.is_finite()) || self.mlp_dim(self.dec_emb_dim.min(self.emb_dim)) == 0 {
+        if !(self.mlp_ratio > 0.0 && self.mlp_ratio.is_finite())
+            || self.mlp_dim(self.dec_emb_dim.min(self.emb_dim)) == 0
+        {
             return bad("mlp_ratio", format!("{} must be > 0", self.mlp_ratio));
         }
         if self.image_size % self.patch_size != 0 {
@@ -418,18 +420,25 @@ mod tests {
     #[test]
     fn each_invalid_rule_names_its_field() {
         let ok = M3aeConfig::preset("tiny").unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut M3aeConfig)>)> = vec![
+        type Edit = Box<dyn Fn(&mut M3aeConfig)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("emb_dim", Box::new(|c| c.emb_dim = 0)),
             ("emb_dim", Box::new(|c| c.emb_dim = 66)),
-            ("emb_dim", Box::new(|c| {
-                c.emb_dim = 18;
-                c.num_heads = 3
-            })),
+            (
+                "emb_dim",
+                Box::new(|c| {
+                    c.emb_dim = 18;
+                    c.num_heads = 3
+                }),
+            ),
             ("dec_emb_dim", Box::new(|c| c.dec_emb_dim = 34)),
-            ("dec_emb_dim", Box::new(|c| {
-                c.dec_emb_dim = 6;
-                c.dec_num_heads = 2
-            })),
+            (
+                "dec_emb_dim",
+                Box::new(|c| {
+                    c.dec_emb_dim = 6;
+                    c.dec_num_heads = 2
+                }),
+            ),
             ("num_heads", Box::new(|c| c.num_heads = 0)),
             ("dec_num_heads", Box::new(|c| c.dec_num_heads = 0)),
             ("mlp_ratio", Box::new(|c| c.mlp_ratio = 0.0)),
@@ -443,12 +452,21 @@ mod tests {
             ("att_drop", Box::new(|c| c.att_drop = 0.1)),
             ("drop", Box::new(|c| c.drop = 0.1)),
             ("drop_path", Box::new(|c| c.drop_path = 0.1)),
-            ("image_output_dim", Box::new(|c| c.image_output_dim = Some(0))),
+            (
+                "image_output_dim",
+                Box::new(|c| c.image_output_dim = Some(0)),
+            ),
             ("text_vocab_size", Box::new(|c| c.text_vocab_size = 0)),
             ("text_length", Box::new(|c| c.text_length = 0)),
             ("text_loss_weight", Box::new(|c| c.text_loss_weight = -1.0)),
-            ("image_loss_weight", Box::new(|c| c.image_loss_weight = f64::INFINITY)),
-            ("unpaired_text_loss_weight", Box::new(|c| c.unpaired_text_loss_weight = -0.5)),
+            (
+                "image_loss_weight",
+                Box::new(|c| c.image_loss_weight = f64::INFINITY),
+            ),
+            (
+                "unpaired_text_loss_weight",
+                Box::new(|c| c.unpaired_text_loss_weight = -0.5),
+            ),
         ];
         for (field, edit) in cases {
             let mut c = ok.clone();

@@ -60,7 +60,12 @@ impl LayerNorm {
 
     /// `x`: `[.., D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(m3ae_kernels::layer_norm(x, &self.weight, &self.bias, LN_EPS)?)
+        Ok(m3ae_kernels::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            LN_EPS,
+        )?)
     }
 }
 

@@ -43,7 +43,9 @@ pub fn cross_entropy_loss_and_accuracy(
     }
     let tokens = tokens.to_dtype(DType::U32)?;
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let picked = logp.gather(&tokens.unsqueeze(2)?.contiguous()?, 2)?.squeeze(2)?;
+    let picked = logp
+        .gather(&tokens.unsqueeze(2)?.contiguous()?, 2)?
+        .squeeze(2)?;
     let count = valid.sum(1)?.maximum(1e-5)?;
     let loss = ((picked * valid)?.sum(1)? / &count)?.neg()?.mean_all()?;
     let correct = logits

@@ -109,9 +109,7 @@ impl Masking {
     pub fn new(noise: &Noise, batch: usize, keep: usize, device: &Device) -> Result<Self> {
         let len = noise.len();
         if keep > len {
-            return Err(Error::Shape(format!(
-                "cannot keep {keep} of {len} tokens"
-            )));
+            return Err(Error::Shape(format!("cannot keep {keep} of {len} tokens")));
         }
         let rows: Vec<&[f32]> = match noise {
             Noise::Shared(v) => vec![v.as_slice(); batch],
@@ -126,7 +124,9 @@ impl Masking {
             }
         };
         if rows.iter().any(|r| r.iter().any(|x| !x.is_finite())) {
-            return Err(Error::Shape("masking noise contains NaN or infinity".into()));
+            return Err(Error::Shape(
+                "masking noise contains NaN or infinity".into(),
+            ));
         }
         let mut shuffle = Vec::with_capacity(batch * len);
         let mut restore = vec![0u32; batch * len];

@@ -296,7 +296,10 @@ impl Core {
         }
         if let Some((m, t, pad)) = &text {
             let kept = y.narrow(1, offset, m.keep)?;
-            let mask_token = self.text_mask_token.as_ref().expect("M3AE has a text mask token");
+            let mask_token = self
+                .text_mask_token
+                .as_ref()
+                .expect("M3AE has a text mask token");
             let x = m.restore_tokens(&kept, mask_token)?;
             let x = x.broadcast_add(&sincos_1d(*t, dd, &dev)?)?;
             dec_tokens.push(add_opt(x, &self.dec_text_type)?);
@@ -312,7 +315,9 @@ impl Core {
         let mut offset = 1;
         let image_out = match image {
             Some((_, li)) => {
-                let o = self.image_head.forward(&dec_output.narrow(1, offset, li)?)?;
+                let o = self
+                    .image_head
+                    .forward(&dec_output.narrow(1, offset, li)?)?;
                 offset += li;
                 Some(o)
             }
@@ -440,7 +445,8 @@ fn check_store(specs: &[ParamSpec], store: &ParamStore) -> Result<()> {
         }
     }
     if store.len() != specs.len() {
-        let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        let known: std::collections::HashSet<&str> =
+            specs.iter().map(|s| s.name.as_str()).collect();
         if let Some((name, _)) = store.vars().find(|(n, _)| !known.contains(n)) {
             return Err(Error::UnexpectedWeight {
                 name: name.into(),

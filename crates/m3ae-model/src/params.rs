@@ -99,12 +99,27 @@ impl Specs {
             official: format!("{official}.kernel"),
             transposed: true,
         });
-        self.push(&format!("{name}.bias"), &[out], Init::Zeros, &format!("{official}.bias"));
+        self.push(
+            &format!("{name}.bias"),
+            &[out],
+            Init::Zeros,
+            &format!("{official}.bias"),
+        );
     }
 
     fn norm(&mut self, name: &str, official: &str, dim: usize) {
-        self.push(&format!("{name}.weight"), &[dim], Init::Ones, &format!("{official}.scale"));
-        self.push(&format!("{name}.bias"), &[dim], Init::Zeros, &format!("{official}.bias"));
+        self.push(
+            &format!("{name}.weight"),
+            &[dim],
+            Init::Ones,
+            &format!("{official}.scale"),
+        );
+        self.push(
+            &format!("{name}.bias"),
+            &[dim],
+            Init::Zeros,
+            &format!("{official}.bias"),
+        );
     }
 
     fn transformer(&mut self, name: &str, depth: usize, dim: usize, mlp: usize) {
@@ -112,18 +127,42 @@ impl Specs {
             let n = format!("{name}.blocks.{i}");
             let o = format!("{name}.Block_{i}");
             self.norm(&format!("{n}.norm1"), &format!("{o}.LayerNorm_0"), dim);
-            self.dense(&format!("{n}.attn.qkv"), &format!("{o}.Attention_0.Dense_0"), dim, 3 * dim);
-            self.dense(&format!("{n}.attn.proj"), &format!("{o}.Attention_0.Dense_1"), dim, dim);
+            self.dense(
+                &format!("{n}.attn.qkv"),
+                &format!("{o}.Attention_0.Dense_0"),
+                dim,
+                3 * dim,
+            );
+            self.dense(
+                &format!("{n}.attn.proj"),
+                &format!("{o}.Attention_0.Dense_1"),
+                dim,
+                dim,
+            );
             self.norm(&format!("{n}.norm2"), &format!("{o}.LayerNorm_1"), dim);
-            self.dense(&format!("{n}.mlp.fc1"), &format!("{o}.TransformerMLP_0.fc1"), dim, mlp);
-            self.dense(&format!("{n}.mlp.fc2"), &format!("{o}.TransformerMLP_0.fc2"), mlp, dim);
+            self.dense(
+                &format!("{n}.mlp.fc1"),
+                &format!("{o}.TransformerMLP_0.fc1"),
+                dim,
+                mlp,
+            );
+            self.dense(
+                &format!("{n}.mlp.fc2"),
+                &format!("{o}.TransformerMLP_0.fc2"),
+                mlp,
+                dim,
+            );
         }
         self.norm(&format!("{name}.norm"), &format!("{name}.LayerNorm_0"), dim);
     }
 
     fn head(&mut self, name: &str, official: &str, depth: usize, dim: usize, out: usize) {
         if depth > 0 {
-            self.norm(&format!("{name}.norm_in"), &format!("{official}.LayerNorm_0"), dim);
+            self.norm(
+                &format!("{name}.norm_in"),
+                &format!("{official}.LayerNorm_0"),
+                dim,
+            );
             for j in 0..depth {
                 self.dense(
                     &format!("{name}.layers.{j}.fc"),
@@ -138,7 +177,12 @@ impl Specs {
                 );
             }
         }
-        self.dense(&format!("{name}.out"), &format!("{official}.Dense_{depth}"), dim, out);
+        self.dense(
+            &format!("{name}.out"),
+            &format!("{official}.Dense_{depth}"),
+            dim,
+            out,
+        );
     }
 }
 
@@ -161,21 +205,56 @@ pub fn param_specs(cfg: &M3aeConfig, variant: Variant) -> Vec<ParamSpec> {
         );
     }
     if c.use_type_embedding {
-        s.push("encoder.image_type_embedding", &[1, 1, d], tok, "encoder_image_type_embedding");
+        s.push(
+            "encoder.image_type_embedding",
+            &[1, 1, d],
+            tok,
+            "encoder_image_type_embedding",
+        );
         if text {
-            s.push("encoder.text_type_embedding", &[1, 1, d], tok, "encoder_text_type_embedding");
+            s.push(
+                "encoder.text_type_embedding",
+                &[1, 1, d],
+                tok,
+                "encoder_text_type_embedding",
+            );
         }
-        s.push("decoder.image_type_embedding", &[1, 1, dd], tok, "decoder_image_type_embedding");
+        s.push(
+            "decoder.image_type_embedding",
+            &[1, 1, dd],
+            tok,
+            "decoder_image_type_embedding",
+        );
         if text {
-            s.push("decoder.text_type_embedding", &[1, 1, dd], tok, "decoder_text_type_embedding");
+            s.push(
+                "decoder.text_type_embedding",
+                &[1, 1, dd],
+                tok,
+                "decoder_text_type_embedding",
+            );
         }
     }
-    s.push("decoder.image_mask_embedding", &[1, 1, dd], tok, "image_mask_embedding");
+    s.push(
+        "decoder.image_mask_embedding",
+        &[1, 1, dd],
+        tok,
+        "image_mask_embedding",
+    );
     if text {
-        s.push("decoder.text_mask_embedding", &[1, 1, dd], tok, "text_mask_embedding");
+        s.push(
+            "decoder.text_mask_embedding",
+            &[1, 1, dd],
+            tok,
+            "text_mask_embedding",
+        );
     }
     s.transformer("encoder", c.depth, d, c.mlp_dim(d));
-    s.dense("decoder.input_projection", "decoder_input_projection", d, dd);
+    s.dense(
+        "decoder.input_projection",
+        "decoder_input_projection",
+        d,
+        dd,
+    );
     s.transformer("decoder", c.dec_depth, dd, c.mlp_dim(dd));
     s.head(
         "decoder.image_head",
@@ -209,12 +288,18 @@ pub fn param_count(cfg: &M3aeConfig, variant: Variant) -> usize {
 
 /// Official name -> native name, for a model's specs.
 pub fn official_to_native(specs: &[ParamSpec], official: &str) -> Option<String> {
-    specs.iter().find(|s| s.official == official).map(|s| s.name.clone())
+    specs
+        .iter()
+        .find(|s| s.official == official)
+        .map(|s| s.name.clone())
 }
 
 /// Native name -> official name, for a model's specs.
 pub fn native_to_official(specs: &[ParamSpec], native: &str) -> Option<String> {
-    specs.iter().find(|s| s.name == native).map(|s| s.official.clone())
+    specs
+        .iter()
+        .find(|s| s.name == native)
+        .map(|s| s.official.clone())
 }
 
 /// What to do with tensors of a file that the model does not have.
@@ -274,10 +359,12 @@ impl ParamStore {
     ) -> Result<Self> {
         let mut vars = BTreeMap::new();
         for s in specs {
-            let t = tensors.remove(&s.name).ok_or_else(|| Error::MissingWeight {
-                name: s.name.clone(),
-                origin: source.into(),
-            })?;
+            let t = tensors
+                .remove(&s.name)
+                .ok_or_else(|| Error::MissingWeight {
+                    name: s.name.clone(),
+                    origin: source.into(),
+                })?;
             if t.dims() != s.shape.as_slice() {
                 return Err(Error::WeightShape {
                     name: s.name.clone(),
@@ -313,10 +400,12 @@ impl ParamStore {
     ) -> Result<Self> {
         let mut native = HashMap::new();
         for s in specs {
-            let t = tensors.remove(&s.official).ok_or_else(|| Error::MissingWeight {
-                name: s.official.clone(),
-                origin: source.into(),
-            })?;
+            let t = tensors
+                .remove(&s.official)
+                .ok_or_else(|| Error::MissingWeight {
+                    name: s.official.clone(),
+                    origin: source.into(),
+                })?;
             if t.dims() != s.official_shape().as_slice() {
                 return Err(Error::WeightShape {
                     name: s.official.clone(),
@@ -325,7 +414,11 @@ impl ParamStore {
                     origin: source.into(),
                 });
             }
-            let t = if s.transposed { t.t()?.contiguous()? } else { t };
+            let t = if s.transposed {
+                t.t()?.contiguous()?
+            } else {
+                t
+            };
             native.insert(s.name.clone(), t);
         }
         if unexpected == Unexpected::Error {
@@ -344,7 +437,11 @@ impl ParamStore {
         let mut out = HashMap::new();
         for s in specs {
             let t = self.get(&s.name)?;
-            let t = if s.transposed { t.t()?.contiguous()? } else { t };
+            let t = if s.transposed {
+                t.t()?.contiguous()?
+            } else {
+                t
+            };
             out.insert(s.official.clone(), t);
         }
         Ok(out)
@@ -418,16 +515,27 @@ pub fn write_safetensors(
         sorted.push((k, t.contiguous()?));
     }
     sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let bytes = safetensors::tensor::serialize(sorted.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
-        .map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let bytes =
+        safetensors::tensor::serialize(sorted.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
+            .map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            })?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let file_name = path.file_name().ok_or_else(|| {
-        io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no file name",
+        ))
     })?;
-    let tmp = dir.join(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -473,7 +581,11 @@ mod tests {
             let mut officials = std::collections::HashSet::new();
             for s in &specs {
                 assert!(natives.insert(s.name.clone()), "duplicate {}", s.name);
-                assert!(officials.insert(s.official.clone()), "duplicate {}", s.official);
+                assert!(
+                    officials.insert(s.official.clone()),
+                    "duplicate {}",
+                    s.official
+                );
                 let o = native_to_official(&specs, &s.name).unwrap();
                 assert_eq!(official_to_native(&specs, &o).unwrap(), s.name);
             }
@@ -506,7 +618,10 @@ mod tests {
         );
         let back = ParamStore::from_official(&specs, official, Unexpected::Error, "test", &dev)?;
         for (name, v) in store.vars() {
-            let diff = (v.as_tensor() - back.get(name)?)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+            let diff = (v.as_tensor() - back.get(name)?)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?;
             assert_eq!(diff, 0.0, "{name}");
         }
         let dir = std::env::temp_dir().join(format!("m3ae-params-{}", std::process::id()));
@@ -532,7 +647,10 @@ mod tests {
         let e = ParamStore::from_tensors(&specs, t, Unexpected::Error, "a.safetensors", &dev)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("encoder.norm.bias") && e.contains("a.safetensors"), "{e}");
+        assert!(
+            e.contains("encoder.norm.bias") && e.contains("a.safetensors"),
+            "{e}"
+        );
         let mut t = store.tensors();
         t.insert("extra.weight".into(), Tensor::zeros(2, DType::F32, &dev)?);
         let e = ParamStore::from_tensors(&specs, t.clone(), Unexpected::Error, "f", &dev)
@@ -541,7 +659,10 @@ mod tests {
         assert!(e.contains("extra.weight"), "{e}");
         ParamStore::from_tensors(&specs, t, Unexpected::Ignore, "f", &dev)?;
         let mut t = store.tensors();
-        t.insert("cls_token".into(), Tensor::zeros((1, 1, 3), DType::F32, &dev)?);
+        t.insert(
+            "cls_token".into(),
+            Tensor::zeros((1, 1, 3), DType::F32, &dev)?,
+        );
         let e = ParamStore::from_tensors(&specs, t, Unexpected::Error, "f", &dev)
             .unwrap_err()
             .to_string();
@@ -554,7 +675,10 @@ mod tests {
         let e = ParamStore::from_official(&specs, o, Unexpected::Error, "f", &dev)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("image_embedding.kernel") && e.contains("[192, 64]"), "{e}");
+        assert!(
+            e.contains("image_embedding.kernel") && e.contains("[192, 64]"),
+            "{e}"
+        );
         Ok(())
     }
 
@@ -562,9 +686,18 @@ mod tests {
     fn init_is_seeded() -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let specs = param_specs(&M3aeConfig::preset("tiny")?, Variant::Mae);
-        let a = ParamStore::init(&specs, 7, &dev)?.get("cls_token")?.flatten_all()?.to_vec1::<f32>()?;
-        let b = ParamStore::init(&specs, 7, &dev)?.get("cls_token")?.flatten_all()?.to_vec1::<f32>()?;
-        let c = ParamStore::init(&specs, 8, &dev)?.get("cls_token")?.flatten_all()?.to_vec1::<f32>()?;
+        let a = ParamStore::init(&specs, 7, &dev)?
+            .get("cls_token")?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let b = ParamStore::init(&specs, 7, &dev)?
+            .get("cls_token")?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let c = ParamStore::init(&specs, 8, &dev)?
+            .get("cls_token")?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(a, b);
         assert_ne!(a, c);
         Ok(())

@@ -20,7 +20,9 @@ fn batch(cfg: &M3aeConfig, b: usize, dev: &Device) -> anyhow::Result<ModelInput>
     let vals: Vec<f32> = (0..b * li * cfg.patch_dim())
         .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
         .collect();
-    let ids: Vec<u32> = (0..b * t).map(|i| (i * 13 % cfg.text_vocab_size) as u32).collect();
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| (i * 13 % cfg.text_vocab_size) as u32)
+        .collect();
     // sample j has j*3 trailing padding tokens
     let pad: Vec<f32> = (0..b * t)
         .map(|i| if i % t >= t - (i / t) * 3 { 1.0 } else { 0.0 })
@@ -52,7 +54,10 @@ fn every_m3ae_weight_gets_a_nonzero_gradient() -> anyhow::Result<()> {
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("no gradient for {name} (head depth {head_depth})"));
             let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
-            assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{name}: gradient norm {norm}"
+            );
         }
     }
     Ok(())
@@ -71,7 +76,9 @@ fn every_mae_weight_gets_a_nonzero_gradient() -> anyhow::Result<()> {
         let out = model.forward(&patches, &m)?;
         let grads = model.losses(&patches, &out)?.total.backward()?;
         for (name, var) in model.params().vars() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             assert!(g.sqr()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}");
         }
     }
@@ -90,12 +97,18 @@ fn parameter_counts_match_the_official_table() -> anyhow::Result<()> {
     ] {
         let cfg = M3aeConfig::preset(name)?;
         let n = param_count(&cfg, Variant::M3ae) as f64 / 1e6;
-        assert!((n - millions).abs() < 0.05 + 1e-9, "{name}: {n:.3} M vs {millions} M");
+        assert!(
+            (n - millions).abs() < 0.05 + 1e-9,
+            "{name}: {n:.3} M vs {millions} M"
+        );
     }
     // The count is the sum over the weights an initialised model really holds.
     let cfg = M3aeConfig::preset("tiny")?;
     let model = M3ae::init(&cfg, 0, &Device::Cpu)?;
-    assert_eq!(model.params().num_scalars(), param_count(&cfg, Variant::M3ae));
+    assert_eq!(
+        model.params().num_scalars(),
+        param_count(&cfg, Variant::M3ae)
+    );
     Ok(())
 }
 
@@ -112,11 +125,19 @@ fn per_sample_noise_masks_each_sample_differently() -> anyhow::Result<()> {
             values.extend(v);
         }
     }
-    let m = Masking::new(&Noise::PerSample { batch: 2, values }, 2, cfg.image_keep(li), &dev)?;
+    let m = Masking::new(
+        &Noise::PerSample { batch: 2, values },
+        2,
+        cfg.image_keep(li),
+        &dev,
+    )?;
     let out = model.forward(&patches, &m)?;
     let mask = out.image_mask.unwrap().to_vec2::<f32>()?;
     assert_ne!(mask[0], mask[1]);
-    assert_eq!(mask[0].iter().sum::<f32>() as usize, li - cfg.image_keep(li));
+    assert_eq!(
+        mask[0].iter().sum::<f32>() as usize,
+        li - cfg.image_keep(li)
+    );
     Ok(())
 }
 
@@ -134,7 +155,10 @@ fn text_only_and_representation_paths() -> anyhow::Result<()> {
     };
     let out = model.forward(&text_only, None, Some(&tm))?;
     assert!(out.image.is_none());
-    assert_eq!(out.text_logits.unwrap().dims(), &[2, t, cfg.text_vocab_size]);
+    assert_eq!(
+        out.text_logits.unwrap().dims(),
+        &[2, t, cfg.text_vocab_size]
+    );
     let l = model.losses(&text_only, &model.forward(&text_only, None, Some(&tm))?)?;
     assert!(l.image_loss.is_none() && l.text_loss.is_some());
     // representation of the image alone equals the MAE backbone's on the same weights
@@ -168,13 +192,24 @@ fn bad_inputs_are_rejected_with_clear_messages() -> anyhow::Result<()> {
     let input = batch(&cfg, 2, &dev)?;
     let li = cfg.num_patches();
     let wrong = Masking::new(&noise(li, 1), 2, cfg.image_keep(li) + 1, &dev)?;
-    let e = model.forward(&input, Some(&wrong), None).unwrap_err().to_string();
+    let e = model
+        .forward(&input, Some(&wrong), None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("image masking"), "{e}");
     let mut bad = input.clone();
     bad.text_ids = Some(Tensor::full(5000u32, (2, cfg.text_length), &dev)?);
-    let tm = Masking::new(&noise(cfg.text_length, 1), 2, cfg.text_keep(cfg.text_length), &dev)?;
+    let tm = Masking::new(
+        &noise(cfg.text_length, 1),
+        2,
+        cfg.text_keep(cfg.text_length),
+        &dev,
+    )?;
     let im = Masking::new(&noise(li, 1), 2, cfg.image_keep(li), &dev)?;
-    let e = model.forward(&bad, Some(&im), Some(&tm)).unwrap_err().to_string();
+    let e = model
+        .forward(&bad, Some(&im), Some(&tm))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("5000"), "{e}");
     let mut cfg2 = cfg.clone();
     cfg2.model_type = None;
