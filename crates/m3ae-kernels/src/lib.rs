@@ -9,7 +9,7 @@
 //! * [`gelu_tanh`]: the tanh approximation of GELU (flax `nn.gelu`).
 //!
 //! Each entry point dispatches on a [`KernelPath`]. Today only [`KernelPath::Reference`] exists: a
-//! plain composition of differentiable candle ops in [`reference`]. Fused custom ops with
+//! plain composition of differentiable candle ops in [`mod@reference`]. Fused custom ops with
 //! hand-written backward passes come later behind the same functions, so the model does not change.
 //!
 //! ```

@@ -1,6 +1,6 @@
 //! The M3AE model (image + text, image-only and text-only paths) and the image-only MAE baseline.
 //!
-//! Both share one implementation ([`Core`]): MAE is the image half of M3AE with its own parameter
+//! Both share one private implementation (`Core`): MAE is the image half of M3AE with its own parameter
 //! set ([`Variant::Mae`]). The encoder sees only kept tokens plus cls; the decoder restores the
 //! full sequence with mask embeddings and predicts every position; losses select.
 
