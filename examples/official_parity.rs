@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! cargo run --release --example official_parity -- tests/fixtures/official_tiny
+//! cargo run --release --example official_parity -- tests/fixtures/official_tiny reference
 //! ```
+//! The optional second argument picks the kernels: `fused` (default) or `reference`.
 //! The folder needs `config.json` and the `m3ae_*`, `mae_*` and `linear_probe` safetensors files
 //! (see `tests/fixtures/official_tiny/README.md`). Prints one line per tensor and exits non-zero
 //! if any tensor is out of tolerance, missing, or not checked.
@@ -11,7 +13,12 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "tests/fixtures/official_tiny".into());
-    let checks = m3ae::parity::run(std::path::Path::new(&dir))?;
+    let kernels = match std::env::args().nth(2).as_deref() {
+        None | Some("fused") => m3ae::kernels::KernelPath::Fused,
+        Some("reference") => m3ae::kernels::KernelPath::Reference,
+        Some(other) => anyhow::bail!("unknown kernel path {other:?}: expected fused or reference"),
+    };
+    let checks = m3ae::parity::run_with(std::path::Path::new(&dir), kernels)?;
     for c in &checks {
         println!("{c}");
     }

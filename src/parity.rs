@@ -9,6 +9,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use m3ae_kernels::KernelPath;
 use m3ae_model::{
     param_specs, patchify, pool, posemb, M3ae, M3aeConfig, Mae, Masking, ModelInput, Noise,
     Pooling, Unexpected, Variant,
@@ -350,10 +351,17 @@ fn check_masking(out: &mut Vec<Check>, f: &mut FixtureFile, prefix: &str, m: &Ma
     f.check(out, &format!("{prefix}_mask"), &m.mask, Tolerance::Exact);
 }
 
-/// Runs every comparison of a fixture folder.
+/// Runs every comparison of a fixture folder on the default (fused) kernels.
 pub fn run(dir: &Path) -> Result<Vec<Check>> {
+    run_with(dir, KernelPath::default())
+}
+
+/// Runs every comparison of a fixture folder on the given kernel path.
+pub fn run_with(dir: &Path, kernels: KernelPath) -> Result<Vec<Check>> {
     let dev = Device::Cpu;
-    let fc = FixtureConfig::read(dir)?;
+    let mut fc = FixtureConfig::read(dir)?;
+    fc.m3ae.kernels = kernels;
+    fc.mae.kernels = kernels;
     let mut out = Vec::new();
 
     // ---------------------------------------------------------------- M3AE

@@ -2,7 +2,8 @@
 //! checks that the harness really fails when the numbers are off.
 
 use candle_core::Device;
-use m3ae::parity::{compare, run, Tolerance};
+use m3ae::kernels::KernelPath;
+use m3ae::parity::{compare, run, run_with, Tolerance};
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
@@ -10,8 +11,17 @@ fn fixture() -> PathBuf {
 }
 
 #[test]
-fn every_fixture_tensor_matches_the_official_code() -> anyhow::Result<()> {
-    let checks = run(&fixture())?;
+fn every_fixture_tensor_matches_the_official_code_on_the_fused_kernels() -> anyhow::Result<()> {
+    all_checks_pass(KernelPath::Fused)
+}
+
+#[test]
+fn every_fixture_tensor_matches_the_official_code_on_the_reference_kernels() -> anyhow::Result<()> {
+    all_checks_pass(KernelPath::Reference)
+}
+
+fn all_checks_pass(path: KernelPath) -> anyhow::Result<()> {
+    let checks = run_with(&fixture(), path)?;
     let failed: Vec<String> = checks
         .iter()
         .filter(|c| !c.ok)

@@ -8,9 +8,10 @@
 //!   the official way (the score of a padding key is *replaced* by `-1e7`).
 //! * [`gelu_tanh`]: the tanh approximation of GELU (flax `nn.gelu`).
 //!
-//! Each entry point dispatches on a [`KernelPath`]. Today only [`KernelPath::Reference`] exists: a
-//! plain composition of differentiable candle ops in [`mod@reference`]. Fused custom ops with
-//! hand-written backward passes come later behind the same functions, so the model does not change.
+//! Each entry point dispatches on a [`KernelPath`]: [`KernelPath::Fused`] (the default) runs the
+//! custom ops of [`fused`] (forward and hand-written backward, rayon-parallel, AVX2+FMA when the
+//! CPU has it); [`KernelPath::Reference`] runs plain compositions of differentiable candle ops in
+//! [`mod@reference`], the ground truth every fused op is tested against.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -23,9 +24,11 @@
 //! # Ok::<(), m3ae_kernels::Error>(())
 //! ```
 
+pub mod fused;
 pub mod reference;
 
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 /// Errors of the kernels crate.
 #[derive(Debug, thiserror::Error)]
@@ -47,21 +50,66 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Which implementation of the kernels to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// ```
+/// use m3ae_kernels::KernelPath;
+/// assert_eq!(KernelPath::default(), KernelPath::Fused);
+/// assert_eq!(serde_json::to_string(&KernelPath::Reference).unwrap(), "\"reference\"");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KernelPath {
-    /// Composition of differentiable candle ops (the f32 reference every fast path is tested against).
+    /// Fused custom ops with hand-written backward passes ([`fused`]); CPU, f32 compute.
     #[default]
+    Fused,
+    /// Composition of differentiable candle ops ([`mod@reference`]): the f32 ground truth every
+    /// fast path is tested against.
     Reference,
+}
+
+impl KernelPath {
+    /// LayerNorm over the last axis on this path. See [`layer_norm`].
+    pub fn layer_norm(self, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+        match self {
+            KernelPath::Fused => fused::layer_norm(x, gamma, beta, eps),
+            KernelPath::Reference => reference::layer_norm(x, gamma, beta, eps),
+        }
+    }
+
+    /// Masked attention on this path. See [`masked_attention`].
+    pub fn masked_attention(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        key_padding: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        match self {
+            KernelPath::Fused => fused::masked_attention(q, k, v, key_padding, scale),
+            KernelPath::Reference => reference::masked_attention(q, k, v, key_padding, scale),
+        }
+    }
+
+    /// tanh-GELU on this path. See [`gelu_tanh`].
+    pub fn gelu_tanh(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            KernelPath::Fused => fused::gelu_tanh(x),
+            KernelPath::Reference => reference::gelu_tanh(x),
+        }
+    }
 }
 
 /// LayerNorm over the last axis: `(x - mean) / sqrt(var + eps) * gamma + beta` with the biased
 /// variance. `x`: `[.., D]`; `gamma`, `beta`: `[D]`. Differentiable in all three inputs.
+/// Runs the default ([`KernelPath::Fused`]) path.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    reference::layer_norm(x, gamma, beta, eps)
+    KernelPath::default().layer_norm(x, gamma, beta, eps)
 }
 
 /// Masked multi-head attention. `q`, `k`, `v`: `[B, H, L, Dh]`; `key_padding`: `[B, L]` with
 /// `1` = padding key (its score is replaced by `-1e7`) or `None`; returns `[B, H, L, Dh]`.
+/// Runs the default ([`KernelPath::Fused`]) path.
 pub fn masked_attention(
     q: &Tensor,
     k: &Tensor,
@@ -69,10 +117,11 @@ pub fn masked_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    reference::masked_attention(q, k, v, key_padding, scale)
+    KernelPath::default().masked_attention(q, k, v, key_padding, scale)
 }
 
 /// tanh-approximated GELU, elementwise: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+/// Runs the default ([`KernelPath::Fused`]) path.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    reference::gelu_tanh(x)
+    KernelPath::default().gelu_tanh(x)
 }

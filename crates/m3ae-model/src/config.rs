@@ -147,6 +147,8 @@ pub struct M3aeConfig {
     pub image_all_token_loss: bool,
     /// Text loss on every non-padding token instead of the masked ones only.
     pub text_all_token_loss: bool,
+    /// Kernel implementation: `fused` (default, fast) or `reference` (plain candle ops).
+    pub kernels: m3ae_kernels::KernelPath,
 }
 
 impl Default for M3aeConfig {
@@ -177,6 +179,7 @@ impl Default for M3aeConfig {
             unpaired_text_loss_weight: 0.0,
             image_all_token_loss: false,
             text_all_token_loss: false,
+            kernels: m3ae_kernels::KernelPath::Fused,
         }
     }
 }

@@ -4,6 +4,7 @@
 use crate::params::ParamStore;
 use crate::Result;
 use candle_core::{Tensor, D};
+use m3ae_kernels::KernelPath;
 
 /// Epsilon of every LayerNorm (flax default).
 pub const LN_EPS: f64 = 1e-6;
@@ -47,25 +48,22 @@ impl Dense {
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
+    path: KernelPath,
 }
 
 impl LayerNorm {
-    /// Reads `{prefix}.weight` and `{prefix}.bias`.
-    pub fn new(p: &ParamStore, prefix: &str) -> Result<Self> {
+    /// Reads `{prefix}.weight` and `{prefix}.bias`; `path` selects the kernel implementation.
+    pub fn new(p: &ParamStore, prefix: &str, path: KernelPath) -> Result<Self> {
         Ok(Self {
             weight: p.get(&format!("{prefix}.weight"))?,
             bias: p.get(&format!("{prefix}.bias"))?,
+            path,
         })
     }
 
     /// `x`: `[.., D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(m3ae_kernels::layer_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            LN_EPS,
-        )?)
+        Ok(self.path.layer_norm(x, &self.weight, &self.bias, LN_EPS)?)
     }
 }
 
@@ -75,15 +73,17 @@ pub struct Attention {
     qkv: Dense,
     proj: Dense,
     heads: usize,
+    path: KernelPath,
 }
 
 impl Attention {
     /// Reads `{prefix}.qkv` and `{prefix}.proj`.
-    pub fn new(p: &ParamStore, prefix: &str, heads: usize) -> Result<Self> {
+    pub fn new(p: &ParamStore, prefix: &str, heads: usize, path: KernelPath) -> Result<Self> {
         Ok(Self {
             qkv: Dense::new(p, &format!("{prefix}.qkv"))?,
             proj: Dense::new(p, &format!("{prefix}.proj"))?,
             heads,
+            path,
         })
     }
 
@@ -100,7 +100,7 @@ impl Attention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let y = m3ae_kernels::masked_attention(&q, &k, &v, key_padding, scale)?;
+        let y = self.path.masked_attention(&q, &k, &v, key_padding, scale)?;
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, l, c))?;
         self.proj.forward(&y)
     }
@@ -114,24 +114,28 @@ pub struct Block {
     norm2: LayerNorm,
     fc1: Dense,
     fc2: Dense,
+    path: KernelPath,
 }
 
 impl Block {
     /// Reads the block under `prefix` (`encoder.blocks.0`).
-    pub fn new(p: &ParamStore, prefix: &str, heads: usize) -> Result<Self> {
+    pub fn new(p: &ParamStore, prefix: &str, heads: usize, path: KernelPath) -> Result<Self> {
         Ok(Self {
-            norm1: LayerNorm::new(p, &format!("{prefix}.norm1"))?,
-            attn: Attention::new(p, &format!("{prefix}.attn"), heads)?,
-            norm2: LayerNorm::new(p, &format!("{prefix}.norm2"))?,
+            norm1: LayerNorm::new(p, &format!("{prefix}.norm1"), path)?,
+            attn: Attention::new(p, &format!("{prefix}.attn"), heads, path)?,
+            norm2: LayerNorm::new(p, &format!("{prefix}.norm2"), path)?,
             fc1: Dense::new(p, &format!("{prefix}.mlp.fc1"))?,
             fc2: Dense::new(p, &format!("{prefix}.mlp.fc2"))?,
+            path,
         })
     }
 
     /// `x`: `[B, L, C]` -> `[B, L, C]`.
     pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?, key_padding)?)?;
-        let h = m3ae_kernels::gelu_tanh(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
+        let h = self
+            .path
+            .gelu_tanh(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         Ok((&x + self.fc2.forward(&h)?)?)
     }
 }
@@ -145,13 +149,19 @@ pub struct Transformer {
 
 impl Transformer {
     /// Reads `{prefix}.blocks.{i}` for `i < depth` and `{prefix}.norm`.
-    pub fn new(p: &ParamStore, prefix: &str, depth: usize, heads: usize) -> Result<Self> {
+    pub fn new(
+        p: &ParamStore,
+        prefix: &str,
+        depth: usize,
+        heads: usize,
+        path: KernelPath,
+    ) -> Result<Self> {
         let blocks = (0..depth)
-            .map(|i| Block::new(p, &format!("{prefix}.blocks.{i}"), heads))
+            .map(|i| Block::new(p, &format!("{prefix}.blocks.{i}"), heads, path))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             blocks,
-            norm: LayerNorm::new(p, &format!("{prefix}.norm"))?,
+            norm: LayerNorm::new(p, &format!("{prefix}.norm"), path)?,
         })
     }
 
@@ -172,13 +182,14 @@ pub struct Head {
     norm_in: Option<LayerNorm>,
     layers: Vec<(Dense, LayerNorm)>,
     out: Dense,
+    path: KernelPath,
 }
 
 impl Head {
     /// Reads the head under `prefix` (`decoder.image_head`).
-    pub fn new(p: &ParamStore, prefix: &str, depth: usize) -> Result<Self> {
+    pub fn new(p: &ParamStore, prefix: &str, depth: usize, path: KernelPath) -> Result<Self> {
         let norm_in = if depth > 0 {
-            Some(LayerNorm::new(p, &format!("{prefix}.norm_in"))?)
+            Some(LayerNorm::new(p, &format!("{prefix}.norm_in"), path)?)
         } else {
             None
         };
@@ -186,7 +197,7 @@ impl Head {
             .map(|j| {
                 Ok((
                     Dense::new(p, &format!("{prefix}.layers.{j}.fc"))?,
-                    LayerNorm::new(p, &format!("{prefix}.layers.{j}.norm"))?,
+                    LayerNorm::new(p, &format!("{prefix}.layers.{j}.norm"), path)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -194,6 +205,7 @@ impl Head {
             norm_in,
             layers,
             out: Dense::new(p, &format!("{prefix}.out"))?,
+            path,
         })
     }
 
@@ -204,7 +216,7 @@ impl Head {
             None => x.clone(),
         };
         for (j, (fc, norm)) in self.layers.iter().enumerate() {
-            let y = norm.forward(&m3ae_kernels::gelu_tanh(&fc.forward(&x)?)?)?;
+            let y = norm.forward(&self.path.gelu_tanh(&fc.forward(&x)?)?)?;
             x = if j > 0 { (x + y)? } else { y };
         }
         self.out.forward(&x)

@@ -148,6 +148,7 @@ impl Core {
             }
         };
         let te = cfg.use_type_embedding;
+        let kp = cfg.kernels;
         Ok(Self {
             cls: p.get("cls_token")?,
             image_embedding: Dense::new(p, "image_embedding")?,
@@ -158,12 +159,17 @@ impl Core {
             dec_text_type: opt("decoder.text_type_embedding", te && text)?,
             image_mask_token: p.get("decoder.image_mask_embedding")?,
             text_mask_token: opt("decoder.text_mask_embedding", text)?,
-            encoder: Transformer::new(p, "encoder", cfg.depth, cfg.num_heads)?,
+            encoder: Transformer::new(p, "encoder", cfg.depth, cfg.num_heads, kp)?,
             input_projection: Dense::new(p, "decoder.input_projection")?,
-            decoder: Transformer::new(p, "decoder", cfg.dec_depth, cfg.dec_num_heads)?,
-            image_head: Head::new(p, "decoder.image_head", cfg.output_head_depth)?,
+            decoder: Transformer::new(p, "decoder", cfg.dec_depth, cfg.dec_num_heads, kp)?,
+            image_head: Head::new(p, "decoder.image_head", cfg.output_head_depth, kp)?,
             text_head: if text {
-                Some(Head::new(p, "decoder.text_head", cfg.output_head_depth)?)
+                Some(Head::new(
+                    p,
+                    "decoder.text_head",
+                    cfg.output_head_depth,
+                    kp,
+                )?)
             } else {
                 None
             },

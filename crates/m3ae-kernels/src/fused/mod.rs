@@ -1,0 +1,106 @@
+//! Fused CPU kernels as candle custom ops with hand-written backward passes.
+//!
+//! Each public function takes tensors of any layout and float dtype: inputs are made contiguous
+//! and computed in f32 (other dtypes are converted and converted back). Tensors on a non-CPU
+//! device use the reference path until the CUDA kernels exist.
+
+mod attention;
+mod gelu;
+mod layer_norm;
+pub mod math;
+mod storage;
+
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use std::sync::OnceLock;
+
+pub use attention::QUERY_TILE;
+
+/// Whether the CPU has AVX2 and FMA (checked once).
+pub(crate) fn has_avx2_fma() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+        {
+            false
+        }
+    })
+}
+
+fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?.contiguous()?)
+}
+
+/// Fused masked attention; same contract as [`crate::masked_attention`].
+pub fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    if !q.device().is_cpu() {
+        return crate::reference::masked_attention(q, k, v, key_padding, scale);
+    }
+    let (b, _, l, _) = q.dims4()?;
+    if k.dims() != q.dims() || v.dims() != q.dims() {
+        return Err(Error::Shape {
+            op: "masked_attention",
+            msg: format!(
+                "the fused kernel needs q, k, v of one shape, got {:?}, {:?}, {:?}",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            ),
+        });
+    }
+    let padding = match key_padding {
+        None => None,
+        Some(p) => {
+            if p.dims() != [b, l] {
+                return Err(Error::Shape {
+                    op: "masked_attention",
+                    msg: format!("key_padding is {:?}, expected [{b}, {l}]", p.dims()),
+                });
+            }
+            Some(p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        }
+    };
+    let op = attention::FusedAttention::new(scale, padding);
+    let y = f32_contiguous(q)?.apply_op3(&f32_contiguous(k)?, &f32_contiguous(v)?, op)?;
+    Ok(y.to_dtype(q.dtype())?)
+}
+
+/// Fused LayerNorm; same contract as [`crate::layer_norm`].
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return crate::reference::layer_norm(x, gamma, beta, eps);
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    if gamma.dims() != [d] || beta.dims() != [d] {
+        return Err(Error::Shape {
+            op: "layer_norm",
+            msg: format!(
+                "x has last dim {d} but gamma is {:?} and beta is {:?}",
+                gamma.dims(),
+                beta.dims()
+            ),
+        });
+    }
+    let op = layer_norm::FusedLayerNorm { eps: eps as f32 };
+    let y = f32_contiguous(x)?.apply_op3(&f32_contiguous(gamma)?, &f32_contiguous(beta)?, op)?;
+    Ok(y.to_dtype(x.dtype())?)
+}
+
+/// Fused tanh-GELU; same contract as [`crate::gelu_tanh`].
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return crate::reference::gelu_tanh(x);
+    }
+    let y = f32_contiguous(x)?.apply_op1(gelu::FusedGelu)?;
+    Ok(y.to_dtype(x.dtype())?)
+}

@@ -1,0 +1,422 @@
+//! The fused kernels against the reference compositions: values and every gradient, on awkward
+//! shapes and inputs, plus finite-difference checks of each fused backward.
+
+use candle_core::{DType, Device, Tensor, Var};
+use m3ae_kernels::{fused, reference};
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let n = shape.iter().product();
+    let v: Vec<f32> = values(n, seed).into_iter().map(|x| x * scale).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// `max|a - b| / max|b|` (0 when both are 0).
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let m = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    if m == 0.0 {
+        d
+    } else {
+        d / m
+    }
+}
+
+type AttnFn = fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, f64) -> m3ae_kernels::Result<Tensor>;
+
+/// Runs an attention implementation, returns the output and the gradients of `sum(y * w)`.
+fn attn_with_grads(
+    f: AttnFn,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pad: Option<&Tensor>,
+    scale: f64,
+    w: &Tensor,
+) -> (Tensor, Tensor, Tensor, Tensor) {
+    let (qv, kv, vv) = (
+        Var::from_tensor(q).unwrap(),
+        Var::from_tensor(k).unwrap(),
+        Var::from_tensor(v).unwrap(),
+    );
+    let y = f(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), pad, scale).unwrap();
+    let g = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
+    let get = |x: &Var| g.get(x.as_tensor()).expect("gradient").clone();
+    (y, get(&qv), get(&kv), get(&vv))
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Pad {
+    None,
+    Random,
+    AllButOne,
+    Full,
+}
+
+fn padding(b: usize, l: usize, kind: Pad, seed: u64) -> Option<Tensor> {
+    let v: Vec<f32> = match kind {
+        Pad::None => return None,
+        Pad::Random => values(b * l, seed)
+            .into_iter()
+            .map(|x| if x > 0.3 { 1.0 } else { 0.0 })
+            .collect(),
+        Pad::AllButOne => (0..b * l)
+            .map(|i| if i % l == l / 2 { 0.0 } else { 1.0 })
+            .collect(),
+        Pad::Full => (0..b * l)
+            .map(|i| if i / l == 0 { 1.0 } else { 0.0 })
+            .collect(),
+    };
+    Some(Tensor::from_vec(v, (b, l), &Device::Cpu).unwrap())
+}
+
+fn check_attention(b: usize, h: usize, l: usize, dh: usize, pad: Pad, magnitude: f32, seed: u64) {
+    let q = tensor(&[b, h, l, dh], seed, magnitude);
+    let k = tensor(&[b, h, l, dh], seed + 1, magnitude);
+    let v = tensor(&[b, h, l, dh], seed + 2, 1.0);
+    let w = tensor(&[b, h, l, dh], seed + 3, 1.0);
+    let p = padding(b, l, pad, seed + 4);
+    let scale = 1.0 / (dh as f64).sqrt();
+    let r = attn_with_grads(
+        reference::masked_attention,
+        &q,
+        &k,
+        &v,
+        p.as_ref(),
+        scale,
+        &w,
+    );
+    let f = attn_with_grads(fused::masked_attention, &q, &k, &v, p.as_ref(), scale, &w);
+    let ctx = format!("b{b} h{h} l{l} dh{dh} {pad:?} x{magnitude}");
+    assert!(
+        rel_err(&f.0, &r.0) <= 1e-5,
+        "forward {ctx}: {}",
+        rel_err(&f.0, &r.0)
+    );
+    for (name, a, e) in [("dq", &f.1, &r.1), ("dk", &f.2, &r.2), ("dv", &f.3, &r.3)] {
+        let err = rel_err(a, e);
+        assert!(err <= 1e-4, "{name} {ctx}: {err}");
+    }
+}
+
+#[test]
+fn attention_matches_reference_on_awkward_shapes() {
+    for (i, &(b, h, l, dh)) in [
+        (2, 3, 70, 8),
+        (1, 2, 1, 32),
+        (2, 2, 130, 64),
+        (1, 1, 65, 80),
+        (3, 2, 17, 32),
+        (1, 2, 64, 16),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for pad in [Pad::None, Pad::Random, Pad::AllButOne, Pad::Full] {
+            check_attention(b, h, l, dh, pad, 1.0, 10 * i as u64);
+        }
+    }
+}
+
+#[test]
+fn attention_handles_large_scores() {
+    // scores of order 1e3: any exp without max subtraction would overflow
+    check_attention(2, 2, 33, 16, Pad::Random, 30.0, 99);
+    let q = tensor(&[1, 1, 9, 8], 5, 300.0);
+    let y = fused::masked_attention(&q, &q, &q, None, 1.0).unwrap();
+    assert!(y
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|x| x.is_finite()));
+}
+
+#[test]
+fn attention_accepts_non_contiguous_inputs() {
+    // [B, L, H, Dh] transposed to [B, H, L, Dh]: strided views
+    let mk = |s| tensor(&[2, 19, 3, 16], s, 1.0).transpose(1, 2).unwrap();
+    let (q, k, v) = (mk(1), mk(2), mk(3));
+    assert!(!q.is_contiguous());
+    let p = padding(2, 19, Pad::Random, 4);
+    let r = reference::masked_attention(&q, &k, &v, p.as_ref(), 0.25).unwrap();
+    let f = fused::masked_attention(&q, &k, &v, p.as_ref(), 0.25).unwrap();
+    assert!(rel_err(&f, &r) <= 1e-5);
+}
+
+#[test]
+fn fully_padded_rows_attend_uniformly() {
+    let q = tensor(&[1, 1, 4, 8], 1, 1.0);
+    let k = tensor(&[1, 1, 4, 8], 2, 1.0);
+    let v = tensor(&[1, 1, 4, 8], 3, 1.0);
+    let pad = Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap();
+    let y = fused::masked_attention(&q, &k, &v, Some(&pad), 0.3).unwrap();
+    let mean = v
+        .mean_keepdim(2)
+        .unwrap()
+        .broadcast_as((1, 1, 4, 8))
+        .unwrap();
+    assert!(rel_err(&y, &mean) < 1e-6);
+}
+
+/// Central finite differences (f64 accumulation of the f32 kernel) against the fused backward.
+fn finite_difference_check(f: &dyn Fn(&[f32]) -> f64, x: &[f32], grad: &[f32], h: f32, tol: f64) {
+    for i in 0..x.len() {
+        let mut plus = x.to_vec();
+        plus[i] += h;
+        let mut minus = x.to_vec();
+        minus[i] -= h;
+        let fd = (f(&plus) - f(&minus)) / (2.0 * h as f64);
+        assert!(
+            (fd - grad[i] as f64).abs() <= tol * (1.0 + fd.abs()),
+            "element {i}: fd {fd} vs analytic {}",
+            grad[i]
+        );
+    }
+}
+
+fn sum_weighted(y: &Tensor, w: &Tensor) -> f64 {
+    (y.to_dtype(DType::F64).unwrap() * w.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    let shape = [1usize, 2, 5, 4];
+    let (k, v, w) = (
+        tensor(&shape, 2, 1.0),
+        tensor(&shape, 3, 1.0),
+        tensor(&shape, 4, 1.0),
+    );
+    let pad = Tensor::new(&[[0f32, 0., 1., 0., 0.]], &Device::Cpu).unwrap();
+    let q0 = values(40, 1);
+    let eval = |qv: &[f32]| {
+        let q = Tensor::from_vec(qv.to_vec(), &shape, &Device::Cpu).unwrap();
+        sum_weighted(
+            &fused::masked_attention(&q, &k, &v, Some(&pad), 0.5).unwrap(),
+            &w,
+        )
+    };
+    let q = Var::from_tensor(&Tensor::from_vec(q0.clone(), &shape, &Device::Cpu).unwrap()).unwrap();
+    let y = fused::masked_attention(q.as_tensor(), &k, &v, Some(&pad), 0.5).unwrap();
+    let g = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gq = g
+        .get(q.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    finite_difference_check(&eval, &q0, &gq, 1e-2, 2e-3);
+    // dk through the same harness
+    let k0 = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let qt = q.as_tensor().clone();
+    let eval_k = |kv: &[f32]| {
+        let k = Tensor::from_vec(kv.to_vec(), &shape, &Device::Cpu).unwrap();
+        sum_weighted(
+            &fused::masked_attention(&qt, &k, &v, Some(&pad), 0.5).unwrap(),
+            &w,
+        )
+    };
+    let kvar = Var::from_tensor(&k).unwrap();
+    let y = fused::masked_attention(&qt, kvar.as_tensor(), &v, Some(&pad), 0.5).unwrap();
+    let g = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gk = g
+        .get(kvar.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    finite_difference_check(&eval_k, &k0, &gk, 1e-2, 2e-3);
+}
+
+fn ln_grads(fused_path: bool, x: &Tensor, g: &Tensor, b: &Tensor, w: &Tensor) -> Vec<Tensor> {
+    let (xv, gv, bv) = (
+        Var::from_tensor(x).unwrap(),
+        Var::from_tensor(g).unwrap(),
+        Var::from_tensor(b).unwrap(),
+    );
+    let y = if fused_path {
+        fused::layer_norm(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-6).unwrap()
+    } else {
+        reference::layer_norm(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-6).unwrap()
+    };
+    let grads = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
+    vec![
+        y,
+        grads.get(xv.as_tensor()).unwrap().clone(),
+        grads.get(gv.as_tensor()).unwrap().clone(),
+        grads.get(bv.as_tensor()).unwrap().clone(),
+    ]
+}
+
+#[test]
+fn layer_norm_matches_reference() {
+    for (i, shape) in [
+        vec![5, 7, 384],
+        vec![3, 768],
+        vec![4, 33],
+        vec![1, 1, 8],
+        vec![70, 5],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for offset in [0.0f32, 1000.0] {
+            let d = *shape.last().unwrap();
+            let x = (tensor(&shape, i as u64, 3.0) + offset as f64).unwrap();
+            let g = tensor(&[d], 50 + i as u64, 1.0);
+            let b = tensor(&[d], 60 + i as u64, 1.0);
+            let w = tensor(&shape, 70 + i as u64, 1.0);
+            let r = ln_grads(false, &x, &g, &b, &w);
+            let f = ln_grads(true, &x, &g, &b, &w);
+            // with an offset of 1000, f32 loses digits in x itself: both paths see the same loss
+            let (tf, tb) = if offset == 0.0 {
+                (1e-5, 1e-4)
+            } else {
+                (1e-3, 1e-2)
+            };
+            assert!(
+                rel_err(&f[0], &r[0]) <= tf,
+                "forward {shape:?}: {}",
+                rel_err(&f[0], &r[0])
+            );
+            for (n, j) in [("dx", 1), ("dgamma", 2), ("dbeta", 3)] {
+                assert!(
+                    rel_err(&f[j], &r[j]) <= tb,
+                    "{n} {shape:?} +{offset}: {}",
+                    rel_err(&f[j], &r[j])
+                );
+            }
+        }
+    }
+    // non-contiguous input
+    let x = tensor(&[16, 12], 3, 1.0).t().unwrap();
+    let (g, b) = (tensor(&[16], 4, 1.0), tensor(&[16], 5, 1.0));
+    let r = reference::layer_norm(&x, &g, &b, 1e-6).unwrap();
+    let f = fused::layer_norm(&x, &g, &b, 1e-6).unwrap();
+    assert!(rel_err(&f, &r) <= 1e-5);
+}
+
+#[test]
+fn layer_norm_backward_matches_finite_differences() {
+    let shape = [3usize, 6];
+    let (g, b, w) = (
+        tensor(&[6], 1, 1.0),
+        tensor(&[6], 2, 1.0),
+        tensor(&shape, 3, 1.0),
+    );
+    let x0 = values(18, 4);
+    let eval = |xv: &[f32]| {
+        let x = Tensor::from_vec(xv.to_vec(), &shape, &Device::Cpu).unwrap();
+        sum_weighted(&fused::layer_norm(&x, &g, &b, 1e-6).unwrap(), &w)
+    };
+    let x = Tensor::from_vec(x0.clone(), &shape, &Device::Cpu).unwrap();
+    let grads = ln_grads(true, &x, &g, &b, &w);
+    let gx = grads[1].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    finite_difference_check(&eval, &x0, &gx, 1e-2, 3e-3);
+    let g0 = g.to_vec1::<f32>().unwrap();
+    let eval_g = |gv: &[f32]| {
+        let g = Tensor::from_vec(gv.to_vec(), 6, &Device::Cpu).unwrap();
+        sum_weighted(&fused::layer_norm(&x, &g, &b, 1e-6).unwrap(), &w)
+    };
+    let gg = grads[2].to_vec1::<f32>().unwrap();
+    finite_difference_check(&eval_g, &g0, &gg, 1e-2, 3e-3);
+}
+
+#[test]
+fn gelu_matches_reference_and_finite_differences() {
+    for (shape, magnitude) in [(vec![1000], 10.0f32), (vec![7, 33], 3.0), (vec![5], 60.0)] {
+        let x = tensor(&shape, 8, magnitude);
+        let w = tensor(&shape, 9, 1.0);
+        let run = |fused_path: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = if fused_path {
+                fused::gelu_tanh(xv.as_tensor())
+            } else {
+                reference::gelu_tanh(xv.as_tensor())
+            }
+            .unwrap();
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(xv.as_tensor()).unwrap().clone())
+        };
+        let (yr, gr) = run(false);
+        let (yf, gf) = run(true);
+        assert!(
+            rel_err(&yf, &yr) <= 1e-5,
+            "{shape:?}: {}",
+            rel_err(&yf, &yr)
+        );
+        assert!(
+            rel_err(&gf, &gr) <= 1e-4,
+            "{shape:?}: {}",
+            rel_err(&gf, &gr)
+        );
+    }
+    let x0 = values(12, 3)
+        .into_iter()
+        .map(|v| v * 4.0)
+        .collect::<Vec<_>>();
+    let eval = |xv: &[f32]| {
+        let x = Tensor::from_vec(xv.to_vec(), 12, &Device::Cpu).unwrap();
+        fused::gelu_tanh(&x)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let xv = Var::from_tensor(&Tensor::from_vec(x0.clone(), 12, &Device::Cpu).unwrap()).unwrap();
+    let g = fused::gelu_tanh(xv.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gx = g.get(xv.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    finite_difference_check(&eval, &x0, &gx, 1e-2, 2e-3);
+    // non-contiguous
+    let x = tensor(&[9, 4], 1, 2.0).t().unwrap();
+    assert!(
+        rel_err(
+            &fused::gelu_tanh(&x).unwrap(),
+            &reference::gelu_tanh(&x).unwrap()
+        ) <= 1e-5
+    );
+}
