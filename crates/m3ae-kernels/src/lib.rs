@@ -125,3 +125,19 @@ pub fn masked_attention(
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     KernelPath::default().gelu_tanh(x)
 }
+
+/// Runs `f` on the f32 data of a CPU tensor without copying when it is already contiguous f32
+/// (otherwise on a contiguous f32 copy).
+///
+/// ```
+/// let t = candle_core::Tensor::new(&[1f32, 2., 3.], &candle_core::Device::Cpu)?;
+/// let s = m3ae_kernels::with_f32_slice(&t, |x| x.iter().sum::<f32>())?;
+/// assert_eq!(s, 6.0);
+/// # Ok::<(), m3ae_kernels::Error>(())
+/// ```
+pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let slice = fused::storage_slice(&s, l)?;
+    Ok(f(slice))
+}

@@ -9,6 +9,7 @@ mod gelu;
 mod layer_norm;
 pub mod math;
 mod storage;
+pub(crate) use storage::storage_slice;
 
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};

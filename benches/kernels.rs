@@ -1,0 +1,139 @@
+//! Criterion benchmarks of the training hot path: fused vs reference kernels.
+//!
+//! `cargo bench --bench kernels`. Throughput is reported in "elements" per second where one
+//! element is one FLOP (attention forward `4 B H L^2 Dh`, forward+backward 3x that; LayerNorm and
+//! GELU count elements of the input, so their rate reads as elements/s). Shapes are the ones M3AE
+//! runs: base and small encoders at 224 px / patch 16 with 64 text tokens and 75%/75% masking
+//! (L = 1 + 49 + 16 = 66) and the decoder (L = 1 + 196 + 64 = 261), batch 32.
+
+use candle_core::{Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use m3ae_kernels::KernelPath;
+
+struct Shape {
+    name: &'static str,
+    b: usize,
+    h: usize,
+    l: usize,
+    dh: usize,
+}
+
+const SHAPES: [Shape; 3] = [
+    Shape {
+        name: "base_encoder_B32_H12_L66_D64",
+        b: 32,
+        h: 12,
+        l: 66,
+        dh: 64,
+    },
+    Shape {
+        name: "small_encoder_B32_H6_L66_D64",
+        b: 32,
+        h: 6,
+        l: 66,
+        dh: 64,
+    },
+    Shape {
+        name: "decoder_B32_H16_L261_D32",
+        b: 32,
+        h: 16,
+        l: 261,
+        dh: 32,
+    },
+];
+
+const PATHS: [(&str, KernelPath); 2] = [
+    ("fused", KernelPath::Fused),
+    ("reference", KernelPath::Reference),
+];
+
+fn var(shape: &[usize], salt: usize) -> Var {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (((i * 2654435761 + salt) % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn attention(c: &mut Criterion) {
+    for s in &SHAPES {
+        let dims = [s.b, s.h, s.l, s.dh];
+        let (q, k, v) = (var(&dims, 1), var(&dims, 2), var(&dims, 3));
+        // the last quarter of the keys of every other sample are padding
+        let pad: Vec<f32> = (0..s.b * s.l)
+            .map(|i| {
+                if (i / s.l) % 2 == 1 && i % s.l >= 3 * s.l / 4 {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let pad = Tensor::from_vec(pad, (s.b, s.l), &Device::Cpu).unwrap();
+        let scale = 1.0 / (s.dh as f64).sqrt();
+        let flops = (4 * s.b * s.h * s.l * s.l * s.dh) as u64;
+        let mut g = c.benchmark_group(format!("attention/{}", s.name));
+        g.sample_size(10);
+        for (name, path) in PATHS {
+            g.throughput(Throughput::Elements(flops));
+            g.bench_function(format!("{name}/fwd"), |bch| {
+                bch.iter(|| {
+                    path.masked_attention(&q, &k, &v, Some(&pad), scale)
+                        .unwrap()
+                })
+            });
+            g.throughput(Throughput::Elements(3 * flops));
+            g.bench_function(format!("{name}/fwd+bwd"), |bch| {
+                bch.iter(|| {
+                    let y = path
+                        .masked_attention(&q, &k, &v, Some(&pad), scale)
+                        .unwrap();
+                    y.sum_all().unwrap().backward().unwrap()
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn layer_norm_and_gelu(c: &mut Criterion) {
+    let rows = 32 * 66;
+    for d in [384usize, 768] {
+        let x = var(&[rows, d], 4);
+        let (gamma, beta) = (var(&[d], 5), var(&[d], 6));
+        let mut g = c.benchmark_group(format!("layer_norm/{rows}x{d}"));
+        g.sample_size(20);
+        g.throughput(Throughput::Elements((rows * d) as u64));
+        for (name, path) in PATHS {
+            g.bench_function(format!("{name}/fwd"), |bch| {
+                bch.iter(|| path.layer_norm(&x, &gamma, &beta, 1e-6).unwrap())
+            });
+            g.bench_function(format!("{name}/fwd+bwd"), |bch| {
+                bch.iter(|| {
+                    let y = path.layer_norm(&x, &gamma, &beta, 1e-6).unwrap();
+                    y.sum_all().unwrap().backward().unwrap()
+                })
+            });
+        }
+        g.finish();
+        let h = var(&[rows, 4 * d], 7);
+        let mut g = c.benchmark_group(format!("gelu/{rows}x{}", 4 * d));
+        g.sample_size(20);
+        g.throughput(Throughput::Elements((rows * 4 * d) as u64));
+        for (name, path) in PATHS {
+            g.bench_function(format!("{name}/fwd"), |bch| {
+                bch.iter(|| path.gelu_tanh(&h).unwrap())
+            });
+            g.bench_function(format!("{name}/fwd+bwd"), |bch| {
+                bch.iter(|| {
+                    let y = path.gelu_tanh(&h).unwrap();
+                    y.sum_all().unwrap().backward().unwrap()
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, attention, layer_norm_and_gelu);
+criterion_main!(benches);

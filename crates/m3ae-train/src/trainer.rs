@@ -1,0 +1,343 @@
+//! The training loop: loss, backward, gradient accumulation, NaN/Inf guards, global-norm
+//! clipping, the warmup-cosine schedule, AdamW, metrics and checkpoints with exact resume.
+
+use crate::checkpoint;
+use crate::objective::{Objective, TrainBatch};
+use crate::optim::{clip_global_norm, named_grads, AdamW, AdamWConfig, NamedGrads};
+use crate::schedule::WarmupCosine;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Where batches come from. The position must restore the exact stream (epoch, offset, RNG).
+pub trait BatchSource {
+    /// The next batch.
+    fn next_batch(&mut self) -> Result<TrainBatch>;
+    /// The position after the last batch returned (saved in checkpoints).
+    fn position(&self) -> serde_json::Value;
+    /// Moves to a position written by [`BatchSource::position`].
+    fn restore(&mut self, position: &serde_json::Value) -> Result<()>;
+}
+
+/// Optimisation settings (official pre-training defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimiser steps to run.
+    pub steps: u64,
+    /// Global batch size (scales the learning rates by `batch_size / 256`).
+    pub batch_size: usize,
+    /// Peak learning rate before scaling.
+    pub lr_peak: f64,
+    /// Learning rate at step 0 before scaling.
+    pub lr_init: f64,
+    /// Final learning rate before scaling.
+    pub lr_end: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// Multiply the learning rates by `batch_size / 256` (official behaviour).
+    pub scale_lr_by_batch: bool,
+    /// AdamW settings.
+    pub adamw: AdamWConfig,
+    /// Global-norm clipping threshold (official default 1e9: effectively off).
+    pub clip_gradient: f64,
+    /// Micro-batches whose (averaged) gradients make one optimiser step.
+    pub accumulate_grad_steps: u64,
+    /// Consecutive non-finite steps that stop the run.
+    pub max_bad_steps: u32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 256,
+            lr_peak: 1.5e-4,
+            lr_init: 0.0,
+            lr_end: 0.0,
+            warmup_steps: 0,
+            scale_lr_by_batch: true,
+            adamw: AdamWConfig::default(),
+            clip_gradient: 1e9,
+            accumulate_grad_steps: 1,
+            max_bad_steps: 5,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The schedule these settings describe.
+    pub fn schedule(&self) -> WarmupCosine {
+        WarmupCosine {
+            init: self.lr_init,
+            peak: self.lr_peak,
+            end: self.lr_end,
+            warmup_steps: self.warmup_steps,
+            decay_steps: self.steps,
+        }
+    }
+
+    /// The learning-rate multiplier.
+    pub fn lr_scale(&self) -> f64 {
+        if self.scale_lr_by_batch {
+            self.batch_size as f64 / 256.0
+        } else {
+            1.0
+        }
+    }
+
+    /// Checks every value; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| Err(Error::Config(format!("train.{field}: {msg}")));
+        if self.steps == 0 {
+            return bad("steps", "must be > 0".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be > 0".into());
+        }
+        if self.accumulate_grad_steps == 0 {
+            return bad("accumulate_grad_steps", "must be > 0".into());
+        }
+        for (f, v) in [
+            ("lr_peak", self.lr_peak),
+            ("lr_init", self.lr_init),
+            ("lr_end", self.lr_end),
+            ("adamw.weight_decay", self.adamw.weight_decay),
+            ("adamw.eps", self.adamw.eps),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return bad(f, format!("{v} must be finite and >= 0"));
+            }
+        }
+        for (f, v) in [("adamw.b1", self.adamw.b1), ("adamw.b2", self.adamw.b2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(f, format!("{v} is outside [0, 1)"));
+            }
+        }
+        if self.clip_gradient.is_nan() || self.clip_gradient <= 0.0 {
+            return bad(
+                "clip_gradient",
+                format!("{} must be > 0", self.clip_gradient),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What one call of [`Trainer::train_step`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    /// Optimiser steps completed after this call.
+    pub step: u64,
+    /// Learning rate used (when an update was applied).
+    pub lr: f64,
+    /// Loss scalars of the micro-batch.
+    pub scalars: BTreeMap<String, f64>,
+    /// Global gradient norm before clipping (when an update was applied).
+    pub grad_norm: Option<f64>,
+    /// Whether the optimiser updated the weights.
+    pub updated: bool,
+    /// Whether the micro-batch was skipped for a non-finite loss or gradient.
+    pub skipped: bool,
+}
+
+/// Trainer state saved in `trainer.json` besides the data position.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Saved {
+    step: u64,
+    micro_step: u64,
+    skipped_steps: u64,
+    train: TrainConfig,
+    model: m3ae_model::M3aeConfig,
+    data_position: serde_json::Value,
+    extra: serde_json::Value,
+}
+
+/// Drives an [`Objective`].
+pub struct Trainer<O: Objective> {
+    objective: O,
+    opt: AdamW,
+    cfg: TrainConfig,
+    micro_step: u64,
+    accum: Option<NamedGrads>,
+    bad_in_row: u32,
+    skipped_steps: u64,
+}
+
+impl<O: Objective> Trainer<O> {
+    /// A trainer with fresh optimiser state.
+    pub fn new(objective: O, cfg: TrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        let opt = AdamW::new(cfg.adamw, &objective.specs(), objective.variant());
+        Ok(Self {
+            objective,
+            opt,
+            cfg,
+            micro_step: 0,
+            accum: None,
+            bad_in_row: 0,
+            skipped_steps: 0,
+        })
+    }
+
+    /// The model being trained.
+    pub fn objective(&self) -> &O {
+        &self.objective
+    }
+
+    /// Optimiser steps done.
+    pub fn step(&self) -> u64 {
+        self.opt.step_count()
+    }
+
+    /// Micro-batches skipped for non-finite values.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped_steps
+    }
+
+    /// The training configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// One micro-batch: forward, backward, accumulate; every `accumulate_grad_steps` micro-batches
+    /// the averaged gradients are clipped and applied. A non-finite loss or gradient skips the
+    /// micro-batch; `max_bad_steps` in a row is an error.
+    pub fn train_step(&mut self, batch: &TrainBatch) -> Result<StepReport> {
+        let report = self.objective.loss(batch)?;
+        let loss = report.scalars.get("loss").copied().unwrap_or(f64::NAN);
+        let mut out = StepReport {
+            step: self.step(),
+            lr: 0.0,
+            scalars: report.scalars.clone(),
+            grad_norm: None,
+            updated: false,
+            skipped: false,
+        };
+        let grads = if loss.is_finite() {
+            Some(named_grads(
+                self.objective.params(),
+                &report.total.backward()?,
+            ))
+        } else {
+            None
+        };
+        let grads = match grads {
+            Some(g) if crate::optim::global_norm(&g)?.is_finite() => g,
+            _ => {
+                self.bad_in_row += 1;
+                self.skipped_steps += 1;
+                out.skipped = true;
+                if self.bad_in_row >= self.cfg.max_bad_steps {
+                    return Err(Error::NonFinite {
+                        count: self.bad_in_row,
+                        step: self.step(),
+                    });
+                }
+                return Ok(out);
+            }
+        };
+        self.bad_in_row = 0;
+        self.micro_step += 1;
+        self.accum = Some(match self.accum.take() {
+            None => grads,
+            Some(mut acc) => {
+                for (k, g) in grads {
+                    let sum = match acc.remove(&k) {
+                        Some(a) => (a + g)?,
+                        None => g,
+                    };
+                    acc.insert(k, sum);
+                }
+                acc
+            }
+        });
+        if self.micro_step % self.cfg.accumulate_grad_steps == 0 {
+            let mut grads = self.accum.take().unwrap_or_default();
+            let k = self.cfg.accumulate_grad_steps as f64;
+            if k > 1.0 {
+                for g in grads.values_mut() {
+                    *g = (&*g / k)?;
+                }
+            }
+            let norm = clip_global_norm(&mut grads, self.cfg.clip_gradient)?;
+            let lr = self.cfg.schedule().at(self.step(), self.cfg.lr_scale());
+            self.opt.step(self.objective.params(), &grads, lr)?;
+            out.lr = lr;
+            out.grad_norm = Some(norm);
+            out.updated = true;
+            out.step = self.step();
+        }
+        Ok(out)
+    }
+
+    /// Writes a checkpoint under `root` (see [`checkpoint`]) with the data position and any
+    /// `extra` state, keeping the newest `keep` checkpoints.
+    pub fn save_checkpoint(
+        &self,
+        root: &Path,
+        data_position: serde_json::Value,
+        extra: serde_json::Value,
+        keep: usize,
+    ) -> Result<std::path::PathBuf> {
+        let params = self.objective.params();
+        let model_cfg = self.objective.model_config();
+        let model_meta =
+            HashMap::from([("m3ae_config".to_string(), serde_json::to_string(model_cfg)?)]);
+        let (opt_t, opt_meta) = self.opt.state(params.device())?;
+        let saved = Saved {
+            step: self.step(),
+            micro_step: self.micro_step,
+            skipped_steps: self.skipped_steps,
+            train: self.cfg.clone(),
+            model: model_cfg.clone(),
+            data_position,
+            extra,
+        };
+        let dir = checkpoint::save(
+            root,
+            self.step(),
+            (&params.tensors(), model_meta),
+            (&opt_t, opt_meta),
+            &serde_json::to_value(&saved)?,
+        )?;
+        checkpoint::prune(root, keep)?;
+        Ok(dir)
+    }
+
+    /// Restores weights, optimiser state and counters from a checkpoint directory; returns the
+    /// data position and the extra state saved with it. Gradient accumulation must be at a step
+    /// boundary (checkpoints are only written there).
+    pub fn restore(&mut self, dir: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
+        let params = self.objective.params();
+        let ck = checkpoint::load(dir, params.device())?;
+        let source = dir.join("model.safetensors").display().to_string();
+        for (name, var) in params.vars() {
+            let t = ck
+                .model
+                .get(name)
+                .ok_or_else(|| Error::State(format!("{source}: missing weight `{name}`")))?;
+            if t.dims() != var.dims() {
+                return Err(Error::State(format!(
+                    "{source}: weight `{name}` has shape {:?}, expected {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(t)?;
+        }
+        let opt_source = dir.join("optimizer.safetensors").display().to_string();
+        self.opt
+            .load_state(&ck.optimizer, &ck.optimizer_meta, &opt_source)?;
+        let saved: Saved = serde_json::from_value(ck.trainer).map_err(|e| Error::Parse {
+            path: dir.join("trainer.json"),
+            msg: e.to_string(),
+        })?;
+        self.micro_step = saved.micro_step;
+        self.skipped_steps = saved.skipped_steps;
+        self.accum = None;
+        self.bad_in_row = 0;
+        Ok((saved.data_position, saved.extra))
+    }
+}
