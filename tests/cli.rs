@@ -69,3 +69,25 @@ fn info_reads_config_files_and_reports_bad_ones() {
     assert!(!ok && stderr.contains("gigantic"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bench_runs_a_tiny_preset_and_rejects_bad_flags() {
+    let (ok, stdout, stderr) = run(&[
+        "bench",
+        "--workload",
+        "preset",
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("tokens/s") && stdout.contains("GFLOP/s"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = run(&["bench", "--kernels", "turbo"]);
+    assert!(!ok && stderr.contains("turbo"), "{stderr}");
+}

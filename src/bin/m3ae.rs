@@ -33,6 +33,25 @@ enum Command {
         #[arg(long)]
         mae: bool,
     },
+    /// Time training steps (forward, backward, AdamW) on generated input, without data loading.
+    Bench {
+        /// `vit-s`: the ViT-S-like encoder workload of the performance notes (dim 384, depth 4,
+        /// sequence 64, batch 32); `preset`: a full M3AE step of `--preset` at `--batch`.
+        #[arg(long, default_value = "vit-s")]
+        workload: String,
+        /// Preset for `--workload preset`.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Batch size for `--workload preset`.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Timed steps (after 2 warm-up steps).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Kernels: `fused` or `reference`.
+        #[arg(long, default_value = "fused")]
+        kernels: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -68,6 +87,32 @@ fn main() -> Result<()> {
                 f.training,
                 f.training / 1e9
             );
+        }
+        Command::Bench {
+            workload,
+            preset,
+            batch,
+            steps,
+            kernels,
+        } => {
+            let kernels: m3ae::kernels::KernelPath = serde_json::from_value(
+                serde_json::Value::String(kernels.clone()),
+            )
+            .with_context(|| format!("--kernels {kernels:?}: expected fused or reference"))?;
+            anyhow::ensure!(steps > 0, "--steps must be > 0");
+            let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
+            let report = match workload.as_str() {
+                "vit-s" => m3ae::train::bench::vit_s_workload(kernels, steps)?,
+                "preset" => {
+                    anyhow::ensure!(batch > 0, "--batch must be > 0");
+                    let mut cfg = M3aeConfig::preset(&preset)?;
+                    cfg.kernels = kernels;
+                    m3ae::train::bench::preset_workload(&cfg, batch, steps)?
+                }
+                other => anyhow::bail!("unknown --workload {other:?}: expected vit-s or preset"),
+            };
+            println!("{report}");
+            println!("threads: RAYON_NUM_THREADS={threads}");
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! guards, atomic checkpoints and exact resume, behind the narrow [`Objective`] and
 //! [`BatchSource`] traits.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod metrics;
 pub mod objective;
