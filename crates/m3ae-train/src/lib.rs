@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use metrics::{JsonlSink, MetricSink};
