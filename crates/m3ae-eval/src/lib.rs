@@ -1,10 +1,19 @@
-//! Evaluation of M3AE representations: the official linear-probe head (non-affine BatchNorm and a
-//! linear layer on the post-LayerNorm cls feature). Feature extraction, the probe's training
-//! loop, kNN, OOD scores and visualisation are planned in this crate (see the README status table).
+//! Evaluation of M3AE representations on features:
+//!
+//! * [`features`]: pooled features of any [`m3ae_model::Represent`] model (cls or mean).
+//! * [`probe`]: the official linear probe (non-affine BatchNorm + linear head, LARS, warmup +
+//!   cosine, lr scaled by batch/256) trained on cached features.
+//! * [`knn`]: cosine kNN classifier and kNN-distance OOD score.
+//! * [`ood`]: maximum softmax probability and Mahalanobis scores.
+//! * [`metrics`]: top-k accuracy, AUROC, AUPR (in/out), FPR at 95% TPR.
 
+pub mod features;
+pub mod knn;
+pub mod metrics;
+pub mod ood;
 pub mod probe;
 
-pub use probe::LinearProbeHead;
+pub use probe::{train_probe, LinearProbeHead, ProbeConfig};
 
 /// Errors of the evaluation crate.
 #[derive(Debug, thiserror::Error)]

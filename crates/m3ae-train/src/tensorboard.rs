@@ -18,7 +18,11 @@ fn crc32c_table() -> &'static [u32; 256] {
         for (i, e) in t.iter_mut().enumerate() {
             let mut c = i as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0x82F6_3B78 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0x82F6_3B78 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
             *e = c;
         }
@@ -82,13 +86,23 @@ pub struct TensorBoardSink {
 impl TensorBoardSink {
     /// Creates a new event file in `dir`.
     pub fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
-        let path = dir.join(format!("events.out.tfevents.{}.m3ae.{}", now as u64, std::process::id()));
-        let file = std::fs::File::create(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+        let path = dir.join(format!(
+            "events.out.tfevents.{}.m3ae.{}",
+            now as u64,
+            std::process::id()
+        ));
+        let file = std::fs::File::create(&path).map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e,
+        })?;
         let mut s = Self { path, file };
         let first = event(now, 0, |e| bytes_field(e, 3, b"brain.Event:2"));
         s.write_record(&first)?;
@@ -110,7 +124,10 @@ impl TensorBoardSink {
         self.file
             .write_all(&rec)
             .and_then(|_| self.file.flush())
-            .map_err(|e| Error::Io { path: self.path.clone(), source: e })
+            .map_err(|e| Error::Io {
+                path: self.path.clone(),
+                source: e,
+            })
     }
 
     /// Writes one scalar.
@@ -157,9 +174,15 @@ mod tests {
         let mut n = 0;
         while off < bytes.len() {
             let len = u64::from_le_bytes(bytes[off..off + 8].try_into()?) as usize;
-            assert_eq!(u32::from_le_bytes(bytes[off + 8..off + 12].try_into()?), masked_crc(&bytes[off..off + 8]));
+            assert_eq!(
+                u32::from_le_bytes(bytes[off + 8..off + 12].try_into()?),
+                masked_crc(&bytes[off..off + 8])
+            );
             let data = &bytes[off + 12..off + 12 + len];
-            assert_eq!(u32::from_le_bytes(bytes[off + 12 + len..off + 16 + len].try_into()?), masked_crc(data));
+            assert_eq!(
+                u32::from_le_bytes(bytes[off + 12 + len..off + 16 + len].try_into()?),
+                masked_crc(data)
+            );
             off += 16 + len;
             n += 1;
         }
