@@ -91,6 +91,14 @@ impl KernelPath {
         }
     }
 
+    /// Dense layer on this path. See [`linear`].
+    pub fn linear(self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        match self {
+            KernelPath::Fused => fused::linear(x, weight, bias),
+            KernelPath::Reference => reference::linear(x, weight, bias),
+        }
+    }
+
     /// tanh-GELU on this path. See [`gelu_tanh`].
     pub fn gelu_tanh(self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -118,6 +126,12 @@ pub fn masked_attention(
     scale: f64,
 ) -> Result<Tensor> {
     KernelPath::default().masked_attention(q, k, v, key_padding, scale)
+}
+
+/// Dense layer `y = x W^T + b`: `x` `[.., in]`, `weight` `[out, in]`, `bias` `[out]`.
+/// Runs the default ([`KernelPath::Fused`]) path.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    KernelPath::default().linear(x, weight, bias)
 }
 
 /// tanh-approximated GELU, elementwise: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.

@@ -79,6 +79,36 @@ pub fn masked_attention(
     Ok(p.matmul(&v.contiguous()?)?)
 }
 
+/// Dense layer `x W^T + b`: `x` `[.., in]`, `weight` `[out, in]`, `bias` `[out]` -> `[.., out]`
+/// (flattened to one 2-D matmul).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().unwrap_or(&0);
+    let (out, win) = weight.dims2()?;
+    if win != inp || bias.dims() != [out] {
+        return Err(Error::Shape {
+            op: "linear",
+            msg: format!(
+                "x {:?}, weight {:?}, bias {:?} do not agree",
+                x.dims(),
+                weight.dims(),
+                bias.dims()
+            ),
+        });
+    }
+    let rows = x.elem_count() / inp.max(1);
+    let y = x
+        .contiguous()?
+        .reshape((rows, inp))?
+        .matmul(&weight.t()?)?
+        .broadcast_add(bias)?;
+    let mut out_dims = dims;
+    if let Some(l) = out_dims.last_mut() {
+        *l = out;
+    }
+    Ok(y.reshape(out_dims)?)
+}
+
 /// tanh-approximated GELU (candle's `Tensor::gelu` is this form and has a backward).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu()?)

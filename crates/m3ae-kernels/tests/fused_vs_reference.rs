@@ -420,3 +420,90 @@ fn gelu_matches_reference_and_finite_differences() {
         ) <= 1e-5
     );
 }
+
+#[test]
+fn linear_matches_reference_and_finite_differences() {
+    for (i, (xs, out)) in [
+        (vec![7usize, 5, 48], 36usize),
+        (vec![300, 64], 192),
+        (vec![1, 3], 1),
+        (vec![2, 9, 33], 17),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let inp = *xs.last().unwrap();
+        let x = tensor(&xs, 1 + i as u64, 1.0);
+        let w = tensor(&[out, inp], 2 + i as u64, 0.3);
+        let b = tensor(&[out], 3 + i as u64, 1.0);
+        let mut ys = xs.clone();
+        *ys.last_mut().unwrap() = out;
+        let g = tensor(&ys, 4 + i as u64, 1.0);
+        let run = |fused_path: bool| {
+            let (xv, wv, bv) = (
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&w).unwrap(),
+                Var::from_tensor(&b).unwrap(),
+            );
+            let y = if fused_path {
+                fused::linear(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())
+            } else {
+                reference::linear(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())
+            }
+            .unwrap();
+            let gr = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let get = |v: &Var| gr.get(v.as_tensor()).unwrap().clone();
+            (y, get(&xv), get(&wv), get(&bv))
+        };
+        let (r, f) = (run(false), run(true));
+        assert!(rel_err(&f.0, &r.0) <= 1e-5, "y {xs:?}");
+        assert!(rel_err(&f.1, &r.1) <= 1e-4, "dx {xs:?}");
+        assert!(rel_err(&f.2, &r.2) <= 1e-4, "dw {xs:?}");
+        assert!(rel_err(&f.3, &r.3) <= 1e-4, "db {xs:?}");
+    }
+    // finite differences on the weight
+    let x = tensor(&[4, 3], 1, 1.0);
+    let b = tensor(&[2], 2, 1.0);
+    let wt = tensor(&[2, 3], 3, 1.0);
+    let w0 = wt.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let eval = |wv: &[f32]| {
+        let w = Tensor::from_vec(wv.to_vec(), (2, 3), &Device::Cpu).unwrap();
+        fused::linear(&x, &w, &b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let wv = Var::from_tensor(&wt).unwrap();
+    let gr = fused::linear(&x, wv.as_tensor(), &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gw = gr
+        .get(wv.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    finite_difference_check(&eval, &w0, &gw, 1e-2, 2e-3);
+    // non-contiguous input
+    let xt = tensor(&[16, 5], 9, 1.0).t().unwrap();
+    let w = tensor(&[4, 16], 8, 1.0);
+    let b = tensor(&[4], 7, 1.0);
+    assert!(
+        rel_err(
+            &fused::linear(&xt, &w, &b).unwrap(),
+            &reference::linear(&xt, &w, &b).unwrap()
+        ) <= 1e-5
+    );
+}

@@ -14,32 +14,22 @@ pub const LN_EPS: f64 = 1e-6;
 pub struct Dense {
     weight: Tensor,
     bias: Tensor,
+    path: KernelPath,
 }
 
 impl Dense {
-    /// Reads `{prefix}.weight` and `{prefix}.bias`.
-    pub fn new(p: &ParamStore, prefix: &str) -> Result<Self> {
+    /// Reads `{prefix}.weight` and `{prefix}.bias`; `path` selects the kernel implementation.
+    pub fn new(p: &ParamStore, prefix: &str, path: KernelPath) -> Result<Self> {
         Ok(Self {
             weight: p.get(&format!("{prefix}.weight"))?,
             bias: p.get(&format!("{prefix}.bias"))?,
+            path,
         })
     }
 
-    /// `x`: `[.., in]` -> `[.., out]` (flattened to one 2-D matmul).
+    /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let inp = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / inp.max(1);
-        let y = x
-            .contiguous()?
-            .reshape((rows, inp))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
-        let mut out = dims;
-        if let Some(last) = out.last_mut() {
-            *last = self.weight.dim(0)?;
-        }
-        Ok(y.reshape(out)?)
+        Ok(self.path.linear(x, &self.weight, &self.bias)?)
     }
 }
 
@@ -80,8 +70,8 @@ impl Attention {
     /// Reads `{prefix}.qkv` and `{prefix}.proj`.
     pub fn new(p: &ParamStore, prefix: &str, heads: usize, path: KernelPath) -> Result<Self> {
         Ok(Self {
-            qkv: Dense::new(p, &format!("{prefix}.qkv"))?,
-            proj: Dense::new(p, &format!("{prefix}.proj"))?,
+            qkv: Dense::new(p, &format!("{prefix}.qkv"), path)?,
+            proj: Dense::new(p, &format!("{prefix}.proj"), path)?,
             heads,
             path,
         })
@@ -124,8 +114,8 @@ impl Block {
             norm1: LayerNorm::new(p, &format!("{prefix}.norm1"), path)?,
             attn: Attention::new(p, &format!("{prefix}.attn"), heads, path)?,
             norm2: LayerNorm::new(p, &format!("{prefix}.norm2"), path)?,
-            fc1: Dense::new(p, &format!("{prefix}.mlp.fc1"))?,
-            fc2: Dense::new(p, &format!("{prefix}.mlp.fc2"))?,
+            fc1: Dense::new(p, &format!("{prefix}.mlp.fc1"), path)?,
+            fc2: Dense::new(p, &format!("{prefix}.mlp.fc2"), path)?,
             path,
         })
     }
@@ -196,7 +186,7 @@ impl Head {
         let layers = (0..depth)
             .map(|j| {
                 Ok((
-                    Dense::new(p, &format!("{prefix}.layers.{j}.fc"))?,
+                    Dense::new(p, &format!("{prefix}.layers.{j}.fc"), path)?,
                     LayerNorm::new(p, &format!("{prefix}.layers.{j}.norm"), path)?,
                 ))
             })
@@ -204,7 +194,7 @@ impl Head {
         Ok(Self {
             norm_in,
             layers,
-            out: Dense::new(p, &format!("{prefix}.out"))?,
+            out: Dense::new(p, &format!("{prefix}.out"), path)?,
             path,
         })
     }

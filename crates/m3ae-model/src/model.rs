@@ -151,7 +151,7 @@ impl Core {
         let kp = cfg.kernels;
         Ok(Self {
             cls: p.get("cls_token")?,
-            image_embedding: Dense::new(p, "image_embedding")?,
+            image_embedding: Dense::new(p, "image_embedding", kp)?,
             text_embedding: opt("text_embedding.weight", text)?,
             enc_image_type: opt("encoder.image_type_embedding", te)?,
             enc_text_type: opt("encoder.text_type_embedding", te && text)?,
@@ -160,7 +160,7 @@ impl Core {
             image_mask_token: p.get("decoder.image_mask_embedding")?,
             text_mask_token: opt("decoder.text_mask_embedding", text)?,
             encoder: Transformer::new(p, "encoder", cfg.depth, cfg.num_heads, kp)?,
-            input_projection: Dense::new(p, "decoder.input_projection")?,
+            input_projection: Dense::new(p, "decoder.input_projection", kp)?,
             decoder: Transformer::new(p, "decoder", cfg.dec_depth, cfg.dec_num_heads, kp)?,
             image_head: Head::new(p, "decoder.image_head", cfg.output_head_depth, kp)?,
             text_head: if text {

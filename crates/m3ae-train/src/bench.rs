@@ -164,7 +164,7 @@ pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Re
     }
     let params = ParamStore::init(&specs, 0, &dev)?;
     let encoder = Transformer::new(&params, "encoder", depth, heads, cfg_kernels)?;
-    let head = Dense::new(&params, "head")?;
+    let head = Dense::new(&params, "head", cfg_kernels)?;
     let x = Tensor::from_vec(lcg(1, batch * seq * dim), (batch, seq, dim), &dev)?;
     let target = Tensor::from_vec(lcg(2, batch * seq * out), (batch, seq, out), &dev)?;
     // sample i keeps seq - (i mod 4) * seq / 8 keys

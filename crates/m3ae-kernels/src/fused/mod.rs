@@ -7,6 +7,7 @@
 mod attention;
 mod gelu;
 mod layer_norm;
+mod linear;
 pub mod math;
 mod storage;
 pub(crate) use storage::storage_slice;
@@ -104,4 +105,37 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
     let y = f32_contiguous(x)?.apply_op1(gelu::FusedGelu)?;
     Ok(y.to_dtype(x.dtype())?)
+}
+
+/// Fused dense layer; same contract as [`crate::linear`].
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return crate::reference::linear(x, weight, bias);
+    }
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().unwrap_or(&0);
+    let (out, win) = weight.dims2()?;
+    if win != inp || bias.dims() != [out] {
+        return Err(Error::Shape {
+            op: "linear",
+            msg: format!(
+                "x {:?}, weight {:?}, bias {:?} do not agree",
+                x.dims(),
+                weight.dims(),
+                bias.dims()
+            ),
+        });
+    }
+    let rows = x.elem_count() / inp.max(1);
+    let x2 = f32_contiguous(x)?.reshape((rows, inp))?;
+    let y = x2.apply_op3(
+        &f32_contiguous(weight)?,
+        &f32_contiguous(bias)?,
+        linear::FusedLinear,
+    )?;
+    let mut out_dims = dims;
+    if let Some(l) = out_dims.last_mut() {
+        *l = out;
+    }
+    Ok(y.reshape(out_dims)?.to_dtype(x.dtype())?)
 }

@@ -1,0 +1,153 @@
+//! Fused dense layer `y = x W^T + b` (CPU) whose forward and backward call the GEMM directly on
+//! contiguous buffers: forward one GEMM into a bias-initialised output; backward
+//! `dX = dY W`, `dW = dY^T X` and `db = colsum(dY)` (fixed-order reduction).
+
+use super::storage::{f32_slice, output, storage_slice};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+pub(crate) struct FusedLinear;
+
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst (m x n, row-major) = [dst +] lhs (m x k, strides rs/cs) * rhs (k x n, strides rs/cs)`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    (lrs, lcs): (usize, usize),
+    rhs: &[f32],
+    (rrs, rcs): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n);
+    // SAFETY: the slices cover the index ranges the strides describe (checked by the callers'
+    // shapes: lhs is m x k, rhs is k x n, dst is m x n, all within their slices).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m, n, k),
+        )
+    }
+}
+
+fn dims(lx: &Layout, lw: &Layout, lb: &Layout) -> Result<(usize, usize, usize)> {
+    let (rows, inp) = lx.shape().dims2()?;
+    let (out, inp2) = lw.shape().dims2()?;
+    if inp != inp2 || lb.shape().dims() != [out] {
+        candle_core::bail!(
+            "fused linear: x {:?}, weight {:?}, bias {:?} do not agree",
+            lx.shape(),
+            lw.shape(),
+            lb.shape()
+        );
+    }
+    Ok((rows, inp, out))
+}
+
+impl CustomOp3 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "m3ae-fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, inp, out) = dims(lx, lw, lb)?;
+        let (x, w, b) = (f32_slice(sx, lx)?, f32_slice(sw, lw)?, f32_slice(sb, lb)?);
+        let mut y = vec![0f32; rows * out];
+        y.par_chunks_mut(out.max(1) * 64).for_each(|c| {
+            for r in c.chunks_exact_mut(out) {
+                r.copy_from_slice(b);
+            }
+        });
+        gemm_into(rows, out, inp, &mut y, true, x, (inp, 1), w, (1, inp));
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?;
+        let (rows, inp) = x.dims2()?;
+        let out = w.dim(0)?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (ds, dl) = dy.storage_and_layout();
+        let (xv, wv, dv) = (
+            storage_slice(&xs, xl)?,
+            storage_slice(&ws, wl)?,
+            storage_slice(&ds, dl)?,
+        );
+        let mut dx = vec![0f32; rows * inp];
+        gemm_into(rows, inp, out, &mut dx, false, dv, (out, 1), wv, (inp, 1));
+        let mut dw = vec![0f32; out * inp];
+        gemm_into(out, inp, rows, &mut dw, false, dv, (1, out), xv, (inp, 1));
+        // bias: column sums over fixed 256-row chunks, added in chunk order
+        let partials: Vec<Vec<f32>> = dv
+            .par_chunks(256 * out.max(1))
+            .map(|c| {
+                let mut s = vec![0f32; out];
+                for r in c.chunks_exact(out) {
+                    for (a, v) in s.iter_mut().zip(r) {
+                        *a += v;
+                    }
+                }
+                s
+            })
+            .collect();
+        let mut db = vec![0f32; out];
+        for p in &partials {
+            for (a, v) in db.iter_mut().zip(p) {
+                *a += v;
+            }
+        }
+        drop((xs, ws, ds));
+        Ok((
+            Some(output(dx, x.shape(), x.device())?),
+            Some(output(dw, w.shape(), w.device())?),
+            Some(output(db, b.shape(), b.device())?),
+        ))
+    }
+}
