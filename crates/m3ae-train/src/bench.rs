@@ -141,7 +141,7 @@ pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Re
     mcfg.kernels = cfg_kernels;
     let mut specs: Vec<ParamSpec> = m3ae_model::param_specs(&mcfg, Variant::Mae)
         .into_iter()
-        .filter(|s| s.name.starts_with("encoder."))
+        .filter(|s| s.name.starts_with("encoder.blocks.") || s.name.starts_with("encoder.norm."))
         .collect();
     for (name, shape, init) in [
         (
