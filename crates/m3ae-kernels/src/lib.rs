@@ -91,6 +91,20 @@ impl KernelPath {
         }
     }
 
+    /// Attention on a packed qkv projection on this path. See [`qkv_attention`].
+    pub fn qkv_attention(
+        self,
+        qkv: &Tensor,
+        heads: usize,
+        key_padding: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        match self {
+            KernelPath::Fused => fused::qkv_attention(qkv, heads, key_padding, scale),
+            KernelPath::Reference => reference::qkv_attention(qkv, heads, key_padding, scale),
+        }
+    }
+
     /// Dense layer on this path. See [`linear`].
     pub fn linear(self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         match self {
@@ -126,6 +140,19 @@ pub fn masked_attention(
     scale: f64,
 ) -> Result<Tensor> {
     KernelPath::default().masked_attention(q, k, v, key_padding, scale)
+}
+
+/// Multi-head attention on the packed output of a qkv projection: `qkv` `[B, L, 3 D]` (columns
+/// `[q | k | v]`, head `h` at columns `h Dh .. (h+1) Dh` of each block), `key_padding` `[B, L]`
+/// (1 = padding key) -> `[B, L, D]` with heads concatenated. The fused path reads the heads in
+/// place (no permute or copies). Runs the default ([`KernelPath::Fused`]) path.
+pub fn qkv_attention(
+    qkv: &Tensor,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    KernelPath::default().qkv_attention(qkv, heads, key_padding, scale)
 }
 
 /// Dense layer `y = x W^T + b`: `x` `[.., in]`, `weight` `[out, in]`, `bias` `[out]`.

@@ -109,6 +109,39 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
+/// Attention on the packed qkv projection: `qkv` `[B, L, 3 D]` (columns `[q | k | v]`, each
+/// head-contiguous) -> `[B, L, D]` with the heads concatenated.
+pub fn qkv_attention(
+    qkv: &Tensor,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, l, c3) = qkv.dims3()?;
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        return Err(Error::Shape {
+            op: "qkv_attention",
+            msg: format!(
+                "qkv {:?} is not [B, L, 3 x {heads} heads x head dim]",
+                qkv.dims()
+            ),
+        });
+    }
+    let dh = c3 / (3 * heads);
+    let x = qkv
+        .reshape((b, l, 3, heads, dh))?
+        .permute((2, 0, 3, 1, 4))?;
+    let (q, k, v) = (
+        x.get(0)?.contiguous()?,
+        x.get(1)?.contiguous()?,
+        x.get(2)?.contiguous()?,
+    );
+    let y = masked_attention(&q, &k, &v, key_padding, scale)?;
+    Ok(y.transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, l, heads * dh))?)
+}
+
 /// tanh-approximated GELU (candle's `Tensor::gelu` is this form and has a backward).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu()?)

@@ -79,19 +79,12 @@ impl Attention {
 
     /// `x`: `[B, L, C]`; `key_padding`: `[B, L]` (1 = padding key) -> `[B, L, C]`.
     pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
-        let (b, l, c) = x.dims3()?;
-        let hd = c / self.heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, l, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let y = self.path.masked_attention(&q, &k, &v, key_padding, scale)?;
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, l, c))?;
+        let c = x.dim(2)?;
+        let scale = 1.0 / ((c / self.heads) as f64).sqrt();
+        let qkv = self.qkv.forward(x)?;
+        let y = self
+            .path
+            .qkv_attention(&qkv, self.heads, key_padding, scale)?;
         self.proj.forward(&y)
     }
 }

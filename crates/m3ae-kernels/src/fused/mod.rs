@@ -77,6 +77,42 @@ pub fn masked_attention(
     Ok(y.to_dtype(q.dtype())?)
 }
 
+/// Fused attention on the packed qkv projection; same contract as [`crate::qkv_attention`].
+pub fn qkv_attention(
+    qkv: &Tensor,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    if !qkv.device().is_cpu() {
+        return crate::reference::qkv_attention(qkv, heads, key_padding, scale);
+    }
+    let (b, l, c3) = qkv.dims3()?;
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        return Err(Error::Shape {
+            op: "qkv_attention",
+            msg: format!(
+                "qkv {:?} is not [B, L, 3 x {heads} heads x head dim]",
+                qkv.dims()
+            ),
+        });
+    }
+    let padding = match key_padding {
+        None => None,
+        Some(p) => {
+            if p.dims() != [b, l] {
+                return Err(Error::Shape {
+                    op: "qkv_attention",
+                    msg: format!("key_padding is {:?}, expected [{b}, {l}]", p.dims()),
+                });
+            }
+            Some(p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        }
+    };
+    let op = attention::FusedQkvAttention::new(heads, scale, padding);
+    Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?)
+}
+
 /// Fused LayerNorm; same contract as [`crate::layer_norm`].
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     if !x.device().is_cpu() {
