@@ -1,11 +1,57 @@
-//! Data for M3AE: turns files into `ModelInput` batches.
+//! Data for M3AE: turns files into [`m3ae_model::ModelInput`] batches with their masks.
 //!
-//! Planned contents (issue "m3ae-data"): sources (WebDataset tar shards in the img2dataset
-//! layout, JSONL/CSV manifests, image folders, text corpora, the MNIST / Fashion-MNIST / CIFAR
-//! folders through candle-datasets), image decoding and the official augmentations, BERT
-//! tokenization with padding masks, mask-noise sampling (batch-shared as the official code, or per
-//! sample) feeding `m3ae_model::Masking`, collation, and a parallel deterministic loader sharded by
-//! rank and worker.
+//! * [`Sample`], [`Record`] and the [`Source`] trait: the samples of one partition (rank, world
+//!   size, worker, epoch seed). Sources: [`WebDataset`] tar shards (img2dataset layout),
+//!   [`Manifest`] (JSONL / CSV), [`ImageFolder`], [`TextCorpus`], [`U8Arrays`] (safetensors) and
+//!   the built-in [`CaptionedScenes`].
+//! * [`image`](mod@image): decoding (grey / alpha to RGB on white) and the official transforms and
+//!   normalisations (spec §8).
+//! * [`Tokenizer`]: BERT WordPiece over the `tokenizers` crate with the official behaviour.
+//! * [`MaskSampler`]: batch-shared or per-sample noise from (seed, step) into
+//!   [`m3ae_model::Masking`].
+//! * [`Loader`]: parallel, bounded, deterministic batches with a resumable [`Position`].
 //!
-//! Status: nothing is implemented in this crate yet; the model already accepts explicit
-//! [`m3ae_model::ModelInput`]-shaped tensors and noise, so it can be driven without it.
+//! ```
+//! use m3ae_data::{CaptionedScenes, Loader, LoaderConfig, ScenesConfig, Tokenizer};
+//! let scenes = CaptionedScenes::new(ScenesConfig { len: 8, ..Default::default() })?;
+//! let tok = Tokenizer::train_wordpiece(scenes.corpus(200).iter().map(String::as_str), 500)?;
+//! let mut cfg = LoaderConfig::pretrain(4, 64, 16);
+//! cfg.epochs = Some(1);
+//! let loader = Loader::new(std::sync::Arc::new(scenes), Some(std::sync::Arc::new(tok)), cfg)?;
+//! let batches: Vec<_> = loader.iter(Default::default()).collect::<Result<_, _>>()?;
+//! assert_eq!(batches.len(), 2);
+//! let b = &batches[0];
+//! assert_eq!(b.input.image_patches.as_ref().unwrap().dims(), &[4, 16, 16 * 16 * 3]);
+//! assert_eq!(b.input.text_ids.as_ref().unwrap().dims(), &[4, 64]);
+//! assert_eq!(b.image_masking.as_ref().unwrap().keep, 4); // 75 % of 16 patches masked
+//! # Ok::<(), m3ae_data::Error>(())
+//! ```
+
+pub mod arrays;
+pub mod error;
+pub mod folder;
+pub mod image;
+pub mod loader;
+pub mod manifest;
+pub mod masks;
+pub mod sample;
+pub mod scenes;
+pub mod seed;
+pub mod shards;
+pub mod text;
+pub mod tokenize;
+pub mod webdataset;
+
+pub use arrays::U8Arrays;
+pub use error::{BadReason, BadSample, BadStats, Error, Result};
+pub use folder::ImageFolder;
+pub use image::{decode_rgb, ImageConfig, Normalization, RgbImage, Transform};
+pub use loader::{collate, Batch, Loader, LoaderConfig, MaskConfig, Position, TextBatch};
+pub use manifest::Manifest;
+pub use masks::{MaskSampler, NoiseKind};
+pub use sample::{ImageData, Partition, Record, RecordIter, Sample, Source};
+pub use scenes::{CaptionedScenes, LabelKind, SceneSplit, ScenesConfig};
+pub use shards::expand_shards;
+pub use text::TextCorpus;
+pub use tokenize::{Tokenized, Tokenizer};
+pub use webdataset::WebDataset;

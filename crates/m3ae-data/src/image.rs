@@ -1,0 +1,512 @@
+//! Image decoding and the official transforms (spec §8).
+//!
+//! * [`decode_rgb`]: JPEG / PNG / WebP to 8-bit RGB; grey becomes RGB and alpha is composited on
+//!   white, as the official skimage-based loader does. Image size and memory are limited, so no
+//!   input bytes can make it panic or allocate without bound.
+//! * [`Transform`]: `pretrain` = RandomResizedCrop(scale (0.2, 1), ratio (3/4, 4/3), bicubic) +
+//!   horizontal flip; `linear_probe` = the same with scale (0.08, 1); `test` = Resize(size,
+//!   bicubic) of the shorter side + CenterCrop(size).
+//! * [`Normalization`]: CC12M or ImageNet mean / std, none, or custom.
+//!
+//! Resampling is a separable bicubic (a = -0.5) filter whose support widens when downscaling
+//! (antialiasing), as PIL's `resize` that torchvision calls. The output is HWC f32, ready for
+//! [`m3ae_model::patchify`]. All randomness comes from the generator the caller passes.
+
+use crate::sample::ImageData;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// An 8-bit RGB image, row-major `[height, width, 3]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `height * width * 3` bytes.
+    pub data: Vec<u8>,
+}
+
+/// Largest accepted side, in pixels.
+pub const MAX_SIDE: u32 = 16384;
+/// Largest allocation a decoder may make, in bytes.
+pub const MAX_ALLOC: u64 = 512 << 20;
+
+/// Decodes JPEG, PNG or WebP bytes to RGB (grey -> RGB, alpha composited on white).
+///
+/// ```
+/// // a 1x1 grey PNG written by the image crate itself
+/// let mut png = Vec::new();
+/// image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(1, 1, image::Luma([200])))
+///     .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+/// let rgb = m3ae_data::decode_rgb(&png).unwrap();
+/// assert_eq!((rgb.width, rgb.height, rgb.data.clone()), (1, 1, vec![200, 200, 200]));
+/// assert!(m3ae_data::decode_rgb(b"not an image").is_err());
+/// ```
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_ALLOC);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| e.to_string())?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return Err("image has no pixels".into());
+    }
+    if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        Ok(RgbImage {
+            width: w,
+            height: h,
+            data: composite_on_white(rgba.as_raw(), 4),
+        })
+    } else {
+        Ok(RgbImage {
+            width: w,
+            height: h,
+            data: img.to_rgb8().into_raw(),
+        })
+    }
+}
+
+/// RGB from grey (1), grey+alpha (2), RGB (3) or RGBA (4) pixels; alpha composited on white.
+fn composite_on_white(px: &[u8], channels: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(px.len() / channels * 3);
+    for p in px.chunks_exact(channels) {
+        let (rgb, a) = match channels {
+            1 => ([p[0]; 3], 255u8),
+            2 => ([p[0]; 3], p[1]),
+            3 => ([p[0], p[1], p[2]], 255),
+            _ => ([p[0], p[1], p[2]], p[3]),
+        };
+        for c in rgb {
+            let a = a as u32;
+            out.push(((c as u32 * a + 255 * (255 - a) + 127) / 255) as u8);
+        }
+    }
+    out
+}
+
+impl RgbImage {
+    /// From a sample's image: decodes encoded bytes, converts raw pixels.
+    pub fn from_data(data: &ImageData) -> Result<Self, String> {
+        match data {
+            ImageData::Encoded(b) => decode_rgb(b),
+            ImageData::Pixels {
+                width,
+                height,
+                channels,
+                data,
+            } => {
+                if !(1..=4).contains(channels)
+                    || *width == 0
+                    || *height == 0
+                    || data.len() != width * height * channels
+                {
+                    return Err(format!(
+                        "pixel buffer of {} bytes does not match {width}x{height}x{channels}",
+                        data.len()
+                    ));
+                }
+                Ok(Self {
+                    width: *width,
+                    height: *height,
+                    data: if *channels == 3 {
+                        data.clone()
+                    } else {
+                        composite_on_white(data, *channels)
+                    },
+                })
+            }
+        }
+    }
+}
+
+/// Per-channel mean and standard deviation applied after scaling pixels to [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalization {
+    /// CC12M statistics (the default for image-text data).
+    #[default]
+    Cc12m,
+    /// ImageNet statistics.
+    Imagenet,
+    /// Pixels in [0, 1].
+    None,
+    /// Explicit mean and std.
+    Custom {
+        /// Mean per channel.
+        mean: [f32; 3],
+        /// Standard deviation per channel.
+        std: [f32; 3],
+    },
+}
+
+impl Normalization {
+    /// (mean, std) per channel.
+    ///
+    /// ```
+    /// let (m, s) = m3ae_data::Normalization::Cc12m.mean_std();
+    /// assert_eq!((m[0], s[2]), (0.5762, 0.3307));
+    /// ```
+    pub fn mean_std(&self) -> ([f32; 3], [f32; 3]) {
+        match self {
+            Normalization::Cc12m => ([0.5762, 0.5503, 0.5213], [0.3207, 0.3169, 0.3307]),
+            Normalization::Imagenet => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            Normalization::None => ([0.0; 3], [1.0; 3]),
+            Normalization::Custom { mean, std } => (*mean, *std),
+        }
+    }
+}
+
+/// Geometric transform of an image to a `size x size` square.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    /// torchvision RandomResizedCrop (bicubic), then an optional horizontal flip with p = 0.5.
+    RandomResizedCrop {
+        /// Area fraction range.
+        scale: (f64, f64),
+        /// Aspect ratio (w/h) range.
+        ratio: (f64, f64),
+        /// Random horizontal flip.
+        flip: bool,
+    },
+    /// Resize the shorter side to `size` (bicubic), then crop the centre.
+    ResizeCenterCrop,
+    /// Resize to `size x size`, ignoring the aspect ratio.
+    Resize,
+}
+
+impl Transform {
+    /// The official pretraining transform: RRC scale (0.2, 1), ratio (3/4, 4/3), flip.
+    pub fn pretrain() -> Self {
+        Transform::RandomResizedCrop {
+            scale: (0.2, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            flip: true,
+        }
+    }
+    /// The official linear-probe training transform: RRC scale (0.08, 1), flip.
+    pub fn linear_probe() -> Self {
+        Transform::RandomResizedCrop {
+            scale: (0.08, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            flip: true,
+        }
+    }
+    /// The official evaluation transform: resize + centre crop.
+    pub fn test() -> Self {
+        Transform::ResizeCenterCrop
+    }
+}
+
+/// Size, transform and normalisation of images.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    /// Output side in pixels.
+    pub size: usize,
+    /// The geometric transform.
+    pub transform: Transform,
+    /// The normalisation.
+    pub normalization: Normalization,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        Self {
+            size: 256,
+            transform: Transform::pretrain(),
+            normalization: Normalization::Cc12m,
+        }
+    }
+}
+
+/// A crop box in source pixels (left, top, width, height), and whether to flip.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CropBox {
+    /// Left edge.
+    pub x: f64,
+    /// Top edge.
+    pub y: f64,
+    /// Width.
+    pub w: f64,
+    /// Height.
+    pub h: f64,
+    /// Mirror horizontally.
+    pub flip: bool,
+    /// Resample only from inside the box (crop, then resize) instead of the whole image.
+    pub clamp_to_box: bool,
+}
+
+/// torchvision `RandomResizedCrop.get_params` on a `width x height` image.
+pub fn random_resized_crop<R: Rng>(
+    width: usize,
+    height: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut R,
+) -> (usize, usize, usize, usize) {
+    let (wf, hf) = (width as f64, height as f64);
+    let area = wf * hf;
+    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * (scale.0 + (scale.1 - scale.0) * rng.random::<f64>());
+        let aspect = (lr0 + (lr1 - lr0) * rng.random::<f64>()).exp();
+        let w = (target * aspect).sqrt().round() as usize;
+        let h = (target / aspect).sqrt().round() as usize;
+        if 0 < w && w <= width && 0 < h && h <= height {
+            let top = rng.random_range(0..=height - h);
+            let left = rng.random_range(0..=width - w);
+            return (left, top, w, h);
+        }
+    }
+    let in_ratio = wf / hf;
+    let (w, h) = if in_ratio < ratio.0.min(ratio.1) {
+        (width, ((wf / ratio.0.min(ratio.1)).round() as usize).max(1))
+    } else if in_ratio > ratio.0.max(ratio.1) {
+        (
+            ((hf * ratio.0.max(ratio.1)).round() as usize).max(1),
+            height,
+        )
+    } else {
+        (width, height)
+    };
+    let (w, h) = (w.min(width), h.min(height));
+    ((width - w) / 2, (height - h) / 2, w, h)
+}
+
+impl ImageConfig {
+    /// The crop box of `img` for this config, drawing from `rng` for random transforms.
+    pub fn crop_box<R: Rng>(&self, width: usize, height: usize, rng: &mut R) -> CropBox {
+        let s = self.size as f64;
+        match self.transform {
+            Transform::RandomResizedCrop { scale, ratio, flip } => {
+                let (x, y, w, h) = random_resized_crop(width, height, scale, ratio, rng);
+                let flip = flip && rng.random::<f64>() < 0.5;
+                CropBox {
+                    x: x as f64,
+                    y: y as f64,
+                    w: w as f64,
+                    h: h as f64,
+                    flip,
+                    clamp_to_box: true,
+                }
+            }
+            Transform::ResizeCenterCrop => {
+                // torchvision Resize(int): shorter side to size, longer side truncated.
+                let (rw, rh) = if width <= height {
+                    (s, (s * height as f64 / width as f64).floor())
+                } else {
+                    ((s * width as f64 / height as f64).floor(), s)
+                };
+                let left = ((rw - s) / 2.0).round();
+                let top = ((rh - s) / 2.0).round();
+                let (sx, sy) = (width as f64 / rw, height as f64 / rh);
+                CropBox {
+                    x: left * sx,
+                    y: top * sy,
+                    w: s * sx,
+                    h: s * sy,
+                    flip: false,
+                    clamp_to_box: false,
+                }
+            }
+            Transform::Resize => CropBox {
+                x: 0.0,
+                y: 0.0,
+                w: width as f64,
+                h: height as f64,
+                flip: false,
+                clamp_to_box: false,
+            },
+        }
+    }
+
+    /// Transforms and normalises `img` to `[size, size, 3]` HWC f32.
+    ///
+    /// ```
+    /// use m3ae_data::{ImageConfig, Normalization, RgbImage, Transform};
+    /// let img = RgbImage { width: 8, height: 4, data: vec![255; 8 * 4 * 3] };
+    /// let cfg = ImageConfig { size: 4, transform: Transform::test(), normalization: Normalization::None };
+    /// let out = cfg.apply(&img, &mut m3ae_data::seed::rng(0, 0, 0, 0));
+    /// assert_eq!(out.len(), 4 * 4 * 3);
+    /// assert!(out.iter().all(|v| (v - 1.0).abs() < 1e-5));
+    /// ```
+    pub fn apply<R: Rng>(&self, img: &RgbImage, rng: &mut R) -> Vec<f32> {
+        let b = self.crop_box(img.width, img.height, rng);
+        let mut out = resample(img, &b, self.size, self.size);
+        let (mean, std) = self.normalization.mean_std();
+        for px in out.chunks_exact_mut(3) {
+            for c in 0..3 {
+                px[c] = (px[c].clamp(0.0, 255.0) / 255.0 - mean[c]) / std[c];
+            }
+        }
+        out
+    }
+}
+
+fn cubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Filter taps of one axis: for every output index, the first source index and the weights.
+fn taps(start: f64, len: f64, lo: usize, hi: usize, out: usize) -> Vec<(usize, Vec<f32>)> {
+    let scale = len / out as f64;
+    let fscale = scale.max(1.0);
+    let support = 2.0 * fscale;
+    (0..out)
+        .map(|i| {
+            let center = start + (i as f64 + 0.5) * scale;
+            let a = ((center - support + 0.5).floor().max(lo as f64)) as usize;
+            let b = ((center + support + 0.5).floor().min(hi as f64)) as usize;
+            let (a, b) = (a.min(hi.saturating_sub(1)), b.max(a + 1).min(hi));
+            let mut w: Vec<f64> = (a..b)
+                .map(|x| cubic((x as f64 + 0.5 - center) / fscale))
+                .collect();
+            let sum: f64 = w.iter().sum();
+            if sum.abs() > 1e-12 {
+                w.iter_mut().for_each(|v| *v /= sum);
+            } else {
+                w.iter_mut().for_each(|v| *v = 0.0);
+                if let Some(v) = w.first_mut() {
+                    *v = 1.0;
+                }
+            }
+            (a, w.into_iter().map(|v| v as f32).collect())
+        })
+        .collect()
+}
+
+/// Separable bicubic resampling of the box `b` of `img` to `ow x oh`, values in [0, 255] (not
+/// clamped), HWC.
+pub fn resample(img: &RgbImage, b: &CropBox, ow: usize, oh: usize) -> Vec<f32> {
+    let (xlo, xhi, ylo, yhi) = if b.clamp_to_box {
+        (
+            b.x.floor().max(0.0) as usize,
+            ((b.x + b.w).ceil() as usize).min(img.width),
+            b.y.floor().max(0.0) as usize,
+            ((b.y + b.h).ceil() as usize).min(img.height),
+        )
+    } else {
+        (0, img.width, 0, img.height)
+    };
+    let tx = taps(b.x, b.w, xlo, xhi.max(xlo + 1), ow);
+    let ty = taps(b.y, b.h, ylo, yhi.max(ylo + 1), oh);
+    let r0 = ty.iter().map(|t| t.0).min().unwrap_or(0);
+    let r1 = ty
+        .iter()
+        .map(|t| t.0 + t.1.len())
+        .max()
+        .unwrap_or(0)
+        .min(img.height);
+    // horizontal pass over the rows the vertical pass needs
+    let mut tmp = vec![0f32; (r1 - r0) * ow * 3];
+    for y in r0..r1 {
+        let row = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
+        let dst = &mut tmp[(y - r0) * ow * 3..(y - r0 + 1) * ow * 3];
+        for (i, (x0, w)) in tx.iter().enumerate() {
+            let mut acc = [0f32; 3];
+            for (k, wk) in w.iter().enumerate() {
+                let p = &row[(x0 + k) * 3..(x0 + k) * 3 + 3];
+                acc[0] += wk * p[0] as f32;
+                acc[1] += wk * p[1] as f32;
+                acc[2] += wk * p[2] as f32;
+            }
+            let o = if b.flip { ow - 1 - i } else { i };
+            dst[o * 3..o * 3 + 3].copy_from_slice(&acc);
+        }
+    }
+    let mut out = vec![0f32; oh * ow * 3];
+    for (j, (y0, w)) in ty.iter().enumerate() {
+        let dst = &mut out[j * ow * 3..(j + 1) * ow * 3];
+        for (k, wk) in w.iter().enumerate() {
+            let src = &tmp[(y0 + k - r0) * ow * 3..(y0 + k - r0 + 1) * ow * 3];
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d += wk * s;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alpha_composites_on_white_and_grey_expands() {
+        assert_eq!(composite_on_white(&[0, 0, 0, 0], 4), vec![255, 255, 255]);
+        assert_eq!(composite_on_white(&[10, 20, 30, 255], 4), vec![10, 20, 30]);
+        assert_eq!(composite_on_white(&[0, 128], 2), vec![127, 127, 127]);
+        assert_eq!(composite_on_white(&[9], 1), vec![9, 9, 9]);
+    }
+
+    #[test]
+    fn rrc_boxes_respect_scale_and_ratio() {
+        let mut rng = crate::seed::rng(1, 2, 3, 4);
+        for _ in 0..200 {
+            let (x, y, w, h) =
+                random_resized_crop(256, 200, (0.2, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+            assert!(x + w <= 256 && y + h <= 200 && w > 0 && h > 0);
+            let a = (w * h) as f64 / (256.0 * 200.0);
+            assert!(a <= 1.0);
+        }
+        // impossible ratio falls back to a centre crop
+        let (x, y, w, h) = random_resized_crop(100, 10, (0.9, 1.0), (0.1, 0.2), &mut rng);
+        assert_eq!((w, h), (2, 10));
+        assert_eq!((x, y), (49, 0));
+    }
+
+    #[test]
+    fn flip_mirrors_and_constant_stays_constant() {
+        let mut data = Vec::new();
+        for _y in 0..4 {
+            for x in 0..4u8 {
+                data.extend([x * 60, 0, 0]);
+            }
+        }
+        let img = RgbImage {
+            width: 4,
+            height: 4,
+            data,
+        };
+        let b = |flip| CropBox {
+            x: 0.0,
+            y: 0.0,
+            w: 4.0,
+            h: 4.0,
+            flip,
+            clamp_to_box: true,
+        };
+        let a = resample(&img, &b(false), 4, 4);
+        let f = resample(&img, &b(true), 4, 4);
+        assert!((a[0] - 0.0).abs() < 1e-3 && (a[9] - 180.0).abs() < 1e-3);
+        assert!((f[0] - 180.0).abs() < 1e-3 && (f[9] - 0.0).abs() < 1e-3);
+        let down = resample(&img, &b(false), 2, 2);
+        assert!(down[0] < down[3]);
+    }
+
+    #[test]
+    fn pixels_are_validated() {
+        let bad = ImageData::Pixels {
+            width: 2,
+            height: 2,
+            channels: 3,
+            data: vec![0; 5],
+        };
+        assert!(RgbImage::from_data(&bad).is_err());
+    }
+}

@@ -1,0 +1,306 @@
+//! WebDataset tar shards in the img2dataset layout: consecutive members sharing a key
+//! (`{key}.jpg|.jpeg|.png|.webp`, `{key}.txt`, optional `{key}.json` and `{key}.cls`).
+//!
+//! Shards are read as a stream with the `tar` crate (one member in memory at a time) by a
+//! reader thread that feeds a small bounded channel, so a shard is never held in memory whole and
+//! file reading overlaps the consumer's work. A truncated or corrupt shard ends that shard: the
+//! group being read is counted as [`BadReason::TruncatedTar`] and reading goes on with the next
+//! shard; an empty shard is counted as [`BadReason::EmptyShard`].
+
+use crate::sample::{ImageData, Partition, Record, RecordIter, Sample, Source};
+use crate::shards::{expand_shards, plan_shards};
+use crate::{BadReason, BadSample, Error, Result};
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+
+/// Largest member the reader loads (larger ones are skipped as [`BadReason::Oversized`]).
+pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
+
+/// A list of WebDataset shards.
+///
+/// ```no_run
+/// use m3ae_data::{Partition, Source, WebDataset};
+/// let ds = WebDataset::from_spec("cc12m/{00000..02175}.tar")?;
+/// for rec in ds.open(&Partition::whole(0, 0))? { let _ = rec?; }
+/// # Ok::<(), m3ae_data::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct WebDataset {
+    shards: Vec<PathBuf>,
+    /// Shuffle the shard order every epoch (the same order on every rank). Default false.
+    pub shuffle_shards: bool,
+    /// Channel capacity of the reader thread, in samples.
+    pub read_ahead: usize,
+}
+
+impl WebDataset {
+    /// From explicit shard paths.
+    pub fn new(shards: Vec<PathBuf>) -> Result<Self> {
+        if shards.is_empty() {
+            return Err(Error::Shards {
+                pattern: String::new(),
+                msg: "no shard given".into(),
+            });
+        }
+        Ok(Self {
+            shards,
+            shuffle_shards: false,
+            read_ahead: 64,
+        })
+    }
+
+    /// From a pattern: list (`::`), glob or brace range, see [`expand_shards`].
+    pub fn from_spec(spec: &str) -> Result<Self> {
+        Self::new(expand_shards(spec)?)
+    }
+
+    /// The shards, in order.
+    pub fn shards(&self) -> &[PathBuf] {
+        &self.shards
+    }
+}
+
+impl Source for WebDataset {
+    fn open(&self, partition: &Partition) -> Result<RecordIter> {
+        partition.check()?;
+        let plan = plan_shards(&self.shards, partition, self.shuffle_shards);
+        let (tx, rx) = sync_channel(self.read_ahead.max(1));
+        std::thread::Builder::new()
+            .name("m3ae-tar".into())
+            .spawn(move || {
+                let mut st = SplitState {
+                    index: 0,
+                    split: plan.sample_split,
+                    tx,
+                };
+                for shard in &plan.shards {
+                    if !read_shard(shard, &mut st) {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::Loader(e.to_string()))?;
+        Ok(Box::new(ChannelIter(rx)))
+    }
+
+    fn describe(&self) -> String {
+        format!("webdataset ({} shards)", self.shards.len())
+    }
+}
+
+struct ChannelIter(Receiver<Result<Record>>);
+
+impl Iterator for ChannelIter {
+    type Item = Result<Record>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.recv().ok()
+    }
+}
+
+struct SplitState {
+    index: usize,
+    split: Option<(usize, usize)>,
+    tx: SyncSender<Result<Record>>,
+}
+
+impl SplitState {
+    /// Sends a per-sample record if this partition owns it; false when the receiver is gone.
+    fn sample(&mut self, rec: Record) -> bool {
+        let i = self.index;
+        self.index += 1;
+        match self.split {
+            Some((p, n)) if i % n != p => true,
+            _ => self.tx.send(Ok(rec)).is_ok(),
+        }
+    }
+
+    /// Sends a per-shard record (only partition 0 of a sample split reports it).
+    fn shard_event(&mut self, rec: Result<Record>) -> bool {
+        match self.split {
+            Some((p, _)) if p != 0 => true,
+            _ => self.tx.send(rec).is_ok(),
+        }
+    }
+}
+
+/// The members of one key being assembled.
+#[derive(Default)]
+struct Group {
+    key: String,
+    image: Option<Vec<u8>>,
+    text: Option<Vec<u8>>,
+    label: Option<i64>,
+    oversized: bool,
+    any: bool,
+}
+
+impl Group {
+    fn finish(self, file: &Arc<str>) -> Option<Record> {
+        if !self.any {
+            return None;
+        }
+        let bad = |reason, detail: String| {
+            Some(Record::Bad(BadSample {
+                reason,
+                key: self.key.clone(),
+                file: file.to_string(),
+                detail,
+            }))
+        };
+        if self.oversized {
+            return bad(
+                BadReason::Oversized,
+                format!("a member exceeds {MAX_MEMBER_BYTES} bytes"),
+            );
+        }
+        let text = match self.text {
+            None => None,
+            Some(bytes) => match String::from_utf8(bytes) {
+                Ok(s) => Some(s),
+                Err(e) => return bad(BadReason::NonUtf8, format!("{}.txt: {e}", self.key)),
+            },
+        };
+        Some(Record::Sample(Sample {
+            key: self.key,
+            image: self.image.map(|b| ImageData::Encoded(Arc::new(b))),
+            text,
+            label: self.label,
+            file: file.clone(),
+        }))
+    }
+}
+
+/// Splits a member name into (key, lower-case extension) the WebDataset way: the key is the
+/// path up to the first `.` of the file name.
+fn split_name(name: &str) -> Option<(String, String)> {
+    let slash = name.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let base = &name[slash..];
+    let dot = base.find('.')?;
+    if dot == 0 {
+        return None;
+    }
+    Some((
+        name[..slash + dot].to_string(),
+        base[dot + 1..].to_ascii_lowercase(),
+    ))
+}
+
+/// Reads one shard into the channel; false when the receiver hung up or on a fatal error.
+fn read_shard(shard: &Path, st: &mut SplitState) -> bool {
+    let file: Arc<str> = shard.display().to_string().into();
+    let f = match std::fs::File::open(shard) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = st.tx.send(Err(Error::io(shard, e)));
+            return false;
+        }
+    };
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
+    let truncated = |key: &str, e: &dyn std::fmt::Display| {
+        Record::Bad(BadSample {
+            reason: BadReason::TruncatedTar,
+            key: key.to_string(),
+            file: file.to_string(),
+            detail: e.to_string(),
+        })
+    };
+    let entries = match archive.entries() {
+        Ok(e) => e,
+        Err(e) => return st.shard_event(Ok(truncated("", &e))),
+    };
+    let mut group = Group::default();
+    let mut samples = 0usize;
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                let key = std::mem::take(&mut group.key);
+                return st.shard_event(Ok(truncated(&key, &e)));
+            }
+        };
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = match entry.path() {
+            Ok(p) => p.to_string_lossy().into_owned(),
+            Err(_) => continue,
+        };
+        let Some((key, ext)) = split_name(&name) else {
+            continue;
+        };
+        if key != group.key && group.any {
+            let done = std::mem::take(&mut group);
+            if let Some(rec) = done.finish(&file) {
+                samples += 1;
+                if !st.sample(rec) {
+                    return false;
+                }
+            }
+        }
+        group.key = key;
+        let wanted = matches!(
+            ext.as_str(),
+            "jpg" | "jpeg" | "png" | "webp" | "txt" | "cls" | "json"
+        );
+        group.any |= wanted;
+        if !wanted {
+            continue;
+        }
+        let size = entry.header().size().unwrap_or(u64::MAX);
+        if size > MAX_MEMBER_BYTES {
+            group.oversized = true;
+            continue;
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        if let Err(e) = entry.read_to_end(&mut buf) {
+            let key = std::mem::take(&mut group.key);
+            return st.shard_event(Ok(truncated(&key, &e)));
+        }
+        match ext.as_str() {
+            "txt" => group.text = Some(buf),
+            "cls" => {
+                group.label = std::str::from_utf8(&buf)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+            }
+            "json" => {}
+            _ => group.image = Some(buf),
+        }
+    }
+    if let Some(rec) = group.finish(&file) {
+        samples += 1;
+        if !st.sample(rec) {
+            return false;
+        }
+    }
+    if samples == 0 {
+        return st.shard_event(Ok(Record::Bad(BadSample {
+            reason: BadReason::EmptyShard,
+            key: String::new(),
+            file: file.to_string(),
+            detail: "no sample in shard".into(),
+        })));
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_split_at_first_dot() {
+        assert_eq!(
+            split_name("a/b/000010001.jpg"),
+            Some(("a/b/000010001".into(), "jpg".into()))
+        );
+        assert_eq!(
+            split_name("x.seg.PNG"),
+            Some(("x".into(), "seg.png".into()))
+        );
+        assert_eq!(split_name("a.dir/noext"), None);
+        assert_eq!(split_name(".hidden"), None);
+    }
+}

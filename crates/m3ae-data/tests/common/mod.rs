@@ -1,0 +1,116 @@
+//! Helpers shared by the integration tests: temporary folders and small files written by the
+//! tests themselves (tar shards, JPEG / PNG images, manifests).
+#![allow(dead_code)]
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+/// A fresh temporary folder under `std::env::temp_dir()`, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "m3ae-data-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `w x h` RGB gradient image encoded as JPEG.
+pub fn jpeg(w: u32, h: u32, seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 7) as u8 ^ seed, (y * 5) as u8, seed.wrapping_mul(3)])
+    });
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Jpeg)
+        .unwrap();
+    out
+}
+
+/// A `w x h` RGBA image (transparent left half) encoded as PNG.
+pub fn png_rgba(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbaImage::from_fn(w, h, |x, _| {
+        image::Rgba([0, 0, 0, if x < w / 2 { 0 } else { 255 }])
+    });
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgba8(img)
+        .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// One member of a tar file.
+pub fn member(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    b.append_data(&mut h, name, data).unwrap();
+}
+
+/// A shard of `n` samples keyed `{shard:05}{i:04}` with jpg, txt, json and cls members.
+pub fn shard_bytes(shard: usize, n: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..n {
+        let key = format!("{shard:05}{i:04}");
+        member(
+            &mut b,
+            &format!("{key}.jpg"),
+            &jpeg(24, 20, (shard * 31 + i) as u8),
+        );
+        member(
+            &mut b,
+            &format!("{key}.txt"),
+            format!("caption {shard} {i}").as_bytes(),
+        );
+        member(&mut b, &format!("{key}.json"), b"{\"status\": \"success\"}");
+        member(
+            &mut b,
+            &format!("{key}.cls"),
+            format!("{}", i % 3).as_bytes(),
+        );
+    }
+    b.into_inner().unwrap()
+}
+
+/// Writes shards with the given sample counts as `dir/{00000..}.tar`.
+pub fn write_shards(dir: &Path, counts: &[usize]) -> Vec<PathBuf> {
+    counts
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            let p = dir.join(format!("{s:05}.tar"));
+            std::fs::write(&p, shard_bytes(s, n)).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// `M3AE_DATA_DIR`, or prints that the test is skipped.
+pub fn data_dir() -> Option<PathBuf> {
+    match std::env::var_os("M3AE_DATA_DIR") {
+        Some(d) => Some(PathBuf::from(d)),
+        None => {
+            println!("skipped: M3AE_DATA_DIR not set");
+            None
+        }
+    }
+}
