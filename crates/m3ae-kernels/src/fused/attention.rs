@@ -95,6 +95,13 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `dst (m x n, row stride dst_rs) = [dst +] beta * lhs (m x k) * rhs (k x n)`, strides in elements.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -401,7 +408,6 @@ fn forward(
             |s, (bh, (mx, ls))| {
                 let vw = packing.view(d, bh);
                 let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
-                let out = out;
                 // SAFETY: the view of (b, h) stays inside the buffers and no two tasks write the
                 // same output element.
                 unsafe {
@@ -410,7 +416,7 @@ fn forward(
                         k.as_ptr().add(vw.k),
                         v.as_ptr().add(vw.v),
                     );
-                    let o_ptr = (out.0.add(vw.o), vw.rs_out);
+                    let o_ptr = (out.ptr().add(vw.o), vw.rs_out);
                     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
                     if super::has_avx2_fma() {
                         return head_fwd_avx2(ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s);
@@ -458,7 +464,6 @@ fn backward(
             let vw = packing.view(d, bh);
             let rl = bh * d.l..(bh + 1) * d.l;
             let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
-            let (gq, gk, gv) = (gq, gk, gv);
             // SAFETY: as in `forward`: each task reads and writes only its own (b, h) view.
             unsafe {
                 let ins = (
@@ -468,7 +473,7 @@ fn backward(
                 );
                 let od = (o.as_ptr().add(vw.o), dout.as_ptr().add(vw.o), vw.rs_out);
                 let st = (&stats.max[rl.clone()], &stats.log_sum[rl]);
-                let outs = (gq.0.add(vw.q), gk.0.add(vw.k), gv.0.add(vw.v));
+                let outs = (gq.ptr().add(vw.q), gk.ptr().add(vw.k), gv.ptr().add(vw.v));
                 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
                 if super::has_avx2_fma() {
                     return head_bwd_avx2(
