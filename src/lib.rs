@@ -1,7 +1,8 @@
 //! m3ae: the M3AE multimodal masked autoencoder in Rust, on candle.
 //!
 //! This facade re-exports the workspace crates under short names and holds what spans them:
-//! the comparison against the official JAX fixtures ([`parity`]).
+//! the comparison against the official JAX fixtures ([`parity`]) and the conversion of official
+//! checkpoints ([`convert`]).
 //!
 //! * [`kernels`]: differentiable tensor kernels (LayerNorm, masked attention, GELU).
 //! * [`model`]: configuration, the M3AE and MAE models, losses, weights.
@@ -13,4 +14,5 @@ pub use m3ae_kernels as kernels;
 pub use m3ae_model as model;
 pub use m3ae_train as train;
 
+pub mod convert;
 pub mod parity;

@@ -52,6 +52,10 @@ enum Command {
         #[arg(long, default_value = "fused")]
         kernels: String,
     },
+    /// Convert official checkpoints (`official <model.pkl> <out-dir>`) or export ours with the
+    /// official Flax names (`export <model.safetensors> <out.safetensors>`).
+    #[command(subcommand)]
+    Convert(m3ae::convert::ConvertCommand),
 }
 
 fn main() -> Result<()> {
@@ -114,6 +118,7 @@ fn main() -> Result<()> {
             println!("{report}");
             println!("threads: RAYON_NUM_THREADS={threads}");
         }
+        Command::Convert(cmd) => m3ae::convert::run_cli(cmd)?,
     }
     Ok(())
 }

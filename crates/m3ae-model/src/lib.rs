@@ -38,6 +38,7 @@ pub mod masking;
 pub mod model;
 pub mod params;
 pub mod patch;
+pub mod pickle;
 pub mod posemb;
 
 pub use config::{M3aeConfig, ModelType};
