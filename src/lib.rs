@@ -16,3 +16,4 @@ pub use m3ae_train as train;
 
 pub mod convert;
 pub mod parity;
+pub mod pretrain;

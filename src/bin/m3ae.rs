@@ -33,6 +33,8 @@ enum Command {
         #[arg(long)]
         mae: bool,
     },
+    /// Pre-train M3AE (or MAE) — by default the `tiny` preset on the built-in captioned scenes.
+    Pretrain(PretrainArgs),
     /// Time training steps (forward, backward, AdamW) on generated input, without data loading.
     Bench {
         /// `vit-s`: the ViT-S-like encoder workload of the performance notes (dim 384, depth 4,
@@ -56,6 +58,126 @@ enum Command {
     /// official Flax names (`export <model.safetensors> <out.safetensors>`).
     #[command(subcommand)]
     Convert(m3ae::convert::ConvertCommand),
+}
+
+/// Arguments of `m3ae pretrain`.
+#[derive(clap::Args)]
+struct PretrainArgs {
+    /// A TOML configuration (see docs/training.md); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run name (the run directory is `<output-dir>/<name>`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Parent directory of runs.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// `m3ae` or `mae`.
+    #[arg(long)]
+    objective: Option<String>,
+    /// Optimiser steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Batch size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate (before the batch/256 scaling).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Text mask ratio.
+    #[arg(long)]
+    text_mask_ratio: Option<f64>,
+    /// Continue the newest checkpoint of the run directory.
+    #[arg(long)]
+    resume: bool,
+    /// Skip the final linear probe.
+    #[arg(long)]
+    no_probe: bool,
+    /// Plain log lines instead of a progress bar (automatic when stderr is not a terminal).
+    #[arg(long)]
+    plain: bool,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn pretrain(a: PretrainArgs) -> Result<()> {
+    use m3ae::pretrain::{ObjectiveKind, PretrainConfig, RunOptions};
+    use std::io::IsTerminal;
+    let mut cfg = match &a.config {
+        Some(p) => PretrainConfig::from_file(p)?,
+        None => PretrainConfig::default(),
+    };
+    if let Some(v) = a.name {
+        cfg.name = v;
+    }
+    if let Some(v) = a.output_dir {
+        cfg.output_dir = v;
+    }
+    if let Some(v) = a.objective {
+        cfg.objective = match v.as_str() {
+            "m3ae" => ObjectiveKind::M3ae,
+            "mae" => ObjectiveKind::Mae,
+            other => anyhow::bail!("--objective {other:?}: expected m3ae or mae"),
+        };
+    }
+    if let Some(v) = a.steps {
+        cfg.train.steps = v;
+    }
+    if let Some(v) = a.batch_size {
+        cfg.train.batch_size = v;
+    }
+    if let Some(v) = a.lr {
+        cfg.train.lr_peak = v;
+    }
+    if let Some(v) = a.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = a.text_mask_ratio {
+        cfg.model.text_mask_ratio = v;
+    }
+    if a.no_probe {
+        cfg.probe = false;
+    }
+    if a.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Before any thread pool exists: the model's compute threads (candle and our kernels).
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            cfg.resolved_compute_threads().to_string(),
+        );
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: writing a checkpoint (Ctrl-C again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let opts = RunOptions {
+        resume: a.resume,
+        stop,
+        plain: a.plain || !std::io::stderr().is_terminal(),
+    };
+    eprintln!(
+        "pretraining {:?} ({} steps, batch {}, {} compute threads) into {}",
+        cfg.objective,
+        cfg.train.steps,
+        cfg.train.batch_size,
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+        cfg.run_dir().display()
+    );
+    let summary = m3ae::pretrain::run(cfg, opts)?;
+    println!("{summary}");
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -92,6 +214,7 @@ fn main() -> Result<()> {
                 f.training / 1e9
             );
         }
+        Command::Pretrain(a) => pretrain(a)?,
         Command::Bench {
             workload,
             preset,

@@ -8,8 +8,7 @@
 
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
-use tokenizers::models::TrainerWrapper;
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::AddedToken;
@@ -97,26 +96,49 @@ impl Tokenizer {
             .iter()
             .map(|s| AddedToken::from(*s, true))
             .collect();
-        let mut trained = bert(WordPiece::default())?;
-        let mut trainer: TrainerWrapper = WordPieceTrainer::builder()
-            .vocab_size(vocab_size)
-            .min_frequency(1)
-            .show_progress(false)
-            .special_tokens(added.clone())
-            .build()
-            .into();
-        let lines: Vec<String> = corpus.into_iter().map(str::to_string).collect();
-        trained
-            .train(&mut trainer, lines.into_iter())
-            .map_err(err)?;
-        // The trainer numbers tokens in hash-map order, which changes from run to run.
-        // Renumber: special tokens first (so [PAD] = 0), then the rest sorted by text.
-        let mut rest: Vec<String> = trained
-            .get_vocab(false)
-            .into_keys()
-            .filter(|t| !specials.contains(&t.as_str()))
-            .collect();
-        rest.sort();
+        // A deterministic WordPiece vocabulary (the `tokenizers` trainer breaks ties in hash-map
+        // order, so two trainings on one corpus can give different vocabularies): every character
+        // seen, as a word start and as a `##` continuation (so any word can be spelled), then
+        // whole words by frequency (ties by text) while room remains. BERT splitting: lower-case,
+        // whitespace, and each punctuation character on its own.
+        let mut words = std::collections::BTreeMap::<String, usize>::new();
+        let mut chars = std::collections::BTreeSet::<char>::new();
+        for line in corpus {
+            let lower = line.to_lowercase();
+            let mut word = String::new();
+            let flush = |w: &mut String, words: &mut std::collections::BTreeMap<String, usize>| {
+                if !w.is_empty() {
+                    *words.entry(std::mem::take(w)).or_default() += 1;
+                }
+            };
+            for c in lower.chars() {
+                if c.is_whitespace() {
+                    flush(&mut word, &mut words);
+                } else if c.is_ascii_punctuation() || (!c.is_alphanumeric() && !c.is_whitespace()) {
+                    flush(&mut word, &mut words);
+                    chars.insert(c);
+                    *words.entry(c.to_string()).or_default() += 1;
+                } else {
+                    chars.insert(c);
+                    word.push(c);
+                }
+            }
+            flush(&mut word, &mut words);
+        }
+        let mut tokens = std::collections::BTreeSet::<String>::new();
+        for c in &chars {
+            tokens.insert(c.to_string());
+            tokens.insert(format!("##{c}"));
+        }
+        let mut by_freq: Vec<(&String, &usize)> = words.iter().collect();
+        by_freq.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (w, _) in by_freq {
+            if tokens.len() + specials.len() >= vocab_size.max(specials.len() + 2 * chars.len()) {
+                break;
+            }
+            tokens.insert(w.clone());
+        }
+        let rest: Vec<String> = tokens.into_iter().collect();
         let vocab: serde_json::Map<String, serde_json::Value> = specials
             .iter()
             .map(|s| s.to_string())
@@ -235,5 +257,33 @@ mod tests {
         for s in corpus {
             assert_eq!(a.ids(s).unwrap(), b.ids(s).unwrap());
         }
+    }
+}
+
+#[cfg(test)]
+mod determinism_tests {
+    use super::*;
+
+    #[test]
+    fn trained_vocabulary_is_the_same_every_time() {
+        let corpus: Vec<String> = (0..300)
+            .map(|i| {
+                format!(
+                    "a {} ring, {} at the left.",
+                    ["red", "blue", "big"][i % 3],
+                    ["square", "disc"][i % 2]
+                )
+            })
+            .collect();
+        let a = Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), 60).unwrap();
+        for _ in 0..5 {
+            let b = Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), 60).unwrap();
+            assert_eq!(a.vocab_size(), b.vocab_size());
+            let s = "A big red ring, square at the left.";
+            assert_eq!(a.ids(s).unwrap(), b.ids(s).unwrap());
+        }
+        // words not in the vocabulary are spelled from characters, never lost
+        let ids = a.ids("zebra").unwrap();
+        assert!(!ids.is_empty());
     }
 }
