@@ -43,6 +43,12 @@ pub struct DataConfig {
     pub source: String,
     /// Shards for `webdataset`: a list, a glob or a brace range.
     pub shards: Option<String>,
+    /// Held-out shards for `webdataset` (reconstruction images and masked-word accuracy);
+    /// defaults to the training shards.
+    pub eval_shards: Option<String>,
+    /// Unpaired text (`.txt` lines or `.jsonl` with a `text` field), used when
+    /// `model.unpaired_text_loss_weight > 0`.
+    pub unpaired_text: Option<PathBuf>,
     /// The built-in captioned scenes (train split; the probe uses the test split).
     pub scenes: ScenesConfig,
     /// A `tokenizer.json`; without it a WordPiece vocabulary is trained on the scene captions.
@@ -61,6 +67,8 @@ impl Default for DataConfig {
         Self {
             source: "scenes".into(),
             shards: None,
+            eval_shards: None,
+            unpaired_text: None,
             scenes: ScenesConfig::default(),
             tokenizer: None,
             vocab_size: 1000,
@@ -385,7 +393,16 @@ fn eval_batch(
     tok: &Arc<Tokenizer>,
     n: usize,
 ) -> Result<Batch> {
-    let test = scenes(cfg, SceneSplit::Test, n)?;
+    let test: Arc<dyn Source> = match cfg.data.source.as_str() {
+        "webdataset" => Arc::new(m3ae_data::WebDataset::from_spec(
+            cfg.data
+                .eval_shards
+                .as_deref()
+                .or(cfg.data.shards.as_deref())
+                .context("data.shards is required for data.source = \"webdataset\"")?,
+        )?),
+        _ => Arc::new(scenes(cfg, SceneSplit::Test, n)?),
+    };
     let mut lc = loader_config(cfg, model);
     lc.batch_size = n;
     lc.shuffle_buffer = 0;
@@ -394,11 +411,11 @@ fn eval_batch(
     if let Some(im) = lc.image.as_mut() {
         im.transform = Transform::test();
     }
-    let loader = Loader::new(Arc::new(test), Some(tok.clone()), lc)?;
+    let loader = Loader::new(test, Some(tok.clone()), lc)?;
     let b = loader
         .iter(Position::default())
         .next()
-        .context("the held-out scenes gave no batch")??;
+        .context("the held-out data gave no batch")??;
     Ok(b)
 }
 
@@ -452,6 +469,35 @@ fn most_frequent_token(tok: &Tokenizer, scenes: &CaptionedScenes) -> Result<u32>
         .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
         .map(|(id, _)| id)
         .context("empty corpus")
+}
+
+/// The most frequent non-padding token of a batch (frequency baseline for non-scene data).
+fn most_frequent_in_batch(b: &Batch) -> Result<u32> {
+    let ids = b
+        .input
+        .text_ids
+        .as_ref()
+        .context("no text")?
+        .to_vec2::<u32>()?;
+    let pad = b
+        .input
+        .text_padding
+        .as_ref()
+        .context("no padding")?
+        .to_vec2::<f32>()?;
+    let mut counts = std::collections::HashMap::<u32, usize>::new();
+    for (r, p) in ids.iter().zip(&pad) {
+        for (&t, &q) in r.iter().zip(p) {
+            if q == 0.0 {
+                *counts.entry(t).or_default() += 1;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(id, _)| id)
+        .context("the held-out batch has no text")
 }
 
 /// Writes the reconstruction panel of a held-out batch: per sample a row of
@@ -603,20 +649,38 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
     if opts.resume && latest.is_none() {
         bail!("--resume: no checkpoint under {}", ck_dir.display());
     }
-    if cfg.data.source != "scenes" {
-        bail!(
-            "data.source = {:?}: this command trains on the built-in `scenes`; WebDataset training \
-             from the CLI is not wired yet (use the library's Loader with a WebDataset source)",
-            cfg.data.source
-        );
-    }
-    let train_scenes = CaptionedScenes::new(ScenesConfig {
-        split: SceneSplit::Train,
-        ..cfg.data.scenes.clone()
-    })?;
-    let tok = Arc::new(tokenizer(&cfg, &run_dir, &train_scenes)?);
+    let (train_source, tok): (Arc<dyn Source>, Arc<Tokenizer>) = match cfg.data.source.as_str() {
+        "scenes" => {
+            let train_scenes = CaptionedScenes::new(ScenesConfig {
+                split: SceneSplit::Train,
+                ..cfg.data.scenes.clone()
+            })?;
+            let tok = Arc::new(tokenizer(&cfg, &run_dir, &train_scenes)?);
+            cfg.model.image_size = cfg.data.scenes.image_size;
+            (Arc::new(train_scenes), tok)
+        }
+        "webdataset" => {
+            let spec = cfg
+                .data
+                .shards
+                .as_deref()
+                .context("data.shards is required for data.source = \"webdataset\"")?;
+            let path = cfg
+                .data
+                .tokenizer
+                .as_ref()
+                .context("data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for webdataset")?;
+            let tok = Tokenizer::from_file(path)?;
+            tok.save(run_dir.join("tokenizer.json"))?;
+            cfg.probe = false;
+            (
+                Arc::new(m3ae_data::WebDataset::from_spec(spec)?),
+                Arc::new(tok),
+            )
+        }
+        other => bail!("data.source = {other:?}: expected \"scenes\" or \"webdataset\""),
+    };
     cfg.model.text_vocab_size = tok.vocab_size();
-    cfg.model.image_size = cfg.data.scenes.image_size;
     cfg.validate()?;
     let model_cfg = cfg.model.resolved();
     // the resolved configuration, as run
@@ -624,13 +688,23 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
     let text = toml::to_string_pretty(&cfg).context("serialising the configuration")?;
     std::fs::write(&cfg_path, text).with_context(|| format!("writing {}", cfg_path.display()))?;
 
-    let most_frequent = most_frequent_token(&tok, &train_scenes)?;
     let with_text = cfg.objective == ObjectiveKind::M3ae;
-    let loader = Loader::new(
-        Arc::new(train_scenes) as Arc<dyn Source>,
-        Some(tok.clone()),
-        loader_config(&cfg, &model_cfg),
-    )?;
+    let mut lc = loader_config(&cfg, &model_cfg);
+    let unpaired = match (
+        &cfg.data.unpaired_text,
+        with_text && model_cfg.unpaired_text_loss_weight > 0.0,
+    ) {
+        (Some(p), true) => {
+            lc.unpaired_text_len = model_cfg.text_length;
+            Some(Arc::new(m3ae_data::TextCorpus::from_file(p.clone())?) as Arc<dyn Source>)
+        }
+        (None, true) => bail!("model.unpaired_text_loss_weight > 0 needs data.unpaired_text"),
+        _ => None,
+    };
+    let mut loader = Loader::new(train_source, Some(tok.clone()), lc)?;
+    if let Some(u) = unpaired {
+        loader = loader.with_unpaired_text(u)?;
+    }
     let mut source = LoaderSource {
         loader,
         iter: None,
@@ -685,8 +759,12 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
         }
     };
     if let Model2::M3ae(m) = &final_model {
-        let (acc, base) =
-            masked_word_accuracy(m, &eval_batch(&cfg, &model_cfg, &tok, 256)?, most_frequent)?;
+        let held_out = eval_batch(&cfg, &model_cfg, &tok, 256)?;
+        let most_frequent = match cfg.data.source.as_str() {
+            "scenes" => most_frequent_token(&tok, &scenes(&cfg, SceneSplit::Train, 2000)?)?,
+            _ => most_frequent_in_batch(&held_out)?,
+        };
+        let (acc, base) = masked_word_accuracy(m, &held_out, most_frequent)?;
         summary.masked_word_accuracy = Some(acc);
         summary.frequency_baseline = Some(base);
     }
