@@ -614,7 +614,7 @@ mod tests {
         let official = store.to_official(&specs)?;
         assert_eq!(
             official["encoder.Block_0.Attention_0.Dense_0.kernel"].dims(),
-            &[64, 192]
+            &[128, 384]
         );
         let back = ParamStore::from_official(&specs, official, Unexpected::Error, "test", &dev)?;
         for (name, v) in store.vars() {
@@ -676,7 +676,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("image_embedding.kernel") && e.contains("[192, 64]"),
+            e.contains("image_embedding.kernel") && e.contains("[192, 128]"),
             "{e}"
         );
         Ok(())

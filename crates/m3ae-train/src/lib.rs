@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod schedule;
+pub mod sync;
 pub mod tensorboard;
 pub mod trainer;
 
@@ -16,6 +17,7 @@ pub use metrics::{JsonlSink, MetricSink};
 pub use objective::{LossReport, Objective, TrainBatch};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::WarmupCosine;
+pub use sync::{GradSync, SingleProcess};
 pub use trainer::{BatchSource, StepReport, TrainConfig, Trainer};
 
 use std::path::PathBuf;

@@ -157,6 +157,7 @@ struct Saved {
 /// Drives an [`Objective`].
 pub struct Trainer<O: Objective> {
     objective: O,
+    sync: Box<dyn crate::sync::GradSync + Send>,
     opt: AdamW,
     cfg: TrainConfig,
     micro_step: u64,
@@ -172,6 +173,7 @@ impl<O: Objective> Trainer<O> {
         let opt = AdamW::new(cfg.adamw, &objective.specs(), objective.variant());
         Ok(Self {
             objective,
+            sync: Box::new(crate::sync::SingleProcess),
             opt,
             cfg,
             micro_step: 0,
@@ -179,6 +181,12 @@ impl<O: Objective> Trainer<O> {
             bad_in_row: 0,
             skipped_steps: 0,
         })
+    }
+
+    /// Replaces the gradient synchronisation (default: [`crate::SingleProcess`]).
+    pub fn with_sync(mut self, sync: Box<dyn crate::sync::GradSync + Send>) -> Self {
+        self.sync = sync;
+        self
     }
 
     /// The model being trained.
@@ -261,6 +269,8 @@ impl<O: Objective> Trainer<O> {
                     *g = (&*g / k)?;
                 }
             }
+            // pmean across processes, then clipping on the global gradient (official order)
+            self.sync.all_reduce_mean(&mut grads)?;
             let norm = clip_global_norm(&mut grads, self.cfg.clip_gradient)?;
             let lr = self.cfg.schedule().at(self.step(), self.cfg.lr_scale());
             self.opt.step(self.objective.params(), &grads, lr)?;
