@@ -1143,7 +1143,11 @@ pub fn reconstruct(
                     continue;
                 }
                 if tmask[j] > 0.5 {
-                    words.push((j, tok.decode(&[id])?, tok.decode(&[pred_ids[j]])?));
+                    let name = |i: u32| -> Result<String> {
+                        let w = tok.decode(&[i])?;
+                        Ok(if w.is_empty() { format!("[id {i}]") } else { w })
+                    };
+                    words.push((j, name(id)?, name(pred_ids[j])?));
                     filled.push(pred_ids[j]);
                 } else {
                     filled.push(id);
@@ -1456,8 +1460,8 @@ fn norm_of(n: NormArg) -> Normalization {
 /// Probe training flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProbeArgs {
-    /// Probe epochs over the cached features.
-    #[arg(long, default_value_t = 30)]
+    /// Probe epochs over the cached features (official: 90).
+    #[arg(long, default_value_t = 90)]
     pub epochs: usize,
     /// Probe batch size (the learning rate is scaled by batch / 256).
     #[arg(long, default_value_t = 256)]

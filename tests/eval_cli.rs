@@ -10,6 +10,8 @@ fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_m3ae"))
         .args(args)
         .env("RAYON_NUM_THREADS", "2")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
         .output()
         .expect("the m3ae binary runs");
     (
