@@ -1109,8 +1109,9 @@ fn config_from_meta(meta: &HashMap<String, String>, path: &Path) -> Result<M3aeC
     })
 }
 
-/// Native weights of a model file or folder, with its config and variant.
-fn load_native(path: &Path, device: &Device) -> Result<(M3aeConfig, Variant, ParamStore)> {
+/// Native weights of a model file or folder (or an official `model.pkl`), with its config and
+/// variant; [`load_m3ae`] / [`load_mae`] build the model from them.
+pub fn load_native(path: &Path, device: &Device) -> Result<(M3aeConfig, Variant, ParamStore)> {
     if path.is_file() && path.extension().is_some_and(|e| e == "pkl") {
         let ckpt = OfficialCheckpoint::read(path)?;
         let cfg = ckpt.config()?;

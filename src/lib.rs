@@ -2,7 +2,8 @@
 //!
 //! This facade re-exports the workspace crates under short names and holds what spans them:
 //! the comparison against the official JAX fixtures ([`parity`]) and the conversion of official
-//! checkpoints ([`convert`]).
+//! checkpoints ([`convert`]), and the evaluation front end of `m3ae embed | probe | ood |
+//! reconstruct` ([`evaluate`]).
 //!
 //! * [`kernels`]: differentiable tensor kernels (LayerNorm, masked attention, GELU).
 //! * [`model`]: configuration, the M3AE and MAE models, losses, weights.
@@ -15,5 +16,6 @@ pub use m3ae_model as model;
 pub use m3ae_train as train;
 
 pub mod convert;
+pub mod evaluate;
 pub mod parity;
 pub mod pretrain;

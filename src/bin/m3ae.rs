@@ -58,6 +58,9 @@ enum Command {
     /// official Flax names (`export <model.safetensors> <out.safetensors>`).
     #[command(subcommand)]
     Convert(m3ae::convert::ConvertCommand),
+    /// Evaluation: `embed`, `probe`, `ood`, `reconstruct` (see `m3ae::evaluate`).
+    #[command(flatten)]
+    Eval(m3ae::evaluate::EvalCommand),
 }
 
 /// Arguments of `m3ae pretrain`.
@@ -242,6 +245,7 @@ fn main() -> Result<()> {
             println!("threads: RAYON_NUM_THREADS={threads}");
         }
         Command::Convert(cmd) => m3ae::convert::run_cli(cmd)?,
+        Command::Eval(cmd) => m3ae::evaluate::run_cli(cmd)?,
     }
     Ok(())
 }

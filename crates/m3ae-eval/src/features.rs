@@ -29,7 +29,7 @@ where
             "no batches to extract features from".into(),
         ));
     }
-    Ok(Tensor::cat(&parts, 0)?)
+    Ok(Tensor::cat(&parts, 0)?.contiguous()?)
 }
 
 #[cfg(test)]

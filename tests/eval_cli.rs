@@ -1,0 +1,458 @@
+//! Runs `m3ae embed | probe | ood | reconstruct` on tiny generated data (a random-init tiny
+//! model, a small uint8 safetensors file written here, the built-in captioned scenes), and on
+//! the real Fashion-MNIST / MNIST when `M3AE_DATA_DIR` is set.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_m3ae"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .expect("the m3ae binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("m3ae-eval-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `n` 28x28 grey images of `classes` classes: class c has a bright 8x8 square at a
+/// class-dependent place, plus a little deterministic noise.
+fn write_u8_arrays(path: &Path, n: usize, classes: usize) {
+    let mut images = vec![0u8; n * 28 * 28];
+    let mut labels = vec![0u8; n];
+    for i in 0..n {
+        let c = i % classes;
+        labels[i] = c as u8;
+        let (y0, x0) = ((c / 3) * 9 + 1, (c % 3) * 9 + 1);
+        for y in 0..28 {
+            for x in 0..28 {
+                let inside = (y0..y0 + 8).contains(&y) && (x0..x0 + 8).contains(&x);
+                let noise = ((i * 131 + y * 29 + x * 7) % 23) as u8;
+                images[i * 784 + y * 28 + x] = if inside { 230 - noise } else { noise };
+            }
+        }
+    }
+    let views = vec![
+        (
+            "images",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![n, 28, 28], &images)
+                .unwrap(),
+        ),
+        (
+            "labels",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![n], &labels).unwrap(),
+        ),
+    ];
+    let meta = HashMap::from([(
+        "classes".to_string(),
+        serde_json_list((0..classes).map(|c| format!("c{c}"))),
+    )]);
+    safetensors::tensor::serialize_to_file(views, Some(meta), path).unwrap();
+}
+
+fn serde_json_list(items: impl Iterator<Item = String>) -> String {
+    let v: Vec<String> = items.map(|s| format!("\"{s}\"")).collect();
+    format!("[{}]", v.join(","))
+}
+
+fn percent_after(stdout: &str, prefix: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line {prefix:?} in {stdout}"));
+    let after = line.split("top-1 ").nth(1).expect("a top-1 value");
+    after
+        .split('%')
+        .next()
+        .unwrap()
+        .trim()
+        .parse::<f64>()
+        .unwrap()
+        / 100.0
+}
+
+#[test]
+fn embed_writes_features_labels_and_keys() {
+    let d = tmp("embed");
+    let data = d.join("small.safetensors");
+    write_u8_arrays(&data, 40, 6);
+    let out = d.join("feats.safetensors");
+    let (ok, stdout, stderr) = run(&[
+        "embed",
+        "--random-init",
+        "--data",
+        &format!("u8:{}", s(&data)),
+        "--out",
+        s(&out),
+        "--limit",
+        "30",
+        "--pool",
+        "mean",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("30 x 64 features"), "{stdout}");
+    let f = m3ae::evaluate::FeatureSet::load(&out).unwrap();
+    assert_eq!(f.features.dims(), &[30, 64]);
+    assert_eq!(f.classes, 6);
+    assert_eq!(f.keys.len(), 30);
+    // evenly strided subset of 40: 0, 1, 2, 4, ...; labels follow the keys
+    for (k, l) in f.keys.iter().zip(&f.labels) {
+        assert_eq!(k.parse::<usize>().unwrap() % 6, *l as usize);
+    }
+}
+
+#[test]
+fn probe_on_scenes_trains_saves_evaluates_and_caches() {
+    let d = tmp("probe");
+    let cache = d.join("cache");
+    let head = d.join("probe.safetensors");
+    let args = [
+        "probe",
+        "--random-init",
+        "--train-data",
+        "scenes:train:240",
+        "--test-data",
+        "scenes:test:120",
+        "--epochs",
+        "3",
+        "--probe-batch",
+        "64",
+        "--cache-dir",
+        s(&cache),
+        "--save-probe",
+        s(&head),
+    ];
+    let (ok, stdout, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    let top1 = percent_after(&stdout, "probe: ");
+    assert!((0.0..=1.0).contains(&top1), "{stdout}");
+    assert!(stdout.contains("top-5 "), "{stdout}");
+    let knn = percent_after(&stdout, "knn (k=20, T=0.07)");
+    assert!(knn > 0.0, "{stdout}");
+    assert!(head.is_file());
+    // second run: features come from the cache
+    let (ok, stdout2, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("cached features"), "{stderr}");
+    assert_eq!(percent_after(&stdout2, "probe: "), top1);
+    // the saved head evaluates to the same accuracy
+    let (ok, stdout3, stderr) = run(&[
+        "probe",
+        "--random-init",
+        "--test-data",
+        "scenes:test:120",
+        "--cache-dir",
+        s(&cache),
+        "--evaluate",
+        s(&head),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(percent_after(&stdout3, "probe (evaluated)"), top1);
+}
+
+#[test]
+fn probe_separates_easy_u8_classes_with_a_saved_checkpoint_run_dir() {
+    // a run directory with checkpoints/step-*/model.safetensors (config in the metadata)
+    let d = tmp("rundir");
+    let model = m3ae::evaluate::load_model(&m3ae::evaluate::ModelSource::RandomInit {
+        preset: "tiny".into(),
+        seed: 1,
+        mae: false,
+    })
+    .unwrap();
+    for step in [5u64, 20] {
+        let dir = d.join(format!("run/checkpoints/step-{step:08}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = serde_json::to_string(model.config()).unwrap();
+        model
+            .params()
+            .save(
+                &dir.join("model.safetensors"),
+                HashMap::from([("m3ae_config".to_string(), cfg)]),
+            )
+            .unwrap();
+    }
+    let data = d.join("easy.safetensors");
+    write_u8_arrays(&data, 180, 6);
+    let (ok, stdout, stderr) = run(&[
+        "probe",
+        "--checkpoint",
+        s(&d.join("run")),
+        "--train-data",
+        &format!("u8:{}", s(&data)),
+        "--test-data",
+        &format!("u8:{}", s(&data)),
+        "--epochs",
+        "30",
+        "--probe-batch",
+        "32",
+        "--lr",
+        "5",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("step-00000020"), "{stdout}");
+    assert!(percent_after(&stdout, "probe: ") > 0.9, "{stdout}");
+    assert!(percent_after(&stdout, "knn") > 0.9, "{stdout}");
+}
+
+#[test]
+fn ood_prints_a_table_for_three_scores() {
+    let (ok, stdout, stderr) = run(&[
+        "ood",
+        "--random-init",
+        "--train-data",
+        "scenes:train:200",
+        "--in-data",
+        "scenes:test:80",
+        "--out-data",
+        "scenes:ood:80",
+        "--epochs",
+        "2",
+        "--probe-batch",
+        "64",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("AUROC") && stdout.contains("FPR@95"),
+        "{stdout}"
+    );
+    for score in ["msp", "mahalanobis", "knn (k=20)"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(score))
+            .unwrap_or_else(|| panic!("{score} row missing: {stdout}"));
+        let nums: Vec<f64> = line[14..]
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(nums.len(), 4, "{line}");
+        assert!(nums.iter().all(|v| (0.0..=1.0).contains(v)), "{line}");
+    }
+}
+
+#[test]
+fn reconstruct_writes_panels_attention_and_masked_words() {
+    use m3ae::data::{CaptionedScenes, ScenesConfig, Tokenizer};
+    let d = tmp("recon");
+    let scenes = CaptionedScenes::new(ScenesConfig {
+        len: 4,
+        ..Default::default()
+    })
+    .unwrap();
+    let sc = scenes.scene(0);
+    let img = d.join("scene.png");
+    image::RgbImage::from_raw(64, 64, sc.pixels.clone())
+        .unwrap()
+        .save(&img)
+        .unwrap();
+    // run directory with a checkpoint and its tokenizer (found without --tokenizer)
+    let run_dir = d.join("run");
+    let ckpt = run_dir.join("checkpoints/step-00000001");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let tok =
+        Tokenizer::train_wordpiece(scenes.corpus(300).iter().map(String::as_str), 400).unwrap();
+    tok.save(run_dir.join("tokenizer.json")).unwrap();
+    let model = m3ae::evaluate::load_model(&m3ae::evaluate::ModelSource::RandomInit {
+        preset: "tiny".into(),
+        seed: 2,
+        mae: false,
+    })
+    .unwrap();
+    model
+        .params()
+        .save(
+            &ckpt.join("model.safetensors"),
+            HashMap::from([(
+                "m3ae_config".to_string(),
+                serde_json::to_string(model.config()).unwrap(),
+            )]),
+        )
+        .unwrap();
+    let out = d.join("recon.png");
+    let (ok, stdout, stderr) = run(&[
+        "reconstruct",
+        "--checkpoint",
+        s(&run_dir),
+        "--image",
+        s(&img),
+        "--caption",
+        &sc.caption,
+        "--out",
+        s(&out),
+        "--seed",
+        "3",
+    ]);
+    assert!(ok, "{stderr}");
+    let png = image::open(&out).unwrap();
+    // tiny: 32 px panels magnified 4x, four panels with 4 px gaps
+    assert_eq!((png.width(), png.height()), (4 * 128 + 12, 128));
+    let att = d.join("recon-attention.png");
+    let a = image::open(&att).unwrap();
+    assert_eq!((a.width(), a.height()), (128, 128 + 16));
+    assert!(stdout.contains("masked patches: 12 of 16"), "{stdout}");
+    assert!(stdout.contains("masked word "), "{stdout}");
+    assert!(stdout.contains("predicted caption: "), "{stdout}");
+    assert!(stdout.contains("cls attention over words: "), "{stdout}");
+    // visible patches are pasted back unchanged: panel 4 equals the original on them
+    let rgb = png.to_rgb8();
+    let (mut same, mut total) = (0, 0);
+    for y in 0..128 {
+        for x in 0..128 {
+            total += 1;
+            if rgb.get_pixel(x, y) == rgb.get_pixel(x + 3 * 132, y) {
+                same += 1;
+            }
+        }
+    }
+    assert!(same * 4 >= total, "{same} of {total}");
+}
+
+#[test]
+fn wrong_paths_give_one_line_errors_naming_them() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "probe",
+                "--checkpoint",
+                "/no/such/run",
+                "--train-data",
+                "scenes",
+                "--test-data",
+                "scenes:test",
+            ],
+            "/no/such/run",
+        ),
+        (
+            &[
+                "embed",
+                "--random-init",
+                "--data",
+                "u8:/no/such/file.safetensors",
+                "--out",
+                "/tmp/x.safetensors",
+            ],
+            "/no/such/file.safetensors",
+        ),
+        (
+            &[
+                "reconstruct",
+                "--random-init",
+                "--image",
+                "/no/such/image.png",
+                "--out",
+                "/tmp/r.png",
+            ],
+            "/no/such/image.png",
+        ),
+        (
+            &[
+                "probe",
+                "--random-init",
+                "--test-data",
+                "scenes:test:10",
+                "--evaluate",
+                "/no/such/probe.safetensors",
+            ],
+            "/no/such/probe.safetensors",
+        ),
+        (
+            &[
+                "ood",
+                "--random-init",
+                "--train-data",
+                "scenes:train:10",
+                "--in-data",
+                "folder:/no/such/dir",
+                "--out-data",
+                "scenes:ood:10",
+            ],
+            "/no/such/dir",
+        ),
+    ];
+    for (args, path) in cases {
+        let (ok, _, stderr) = run(args);
+        assert!(!ok, "{args:?} succeeded");
+        let lines: Vec<&str> = stderr.trim().lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(lines[0].contains(path), "{args:?}: {stderr}");
+    }
+    let (ok, _, stderr) = run(&[
+        "embed",
+        "--random-init",
+        "--data",
+        "scenes:valid",
+        "--out",
+        "/tmp/x.safetensors",
+    ]);
+    assert!(!ok && stderr.contains("scenes:valid"), "{stderr}");
+}
+
+#[test]
+fn fashion_mnist_probe_and_mnist_ood_with_m3ae_data_dir() {
+    let Some(root) = std::env::var_os("M3AE_DATA_DIR").map(PathBuf::from) else {
+        println!("skipped: M3AE_DATA_DIR not set");
+        return;
+    };
+    let fm = |split: &str| {
+        format!(
+            "fashion_mnist:{}",
+            s(&root.join(format!("fashion_mnist/{split}.safetensors")))
+        )
+    };
+    let mn = format!("mnist:{}", s(&root.join("mnist/test.safetensors")));
+    let (ok, stdout, stderr) = run(&[
+        "probe",
+        "--random-init",
+        "--train-data",
+        &fm("train"),
+        "--test-data",
+        &fm("test"),
+        "--train-limit",
+        "2000",
+        "--limit",
+        "1000",
+        "--epochs",
+        "10",
+        "--lr",
+        "5",
+    ]);
+    assert!(ok, "{stderr}");
+    // random features still separate Fashion-MNIST well above chance (10%)
+    assert!(percent_after(&stdout, "probe: ") > 0.4, "{stdout}");
+    assert!(percent_after(&stdout, "knn") > 0.5, "{stdout}");
+    let (ok, stdout, stderr) = run(&[
+        "ood",
+        "--random-init",
+        "--train-data",
+        &fm("train"),
+        "--in-data",
+        &fm("test"),
+        "--out-data",
+        &mn,
+        "--train-limit",
+        "2000",
+        "--limit",
+        "1000",
+        "--epochs",
+        "10",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("mahalanobis"), "{stdout}");
+}
