@@ -107,9 +107,9 @@ fn embed_writes_features_labels_and_keys() {
         "mean",
     ]);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("30 x 64 features"), "{stdout}");
+    assert!(stdout.contains("30 x 128 features"), "{stdout}");
     let f = m3ae::evaluate::FeatureSet::load(&out).unwrap();
-    assert_eq!(f.features.dims(), &[30, 64]);
+    assert_eq!(f.features.dims(), &[30, 128]);
     assert_eq!(f.classes, 6);
     assert_eq!(f.keys.len(), 30);
     // evenly strided subset of 40: 0, 1, 2, 4, ...; labels follow the keys
