@@ -266,7 +266,9 @@ fn manifest_image_paths_to_devices_and_directories_are_errors_not_hangs() {
         .collect();
     assert_eq!(recs.len(), 2);
     for r in recs {
-        let e = r.err().expect("an error, not a sample");
+        let Err(e) = r else {
+            panic!("expected an error, not a record")
+        };
         assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 }
