@@ -13,6 +13,7 @@
 //! streamed; only the lines of the partition read their image file.
 
 use crate::sample::{ImageData, Partition, Record, RecordIter, Sample, Source};
+use crate::webdataset::MAX_MEMBER_BYTES;
 use crate::{BadReason, BadSample, Error, Result};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -146,6 +147,23 @@ impl Manifest {
     }
 }
 
+/// Reads an image file named by a manifest line: only regular files (a path to a device or a
+/// FIFO, e.g. `/dev/zero`, would otherwise read forever or block), at most
+/// [`MAX_MEMBER_BYTES`] (`None` when larger).
+fn read_image_file(p: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    if !std::fs::metadata(p)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let f = std::fs::File::open(p)?;
+    let mut buf = Vec::new();
+    f.take(MAX_MEMBER_BYTES + 1).read_to_end(&mut buf)?;
+    Ok((buf.len() as u64 <= MAX_MEMBER_BYTES).then_some(buf))
+}
+
 fn parse_json_line(path: &Path, line: usize, buf: &[u8]) -> Result<Entry> {
     let perr = |msg: String| Error::Parse {
         path: path.into(),
@@ -231,8 +249,16 @@ impl Source for Manifest {
                 None => None,
                 Some(rel) => {
                     let p = dir.join(&rel);
-                    match std::fs::read(&p) {
-                        Ok(b) => Some(ImageData::Encoded(Arc::new(b))),
+                    match read_image_file(&p) {
+                        Ok(Some(b)) => Some(ImageData::Encoded(Arc::new(b))),
+                        Ok(None) => {
+                            return Some(Ok(Record::Bad(BadSample {
+                                reason: BadReason::Oversized,
+                                key,
+                                file: file.to_string(),
+                                detail: format!("{} exceeds {MAX_MEMBER_BYTES} bytes", p.display()),
+                            })))
+                        }
                         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                             return Some(Err(Error::MissingFile {
                                 manifest: path.clone(),

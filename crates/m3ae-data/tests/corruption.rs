@@ -246,3 +246,29 @@ fn random_manifest_bytes_never_panic() {
         }
     }
 }
+
+#[test]
+fn manifest_image_paths_to_devices_and_directories_are_errors_not_hangs() {
+    // Found while writing the manifest fuzz target: the image named by a line was read with an
+    // unbounded `fs::read`, so `/dev/zero` read forever (and a FIFO would block).
+    let dir = TempDir::new("manifest-devices");
+    std::fs::create_dir_all(dir.path().join("sub")).unwrap();
+    let p = dir.path().join("m.jsonl");
+    std::fs::write(
+        &p,
+        "{\"image\": \"/dev/zero\", \"caption\": \"zeros\"}\n{\"image\": \"sub\", \"caption\": \"a dir\"}\n",
+    )
+    .unwrap();
+    let recs: Vec<_> = Manifest::new(&p)
+        .unwrap()
+        .open(&Partition::whole(0, 0))
+        .unwrap()
+        .collect();
+    assert_eq!(recs.len(), 2);
+    for r in recs {
+        let Err(e) = r else {
+            panic!("expected an error, not a record")
+        };
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+}

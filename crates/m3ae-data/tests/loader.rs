@@ -297,3 +297,89 @@ fn config_errors() {
     cfg.text_len = None;
     assert!(Loader::new(scenes, None, cfg).is_err());
 }
+
+/// Samples held in memory: pixel images, every third one corrupt (a buffer of the wrong size).
+struct Mixed(Vec<Sample>);
+
+impl Source for Mixed {
+    fn open(&self, p: &Partition) -> Result<RecordIter> {
+        let v: Vec<_> = self
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| p.owns(*i))
+            .map(|(_, s)| Ok(Record::Sample(s.clone())))
+            .collect();
+        Ok(Box::new(v.into_iter()))
+    }
+    fn describe(&self) -> String {
+        "mixed".into()
+    }
+}
+
+#[test]
+fn batches_hold_patchified_transforms_even_around_bad_samples() {
+    // The loader writes each sample's normalised patches straight into the batch and closes
+    // the gaps bad samples leave; check every slot against `apply` + `m3ae_model::patchify`.
+    let (w, h) = (40usize, 30usize);
+    let samples: Vec<Sample> = (0..23)
+        .map(|i| {
+            let data: Vec<u8> = (0..w * h * 3)
+                .map(|j| ((j * 7 + i * 31) % 251) as u8)
+                .collect();
+            let data = if i % 3 == 1 { data[1..].to_vec() } else { data };
+            Sample {
+                key: format!("s{i}"),
+                image: Some(ImageData::Pixels {
+                    width: w,
+                    height: h,
+                    channels: 3,
+                    data,
+                }),
+                text: None,
+                label: None,
+                file: "memory".into(),
+            }
+        })
+        .collect();
+    let mut cfg = LoaderConfig::pretrain(4, 16, 4);
+    cfg.text_len = None;
+    cfg.masks = None;
+    cfg.shuffle_buffer = 0;
+    cfg.epochs = Some(1);
+    cfg.drop_last = false;
+    cfg.max_bad_fraction = 0.5;
+    cfg.num_threads = 2;
+    let ic = cfg.image.unwrap();
+    let src = Arc::new(Mixed(samples.clone()));
+    let mut seen = 0;
+    for b in Loader::new(src, None, cfg.clone())
+        .unwrap()
+        .iter(Position::default())
+    {
+        let b = b.unwrap();
+        let got = b.input.image_patches.unwrap();
+        for (slot, key) in b.keys.iter().enumerate() {
+            let idx: usize = key[1..].parse().unwrap();
+            assert_ne!(idx % 3, 1, "a corrupt sample was kept");
+            let img = RgbImage::from_data(samples[idx].image.as_ref().unwrap()).unwrap();
+            let mut rng = seed::rng(cfg.seed, seed::purpose::AUGMENT, 0, idx as u64);
+            let hwc = ic.apply(&img, &mut rng);
+            let t = candle_core::Tensor::from_vec(hwc, (1, 16, 16, 3), &candle_core::Device::Cpu)
+                .unwrap();
+            let want = m3ae_model::patchify(&t, 4).unwrap().squeeze(0).unwrap();
+            let have = got.get(slot).unwrap();
+            let d: f32 = (have - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(d == 0.0, "sample {key} differs by {d}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 23 - 8);
+}
