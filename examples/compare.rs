@@ -17,18 +17,23 @@ fn stats(v: &[f64]) -> (f64, f64) {
 }
 
 fn probe(objective: ObjectiveKind, seed: u64, steps: u64, text_ratio: f64) -> Result<(f64, f64)> {
-    let mut cfg = PretrainConfig::default();
-    cfg.objective = objective;
-    cfg.seed = seed;
+    let mut cfg = PretrainConfig {
+        objective,
+        seed,
+        image_every: 0,
+        ..Default::default()
+    };
     cfg.train.steps = steps;
     cfg.model.text_mask_ratio = text_ratio;
-    cfg.image_every = 0;
     cfg.name = format!("compare-{objective:?}-t{text_ratio}-s{seed}-n{steps}").to_lowercase();
     let dir = cfg.run_dir();
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
-    let opts = RunOptions { plain: true, ..Default::default() };
+    let opts = RunOptions {
+        plain: true,
+        ..Default::default()
+    };
     let s = run(cfg, opts)?;
     let (trained, random) = s.probe.unwrap_or((f64::NAN, f64::NAN));
     eprintln!("{objective:?} text ratio {text_ratio} seed {seed}: probe {trained:.4} (random init {random:.4})");
@@ -60,7 +65,9 @@ fn main() -> Result<()> {
     }
     rows.push(("MAE (image only)".into(), mae));
     rows.push(("random init".into(), random));
-    println!("| model | probe top-1 (scene shapes), mean ± std over {seeds} seeds, {steps} steps |");
+    println!(
+        "| model | probe top-1 (scene shapes), mean ± std over {seeds} seeds, {steps} steps |"
+    );
     println!("|---|---|");
     for (name, v) in rows {
         let (m, s) = stats(&v);
