@@ -150,7 +150,16 @@ impl PretrainConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let msg = e.message().replace('\n', " ");
+            match line {
+                Some(l) => anyhow::anyhow!("{}, line {l}: {msg}", path.display()),
+                None => anyhow::anyhow!("{}: {msg}", path.display()),
+            }
+        })
     }
 
     /// The compute threads this configuration asks for on this machine.
@@ -636,6 +645,8 @@ pub fn probe_scenes(model: &dyn Represent, cfg: &PretrainConfig, seed: u64) -> R
 /// Runs (or resumes) a pre-training job.
 pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
     let dev = Device::Cpu;
+    cfg.train.validate()?;
+    cfg.model.validate(cfg.objective == ObjectiveKind::M3ae)?;
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let ck_dir = run_dir.join("checkpoints");

@@ -91,3 +91,99 @@ fn bench_runs_a_tiny_preset_and_rejects_bad_flags() {
     let (ok, _, stderr) = run(&["bench", "--kernels", "turbo"]);
     assert!(!ok && stderr.contains("turbo"), "{stderr}");
 }
+
+#[test]
+fn pretrain_errors_are_one_line_and_name_the_culprit() {
+    let dir = std::env::temp_dir().join(format!("m3ae-cli-pre-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("runs");
+    let cases: Vec<(&str, &str)> = vec![
+        ("stepz = 3\n", "stepz"),
+        ("[train]\nsteps = 0\n", "train.steps"),
+        ("[model]\ntext_mask_ratio = 1.5\n", "text_mask_ratio"),
+        (
+            "[data]\nsource = \"webdataset\"\nshards = \"/nonexistent/{0..1}.tar\"\ntokenizer = \"/nonexistent/tokenizer.json\"\n",
+            "/nonexistent/tokenizer.json",
+        ),
+    ];
+    for (i, (toml_text, needle)) in cases.iter().enumerate() {
+        let cfg = dir.join(format!("c{i}.toml"));
+        std::fs::write(&cfg, toml_text).unwrap();
+        let (ok, _, stderr) = run(&[
+            "pretrain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--plain",
+        ]);
+        assert!(!ok, "case {i} should fail");
+        let err: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(err.len(), 1, "case {i}: {stderr}");
+        assert!(err[0].contains(needle), "case {i}: {stderr}");
+    }
+    // an unreadable checkpoint on --resume
+    let run_dir = out.join("broken");
+    let ck = run_dir.join("checkpoints").join("step-00000005");
+    std::fs::create_dir_all(&ck).unwrap();
+    std::fs::write(ck.join("trainer.json"), "{}").unwrap();
+    std::fs::write(ck.join("model.safetensors"), b"not a safetensors file").unwrap();
+    let (ok, _, stderr) = run(&[
+        "pretrain",
+        "--name",
+        "broken",
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        "10",
+        "--plain",
+        "--no-probe",
+    ]);
+    assert!(!ok);
+    let err: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(err.len(), 1, "{stderr}");
+    assert!(err[0].contains("model.safetensors"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn pretrain_runs_a_few_steps_and_resumes() {
+    let dir = std::env::temp_dir().join(format!("m3ae-cli-run-{}", std::process::id()));
+    let out = dir.join("runs");
+    let base = [
+        "pretrain",
+        "--name",
+        "t",
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--plain",
+        "--no-probe",
+        "--batch-size",
+        "8",
+    ];
+    let (ok, stdout, stderr) = run(&[&base[..], &["--steps", "4"]].concat());
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("steps: 4"), "{stdout}");
+    let r = out.join("t");
+    for f in [
+        "config.toml",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/step-00000004/model.safetensors",
+    ] {
+        assert!(r.join(f).exists(), "{f} missing");
+    }
+    assert!(std::fs::read_dir(r.join("recon")).unwrap().count() >= 1);
+    // without --resume an existing run is refused; with it the run continues to 6 steps
+    let (ok, _, stderr) = run(&[&base[..], &["--steps", "6"]].concat());
+    assert!(!ok && stderr.contains("--resume"), "{stderr}");
+    let (ok, stdout, stderr) = run(&[&base[..], &["--steps", "6", "--resume"]].concat());
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("steps: 6") && stderr.contains("resumed from"),
+        "{stdout}{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

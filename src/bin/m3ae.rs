@@ -183,8 +183,16 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+fn main() {
+    // Errors print as one line (the causes joined with ": "), without a backtrace.
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
         Command::Info {
             preset,
             config,
