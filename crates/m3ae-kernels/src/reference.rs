@@ -82,7 +82,22 @@ pub fn masked_attention(
 /// Dense layer `x W^T + b`: `x` `[.., in]`, `weight` `[out, in]`, `bias` `[out]` -> `[.., out]`
 /// (flattened to one 2-D matmul).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
+    let (rows, inp, out_dims) = linear_shapes(x, weight, bias)?;
+    let y = x
+        .contiguous()?
+        .reshape((rows, inp))?
+        .matmul(&weight.t()?)?
+        .broadcast_add(bias)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// Checks a dense layer's shapes; returns `(rows, in, output dims)`.
+pub(crate) fn linear_shapes(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<(usize, usize, Vec<usize>)> {
+    let mut dims = x.dims().to_vec();
     let inp = *dims.last().unwrap_or(&0);
     let (out, win) = weight.dims2()?;
     if win != inp || bias.dims() != [out] {
@@ -97,26 +112,14 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         });
     }
     let rows = x.elem_count() / inp.max(1);
-    let y = x
-        .contiguous()?
-        .reshape((rows, inp))?
-        .matmul(&weight.t()?)?
-        .broadcast_add(bias)?;
-    let mut out_dims = dims;
-    if let Some(l) = out_dims.last_mut() {
+    if let Some(l) = dims.last_mut() {
         *l = out;
     }
-    Ok(y.reshape(out_dims)?)
+    Ok((rows, inp, dims))
 }
 
-/// Attention on the packed qkv projection: `qkv` `[B, L, 3 D]` (columns `[q | k | v]`, each
-/// head-contiguous) -> `[B, L, D]` with the heads concatenated.
-pub fn qkv_attention(
-    qkv: &Tensor,
-    heads: usize,
-    key_padding: Option<&Tensor>,
-    scale: f64,
-) -> Result<Tensor> {
+/// Checks a packed qkv tensor `[B, L, 3 x heads x Dh]`; returns `(B, L, Dh)`.
+pub(crate) fn qkv_shapes(qkv: &Tensor, heads: usize) -> Result<(usize, usize, usize)> {
     let (b, l, c3) = qkv.dims3()?;
     if heads == 0 || c3 % (3 * heads) != 0 {
         return Err(Error::Shape {
@@ -127,7 +130,18 @@ pub fn qkv_attention(
             ),
         });
     }
-    let dh = c3 / (3 * heads);
+    Ok((b, l, c3 / (3 * heads)))
+}
+
+/// Attention on the packed qkv projection: `qkv` `[B, L, 3 D]` (columns `[q | k | v]`, each
+/// head-contiguous) -> `[B, L, D]` with the heads concatenated.
+pub fn qkv_attention(
+    qkv: &Tensor,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, l, dh) = qkv_shapes(qkv, heads)?;
     let x = qkv
         .reshape((b, l, 3, heads, dh))?
         .permute((2, 0, 3, 1, 4))?;

@@ -87,16 +87,7 @@ pub fn qkv_attention(
     if !qkv.device().is_cpu() {
         return crate::reference::qkv_attention(qkv, heads, key_padding, scale);
     }
-    let (b, l, c3) = qkv.dims3()?;
-    if heads == 0 || c3 % (3 * heads) != 0 {
-        return Err(Error::Shape {
-            op: "qkv_attention",
-            msg: format!(
-                "qkv {:?} is not [B, L, 3 x {heads} heads x head dim]",
-                qkv.dims()
-            ),
-        });
-    }
+    let (b, l, _) = crate::reference::qkv_shapes(qkv, heads)?;
     let padding = match key_padding {
         None => None,
         Some(p) => {
@@ -148,30 +139,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return crate::reference::linear(x, weight, bias);
     }
-    let dims = x.dims().to_vec();
-    let inp = *dims.last().unwrap_or(&0);
-    let (out, win) = weight.dims2()?;
-    if win != inp || bias.dims() != [out] {
-        return Err(Error::Shape {
-            op: "linear",
-            msg: format!(
-                "x {:?}, weight {:?}, bias {:?} do not agree",
-                x.dims(),
-                weight.dims(),
-                bias.dims()
-            ),
-        });
-    }
-    let rows = x.elem_count() / inp.max(1);
+    let (rows, inp, out_dims) = crate::reference::linear_shapes(x, weight, bias)?;
     let x2 = f32_contiguous(x)?.reshape((rows, inp))?;
     let y = x2.apply_op3(
         &f32_contiguous(weight)?,
         &f32_contiguous(bias)?,
         linear::FusedLinear,
     )?;
-    let mut out_dims = dims;
-    if let Some(l) = out_dims.last_mut() {
-        *l = out;
-    }
     Ok(y.reshape(out_dims)?.to_dtype(x.dtype())?)
 }
