@@ -437,18 +437,7 @@ fn masked_word_accuracy(model: &M3ae, batch: &Batch, most_frequent: u32) -> Resu
     )?;
     let logits = out.text_logits.context("no text output")?;
     let pred = logits.argmax(candle_core::D::Minus1)?.to_vec2::<u32>()?;
-    let ids = batch
-        .input
-        .text_ids
-        .as_ref()
-        .context("no text")?
-        .to_vec2::<u32>()?;
-    let pad = batch
-        .input
-        .text_padding
-        .as_ref()
-        .context("no padding")?
-        .to_vec2::<f32>()?;
+    let (ids, pad) = text_rows(batch)?;
     let mask = out.text_mask.context("no text mask")?.to_vec2::<f32>()?;
     let (mut n, mut hit, mut base) = (0usize, 0usize, 0usize);
     for i in 0..ids.len() {
@@ -473,15 +462,14 @@ fn most_frequent_token(tok: &Tokenizer, scenes: &CaptionedScenes) -> Result<u32>
             *counts.entry(id).or_default() += 1;
         }
     }
-    counts
-        .into_iter()
-        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
-        .map(|(id, _)| id)
-        .context("empty corpus")
+    most_frequent(counts).context("empty corpus")
 }
 
-/// The most frequent non-padding token of a batch (frequency baseline for non-scene data).
-fn most_frequent_in_batch(b: &Batch) -> Result<u32> {
+/// Token ids and padding flags of a batch's text, row by row.
+type TextRows = (Vec<Vec<u32>>, Vec<Vec<f32>>);
+
+/// Reads [`TextRows`] from a batch.
+fn text_rows(b: &Batch) -> Result<TextRows> {
     let ids = b
         .input
         .text_ids
@@ -494,6 +482,20 @@ fn most_frequent_in_batch(b: &Batch) -> Result<u32> {
         .as_ref()
         .context("no padding")?
         .to_vec2::<f32>()?;
+    Ok((ids, pad))
+}
+
+/// The most frequent token of a count table (ties: the smaller id).
+fn most_frequent(counts: std::collections::HashMap<u32, usize>) -> Option<u32> {
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(id, _)| id)
+}
+
+/// The most frequent non-padding token of a batch (frequency baseline for non-scene data).
+fn most_frequent_in_batch(b: &Batch) -> Result<u32> {
+    let (ids, pad) = text_rows(b)?;
     let mut counts = std::collections::HashMap::<u32, usize>::new();
     for (r, p) in ids.iter().zip(&pad) {
         for (&t, &q) in r.iter().zip(p) {
@@ -502,11 +504,7 @@ fn most_frequent_in_batch(b: &Batch) -> Result<u32> {
             }
         }
     }
-    counts
-        .into_iter()
-        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
-        .map(|(id, _)| id)
-        .context("the held-out batch has no text")
+    most_frequent(counts).context("the held-out batch has no text")
 }
 
 /// Writes the reconstruction panel of a held-out batch: per sample a row of
