@@ -5,55 +5,12 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use m3ae::data::{
-    CaptionedScenes, ImageData, Loader, LoaderConfig, Partition, Position, Record, RecordIter,
-    Sample, ScenesConfig, Source, Tokenizer,
+    CaptionedScenes, Loader, LoaderConfig, Position, ScenesConfig, Source, Tokenizer,
 };
 use std::sync::Arc;
 
-/// Samples held in memory (so the bench measures processing, not disk).
-struct InMemory(Vec<Sample>);
-
-impl Source for InMemory {
-    fn open(&self, p: &Partition) -> m3ae::data::Result<RecordIter> {
-        let v: Vec<_> = self
-            .0
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| p.owns(*i))
-            .map(|(_, s)| Ok(Record::Sample(s.clone())))
-            .collect();
-        Ok(Box::new(v.into_iter()))
-    }
-    fn describe(&self) -> String {
-        "in-memory".into()
-    }
-}
-
-fn samples(n: usize) -> Vec<Sample> {
-    // photo-like 256x256 JPEGs (quality 90): smooth gradients plus texture
-    let scenes = CaptionedScenes::new(ScenesConfig::default()).unwrap();
-    (0..n)
-        .map(|i| {
-            let sc = scenes.scene(i);
-            let img = image::RgbImage::from_fn(256, 256, |x, y| {
-                let p = &sc.pixels[(((y / 4) * 64 + x / 4) * 3) as usize..][..3];
-                let t = ((x * 13 + y * 7 + i as u32) % 17) as u8;
-                image::Rgb([p[0].saturating_add(t), p[1], p[2].saturating_sub(t)])
-            });
-            let mut jpg = Vec::new();
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90)
-                .encode_image(&img)
-                .unwrap();
-            Sample {
-                key: i.to_string(),
-                image: Some(ImageData::Encoded(Arc::new(jpg))),
-                text: Some(sc.caption),
-                label: None,
-                file: "memory".into(),
-            }
-        })
-        .collect()
-}
+mod common;
+use common::{samples, InMemory};
 
 fn tokenizer() -> Tokenizer {
     if let Some(d) = std::env::var_os("M3AE_DATA_DIR") {

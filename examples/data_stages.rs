@@ -10,54 +10,15 @@
 
 use m3ae::data::{
     image::{resample, Layout},
-    CaptionedScenes, ImageConfig, ImageData, Loader, LoaderConfig, Partition, Position, Record,
-    RecordIter, RgbImage, Sample, ScenesConfig, Source, Tokenizer,
+    CaptionedScenes, ImageConfig, ImageData, Loader, LoaderConfig, Position, RgbImage,
+    ScenesConfig, Source, Tokenizer,
 };
 use std::sync::Arc;
 use std::time::Instant;
 
-struct InMemory(Vec<Sample>);
-
-impl Source for InMemory {
-    fn open(&self, p: &Partition) -> m3ae::data::Result<RecordIter> {
-        let v: Vec<_> = self
-            .0
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| p.owns(*i))
-            .map(|(_, s)| Ok(Record::Sample(s.clone())))
-            .collect();
-        Ok(Box::new(v.into_iter()))
-    }
-    fn describe(&self) -> String {
-        "in-memory".into()
-    }
-}
-
-fn samples(n: usize) -> Vec<Sample> {
-    let scenes = CaptionedScenes::new(ScenesConfig::default()).unwrap();
-    (0..n)
-        .map(|i| {
-            let sc = scenes.scene(i);
-            let img = image::RgbImage::from_fn(256, 256, |x, y| {
-                let p = &sc.pixels[(((y / 4) * 64 + x / 4) * 3) as usize..][..3];
-                let t = ((x * 13 + y * 7 + i as u32) % 17) as u8;
-                image::Rgb([p[0].saturating_add(t), p[1], p[2].saturating_sub(t)])
-            });
-            let mut jpg = Vec::new();
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90)
-                .encode_image(&img)
-                .unwrap();
-            Sample {
-                key: i.to_string(),
-                image: Some(ImageData::Encoded(Arc::new(jpg))),
-                text: Some(sc.caption),
-                label: None,
-                file: "memory".into(),
-            }
-        })
-        .collect()
-}
+#[path = "../benches/common/mod.rs"]
+mod common;
+use common::{samples, InMemory};
 
 /// CPU seconds (user + system) of this process so far, from /proc (Linux).
 fn cpu_seconds() -> f64 {

@@ -767,7 +767,7 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
             )?
         }
     };
-    if let Model2::M3ae(m) = &final_model {
+    if let Trained::M3ae(m) = &final_model {
         let held_out = eval_batch(&cfg, &model_cfg, &tok, 256)?;
         let most_frequent = match cfg.data.source.as_str() {
             "scenes" => most_frequent_token(&tok, &scenes(&cfg, SceneSplit::Train, 2000)?)?,
@@ -779,8 +779,8 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
     }
     if cfg.probe && !summary.interrupted {
         let trained = match &final_model {
-            Model2::M3ae(m) => probe_scenes(m, &cfg, 1)?,
-            Model2::Mae(m) => probe_scenes(m, &cfg, 1)?,
+            Trained::M3ae(m) => probe_scenes(m, &cfg, 1)?,
+            Trained::Mae(m) => probe_scenes(m, &cfg, 1)?,
         };
         let random = Mae::init(&model_cfg, cfg.seed.wrapping_add(1000), &dev)?;
         let baseline = probe_scenes(&random, &cfg, 1)?;
@@ -792,7 +792,7 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
 }
 
 /// The trained model handed back by the loop.
-enum Model2 {
+enum Trained {
     M3ae(M3ae),
     Mae(Mae),
 }
@@ -805,17 +805,17 @@ fn eval_image_only(b: &Batch) -> Batch {
     b
 }
 
-trait IntoModel2 {
-    fn into_model2(self) -> Model2;
+trait IntoTrained {
+    fn into_trained(self) -> Trained;
 }
-impl IntoModel2 for M3ae {
-    fn into_model2(self) -> Model2 {
-        Model2::M3ae(self)
+impl IntoTrained for M3ae {
+    fn into_trained(self) -> Trained {
+        Trained::M3ae(self)
     }
 }
-impl IntoModel2 for Mae {
-    fn into_model2(self) -> Model2 {
-        Model2::Mae(self)
+impl IntoTrained for Mae {
+    fn into_trained(self) -> Trained {
+        Trained::Mae(self)
     }
 }
 
@@ -824,7 +824,7 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train_loop<O: Objective + Clone + IntoModel2>(
+fn train_loop<O: Objective + Clone + IntoTrained>(
     cfg: &PretrainConfig,
     opts: &RunOptions,
     mut trainer: Trainer<O>,
@@ -832,7 +832,7 @@ fn train_loop<O: Objective + Clone + IntoModel2>(
     latest: Option<PathBuf>,
     run_dir: &Path,
     mut draw: impl FnMut(&Trainer<O>, &Path) -> Result<()>,
-) -> Result<(RunSummary, Model2)> {
+) -> Result<(RunSummary, Trained)> {
     let ck_dir = run_dir.join("checkpoints");
     let mut first_window: Option<(f64, f64)> = None;
     let mut history = serde_json::json!({});
@@ -1020,5 +1020,5 @@ fn train_loop<O: Objective + Clone + IntoModel2>(
         skipped_steps: trainer.skipped_steps(),
         checkpoint,
     };
-    Ok((summary, trainer.objective().clone().into_model2()))
+    Ok((summary, trainer.objective().clone().into_trained()))
 }
