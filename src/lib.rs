@@ -19,3 +19,4 @@ pub mod convert;
 pub mod evaluate;
 pub mod parity;
 pub mod pretrain;
+pub mod streams;

@@ -7,17 +7,16 @@
 //! preset on the built-in captioned scenes, then probes the learned image representation on the
 //! scenes' shape labels next to a randomly initialised model.
 
+use crate::streams::Streams;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use m3ae_data::{
     Batch, CaptionedScenes, LabelKind, Loader, LoaderConfig, MaskConfig, Position, SceneSplit,
     ScenesConfig, Source, Tokenizer, Transform,
 };
-use m3ae_model::{M3ae, M3aeConfig, Mae, ModelInput, Pooling, Represent};
+use m3ae_model::{M3ae, M3aeConfig, Mae, Pooling, Represent};
 use m3ae_train::tensorboard::TensorBoardSink;
-use m3ae_train::{
-    BatchSource, JsonlSink, MetricSink, Objective, StepReport, TrainBatch, TrainConfig, Trainer,
-};
+use m3ae_train::{BatchSource, JsonlSink, MetricSink, Objective, StepReport, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +77,28 @@ impl Default for DataConfig {
     }
 }
 
+/// Data-parallel settings (see `docs/distributed.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// Data streams the global batch is split over (0: one per rank). A fixed value makes the
+    /// run independent of the number of ranks (any number dividing it gives the same batches)
+    /// and lets a checkpoint resume under a different number of ranks. `train.batch_size` must
+    /// be a multiple of it.
+    pub streams: usize,
+    /// Longest wait in one collective operation before the job is aborted, in seconds.
+    pub timeout_s: f64,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            streams: 0,
+            timeout_s: 600.0,
+        }
+    }
+}
+
 /// The whole pre-training configuration (saved as `config.toml` in the run directory).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -111,6 +132,8 @@ pub struct PretrainConfig {
     /// Threads of the model's compute (0: cores minus the data threads, at least 1). Applied
     /// through `RAYON_NUM_THREADS` unless that is already set.
     pub compute_threads: usize,
+    /// Data-parallel training.
+    pub distributed: DistributedConfig,
 }
 
 impl Default for PretrainConfig {
@@ -141,6 +164,7 @@ impl Default for PretrainConfig {
             probe: true,
             probe_samples: (2000, 1000),
             compute_threads: 0,
+            distributed: DistributedConfig::default(),
         }
     }
 }
@@ -298,66 +322,21 @@ pub struct RunOptions {
     pub plain: bool,
 }
 
-/// Adapts the data loader to the trainer's [`BatchSource`].
-struct LoaderSource {
-    loader: Loader,
-    iter: Option<m3ae_data::loader::BatchIter>,
-    position: Position,
-    text: bool,
+/// Saves a tokenizer through a temporary file and a rename, so that another process of the job
+/// never reads it half-written.
+fn save_tokenizer(tok: &Tokenizer, path: &Path) -> Result<()> {
+    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    tok.save(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-fn to_train_batch(b: Batch, text: bool) -> TrainBatch {
-    let mut input = b.input;
-    let text_masking = if text { b.text_masking } else { None };
-    if !text {
-        input.text_ids = None;
-        input.text_padding = None;
-    }
-    TrainBatch {
-        input,
-        image_masking: b.image_masking,
-        text_masking,
-        unpaired: b.unpaired.and_then(|u| {
-            let m = u.masking?;
-            Some((
-                ModelInput {
-                    image_patches: None,
-                    text_ids: Some(u.ids),
-                    text_padding: Some(u.padding),
-                },
-                m,
-            ))
-        }),
-    }
-}
-
-impl BatchSource for LoaderSource {
-    fn next_batch(&mut self) -> m3ae_train::Result<TrainBatch> {
-        if self.iter.is_none() {
-            self.iter = Some(self.loader.iter(self.position.clone()));
-        }
-        let it = self.iter.as_mut().expect("iterator set above");
-        let b = it
-            .next()
-            .ok_or_else(|| m3ae_train::Error::State("the data stream ended".into()))?
-            .map_err(|e| m3ae_train::Error::State(format!("data: {e}")))?;
-        self.position = b.position.clone();
-        Ok(to_train_batch(b, self.text))
-    }
-
-    fn position(&self) -> serde_json::Value {
-        serde_json::to_value(&self.position).unwrap_or(serde_json::Value::Null)
-    }
-
-    fn restore(&mut self, position: &serde_json::Value) -> m3ae_train::Result<()> {
-        self.position = serde_json::from_value(position.clone())?;
-        self.iter = None;
-        Ok(())
-    }
-}
-
-/// Builds (or loads) the tokenizer of a run and saves it in the run directory.
-fn tokenizer(cfg: &PretrainConfig, run_dir: &Path, scenes: &CaptionedScenes) -> Result<Tokenizer> {
+/// Builds (or loads) the tokenizer of a run and saves it in the run directory (`save`: rank 0).
+fn tokenizer(
+    cfg: &PretrainConfig,
+    run_dir: &Path,
+    scenes: &CaptionedScenes,
+    save: bool,
+) -> Result<Tokenizer> {
     let saved = run_dir.join("tokenizer.json");
     let tok = if let Some(p) = &cfg.data.tokenizer {
         Tokenizer::from_file(p)?
@@ -367,8 +346,8 @@ fn tokenizer(cfg: &PretrainConfig, run_dir: &Path, scenes: &CaptionedScenes) -> 
         let corpus = scenes.corpus(5000);
         Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), cfg.data.vocab_size)?
     };
-    if !saved.is_file() {
-        tok.save(&saved)?;
+    if save && !saved.is_file() {
+        save_tokenizer(&tok, &saved)?;
     }
     Ok(tok)
 }
@@ -640,9 +619,41 @@ pub fn probe_scenes(model: &dyn Represent, cfg: &PretrainConfig, seed: u64) -> R
     )?)
 }
 
-/// Runs (or resumes) a pre-training job.
-pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
+/// Runs (or resumes) a pre-training job in this process alone.
+pub fn run(cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
+    run_with_sync(cfg, opts, Box::new(m3ae_train::SingleProcess))
+}
+
+/// Runs (or resumes) one rank of a data-parallel pre-training job: `sync` averages the gradients
+/// across the ranks (see `docs/distributed.md`). Every rank reads its own streams of the data;
+/// rank 0 alone writes the run directory (configuration, metrics, images, checkpoints) and runs
+/// the final evaluations. The summary of the other ranks has no evaluations.
+pub fn run_with_sync(
+    mut cfg: PretrainConfig,
+    opts: RunOptions,
+    sync: Box<dyn m3ae_train::GradSync + Send>,
+) -> Result<RunSummary> {
     let dev = Device::Cpu;
+    let (rank, world) = (sync.rank(), sync.world_size());
+    let lead = rank == 0;
+    let streams = match cfg.distributed.streams {
+        0 => world,
+        s => s,
+    };
+    cfg.distributed.streams = streams;
+    if streams % world != 0 || cfg.train.batch_size % streams != 0 {
+        bail!(
+            "distributed.streams = {streams} must be a multiple of the number of ranks ({world}) \
+             and divide train.batch_size = {} (the global batch)",
+            cfg.train.batch_size
+        );
+    }
+    if cfg.distributed.timeout_s.is_nan() || cfg.distributed.timeout_s <= 0.0 {
+        bail!(
+            "distributed.timeout_s = {} must be > 0",
+            cfg.distributed.timeout_s
+        );
+    }
     cfg.train.validate()?;
     cfg.model.validate(cfg.objective == ObjectiveKind::M3ae)?;
     let run_dir = cfg.run_dir();
@@ -664,7 +675,7 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
                 split: SceneSplit::Train,
                 ..cfg.data.scenes.clone()
             })?;
-            let tok = Arc::new(tokenizer(&cfg, &run_dir, &train_scenes)?);
+            let tok = Arc::new(tokenizer(&cfg, &run_dir, &train_scenes, lead)?);
             cfg.model.image_size = cfg.data.scenes.image_size;
             (Arc::new(train_scenes), tok)
         }
@@ -680,7 +691,9 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
                 .as_ref()
                 .context("data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for webdataset")?;
             let tok = Tokenizer::from_file(path)?;
-            tok.save(run_dir.join("tokenizer.json"))?;
+            if lead {
+                save_tokenizer(&tok, &run_dir.join("tokenizer.json"))?;
+            }
             cfg.probe = false;
             (
                 Arc::new(m3ae_data::WebDataset::from_spec(spec)?),
@@ -695,10 +708,18 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
     // the resolved configuration, as run
     let cfg_path = run_dir.join("config.toml");
     let text = toml::to_string_pretty(&cfg).context("serialising the configuration")?;
-    std::fs::write(&cfg_path, text).with_context(|| format!("writing {}", cfg_path.display()))?;
+    if lead {
+        std::fs::write(&cfg_path, text)
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
+    }
 
     let with_text = cfg.objective == ObjectiveKind::M3ae;
     let mut lc = loader_config(&cfg, &model_cfg);
+    // every stream holds `batch / streams` samples of the global batch; masks are drawn for the
+    // global batch by `Streams`
+    let masks = lc.masks.take().map(|m| (m, lc.seed));
+    lc.batch_size = cfg.train.batch_size / streams;
+    lc.world_size = streams;
     let unpaired = match (
         &cfg.data.unpaired_text,
         with_text && model_cfg.unpaired_text_loss_weight > 0.0,
@@ -710,16 +731,17 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
         (None, true) => bail!("model.unpaired_text_loss_weight > 0 needs data.unpaired_text"),
         _ => None,
     };
-    let mut loader = Loader::new(train_source, Some(tok.clone()), lc)?;
-    if let Some(u) = unpaired {
-        loader = loader.with_unpaired_text(u)?;
-    }
-    let mut source = LoaderSource {
-        loader,
-        iter: None,
-        position: Position::default(),
-        text: with_text,
-    };
+    let mut source = Streams::new(streams, rank, world, masks, with_text, |s| {
+        let lc = LoaderConfig {
+            rank: s,
+            ..lc.clone()
+        };
+        let mut loader = Loader::new(train_source.clone(), Some(tok.clone()), lc)?;
+        if let Some(u) = &unpaired {
+            loader = loader.with_unpaired_text(u.clone())?;
+        }
+        Ok(loader)
+    })?;
     let eval = eval_batch(&cfg, &model_cfg, &tok, 8)?;
     let norm = m3ae_data::Normalization::Cc12m;
     let (mut summary, final_model) = match cfg.objective {
@@ -728,7 +750,7 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
             train_loop(
                 &cfg,
                 &opts,
-                Trainer::new(m, cfg.train.clone())?,
+                Trainer::new(m, cfg.train.clone())?.with_sync(sync),
                 &mut source,
                 latest,
                 &run_dir,
@@ -749,7 +771,7 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
             train_loop(
                 &cfg,
                 &opts,
-                Trainer::new(m, cfg.train.clone())?,
+                Trainer::new(m, cfg.train.clone())?.with_sync(sync),
                 &mut source,
                 latest,
                 &run_dir,
@@ -767,6 +789,9 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
             )?
         }
     };
+    if !lead {
+        return Ok(summary);
+    }
     if let Trained::M3ae(m) = &final_model {
         let held_out = eval_batch(&cfg, &model_cfg, &tok, 256)?;
         let most_frequent = match cfg.data.source.as_str() {
@@ -823,12 +848,37 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// Gathers every rank's data position at rank 0, which writes the checkpoint (`None` elsewhere).
+fn save_checkpoint<O: Objective>(
+    trainer: &mut Trainer<O>,
+    source: &Streams,
+    ck_dir: &Path,
+    extra: serde_json::Value,
+    cfg: &PretrainConfig,
+) -> Result<Option<PathBuf>> {
+    let local = serde_json::to_vec(&source.position())?;
+    let Some(all) = trainer.sync_mut().gather(&local)? else {
+        return Ok(None);
+    };
+    let locals = all
+        .iter()
+        .map(|b| serde_json::from_slice(b))
+        .collect::<std::result::Result<Vec<serde_json::Value>, _>>()?;
+    let position = Streams::merge(&locals)?;
+    Ok(Some(trainer.save_checkpoint(
+        ck_dir,
+        position,
+        extra,
+        cfg.keep_checkpoints,
+    )?))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn train_loop<O: Objective + Clone + IntoTrained>(
     cfg: &PretrainConfig,
     opts: &RunOptions,
     mut trainer: Trainer<O>,
-    source: &mut LoaderSource,
+    source: &mut Streams,
     latest: Option<PathBuf>,
     run_dir: &Path,
     mut draw: impl FnMut(&Trainer<O>, &Path) -> Result<()>,
@@ -850,10 +900,19 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
         }
         eprintln!("resumed from {} at step {}", dir.display(), trainer.step());
     }
-    let mut jsonl = JsonlSink::open(&run_dir.join("metrics.jsonl"))?;
-    let mut tb = TensorBoardSink::create(&run_dir.join("tb"))?;
+    let (rank, world) = trainer.rank_and_world();
+    let lead = rank == 0;
+    // rank 0 writes the metrics; the others only train
+    let mut sinks = if lead {
+        Some((
+            JsonlSink::open(&run_dir.join("metrics.jsonl"))?,
+            TensorBoardSink::create(&run_dir.join("tb"))?,
+        ))
+    } else {
+        None
+    };
     let total = cfg.train.steps;
-    let bar = if opts.plain {
+    let bar = if opts.plain || !lead {
         None
     } else {
         let b = indicatif::ProgressBar::new(total);
@@ -871,6 +930,8 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
     let mut window: Vec<StepReport> = Vec::new();
     let mut last_window = (f64::NAN, f64::NAN);
     let mut checkpoint = latest.clone();
+    // the same on every rank (`checkpoint` is only set on rank 0)
+    let mut have_checkpoint = latest.is_some();
     let mut interrupted = false;
     let mut window_start = Instant::now();
     let mut data_wait = 0f64;
@@ -881,7 +942,12 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
         })
     };
     while trainer.step() < total {
-        if opts.stop.load(Ordering::SeqCst) {
+        let mut stop = [f64::from(u8::from(opts.stop.load(Ordering::SeqCst)))];
+        if world > 1 {
+            // stop together: a rank that left alone would leave the others waiting
+            trainer.sync_mut().all_reduce_sum(&mut stop)?;
+        }
+        if stop[0] > 0.0 {
             interrupted = true;
             break;
         }
@@ -930,18 +996,19 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
                 last.grad_norm.unwrap_or(f64::NAN).into(),
             );
             rec.insert("samples_per_s".into(), sps.into());
-            let tokens = source.loader.config().text_len.unwrap_or(0) + cfg.model.num_patches();
+            let tokens = source.loader().config().text_len.unwrap_or(0) + cfg.model.num_patches();
             rec.insert("tokens_per_s".into(), (sps * tokens as f64).into());
             rec.insert("skipped_steps".into(), trainer.skipped_steps().into());
             rec.insert(
                 "data_wait_fraction".into(),
                 (data_wait / secs.max(1e-9)).into(),
             );
-            let bad = &source.position.stats;
-            rec.insert("bad_samples".into(), serde_json::to_value(bad)?);
+            rec.insert("bad_samples".into(), serde_json::to_value(source.stats())?);
             let rec = serde_json::Value::Object(rec);
-            jsonl.record(step, &rec)?;
-            tb.record(step, &rec)?;
+            if let Some((jsonl, tb)) = &mut sinks {
+                jsonl.record(step, &rec)?;
+                tb.record(step, &rec)?;
+            }
             let il = avg("image_loss");
             let tl = avg("text_loss");
             if first_window.is_none() {
@@ -959,7 +1026,8 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
             );
             match &bar {
                 Some(b) => b.set_message(msg),
-                None => eprintln!("step {step}/{total} {msg}"),
+                None if lead => eprintln!("step {step}/{total} {msg}"),
+                None => {}
             }
             window.clear();
             window_start = Instant::now();
@@ -968,19 +1036,16 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
         if let Some(b) = &bar {
             b.set_position(step);
         }
-        if cfg.image_every > 0 && step % cfg.image_every == 0 {
+        if lead && cfg.image_every > 0 && step % cfg.image_every == 0 {
             draw(
                 &trainer,
                 &run_dir.join("recon").join(format!("step-{step:08}.png")),
             )?;
         }
         if step % cfg.save_every == 0 && step < total {
-            checkpoint = Some(trainer.save_checkpoint(
-                &ck_dir,
-                source.position(),
-                extra(first_window),
-                cfg.keep_checkpoints,
-            )?);
+            let saved = save_checkpoint(&mut trainer, source, &ck_dir, extra(first_window), cfg)?;
+            checkpoint = saved.or(checkpoint);
+            have_checkpoint = true;
         }
     }
     if let Some(b) = &bar {
@@ -988,20 +1053,18 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
     }
     let train_seconds = start.elapsed().as_secs_f64();
     let done = trainer.step() - start_step;
-    if done > 0 || checkpoint.is_none() {
-        checkpoint = Some(trainer.save_checkpoint(
-            &ck_dir,
-            source.position(),
-            extra(first_window),
-            cfg.keep_checkpoints,
-        )?);
+    if done > 0 || !have_checkpoint {
+        let saved = save_checkpoint(&mut trainer, source, &ck_dir, extra(first_window), cfg)?;
+        checkpoint = saved.or(checkpoint);
     }
-    draw(
-        &trainer,
-        &run_dir
-            .join("recon")
-            .join(format!("step-{:08}.png", trainer.step())),
-    )?;
+    if lead {
+        draw(
+            &trainer,
+            &run_dir
+                .join("recon")
+                .join(format!("step-{:08}.png", trainer.step())),
+        )?;
+    }
     let summary = RunSummary {
         run_dir: run_dir.to_path_buf(),
         steps: trainer.step(),

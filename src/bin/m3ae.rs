@@ -170,17 +170,52 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         stop,
         plain: a.plain || !std::io::stderr().is_terminal(),
     };
-    eprintln!(
-        "pretraining {:?} ({} steps, batch {}, {} compute threads) into {}",
-        cfg.objective,
-        cfg.train.steps,
-        cfg.train.batch_size,
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
-        cfg.run_dir().display()
-    );
-    let summary = m3ae::pretrain::run(cfg, opts)?;
-    println!("{summary}");
+    let sync = grad_sync(&cfg)?;
+    let lead = sync.rank() == 0;
+    if lead {
+        eprintln!(
+            "pretraining {:?} ({} steps, batch {}, {} compute threads) into {}",
+            cfg.objective,
+            cfg.train.steps,
+            cfg.train.batch_size,
+            std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+            cfg.run_dir().display()
+        );
+    }
+    let summary = m3ae::pretrain::run_with_sync(cfg, opts, sync)?;
+    if lead {
+        println!("{summary}");
+    }
     Ok(())
+}
+
+/// MPI when the binary has the `mpi` feature and was started by an MPI launcher; otherwise one
+/// process.
+fn grad_sync(
+    cfg: &m3ae::pretrain::PretrainConfig,
+) -> Result<Box<dyn m3ae::train::GradSync + Send>> {
+    #[cfg(feature = "mpi")]
+    if m3ae::train::sync::mpi::launched_by_mpi() {
+        let s = m3ae::train::sync::mpi::MpiSync::init()?.with_timeout(
+            std::time::Duration::from_secs_f64(cfg.distributed.timeout_s),
+        );
+        use m3ae::train::GradSync;
+        if s.rank() == 0 {
+            eprintln!("data-parallel over MPI: {} ranks", s.world_size());
+        }
+        return Ok(Box::new(s));
+    }
+    #[cfg(not(feature = "mpi"))]
+    if ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .any(|k| std::env::var_os(k).is_some_and(|v| v != "1"))
+    {
+        anyhow::bail!(
+            "started by an MPI launcher, but this m3ae was built without MPI: rebuild with `--features mpi`"
+        );
+    }
+    let _ = cfg;
+    Ok(Box::new(m3ae::train::SingleProcess))
 }
 
 fn main() {

@@ -202,6 +202,27 @@ impl BadStats {
         }
     }
 
+    /// Adds the counts (and, up to the limit, the examples) of `other`.
+    ///
+    /// ```
+    /// let mut a = m3ae_data::BadStats::default();
+    /// a.good = 2;
+    /// let mut b = a.clone();
+    /// b.record(m3ae_data::BadSample { reason: m3ae_data::BadReason::NonUtf8,
+    ///     key: "k".into(), file: "f.tar".into(), detail: String::new() });
+    /// a.merge(&b);
+    /// assert_eq!((a.good, a.total_bad(), a.examples.len()), (4, 1, 1));
+    /// ```
+    pub fn merge(&mut self, other: &BadStats) {
+        self.good += other.good;
+        for (r, n) in &other.bad {
+            *self.bad.entry(*r).or_insert(0) += n;
+        }
+        let room = Self::MAX_EXAMPLES.saturating_sub(self.examples.len());
+        self.examples
+            .extend(other.examples.iter().take(room).cloned());
+    }
+
     /// Total bad samples.
     pub fn total_bad(&self) -> u64 {
         self.bad.values().sum()

@@ -204,6 +204,16 @@ impl<O: Objective> Trainer<O> {
         self.skipped_steps
     }
 
+    /// The gradient synchronisation (rank, world size, collectives).
+    pub fn sync_mut(&mut self) -> &mut (dyn crate::sync::GradSync + Send) {
+        self.sync.as_mut()
+    }
+
+    /// This process's rank and the number of processes.
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        (self.sync.rank(), self.sync.world_size())
+    }
+
     /// The training configuration.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
@@ -232,7 +242,25 @@ impl<O: Objective> Trainer<O> {
             None
         };
         let grads = match grads {
-            Some(g) if crate::optim::global_norm(&g)?.is_finite() => g,
+            Some(g) if crate::optim::global_norm(&g)?.is_finite() => Some(g),
+            _ => None,
+        };
+        // with several ranks, skipping is decided together (a rank that skipped alone would
+        // desynchronise the collectives), and the logged scalars become means over the ranks
+        let world = self.sync.world_size();
+        let mut any_bad = grads.is_none();
+        if world > 1 {
+            let mut v: Vec<f64> = std::iter::once(f64::from(u8::from(any_bad)))
+                .chain(out.scalars.values().copied())
+                .collect();
+            self.sync.all_reduce_sum(&mut v)?;
+            any_bad = v[0] > 0.0;
+            for (x, s) in out.scalars.values_mut().zip(&v[1..]) {
+                *x = s / world as f64;
+            }
+        }
+        let grads = match grads {
+            Some(g) if !any_bad => g,
             _ => {
                 self.bad_in_row += 1;
                 self.skipped_steps += 1;

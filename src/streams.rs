@@ -1,0 +1,361 @@
+//! The training data of a pre-training run as `S` independent streams, for one process or a
+//! data-parallel job.
+//!
+//! The global batch of a step is the concatenation, in stream order, of the next `B / S` samples
+//! of every stream; stream `s` is partition `s` of `S` of the source (its own shards or samples,
+//! its own shuffle and augmentation seeds). Rank `r` of `W` reads the streams `s` with
+//! `s % W == r`. The masks are drawn for the global batch from (seed, step) and each rank keeps
+//! its rows: with batch-shared noise (official) every rank uses the same noise vector, exactly as
+//! one process holding the whole global batch would.
+//!
+//! So with `S` fixed, the run does not depend on the number of processes: 1, 2 or any `W`
+//! dividing `S` see the same samples with the same augmentations and masks at every step, and a
+//! checkpoint (whose data position holds every stream's position) resumes under any such `W`.
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use m3ae_data::loader::BatchIter;
+use m3ae_data::masks::Stream;
+use m3ae_data::{Batch, Loader, MaskConfig, MaskSampler, NoiseKind, Position};
+use m3ae_model::{keep_len, Masking, ModelInput, Noise};
+use m3ae_train::TrainBatch;
+use serde_json::{json, Value};
+
+/// One stream read by this process.
+struct Part {
+    index: usize,
+    loader: Loader,
+    iter: Option<BatchIter>,
+    position: Position,
+}
+
+/// The streams of one rank, as a [`m3ae_train::BatchSource`] of its share of the global batch.
+pub struct Streams {
+    parts: Vec<Part>,
+    total: usize,
+    masks: Option<(MaskConfig, MaskSampler)>,
+    text: bool,
+}
+
+/// The streams rank `rank` of `world` reads when the data is split into `total` streams.
+///
+/// ```
+/// assert_eq!(m3ae::streams::streams_of(1, 2, 4), vec![1, 3]);
+/// assert_eq!(m3ae::streams::streams_of(0, 1, 2), vec![0, 1]);
+/// ```
+pub fn streams_of(rank: usize, world: usize, total: usize) -> Vec<usize> {
+    (0..total).filter(|s| s % world == rank).collect()
+}
+
+impl Streams {
+    /// Opens this rank's streams; `make(s)` builds the loader of stream `s` (partition `s` of
+    /// `total`, without masks: they are drawn here for the global batch).
+    pub fn new(
+        total: usize,
+        rank: usize,
+        world: usize,
+        masks: Option<(MaskConfig, u64)>,
+        text: bool,
+        mut make: impl FnMut(usize) -> Result<Loader>,
+    ) -> Result<Self> {
+        ensure!(
+            world > 0 && rank < world,
+            "rank {rank} of world size {world}"
+        );
+        ensure!(
+            total >= world && total % world == 0,
+            "distributed.streams = {total} cannot be shared by {world} ranks: it must be a multiple of the world size"
+        );
+        let parts = streams_of(rank, world, total)
+            .into_iter()
+            .map(|index| {
+                Ok(Part {
+                    index,
+                    loader: make(index)?,
+                    iter: None,
+                    position: Position::default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            parts,
+            total,
+            masks: masks.map(|(m, seed)| (m, MaskSampler::new(seed, m.noise))),
+            text,
+        })
+    }
+
+    /// The loader of this rank's first stream (its configuration is every stream's).
+    pub fn loader(&self) -> &Loader {
+        &self.parts[0].loader
+    }
+
+    /// Good and bad samples of this rank's streams so far.
+    pub fn stats(&self) -> m3ae_data::BadStats {
+        let mut s = m3ae_data::BadStats::default();
+        for p in &self.parts {
+            s.merge(&p.position.stats);
+        }
+        s
+    }
+
+    /// The positions of this rank's streams: `{"streams": S, "positions": {"<s>": position}}`.
+    fn local_position(&self) -> Value {
+        let positions: serde_json::Map<String, Value> = self
+            .parts
+            .iter()
+            .map(|p| {
+                (
+                    p.index.to_string(),
+                    serde_json::to_value(&p.position).unwrap_or(Value::Null),
+                )
+            })
+            .collect();
+        json!({ "streams": self.total, "positions": positions })
+    }
+
+    /// Merges the local positions of every rank (as gathered at rank 0) into the position a
+    /// checkpoint stores: `{"streams": S, "positions": [p_0, ..., p_{S-1}]}`.
+    pub fn merge(locals: &[Value]) -> Result<Value> {
+        let mut total = None;
+        let mut all: Vec<Option<Value>> = Vec::new();
+        for (rank, v) in locals.iter().enumerate() {
+            let s = v["streams"]
+                .as_u64()
+                .with_context(|| format!("data position of rank {rank} has no stream count"))?
+                as usize;
+            if *total.get_or_insert(s) != s {
+                bail!("ranks disagree on the number of data streams ({s} at rank {rank})");
+            }
+            all.resize(s, None);
+            let map = v["positions"]
+                .as_object()
+                .with_context(|| format!("data position of rank {rank} has no positions"))?;
+            for (k, p) in map {
+                let i: usize = k.parse().context("stream index")?;
+                ensure!(i < s, "stream {i} of {s} at rank {rank}");
+                ensure!(all[i].is_none(), "stream {i} is read by two ranks");
+                all[i] = Some(p.clone());
+            }
+        }
+        let positions: Vec<Value> = all
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| p.with_context(|| format!("no rank reported stream {i}")))
+            .collect::<Result<_>>()?;
+        Ok(json!({ "streams": total.unwrap_or(0), "positions": positions }))
+    }
+
+    /// Moves every stream of this rank to the position a checkpoint stored (see [`merge`]);
+    /// `null` (a checkpoint converted from an official run) starts every stream afresh, and a
+    /// single position object (a one-stream checkpoint) is stream 0's.
+    ///
+    /// [`merge`]: Streams::merge
+    pub fn restore_all(&mut self, v: &Value) -> Result<()> {
+        let positions: Vec<Value> = match v {
+            Value::Null => vec![Value::Null; self.total],
+            Value::Object(o) if o.contains_key("positions") => {
+                let s = v["streams"].as_u64().unwrap_or(0) as usize;
+                if s != self.total {
+                    bail!(
+                        "the checkpoint's data position is for {s} data streams but this run reads {} \
+                         (distributed.streams = 0 means one per rank): set distributed.streams = {s} \
+                         and use a number of ranks that divides it",
+                        self.total
+                    );
+                }
+                v["positions"]
+                    .as_array()
+                    .context("data position: `positions` is not a list")?
+                    .clone()
+            }
+            _ => {
+                if self.total != 1 {
+                    bail!(
+                        "the checkpoint holds one data stream's position but this run reads {}: set distributed.streams = 1",
+                        self.total
+                    );
+                }
+                vec![v.clone()]
+            }
+        };
+        for p in &mut self.parts {
+            let pv = positions
+                .get(p.index)
+                .with_context(|| format!("data position: no stream {}", p.index))?;
+            p.position = if pv.is_null() {
+                Position::default()
+            } else {
+                serde_json::from_value(pv.clone())
+                    .with_context(|| format!("data position of stream {}", p.index))?
+            };
+            p.iter = None;
+        }
+        Ok(())
+    }
+
+    /// The next local batch: one batch of every stream, concatenated, with the global masks.
+    pub fn next_local(&mut self) -> Result<Batch> {
+        let mut batches = Vec::with_capacity(self.parts.len());
+        for p in &mut self.parts {
+            if p.iter.is_none() {
+                p.iter = Some(p.loader.iter(p.position.clone()));
+            }
+            let it = p.iter.as_mut().expect("iterator set above");
+            let b = it
+                .next()
+                .with_context(|| format!("data stream {} ended", p.index))?
+                .with_context(|| format!("data stream {}", p.index))?;
+            p.position = b.position.clone();
+            batches.push(b);
+        }
+        let mut b = concat(batches)?;
+        self.attach_masks(&mut b)?;
+        Ok(b)
+    }
+
+    /// Draws the masks of `b` (this rank's rows of the global batch of step `b.step`).
+    fn attach_masks(&self, b: &mut Batch) -> Result<()> {
+        let Some((mc, sampler)) = &self.masks else {
+            return Ok(());
+        };
+        let local = b.keys.len();
+        let per_stream = local / self.parts.len();
+        let rows: Vec<usize> = self.parts.iter().map(|p| p.index).collect();
+        let draw = |stream: Stream, rows_per_stream: usize, len: usize, ratio: f64| {
+            let n = rows_per_stream * rows.len();
+            let noise = match sampler.kind {
+                NoiseKind::Shared => sampler.noise(b.step, stream, n, len),
+                NoiseKind::PerSample => {
+                    let global = rows_per_stream * self.total;
+                    let Noise::PerSample { values, .. } =
+                        sampler.noise(b.step, stream, global, len)
+                    else {
+                        unreachable!("per-sample noise")
+                    };
+                    let mut mine = Vec::with_capacity(n * len);
+                    for &s in &rows {
+                        let at = s * rows_per_stream * len;
+                        mine.extend_from_slice(&values[at..at + rows_per_stream * len]);
+                    }
+                    Noise::PerSample {
+                        batch: n,
+                        values: mine,
+                    }
+                }
+            };
+            Masking::new(&noise, n, keep_len(len, ratio), &Device::Cpu)
+        };
+        if let Some(p) = &b.input.image_patches {
+            b.image_masking = Some(draw(Stream::Image, per_stream, p.dim(1)?, mc.image_ratio)?);
+        }
+        if let Some(t) = &b.input.text_ids {
+            b.text_masking = Some(draw(Stream::Text, per_stream, t.dim(1)?, mc.text_ratio)?);
+        }
+        if let Some(u) = &mut b.unpaired {
+            let (n, len) = u.ids.dims2()?;
+            u.masking = Some(draw(
+                Stream::UnpairedText,
+                n / self.parts.len(),
+                len,
+                mc.text_ratio,
+            )?);
+        }
+        Ok(())
+    }
+}
+
+/// Concatenates the batches of several streams (same step, same fields, no masks).
+fn concat(mut batches: Vec<Batch>) -> Result<Batch> {
+    if batches.len() == 1 {
+        return Ok(batches.pop().expect("one batch"));
+    }
+    let first = &batches[0];
+    let n = first.keys.len();
+    for b in &batches {
+        ensure!(
+            b.step == first.step && b.keys.len() == n,
+            "data streams out of step: step {} with {} samples vs step {} with {n}",
+            b.step,
+            b.keys.len(),
+            first.step
+        );
+    }
+    let cat = |f: &dyn Fn(&Batch) -> Option<&Tensor>| -> Result<Option<Tensor>> {
+        let parts: Option<Vec<&Tensor>> = batches.iter().map(f).collect();
+        Ok(match parts {
+            Some(p) => Some(Tensor::cat(&p, 0)?),
+            None => None,
+        })
+    };
+    let input = ModelInput {
+        image_patches: cat(&|b| b.input.image_patches.as_ref())?,
+        text_ids: cat(&|b| b.input.text_ids.as_ref())?,
+        text_padding: cat(&|b| b.input.text_padding.as_ref())?,
+    };
+    let unpaired = match (
+        cat(&|b| b.unpaired.as_ref().map(|u| &u.ids))?,
+        cat(&|b| b.unpaired.as_ref().map(|u| &u.padding))?,
+    ) {
+        (Some(ids), Some(padding)) => Some(m3ae_data::loader::TextBatch {
+            ids,
+            padding,
+            masking: None,
+        }),
+        _ => None,
+    };
+    let mut out = batches.swap_remove(0);
+    for b in &batches {
+        out.keys.extend(b.keys.iter().cloned());
+        out.labels.extend(b.labels.iter().copied());
+    }
+    out.input = input;
+    out.unpaired = unpaired;
+    out.image_masking = None;
+    out.text_masking = None;
+    Ok(out)
+}
+
+/// A data-loader batch as the trainer's batch (`text`: keep the captions, for M3AE).
+pub fn to_train_batch(b: Batch, text: bool) -> TrainBatch {
+    let mut input = b.input;
+    let text_masking = if text { b.text_masking } else { None };
+    if !text {
+        input.text_ids = None;
+        input.text_padding = None;
+    }
+    TrainBatch {
+        input,
+        image_masking: b.image_masking,
+        text_masking,
+        unpaired: b.unpaired.and_then(|u| {
+            let m = u.masking?;
+            Some((
+                ModelInput {
+                    image_patches: None,
+                    text_ids: Some(u.ids),
+                    text_padding: Some(u.padding),
+                },
+                m,
+            ))
+        }),
+    }
+}
+
+impl m3ae_train::BatchSource for Streams {
+    fn next_batch(&mut self) -> m3ae_train::Result<TrainBatch> {
+        let b = self
+            .next_local()
+            .map_err(|e| m3ae_train::Error::State(format!("data: {e:#}")))?;
+        Ok(to_train_batch(b, self.text))
+    }
+
+    fn position(&self) -> Value {
+        self.local_position()
+    }
+
+    fn restore(&mut self, position: &Value) -> m3ae_train::Result<()> {
+        self.restore_all(position)
+            .map_err(|e| m3ae_train::Error::State(format!("{e:#}")))
+    }
+}
