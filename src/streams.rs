@@ -359,3 +359,147 @@ impl m3ae_train::BatchSource for Streams {
             .map_err(|e| m3ae_train::Error::State(format!("{e:#}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use m3ae_data::{CaptionedScenes, LoaderConfig, ScenesConfig, Source, Tokenizer};
+    use std::sync::Arc;
+
+    /// Streams of `total` over 32-px scenes for rank `rank` of `world`, global batch 8.
+    fn streams(total: usize, rank: usize, world: usize, noise: NoiseKind) -> Streams {
+        let scenes = CaptionedScenes::new(ScenesConfig {
+            len: 200,
+            image_size: 32,
+            ..Default::default()
+        })
+        .unwrap();
+        let corpus = scenes.corpus(200);
+        let tok =
+            Arc::new(Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), 200).unwrap());
+        let src: Arc<dyn Source> = Arc::new(scenes);
+        let mut lc = LoaderConfig::pretrain(8 / total, 32, 8);
+        lc.seed = 5;
+        lc.num_threads = 1;
+        lc.text_len = Some(16);
+        lc.shuffle_buffer = 16;
+        lc.world_size = total;
+        let masks = MaskConfig {
+            noise,
+            ..MaskConfig::default()
+        };
+        lc.masks = None;
+        Streams::new(total, rank, world, Some((masks, 5)), true, |s| {
+            Ok(Loader::new(
+                src.clone(),
+                Some(tok.clone()),
+                LoaderConfig {
+                    rank: s,
+                    ..lc.clone()
+                },
+            )?)
+        })
+        .unwrap()
+    }
+
+    fn rows(t: &Option<Tensor>) -> Vec<Vec<f32>> {
+        t.as_ref()
+            .unwrap()
+            .flatten_from(1)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    }
+
+    fn mask_rows(m: &Option<Masking>) -> Vec<Vec<f32>> {
+        m.as_ref().unwrap().mask.to_vec2().unwrap()
+    }
+
+    #[test]
+    fn two_ranks_read_exactly_the_global_batch_of_one_process() {
+        for noise in [NoiseKind::Shared, NoiseKind::PerSample] {
+            let mut one = streams(2, 0, 1, noise);
+            let mut r0 = streams(2, 0, 2, noise);
+            let mut r1 = streams(2, 1, 2, noise);
+            for _ in 0..3 {
+                let g = one.next_local().unwrap();
+                let (a, b) = (r0.next_local().unwrap(), r1.next_local().unwrap());
+                assert_eq!(g.keys.len(), 8);
+                let keys: Vec<String> = a.keys.iter().chain(&b.keys).cloned().collect();
+                assert_eq!(g.keys, keys);
+                let cat = |f: &dyn Fn(&Batch) -> Vec<Vec<f32>>| {
+                    let mut v = f(&a);
+                    v.extend(f(&b));
+                    v
+                };
+                assert_eq!(
+                    rows(&g.input.image_patches),
+                    cat(&|x| rows(&x.input.image_patches))
+                );
+                assert_eq!(rows(&g.input.text_ids), cat(&|x| rows(&x.input.text_ids)));
+                assert_eq!(
+                    mask_rows(&g.image_masking),
+                    cat(&|x| mask_rows(&x.image_masking))
+                );
+                assert_eq!(
+                    mask_rows(&g.text_masking),
+                    cat(&|x| mask_rows(&x.text_masking))
+                );
+                let m = mask_rows(&g.image_masking);
+                match noise {
+                    NoiseKind::Shared => assert!(m.iter().all(|r| *r == m[0])),
+                    NoiseKind::PerSample => assert_ne!(m[0], m[4]),
+                }
+            }
+            // the positions merge into the single process's
+            let merged = Streams::merge(&[r0.local_position(), r1.local_position()]).unwrap();
+            let single = Streams::merge(&[one.local_position()]).unwrap();
+            assert_eq!(merged, single);
+            // and the two ranks' streams read disjoint samples
+            assert_eq!(single["positions"].as_array().unwrap().len(), 2);
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_resumes_under_any_world_size_dividing_its_streams() {
+        let mut one = streams(2, 0, 1, NoiseKind::Shared);
+        one.next_local().unwrap();
+        let saved = Streams::merge(&[one.local_position()]).unwrap();
+        let next = one.next_local().unwrap();
+        let mut r1 = streams(2, 1, 2, NoiseKind::Shared);
+        r1.restore_all(&saved).unwrap();
+        assert_eq!(r1.next_local().unwrap().keys, next.keys[4..].to_vec());
+        // a different stream count is refused, naming both and the setting
+        let mut four = streams(4, 0, 1, NoiseKind::Shared);
+        let err = four.restore_all(&saved).unwrap_err().to_string();
+        assert!(
+            err.contains("2 data streams")
+                && err.contains("reads 4")
+                && err.contains("distributed.streams = 2"),
+            "{err}"
+        );
+        // a checkpoint without a data position (converted from an official run) starts afresh
+        four.restore_all(&Value::Null).unwrap();
+    }
+
+    #[test]
+    fn merging_rejects_overlaps_gaps_and_disagreements() {
+        let p = |s: usize, idx: &[usize]| {
+            let m: serde_json::Map<String, Value> =
+                idx.iter().map(|i| (i.to_string(), json!({}))).collect();
+            json!({"streams": s, "positions": m})
+        };
+        assert!(Streams::merge(&[p(2, &[0]), p(2, &[1])]).is_ok());
+        let e = |v: &[Value]| Streams::merge(v).unwrap_err().to_string();
+        assert!(e(&[p(2, &[0]), p(2, &[0])]).contains("read by two ranks"));
+        assert!(e(&[p(2, &[0])]).contains("no rank reported stream 1"));
+        assert!(e(&[p(2, &[0]), p(4, &[1])]).contains("disagree"));
+        assert!(Streams::new(3, 0, 2, None, true, |_| unreachable!())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("multiple of the world size"));
+    }
+}

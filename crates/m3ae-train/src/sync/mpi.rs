@@ -79,6 +79,18 @@ impl MpiSync {
         self
     }
 
+    /// The world communicator.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn world(&self) -> &SimpleCommunicator {
+        &self.world
+    }
+
+    /// Counts a gradient all-reduce made by another engine (NCCL) for the messages.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn next_step(&mut self) {
+        self.step += 1;
+    }
+
     /// Prints `msg` (prefixed by this rank) and aborts every process of the job.
     fn abort(&self, msg: &str) -> ! {
         eprintln!(
@@ -116,7 +128,7 @@ impl MpiSync {
 
     /// Every rank reports (step, layout) to rank 0, which waits for all of them; on a timeout it
     /// names the ranks that did not arrive, on a layout mismatch the ranks that differ.
-    fn arrive(&self, what: &str, digest: u64, len: u64) {
+    pub(crate) fn arrive(&self, what: &str, digest: u64, len: u64) {
         let rank = self.world.rank();
         let size = self.world.size() as usize;
         let start = Instant::now();
