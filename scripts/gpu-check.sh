@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-shot check on a GPU machine: builds the CUDA / NCCL features and runs what needs a GPU.
+#   bash scripts/gpu-check.sh            (from the repository root; writes gpu-check.log)
+# Needs: a CUDA toolkit (nvcc), libnccl, Open MPI (openmpi-bin libopenmpi-dev) and libclang.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# candle's kernels are compiled for this compute capability; CUDA 11.x cannot target 9.0
+# (`compute_90a`): set CUDA_COMPUTE_CAP=80 there (the PTX then runs on newer GPUs too).
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+{
+  nvidia-smi
+  echo "== build --features nccl (compute cap $CUDA_COMPUTE_CAP)"
+  time cargo build --release -p m3ae-train --features nccl --tests
+  echo "== NCCL, world size 1"
+  cargo test --release -p m3ae-train --features nccl --test nccl -- --nocapture
+  gpus=$(nvidia-smi -L | wc -l)
+  if [ "$gpus" -ge 2 ]; then
+    echo "== NCCL, $gpus ranks"
+    bin=$(ls -t target/release/deps/nccl-* | grep -v '\.d$' | head -1)
+    mpirun -n "$gpus" "$bin" --nocapture
+  fi
+} 2>&1 | tee gpu-check.log
