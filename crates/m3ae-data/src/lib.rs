@@ -6,7 +6,8 @@
 //!   the built-in [`CaptionedScenes`].
 //! * [`image`](mod@image): decoding (grey / alpha to RGB on white) and the official transforms and
 //!   normalisations (spec §8).
-//! * [`Tokenizer`]: BERT WordPiece over the `tokenizers` crate with the official behaviour.
+//! * [`Tokenizer`]: BERT WordPiece over the `tokenizers` crate with the official behaviour, from a
+//!   file or (feature `hub`) a Hugging Face repository id through the local cache ([`hub`]).
 //! * [`MaskSampler`]: batch-shared or per-sample noise from (seed, step) into
 //!   [`m3ae_model::Masking`].
 //! * [`Loader`]: parallel, bounded, deterministic batches with a resumable [`Position`].
@@ -30,6 +31,7 @@
 pub mod arrays;
 pub mod error;
 pub mod folder;
+pub mod hub;
 pub mod image;
 pub mod loader;
 pub mod manifest;
@@ -45,6 +47,7 @@ pub mod webdataset;
 pub use arrays::U8Arrays;
 pub use error::{BadReason, BadSample, BadStats, Error, Result};
 pub use folder::ImageFolder;
+pub use hub::HubOptions;
 pub use image::{decode_rgb, ImageConfig, Normalization, RgbImage, Transform};
 pub use loader::{collate, Batch, Loader, LoaderConfig, MaskConfig, Position, TextBatch};
 pub use manifest::Manifest;
