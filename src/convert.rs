@@ -60,6 +60,17 @@ pub enum Error {
     /// The optimizer state does not fit.
     #[error(transparent)]
     Train(#[from] m3ae_train::Error),
+    /// A checkpoint path or name that leads to no model weights.
+    #[error("{name}: {msg}")]
+    Checkpoint {
+        /// The path or repository id as given.
+        name: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A Hugging Face Hub file could not be had (the message names the repository and file).
+    #[error(transparent)]
+    Data(#[from] m3ae_data::Error),
     /// JSON (de)serialisation failed.
     #[error("{origin}: {msg}")]
     Json {

@@ -51,7 +51,9 @@ pub struct DataConfig {
     pub unpaired_text: Option<PathBuf>,
     /// The built-in captioned scenes (train split; the probe uses the test split).
     pub scenes: ScenesConfig,
-    /// A `tokenizer.json`; without it a WordPiece vocabulary is trained on the scene captions.
+    /// A `tokenizer.json`, a folder holding one, or (feature `hub`) a Hugging Face repository id
+    /// such as `bert-base-uncased`; without it a WordPiece vocabulary is trained on the scene
+    /// captions.
     pub tokenizer: Option<PathBuf>,
     /// Vocabulary size of a trained WordPiece tokenizer.
     pub vocab_size: usize,
@@ -356,11 +358,24 @@ impl BatchSource for LoaderSource {
     }
 }
 
+/// A `data.tokenizer` value: a `tokenizer.json`, a folder holding one, or (feature `hub`) a
+/// Hugging Face repository id such as `bert-base-uncased` (local cache first; `HF_HUB_OFFLINE=1`
+/// keeps it off the network).
+fn load_tokenizer(p: &Path) -> Result<Tokenizer> {
+    let name = p
+        .to_str()
+        .with_context(|| format!("data.tokenizer {}: not UTF-8", p.display()))?;
+    Ok(Tokenizer::from_pretrained(
+        name,
+        &m3ae_data::HubOptions::default(),
+    )?)
+}
+
 /// Builds (or loads) the tokenizer of a run and saves it in the run directory.
 fn tokenizer(cfg: &PretrainConfig, run_dir: &Path, scenes: &CaptionedScenes) -> Result<Tokenizer> {
     let saved = run_dir.join("tokenizer.json");
     let tok = if let Some(p) = &cfg.data.tokenizer {
-        Tokenizer::from_file(p)?
+        load_tokenizer(p)?
     } else if saved.is_file() {
         Tokenizer::from_file(&saved)?
     } else {
@@ -679,7 +694,7 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
                 .tokenizer
                 .as_ref()
                 .context("data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for webdataset")?;
-            let tok = Tokenizer::from_file(path)?;
+            let tok = load_tokenizer(path)?;
             tok.save(run_dir.join("tokenizer.json"))?;
             cfg.probe = false;
             (

@@ -15,6 +15,10 @@ use std::path::PathBuf;
     about = "Multimodal masked autoencoders (M3AE) in Rust"
 )]
 struct Cli {
+    /// Never use the network for Hugging Face repository ids (feature `hub`): only the local
+    /// cache; the same as `HF_HUB_OFFLINE=1`.
+    #[arg(long, global = true)]
+    offline: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -184,8 +188,13 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
 }
 
 fn main() {
+    let cli = Cli::parse();
+    if cli.offline {
+        // Before any other thread exists; every Hub lookup reads it (m3ae_data::hub).
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
     // Errors print as one line (the causes joined with ": "), without a backtrace.
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
