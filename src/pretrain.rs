@@ -294,6 +294,11 @@ impl std::fmt::Display for RunSummary {
 pub struct RunOptions {
     /// Continue from the newest checkpoint of the run directory.
     pub resume: bool,
+    /// Start from this checkpoint instead (a `step-*` folder, or a run or converted folder's
+    /// newest `checkpoints/step-*`), e.g. an official run converted by
+    /// `m3ae convert official --resumable`; the configuration should have been through
+    /// [`adopt_checkpoint`]. The run directory must hold no checkpoint yet (or this one).
+    pub resume_from: Option<PathBuf>,
     /// Set to stop at the next step boundary (Ctrl-C); a checkpoint is written first.
     pub stop: Arc<AtomicBool>,
     /// Plain log lines instead of a progress bar.
@@ -655,6 +660,69 @@ pub fn probe_scenes(model: &dyn Represent, cfg: &PretrainConfig, seed: u64) -> R
     )?)
 }
 
+/// The checkpoint folder a `--resume <DIR>` value stands for: `DIR` itself when it holds
+/// `trainer.json`, else the newest `DIR/checkpoints/step-*`, else the newest `DIR/step-*`.
+pub fn resolve_resume_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.join("trainer.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    if let Some(p) = m3ae_train::checkpoint::latest(&dir.join("checkpoints"))? {
+        return Ok(p);
+    }
+    if let Some(p) = m3ae_train::checkpoint::latest(dir)? {
+        return Ok(p);
+    }
+    bail!(
+        "--resume {}: no checkpoint there (a step-* folder with trainer.json, or checkpoints/step-*)",
+        dir.display()
+    )
+}
+
+/// True when the safetensors file holds a tensor `name` (reads only the header).
+fn safetensors_has(path: &Path, name: &str) -> Result<bool> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .with_context(|| format!("{}: no safetensors header", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        bail!("{}: safetensors header of {n} bytes", path.display());
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: safetensors header", path.display()))?;
+    Ok(v.get(name).is_some())
+}
+
+/// Makes `cfg` continue the checkpoint `dir` (see [`resolve_resume_dir`]) and returns the
+/// checkpoint folder: the model configuration and the optimisation settings are the
+/// checkpoint's (its `trainer.json`), the objective follows its weights (M3AE when they hold a
+/// text embedding), and the built-in scenes are drawn at the model's image size with a
+/// vocabulary no larger than the model's. Flags applied afterwards (`--steps`, `--lr`, ...)
+/// still override.
+pub fn adopt_checkpoint(cfg: &mut PretrainConfig, dir: &Path) -> Result<PathBuf> {
+    let step_dir = resolve_resume_dir(dir)?;
+    let state = m3ae_train::TrainerState::read(&step_dir)?;
+    cfg.model = state.model;
+    cfg.train = state.train;
+    cfg.objective =
+        if safetensors_has(&step_dir.join("model.safetensors"), "text_embedding.weight")? {
+            ObjectiveKind::M3ae
+        } else {
+            ObjectiveKind::Mae
+        };
+    if cfg.data.source == "scenes" {
+        cfg.data.scenes.image_size = cfg.model.image_size;
+        if cfg.data.tokenizer.is_none() {
+            cfg.data.vocab_size = cfg.data.vocab_size.min(cfg.model.text_vocab_size);
+        }
+    }
+    Ok(step_dir)
+}
+
 /// Runs (or resumes) a pre-training job.
 pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
     let dev = Device::Cpu;
@@ -663,8 +731,24 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let ck_dir = run_dir.join("checkpoints");
-    let latest = m3ae_train::checkpoint::latest(&ck_dir)?;
-    if latest.is_some() && !opts.resume {
+    let mut latest = m3ae_train::checkpoint::latest(&ck_dir)?;
+    // A checkpoint from elsewhere (e.g. a converted official run) starts this run.
+    if let Some(dir) = &opts.resume_from {
+        let from = resolve_resume_dir(dir)?;
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let inside = canon(&from).starts_with(canon(&ck_dir));
+        if latest.is_some() && !inside {
+            bail!(
+                "{} already holds checkpoints: --resume {} starts a new run, so choose another \
+                 --name (or continue this run: --resume --config {}/config.toml)",
+                run_dir.display(),
+                dir.display(),
+                run_dir.display()
+            );
+        }
+        latest = Some(from);
+    }
+    if latest.is_some() && !opts.resume && opts.resume_from.is_none() {
         bail!(
             "{} already holds checkpoints: pass --resume to continue it, or choose another --name",
             run_dir.display()
@@ -704,7 +788,25 @@ pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
         }
         other => bail!("data.source = {other:?}: expected \"scenes\" or \"webdataset\""),
     };
-    cfg.model.text_vocab_size = tok.vocab_size();
+    // A checkpoint being continued fixes the vocabulary (an official one may be larger than
+    // the tokenizer's); the tokenizer's ids must fit in it. (An unreadable trainer.json is
+    // reported by the restore below.)
+    let ckpt_vocab = latest
+        .as_deref()
+        .and_then(|d| m3ae_train::TrainerState::read(d).ok())
+        .map(|s| s.model.text_vocab_size);
+    match ckpt_vocab {
+        Some(v) if cfg.objective == ObjectiveKind::M3ae => {
+            if tok.vocab_size() > v {
+                bail!(
+                    "the tokenizer has {} tokens but the checkpoint's model has a vocabulary of {v}: use the run's tokenizer (data.tokenizer)",
+                    tok.vocab_size()
+                );
+            }
+            cfg.model.text_vocab_size = v;
+        }
+        _ => cfg.model.text_vocab_size = tok.vocab_size(),
+    }
     cfg.validate()?;
     let model_cfg = cfg.model.resolved();
     // the resolved configuration, as run
@@ -889,11 +991,16 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
     let mut interrupted = false;
     let mut window_start = Instant::now();
     let mut data_wait = 0f64;
+    // What the checkpoint carried (e.g. an official run's provenance) is kept.
+    let carried = history.clone();
     let extra = |first: Option<(f64, f64)>| {
-        serde_json::json!({
-            "first_image_loss": first.map(|f| f.0),
-            "first_text_loss": first.map(|f| f.1),
-        })
+        let mut e = match &carried {
+            serde_json::Value::Object(m) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        e.insert("first_image_loss".into(), first.map(|f| f.0).into());
+        e.insert("first_text_loss".into(), first.map(|f| f.1).into());
+        serde_json::Value::Object(e)
     };
     while trainer.step() < total {
         if opts.stop.load(Ordering::SeqCst) {
