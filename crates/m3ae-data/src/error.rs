@@ -59,6 +59,16 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// An HDF5 file or one of its datasets cannot be used (feature `hdf5`).
+    #[error("{}: dataset `{dataset}`: {msg}", path.display())]
+    Hdf5 {
+        /// The file.
+        path: PathBuf,
+        /// The dataset (`/` for the file itself).
+        dataset: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// A safetensors array file is malformed.
     #[error("{}: {msg}", path.display())]
     Arrays {
