@@ -11,7 +11,9 @@
 //! * [`OfficialCheckpoint::config`] rebuilds the [`M3aeConfig`] from the flags and tensor shapes.
 //! * [`convert_official`] writes `model.safetensors` (native names, config in the metadata under
 //!   `m3ae_config`), `config.json`, optionally `optimizer.safetensors` (our AdamW state) and, for a
-//!   probe, `probe.safetensors`; [`export_official`] writes our weights under official names.
+//!   probe, `probe.safetensors`; [`convert_official_resumable`] writes a checkpoint folder
+//!   `checkpoints/step-NNNNNNNN/` that `m3ae pretrain --resume` continues at the official step
+//!   with its AdamW moments; [`export_official`] writes our weights under official names.
 //! * [`load_m3ae`] / [`load_mae`] accept a converted directory, a `model.safetensors` or a
 //!   `model.pkl`.
 
@@ -60,6 +62,17 @@ pub enum Error {
     /// The optimizer state does not fit.
     #[error(transparent)]
     Train(#[from] m3ae_train::Error),
+    /// A checkpoint path or name that leads to no model weights.
+    #[error("{name}: {msg}")]
+    Checkpoint {
+        /// The path or repository id as given.
+        name: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A Hugging Face Hub file could not be had (the message names the repository and file).
+    #[error(transparent)]
+    Data(#[from] m3ae_data::Error),
     /// JSON (de)serialisation failed.
     #[error("{origin}: {msg}")]
     Json {
@@ -973,6 +986,76 @@ impl OfficialCheckpoint {
         Ok((out, meta))
     }
 
+    /// The optimisation settings of the official run, from its flags: batch size (global),
+    /// `lr_{init,peak,end}_value`, weight decay (AdamW b1 0.9, b2 0.95, eps 1e-8 as the official
+    /// `adamw`), `clip_gradient`, `accumulate_grad_steps`, and the schedule length in optimiser
+    /// steps: `total_steps` when given, else `epochs * int(data length / batch_size) /
+    /// accumulate_grad_steps` when the flags record the data length (`{data}.length`), else the
+    /// checkpoint's own step (the run is then complete: pass `--steps` to `m3ae pretrain`).
+    /// Warmup is `lr_warmup_epochs` epochs; a non-zero warmup needs the epoch length (from the
+    /// data length or `total_steps / epochs`) and is otherwise an error naming the flag.
+    pub fn train_config(&self, total_steps: Option<u64>) -> Result<m3ae_train::TrainConfig> {
+        let mut t = m3ae_train::TrainConfig::default();
+        if let Some(b) = self.flag_usize("batch_size")? {
+            t.batch_size = b;
+        }
+        for (flag, field) in [
+            ("lr_init_value", &mut t.lr_init),
+            ("lr_peak_value", &mut t.lr_peak),
+            ("lr_end_value", &mut t.lr_end),
+            ("clip_gradient", &mut t.clip_gradient),
+            ("weight_decay", &mut t.adamw.weight_decay),
+        ] {
+            if let Some(v) = self.flag_f64(flag)? {
+                *field = v;
+            }
+        }
+        let accum = self
+            .flag_usize("accumulate_grad_steps")?
+            .unwrap_or(1)
+            .max(1) as u64;
+        t.accumulate_grad_steps = accum;
+        let epochs = self.flag_usize("epochs")?.map(|e| e as u64);
+        // The data config group: m3ae_main `data.*`, mae_main `{dataset}_data.*`.
+        let group = match self.flag("dataset").and_then(|v| v.as_str()) {
+            Some(d) => format!("{d}_data"),
+            None => "data".to_string(),
+        };
+        let length = self.flag_usize(&format!("{group}.length"))?;
+        // Loop steps (micro-batches) per epoch, as the official `int(len(dataset) / batch)`.
+        let per_epoch = match (length, t.batch_size) {
+            (Some(n), b) if b > 0 => Some((n / b) as u64),
+            _ => match (total_steps, epochs) {
+                (Some(s), Some(e)) if e > 0 => Some(s * accum / e),
+                _ => None,
+            },
+        };
+        let state_step = self
+            .state_step
+            .as_ref()
+            .and_then(|s| s.to_i64())
+            .unwrap_or(0)
+            .max(0) as u64;
+        t.steps = match (total_steps, per_epoch, epochs) {
+            (Some(s), _, _) => s,
+            (None, Some(pe), Some(e)) => pe * e / accum,
+            _ => state_step,
+        }
+        .max(1);
+        let warmup_epochs = self.flag_f64("lr_warmup_epochs")?.unwrap_or(0.0);
+        if warmup_epochs > 0.0 {
+            let pe = per_epoch.ok_or_else(|| Error::Structure {
+                origin: self.origin.clone(),
+                key: "variant.lr_warmup_epochs".into(),
+                msg: "a warmup in epochs needs the epoch length, which the flags do not record: \
+                      give the run's total steps (--total-steps)"
+                    .into(),
+            })?;
+            t.warmup_steps = (warmup_epochs * pe as f64) as u64 / accum;
+        }
+        Ok(t)
+    }
+
     /// The probe head (`weight [C, D]`, `bias [C]`, `running_mean [D]`, `running_var [D]`).
     pub fn probe_head(&self, device: &Device) -> Result<m3ae_eval::LinearProbeHead> {
         let get = |m: &BTreeMap<String, RawTensor>, k: &str| -> Result<Tensor> {
@@ -1098,6 +1181,103 @@ pub fn convert_official(pkl: &Path, out_dir: &Path, optimizer: bool) -> Result<C
     })
 }
 
+/// Converts an official M3AE / MAE `model.pkl` into a resumable checkpoint
+/// `out_dir/checkpoints/step-NNNNNNNN/` (NNNNNNNN = the official `state.step`, the number of
+/// updates): `model.safetensors` (native names, metadata as [`convert_official`]),
+/// `optimizer.safetensors` (the AdamW moments and count) and `trainer.json` (a
+/// [`m3ae_train::TrainerState`]: the step, the model config, the optimisation settings of
+/// [`OfficialCheckpoint::train_config`], the data position at the start of our stream with the
+/// mask step of the official run, and the checkpoint's provenance under `extra.official`).
+/// `m3ae pretrain --resume out_dir` continues it; evaluation commands accept `out_dir` as a run
+/// directory. Returns what was written (the step folder's files).
+pub fn convert_official_resumable(
+    pkl: &Path,
+    out_dir: &Path,
+    total_steps: Option<u64>,
+) -> Result<Converted> {
+    let ckpt = OfficialCheckpoint::read(pkl)?;
+    if ckpt.kind == CheckpointKind::Linear {
+        return Err(Error::Structure {
+            origin: ckpt.origin.clone(),
+            key: "state".into(),
+            msg: "a linear-probe checkpoint cannot be resumed as pre-training; convert it \
+                  without --resumable"
+                .into(),
+        });
+    }
+    let dev = Device::Cpu;
+    let config = ckpt.config()?;
+    let store = ckpt.param_store(&config, &dev)?;
+    let (opt_t, opt_meta) = ckpt.adamw_state(&config, &dev)?;
+    let step: u64 = opt_meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_default();
+    if let Some(s) = ckpt.state_step.as_ref().and_then(|s| s.to_i64()) {
+        if s != step as i64 {
+            return Err(Error::Structure {
+                origin: ckpt.origin.clone(),
+                key: "state.step".into(),
+                msg: format!("is {s} but the AdamW count is {step}"),
+            });
+        }
+    }
+    let train = ckpt.train_config(total_steps)?;
+    let micro_step = step * train.accumulate_grad_steps;
+    let position = m3ae_data::Position {
+        step: micro_step,
+        ..Default::default()
+    };
+    let to_json = |v: serde_json::Result<serde_json::Value>, what: &str| {
+        v.map_err(|e| Error::Json {
+            origin: what.into(),
+            msg: e.to_string(),
+        })
+    };
+    let state = m3ae_train::TrainerState {
+        step,
+        micro_step,
+        skipped_steps: 0,
+        train,
+        model: config.clone(),
+        data_position: to_json(serde_json::to_value(&position), "data position")?,
+        extra: serde_json::json!({
+            "official": {
+                "source": ckpt.origin,
+                "kind": ckpt.kind.name(),
+                "checkpoint_step": ckpt.checkpoint_step,
+                "checkpoint_epoch": ckpt.checkpoint_epoch,
+                "variant": serde_json::Value::Object(ckpt.flags.clone()),
+            }
+        }),
+    };
+    let mut meta = HashMap::from([
+        ("m3ae_config".to_string(), json(&config, "config")?),
+        ("official_kind".to_string(), ckpt.kind.name().to_string()),
+        (
+            "official_variant".to_string(),
+            serde_json::Value::Object(ckpt.flags.clone()).to_string(),
+        ),
+    ]);
+    meta.insert("state_step".into(), step.to_string());
+    let dir = m3ae_train::checkpoint::save(
+        &out_dir.join("checkpoints"),
+        step,
+        (&store.tensors(), meta),
+        (&opt_t, opt_meta),
+        &to_json(serde_json::to_value(&state), "trainer.json")?,
+    )?;
+    Ok(Converted {
+        kind: ckpt.kind,
+        weights: (store.len(), store.num_scalars()),
+        config,
+        files: ["model.safetensors", "optimizer.safetensors", "trainer.json"]
+            .iter()
+            .map(|f| dir.join(f))
+            .collect(),
+    })
+}
+
 fn config_from_meta(meta: &HashMap<String, String>, path: &Path) -> Result<M3aeConfig> {
     let text = meta.get("m3ae_config").ok_or_else(|| Error::Json {
         origin: path.display().to_string(),
@@ -1203,6 +1383,14 @@ pub enum ConvertCommand {
         /// Also write `optimizer.safetensors` (AdamW moments and step) to resume training.
         #[arg(long)]
         optimizer: bool,
+        /// Write a resumable checkpoint `<out-dir>/checkpoints/step-NNNNNNNN/` (weights, AdamW
+        /// state, `trainer.json`) instead, for `m3ae pretrain --resume <out-dir>` (M3AE / MAE).
+        #[arg(long, conflicts_with = "optimizer")]
+        resumable: bool,
+        /// With `--resumable`: the run's total optimiser steps (the schedule length), when the
+        /// flags saved in the checkpoint do not give it.
+        #[arg(long, requires = "resumable")]
+        total_steps: Option<u64>,
     },
     /// Export our `model.safetensors` (or a converted folder) under the official Flax names.
     Export {
@@ -1220,8 +1408,14 @@ pub fn run_cli(cmd: ConvertCommand) -> anyhow::Result<()> {
             pkl,
             out_dir,
             optimizer,
+            resumable,
+            total_steps,
         } => {
-            let c = convert_official(&pkl, &out_dir, optimizer)?;
+            let c = if resumable {
+                convert_official_resumable(&pkl, &out_dir, total_steps)?
+            } else {
+                convert_official(&pkl, &out_dir, optimizer)?
+            };
             println!(
                 "converted {} checkpoint: {} weights, {} parameters",
                 c.kind.name(),
@@ -1230,6 +1424,12 @@ pub fn run_cli(cmd: ConvertCommand) -> anyhow::Result<()> {
             );
             for f in &c.files {
                 println!("wrote {}", f.display());
+            }
+            if resumable {
+                println!(
+                    "continue it with: m3ae pretrain --resume {} (plus your data config)",
+                    out_dir.display()
+                );
             }
         }
         ConvertCommand::Export { input, output } => {

@@ -2,8 +2,8 @@
 //!
 //! * Models ([`ModelSource`], [`load_model`]): a checkpoint directory `step-*`, a run directory
 //!   (its newest `checkpoints/step-*`), a `model.safetensors` with `m3ae_config` metadata, a
-//!   converted folder or an official `model.pkl` (through [`crate::convert`]), or a randomly
-//!   initialised preset (the baseline every probe number should be read against).
+//!   converted folder, an official `model.pkl` (through [`crate::convert`]), a Hugging Face
+//!   repository id (feature `hub`, through [`crate::pretrained`]), or a randomly initialised preset (the baseline every probe number should be read against).
 //! * Data ([`DataSpec`]): `u8:<file>` (also `fashion_mnist:<file>`, `mnist:<file>` or a bare
 //!   `*.safetensors` path; uint8 arrays as in `shared/data`), `scenes[:train|test|ood[:N]]` (the
 //!   built-in captioned scenes, labelled by [`m3ae_data::LabelKind`]) or `folder:<dir>` (one
@@ -148,44 +148,16 @@ impl LoadedModel {
     }
 }
 
-fn newest_step_dir(dir: &Path) -> Option<PathBuf> {
-    let rd = std::fs::read_dir(dir).ok()?;
-    rd.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let n = name.strip_prefix("step-")?.parse::<u64>().ok()?;
-            e.path()
-                .join("model.safetensors")
-                .is_file()
-                .then(|| (n, e.path()))
-        })
-        .max()
-        .map(|(_, p)| p)
-}
-
-/// The model file or folder a `--checkpoint` path stands for: a file as is, a folder holding
+/// The model file or folder a `--checkpoint` value stands for: a file as is, a folder holding
 /// `model.safetensors` (checkpoint `step-*` or converted folder) as is, a run directory's newest
-/// `checkpoints/step-*`, or the newest `step-*` directly inside the folder.
+/// `checkpoints/step-*`, the newest `step-*` directly inside the folder, a folder's official
+/// `model.pkl`, or (feature `hub`) a Hugging Face repository id through the local cache (see
+/// [`crate::pretrained`]; `HF_HUB_OFFLINE=1` or `m3ae --offline` keep it off the network).
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
-    if !path.exists() {
-        return Err(path_err(path, "no such checkpoint file or directory"));
-    }
-    if path.is_file() {
-        return Ok(path.to_path_buf());
-    }
-    if path.join("model.safetensors").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    if let Some(p) = newest_step_dir(&path.join("checkpoints")) {
-        return Ok(p);
-    }
-    if let Some(p) = newest_step_dir(path) {
-        return Ok(p);
-    }
-    Err(path_err(
+    Ok(crate::pretrained::resolve(
         path,
-        "holds neither model.safetensors nor checkpoints/step-*/model.safetensors",
-    ))
+        &crate::pretrained::HubOptions::default(),
+    )?)
 }
 
 /// Loads a model (M3AE or MAE, as the weights say) on the CPU.
@@ -1285,14 +1257,20 @@ pub fn read_image(path: &Path) -> Result<RgbImage> {
     m3ae_data::decode_rgb(&bytes).map_err(|e| path_err(path, e))
 }
 
-/// The tokenizer for a checkpoint: `explicit`, else a `tokenizer.json` next to the checkpoint,
-/// in its parent or in the run directory two levels up.
+/// The tokenizer for a checkpoint: `explicit` (a `tokenizer.json`, a folder holding one or, with
+/// the `hub` feature, a Hugging Face repository id such as `bert-base-uncased`), else a
+/// `tokenizer.json` next to the (resolved) checkpoint, in its parent or in the run directory two
+/// levels up.
 pub fn find_tokenizer(explicit: Option<&Path>, checkpoint: Option<&Path>) -> Result<Tokenizer> {
     if let Some(p) = explicit {
-        if !p.is_file() {
+        let name = p.to_str().unwrap_or_default();
+        if !p.exists() && !m3ae_data::hub::is_repo_id(name) {
             return Err(path_err(p, "no such tokenizer file"));
         }
-        return Ok(Tokenizer::from_file(p)?);
+        return Ok(Tokenizer::from_pretrained(
+            name,
+            &m3ae_data::HubOptions::default(),
+        )?);
     }
     let mut tried = Vec::new();
     if let Some(c) = checkpoint {
@@ -1329,8 +1307,13 @@ pub fn find_tokenizer(explicit: Option<&Path>, checkpoint: Option<&Path>) -> Res
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// A checkpoint directory `step-*`, a run directory (newest `checkpoints/step-*`), a
-    /// `model.safetensors`, a converted folder or an official `model.pkl`.
-    #[arg(long, value_name = "PATH", required_unless_present = "random_init")]
+    /// `model.safetensors`, a converted folder, an official `model.pkl`, or (feature `hub`) a
+    /// Hugging Face repository id `org/name` (from the local cache; see `--offline`).
+    #[arg(
+        long,
+        value_name = "PATH|REPO",
+        required_unless_present = "random_init"
+    )]
     pub checkpoint: Option<PathBuf>,
     /// Evaluate a randomly initialised `--preset` instead (the baseline).
     #[arg(long, conflicts_with = "checkpoint")]
@@ -1595,7 +1578,8 @@ pub struct ReconstructCommand {
     /// The caption (M3AE only).
     #[arg(long)]
     pub caption: Option<String>,
-    /// Tokenizer file (default: `tokenizer.json` of the run directory).
+    /// Tokenizer file, folder or (feature `hub`) Hugging Face repository id (default:
+    /// `tokenizer.json` of the run directory or next to the checkpoint).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Output PNG: original | masked input | prediction | prediction with visible patches.
@@ -1789,10 +1773,13 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
             let model = load_model(&src)?;
             print_model(&model, &src);
             let tok = match (&c.caption, &model) {
-                (Some(_), LoadedModel::M3ae(_)) => Some(find_tokenizer(
-                    c.tokenizer.as_deref(),
-                    c.model.checkpoint.as_deref(),
-                )?),
+                (Some(_), LoadedModel::M3ae(_)) => {
+                    let resolved = match &c.model.checkpoint {
+                        Some(p) => Some(resolve_checkpoint(p)?),
+                        None => None,
+                    };
+                    Some(find_tokenizer(c.tokenizer.as_deref(), resolved.as_deref())?)
+                }
                 (Some(_), LoadedModel::Mae(_)) => {
                     eprintln!("note: an image-only MAE ignores the caption");
                     None

@@ -5,6 +5,8 @@
 //! checkpoints ([`convert`]), and the evaluation front end of `m3ae embed | probe | ood |
 //! reconstruct` ([`evaluate`]).
 //!
+//! * [`pretrained`]: models by name: local checkpoints, runs, converted folders, official
+//!   `model.pkl` files and (feature `hub`) Hugging Face repository ids ([`FromPretrained`]).
 //! * [`kernels`]: differentiable tensor kernels (LayerNorm, masked attention, GELU).
 //! * [`model`]: configuration, the M3AE and MAE models, losses, weights.
 //! * [`data`], [`train`], [`eval`]: data pipeline, training, evaluation.
@@ -20,3 +22,6 @@ pub mod evaluate;
 pub mod parity;
 pub mod pretrain;
 pub mod streams;
+pub mod pretrained;
+
+pub use pretrained::{FromPretrained, HubOptions};

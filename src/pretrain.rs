@@ -50,7 +50,9 @@ pub struct DataConfig {
     pub unpaired_text: Option<PathBuf>,
     /// The built-in captioned scenes (train split; the probe uses the test split).
     pub scenes: ScenesConfig,
-    /// A `tokenizer.json`; without it a WordPiece vocabulary is trained on the scene captions.
+    /// A `tokenizer.json`, a folder holding one, or (feature `hub`) a Hugging Face repository id
+    /// such as `bert-base-uncased`; without it a WordPiece vocabulary is trained on the scene
+    /// captions.
     pub tokenizer: Option<PathBuf>,
     /// Vocabulary size of a trained WordPiece tokenizer.
     pub vocab_size: usize,
@@ -316,6 +318,11 @@ impl std::fmt::Display for RunSummary {
 pub struct RunOptions {
     /// Continue from the newest checkpoint of the run directory.
     pub resume: bool,
+    /// Start from this checkpoint instead (a `step-*` folder, or a run or converted folder's
+    /// newest `checkpoints/step-*`), e.g. an official run converted by
+    /// `m3ae convert official --resumable`; the configuration should have been through
+    /// [`adopt_checkpoint`]. The run directory must hold no checkpoint yet (or this one).
+    pub resume_from: Option<PathBuf>,
     /// Set to stop at the next step boundary (Ctrl-C); a checkpoint is written first.
     pub stop: Arc<AtomicBool>,
     /// Plain log lines instead of a progress bar.
@@ -330,6 +337,19 @@ fn save_tokenizer(tok: &Tokenizer, path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// A `data.tokenizer` value: a `tokenizer.json`, a folder holding one, or (feature `hub`) a
+/// Hugging Face repository id such as `bert-base-uncased` (local cache first; `HF_HUB_OFFLINE=1`
+/// keeps it off the network).
+fn load_tokenizer(p: &Path) -> Result<Tokenizer> {
+    let name = p
+        .to_str()
+        .with_context(|| format!("data.tokenizer {}: not UTF-8", p.display()))?;
+    Ok(Tokenizer::from_pretrained(
+        name,
+        &m3ae_data::HubOptions::default(),
+    )?)
+}
+
 /// Builds (or loads) the tokenizer of a run and saves it in the run directory (`save`: rank 0).
 fn tokenizer(
     cfg: &PretrainConfig,
@@ -339,7 +359,7 @@ fn tokenizer(
 ) -> Result<Tokenizer> {
     let saved = run_dir.join("tokenizer.json");
     let tok = if let Some(p) = &cfg.data.tokenizer {
-        Tokenizer::from_file(p)?
+        load_tokenizer(p)?
     } else if saved.is_file() {
         Tokenizer::from_file(&saved)?
     } else {
@@ -619,6 +639,69 @@ pub fn probe_scenes(model: &dyn Represent, cfg: &PretrainConfig, seed: u64) -> R
     )?)
 }
 
+/// The checkpoint folder a `--resume <DIR>` value stands for: `DIR` itself when it holds
+/// `trainer.json`, else the newest `DIR/checkpoints/step-*`, else the newest `DIR/step-*`.
+pub fn resolve_resume_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.join("trainer.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    if let Some(p) = m3ae_train::checkpoint::latest(&dir.join("checkpoints"))? {
+        return Ok(p);
+    }
+    if let Some(p) = m3ae_train::checkpoint::latest(dir)? {
+        return Ok(p);
+    }
+    bail!(
+        "--resume {}: no checkpoint there (a step-* folder with trainer.json, or checkpoints/step-*)",
+        dir.display()
+    )
+}
+
+/// True when the safetensors file holds a tensor `name` (reads only the header).
+fn safetensors_has(path: &Path, name: &str) -> Result<bool> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .with_context(|| format!("{}: no safetensors header", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        bail!("{}: safetensors header of {n} bytes", path.display());
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: safetensors header", path.display()))?;
+    Ok(v.get(name).is_some())
+}
+
+/// Makes `cfg` continue the checkpoint `dir` (see [`resolve_resume_dir`]) and returns the
+/// checkpoint folder: the model configuration and the optimisation settings are the
+/// checkpoint's (its `trainer.json`), the objective follows its weights (M3AE when they hold a
+/// text embedding), and the built-in scenes are drawn at the model's image size with a
+/// vocabulary no larger than the model's. Flags applied afterwards (`--steps`, `--lr`, ...)
+/// still override.
+pub fn adopt_checkpoint(cfg: &mut PretrainConfig, dir: &Path) -> Result<PathBuf> {
+    let step_dir = resolve_resume_dir(dir)?;
+    let state = m3ae_train::TrainerState::read(&step_dir)?;
+    cfg.model = state.model;
+    cfg.train = state.train;
+    cfg.objective =
+        if safetensors_has(&step_dir.join("model.safetensors"), "text_embedding.weight")? {
+            ObjectiveKind::M3ae
+        } else {
+            ObjectiveKind::Mae
+        };
+    if cfg.data.source == "scenes" {
+        cfg.data.scenes.image_size = cfg.model.image_size;
+        if cfg.data.tokenizer.is_none() {
+            cfg.data.vocab_size = cfg.data.vocab_size.min(cfg.model.text_vocab_size);
+        }
+    }
+    Ok(step_dir)
+}
+
 /// Runs (or resumes) a pre-training job in this process alone.
 pub fn run(cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
     run_with_sync(cfg, opts, Box::new(m3ae_train::SingleProcess))
@@ -659,8 +742,24 @@ pub fn run_with_sync(
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let ck_dir = run_dir.join("checkpoints");
-    let latest = m3ae_train::checkpoint::latest(&ck_dir)?;
-    if latest.is_some() && !opts.resume {
+    let mut latest = m3ae_train::checkpoint::latest(&ck_dir)?;
+    // A checkpoint from elsewhere (e.g. a converted official run) starts this run.
+    if let Some(dir) = &opts.resume_from {
+        let from = resolve_resume_dir(dir)?;
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let inside = canon(&from).starts_with(canon(&ck_dir));
+        if latest.is_some() && !inside {
+            bail!(
+                "{} already holds checkpoints: --resume {} starts a new run, so choose another \
+                 --name (or continue this run: --resume --config {}/config.toml)",
+                run_dir.display(),
+                dir.display(),
+                run_dir.display()
+            );
+        }
+        latest = Some(from);
+    }
+    if latest.is_some() && !opts.resume && opts.resume_from.is_none() {
         bail!(
             "{} already holds checkpoints: pass --resume to continue it, or choose another --name",
             run_dir.display()
@@ -690,7 +789,7 @@ pub fn run_with_sync(
                 .tokenizer
                 .as_ref()
                 .context("data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for webdataset")?;
-            let tok = Tokenizer::from_file(path)?;
+            let tok = load_tokenizer(path)?;
             if lead {
                 save_tokenizer(&tok, &run_dir.join("tokenizer.json"))?;
             }
@@ -702,7 +801,25 @@ pub fn run_with_sync(
         }
         other => bail!("data.source = {other:?}: expected \"scenes\" or \"webdataset\""),
     };
-    cfg.model.text_vocab_size = tok.vocab_size();
+    // A checkpoint being continued fixes the vocabulary (an official one may be larger than
+    // the tokenizer's); the tokenizer's ids must fit in it. (An unreadable trainer.json is
+    // reported by the restore below.)
+    let ckpt_vocab = latest
+        .as_deref()
+        .and_then(|d| m3ae_train::TrainerState::read(d).ok())
+        .map(|s| s.model.text_vocab_size);
+    match ckpt_vocab {
+        Some(v) if cfg.objective == ObjectiveKind::M3ae => {
+            if tok.vocab_size() > v {
+                bail!(
+                    "the tokenizer has {} tokens but the checkpoint's model has a vocabulary of {v}: use the run's tokenizer (data.tokenizer)",
+                    tok.vocab_size()
+                );
+            }
+            cfg.model.text_vocab_size = v;
+        }
+        _ => cfg.model.text_vocab_size = tok.vocab_size(),
+    }
     cfg.validate()?;
     let model_cfg = cfg.model.resolved();
     // the resolved configuration, as run
@@ -935,11 +1052,16 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
     let mut interrupted = false;
     let mut window_start = Instant::now();
     let mut data_wait = 0f64;
+    // What the checkpoint carried (e.g. an official run's provenance) is kept.
+    let carried = history.clone();
     let extra = |first: Option<(f64, f64)>| {
-        serde_json::json!({
-            "first_image_loss": first.map(|f| f.0),
-            "first_text_loss": first.map(|f| f.1),
-        })
+        let mut e = match &carried {
+            serde_json::Value::Object(m) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        e.insert("first_image_loss".into(), first.map(|f| f.0).into());
+        e.insert("first_text_loss".into(), first.map(|f| f.1).into());
+        serde_json::Value::Object(e)
     };
     while trainer.step() < total {
         let mut stop = [f64::from(u8::from(opts.stop.load(Ordering::SeqCst)))];

@@ -147,8 +147,9 @@ impl Streams {
     }
 
     /// Moves every stream of this rank to the position a checkpoint stored (see [`merge`]);
-    /// `null` (a checkpoint converted from an official run) starts every stream afresh, and a
-    /// single position object (a one-stream checkpoint) is stream 0's.
+    /// `null` starts every stream afresh, and a single position object is a one-stream
+    /// checkpoint's, or (when it has consumed nothing) the start position of every stream, as a
+    /// checkpoint converted from an official run stores it.
     ///
     /// [`merge`]: Streams::merge
     pub fn restore_all(&mut self, v: &Value) -> Result<()> {
@@ -170,13 +171,17 @@ impl Streams {
                     .clone()
             }
             _ => {
-                if self.total != 1 {
+                // one position: a one-stream checkpoint, or one converted from an official run
+                // (fresh data at the official step, so the mask noise follows the step)
+                let p: Position = serde_json::from_value(v.clone())
+                    .context("the checkpoint's data position")?;
+                if self.total != 1 && (p.consumed > 0 || p.epoch > 0) {
                     bail!(
                         "the checkpoint holds one data stream's position but this run reads {}: set distributed.streams = 1",
                         self.total
                     );
                 }
-                vec![v.clone()]
+                vec![v.clone(); self.total]
             }
         };
         for p in &mut self.parts {

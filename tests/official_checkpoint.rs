@@ -362,3 +362,107 @@ fn cli_converts_and_exports() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&out)?;
     Ok(())
 }
+
+/// A fixture tensor as the converter holds pickled arrays (raw little-endian f32 bytes).
+fn raw_f32(t: &Tensor) -> convert::RawTensor {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    convert::RawTensor {
+        dtype: convert::RawDtype::F32,
+        shape: t.dims().to_vec(),
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// `m3ae probe --evaluate` on a converted official probe head. The fixtures carry official
+/// features with official logits only in `official_tiny/linear_probe.safetensors` (the cls features
+/// of 3 images, the official LinearCLS head in Flax layout, its initial BatchNorm statistics and
+/// the eval-mode logits `linear_main` computed); the pickled probe checkpoint
+/// (`official_checkpoint/linear_model.pkl`) has a head but no features or logits. So the head of
+/// `linear_probe` goes through the converter's probe mapping (`OfficialCheckpoint::probe_head`,
+/// as for a pickle), is written and read back as `probe.safetensors` (what `--evaluate` loads),
+/// and must reproduce the official logits within the fixture's BatchNorm tolerance
+/// (`|a - b| <= 1e-4 + 1e-3 |b|`) and the official predictions exactly. The head converted from
+/// `linear_model.pkl` is checked against the BatchNorm-eval formula on its own tensors.
+#[test]
+fn converted_probe_head_reproduces_the_official_logits() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let (lp, _) = m3ae::model::params::read_safetensors(
+        &fixtures().join("official_tiny/linear_probe.safetensors"),
+        &dev,
+    )?;
+    let features = lp["linear.feature_cls"].clone();
+    let official = lp["linear.logits_eval"].to_vec2::<f32>()?;
+    let mut ckpt = OfficialCheckpoint::read(&ckpt_dir().join("linear_model.pkl"))?;
+    ckpt.params = [
+        ("Dense_0.kernel", "linear.head.Dense_0.kernel"),
+        ("Dense_0.bias", "linear.head.Dense_0.bias"),
+    ]
+    .into_iter()
+    .map(|(k, f)| (k.to_string(), raw_f32(&lp[f])))
+    .collect();
+    ckpt.batch_stats = [
+        ("bn.mean", "linear.bn.init_mean"),
+        ("bn.var", "linear.bn.init_var"),
+    ]
+    .into_iter()
+    .map(|(k, f)| (k.to_string(), raw_f32(&lp[f])))
+    .collect();
+    let out = tmp("probe-eval");
+    let file = out.join("probe.safetensors");
+    m3ae::evaluate::save_probe_head(&ckpt.probe_head(&dev)?, &file)?;
+    let head = m3ae::evaluate::load_probe_head(&file)?;
+    let ours = m3ae::eval::probe::probe_logits(&head, &features)?;
+    let classes = official[0].len();
+    let mut worst = 0f32;
+    for (i, row) in official.iter().enumerate() {
+        for (j, &b) in row.iter().enumerate() {
+            let a = ours[i * classes + j];
+            worst = worst.max((a - b).abs());
+            assert!(
+                (a - b).abs() <= 1e-4 + 1e-3 * b.abs(),
+                "logit [{i},{j}]: {a} vs {b}"
+            );
+        }
+    }
+    eprintln!("largest logit error vs the official eval logits: {worst:.2e}");
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(k, _)| k as u32)
+            .unwrap()
+    };
+    let official_pred: Vec<u32> = official.iter().map(|r| argmax(r)).collect();
+    assert_eq!(head.predict(&features)?.to_vec1::<u32>()?, official_pred);
+    let set = m3ae::evaluate::FeatureSet {
+        features: features.clone(),
+        labels: official_pred.iter().map(|&p| p as i64).collect(),
+        keys: (0..official.len()).map(|i| i.to_string()).collect(),
+        classes,
+    };
+    let (top1, _, _) = m3ae::evaluate::evaluate_head(&head, &set, classes)?;
+    assert_eq!(top1, 1.0);
+
+    // The head converted from the pickled probe: the eval formula on its own tensors.
+    let conv = out.join("linear");
+    convert::convert_official(&ckpt_dir().join("linear_model.pkl"), &conv, false)?;
+    let head = m3ae::evaluate::load_probe_head(&conv.join("probe.safetensors"))?;
+    let (exp, _) = m3ae::model::params::read_safetensors(
+        &ckpt_dir().join("linear_expected.safetensors"),
+        &dev,
+    )?;
+    let z = features
+        .broadcast_sub(&exp["batch_stats.bn.mean"])?
+        .broadcast_div(&(&exp["batch_stats.bn.var"] + 1e-5)?.sqrt()?)?;
+    let want = z
+        .matmul(&exp["Dense_0.kernel"])?
+        .broadcast_add(&exp["Dense_0.bias"])?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let got = m3ae::eval::probe::probe_logits(&head, &features)?;
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-5 + 1e-5 * b.abs(), "{a} vs {b}");
+    }
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
+}

@@ -15,6 +15,10 @@ use std::path::PathBuf;
     about = "Multimodal masked autoencoders (M3AE) in Rust"
 )]
 struct Cli {
+    /// Never use the network for Hugging Face repository ids (feature `hub`): only the local
+    /// cache; the same as `HF_HUB_OFFLINE=1`.
+    #[arg(long, global = true)]
+    offline: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -93,9 +97,11 @@ struct PretrainArgs {
     /// Text mask ratio.
     #[arg(long)]
     text_mask_ratio: Option<f64>,
-    /// Continue the newest checkpoint of the run directory.
-    #[arg(long)]
-    resume: bool,
+    /// Continue the newest checkpoint of the run directory; with a DIR, start this run from that
+    /// checkpoint instead (a `step-*` folder, or a run or converted folder such as the output of
+    /// `m3ae convert official --resumable`): its model, optimiser state, step and settings.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    resume: Option<Option<PathBuf>>,
     /// Skip the final linear probe.
     #[arg(long)]
     no_probe: bool,
@@ -114,6 +120,14 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         Some(p) => PretrainConfig::from_file(p)?,
         None => PretrainConfig::default(),
     };
+    let resume_from = a.resume.clone().flatten();
+    if let Some(dir) = &resume_from {
+        let from = m3ae::pretrain::adopt_checkpoint(&mut cfg, dir)?;
+        eprintln!(
+            "starting from {} (its model, optimiser state and settings)",
+            from.display()
+        );
+    }
     if let Some(v) = a.name {
         cfg.name = v;
     }
@@ -166,7 +180,8 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let opts = RunOptions {
-        resume: a.resume,
+        resume: a.resume.is_some() && resume_from.is_none(),
+        resume_from,
         stop,
         plain: a.plain || !std::io::stderr().is_terminal(),
     };
@@ -219,8 +234,13 @@ fn grad_sync(
 }
 
 fn main() {
+    let cli = Cli::parse();
+    if cli.offline {
+        // Before any other thread exists; every Hub lookup reads it (m3ae_data::hub).
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
     // Errors print as one line (the causes joined with ": "), without a backtrace.
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -48,6 +48,27 @@ pub enum Error {
         /// The tokenizers crate's message.
         msg: String,
     },
+    /// A file of a Hugging Face Hub repository could not be had (not cached while offline,
+    /// download failed, or the `hub` feature is off).
+    #[error("Hugging Face repository `{repo}`, file `{file}`: {msg}")]
+    Hub {
+        /// The repository id.
+        repo: String,
+        /// The file inside the repository.
+        file: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// An HDF5 file or one of its datasets cannot be used (feature `hdf5`).
+    #[error("{}: dataset `{dataset}`: {msg}", path.display())]
+    Hdf5 {
+        /// The file.
+        path: PathBuf,
+        /// The dataset (`/` for the file itself).
+        dataset: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// A safetensors array file is malformed.
     #[error("{}: {msg}", path.display())]
     Arrays {

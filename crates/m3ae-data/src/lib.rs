@@ -3,10 +3,12 @@
 //! * [`Sample`], [`Record`] and the [`Source`] trait: the samples of one partition (rank, world
 //!   size, worker, epoch seed). Sources: [`WebDataset`] tar shards (img2dataset layout),
 //!   [`Manifest`] (JSONL / CSV), [`ImageFolder`], [`TextCorpus`], [`U8Arrays`] (safetensors) and
-//!   the built-in [`CaptionedScenes`].
+//!   the built-in [`CaptionedScenes`]; with the feature `hdf5`, `hdf5::Hdf5` over the official
+//!   HDF5 files (spec §8).
 //! * [`image`](mod@image): decoding (grey / alpha to RGB on white) and the official transforms and
 //!   normalisations (spec §8).
-//! * [`Tokenizer`]: BERT WordPiece over the `tokenizers` crate with the official behaviour.
+//! * [`Tokenizer`]: BERT WordPiece over the `tokenizers` crate with the official behaviour, from a
+//!   file or (feature `hub`) a Hugging Face repository id through the local cache ([`hub`]).
 //! * [`MaskSampler`]: batch-shared or per-sample noise from (seed, step) into
 //!   [`m3ae_model::Masking`].
 //! * [`Loader`]: parallel, bounded, deterministic batches with a resumable [`Position`].
@@ -30,6 +32,9 @@
 pub mod arrays;
 pub mod error;
 pub mod folder;
+#[cfg(feature = "hdf5")]
+pub mod hdf5;
+pub mod hub;
 pub mod image;
 pub mod loader;
 pub mod manifest;
@@ -45,6 +50,9 @@ pub mod webdataset;
 pub use arrays::U8Arrays;
 pub use error::{BadReason, BadSample, BadStats, Error, Result};
 pub use folder::ImageFolder;
+#[cfg(feature = "hdf5")]
+pub use hdf5::{Hdf5, Hdf5Layout};
+pub use hub::HubOptions;
 pub use image::{decode_rgb, ImageConfig, Normalization, RgbImage, Transform};
 pub use loader::{collate, Batch, Loader, LoaderConfig, MaskConfig, Position, TextBatch};
 pub use manifest::Manifest;

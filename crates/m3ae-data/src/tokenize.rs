@@ -53,6 +53,35 @@ impl Tokenizer {
         Self::wrap(inner, path.into())
     }
 
+    /// Loads a tokenizer by name or path: an existing file is read as a `tokenizer.json`, an
+    /// existing folder's `tokenizer.json` is read, and anything else that has the form of a
+    /// Hugging Face repository id (`bert-base-uncased`, `org/name`) is looked up as that
+    /// repository's `tokenizer.json` in the local Hugging Face cache, downloaded only when it is
+    /// not cached and `opts` is not offline (see [`crate::hub`]; needs the `hub` feature,
+    /// without which the error says so).
+    ///
+    /// ```
+    /// use m3ae_data::{HubOptions, Tokenizer};
+    /// let dir = std::env::temp_dir().join(format!("m3ae-doc-tok-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir)?;
+    /// Tokenizer::train_wordpiece(["a red ring"], 50)?.save(dir.join("tokenizer.json"))?;
+    /// let tok = Tokenizer::from_pretrained(dir.to_str().unwrap(), &HubOptions::offline())?;
+    /// assert_eq!(tok.decode(&tok.encode("a red ring", 3)?.ids)?, "a red ring");
+    /// std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_pretrained(name_or_path: &str, opts: &crate::hub::HubOptions) -> Result<Self> {
+        let p = Path::new(name_or_path);
+        if p.is_dir() {
+            return Self::from_file(p.join("tokenizer.json"));
+        }
+        if !p.exists() && crate::hub::is_repo_id(name_or_path) {
+            let file = crate::hub::hub_file(name_or_path, "tokenizer.json", opts)?;
+            return Self::from_file(file);
+        }
+        Self::from_file(p)
+    }
+
     fn wrap(mut inner: tokenizers::Tokenizer, path: PathBuf) -> Result<Self> {
         inner
             .with_truncation(None)

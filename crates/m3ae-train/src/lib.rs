@@ -18,7 +18,7 @@ pub use objective::{LossReport, Objective, TrainBatch};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::WarmupCosine;
 pub use sync::{GradSync, SingleProcess};
-pub use trainer::{BatchSource, StepReport, TrainConfig, Trainer};
+pub use trainer::{BatchSource, StepReport, TrainConfig, Trainer, TrainerState};
 
 use std::path::PathBuf;
 

@@ -142,16 +142,41 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
-/// Trainer state saved in `trainer.json` besides the data position.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Saved {
-    step: u64,
-    micro_step: u64,
-    skipped_steps: u64,
-    train: TrainConfig,
-    model: m3ae_model::M3aeConfig,
-    data_position: serde_json::Value,
-    extra: serde_json::Value,
+/// The content of a checkpoint's `trainer.json`: counters, the training and model
+/// configurations, the data position and any extra state of the caller. [`Trainer`] writes and
+/// reads it; other writers of resumable checkpoints (the official-checkpoint converter) build it
+/// directly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimiser steps done (equal to the AdamW step of `optimizer.safetensors`).
+    pub step: u64,
+    /// Micro-batches done (`step * accumulate_grad_steps` at a checkpoint).
+    pub micro_step: u64,
+    /// Micro-batches skipped for non-finite values.
+    pub skipped_steps: u64,
+    /// The training configuration.
+    pub train: TrainConfig,
+    /// The model configuration.
+    pub model: m3ae_model::M3aeConfig,
+    /// Where the data stream stands (the [`BatchSource`]'s position).
+    pub data_position: serde_json::Value,
+    /// Caller state (loss history, provenance, ...).
+    pub extra: serde_json::Value,
+}
+
+impl TrainerState {
+    /// Reads `trainer.json` of the checkpoint folder `dir`; errors name the file.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("trainer.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Parse {
+            path,
+            msg: e.to_string(),
+        })
+    }
 }
 
 /// Drives an [`Objective`].
@@ -197,6 +222,11 @@ impl<O: Objective> Trainer<O> {
     /// Optimiser steps done.
     pub fn step(&self) -> u64 {
         self.opt.step_count()
+    }
+
+    /// The optimiser (its step and moments: [`AdamW::state`]).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
     }
 
     /// Micro-batches skipped for non-finite values.
@@ -324,7 +354,7 @@ impl<O: Objective> Trainer<O> {
         let model_meta =
             HashMap::from([("m3ae_config".to_string(), serde_json::to_string(model_cfg)?)]);
         let (opt_t, opt_meta) = self.opt.state(params.device())?;
-        let saved = Saved {
+        let saved = TrainerState {
             step: self.step(),
             micro_step: self.micro_step,
             skipped_steps: self.skipped_steps,
@@ -368,10 +398,18 @@ impl<O: Objective> Trainer<O> {
         let opt_source = dir.join("optimizer.safetensors").display().to_string();
         self.opt
             .load_state(&ck.optimizer, &ck.optimizer_meta, &opt_source)?;
-        let saved: Saved = serde_json::from_value(ck.trainer).map_err(|e| Error::Parse {
+        let saved: TrainerState = serde_json::from_value(ck.trainer).map_err(|e| Error::Parse {
             path: dir.join("trainer.json"),
             msg: e.to_string(),
         })?;
+        if saved.step != self.opt.step_count() {
+            return Err(Error::State(format!(
+                "{}: step {} but {opt_source} holds AdamW step {}",
+                dir.join("trainer.json").display(),
+                saved.step,
+                self.opt.step_count()
+            )));
+        }
         self.micro_step = saved.micro_step;
         self.skipped_steps = saved.skipped_steps;
         self.accum = None;
