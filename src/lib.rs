@@ -21,7 +21,7 @@ pub mod convert;
 pub mod evaluate;
 pub mod parity;
 pub mod pretrain;
-pub mod streams;
 pub mod pretrained;
+pub mod streams;
 
 pub use pretrained::{FromPretrained, HubOptions};

@@ -173,8 +173,8 @@ impl Streams {
             _ => {
                 // one position: a one-stream checkpoint, or one converted from an official run
                 // (fresh data at the official step, so the mask noise follows the step)
-                let p: Position = serde_json::from_value(v.clone())
-                    .context("the checkpoint's data position")?;
+                let p: Position =
+                    serde_json::from_value(v.clone()).context("the checkpoint's data position")?;
                 if self.total != 1 && (p.consumed > 0 || p.epoch > 0) {
                     bail!(
                         "the checkpoint holds one data stream's position but this run reads {}: set distributed.streams = 1",
