@@ -38,9 +38,10 @@ pub enum ObjectiveKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// `scenes` (built in) or `webdataset` (tar shards given by `shards`).
+    /// `scenes` (built in), `webdataset` (tar shards given by `shards`) or `hdf5` (feature
+    /// `hdf5`: the official HDF5 file given by `shards`, datasets `jpg` and `caption`).
     pub source: String,
-    /// Shards for `webdataset`: a list, a glob or a brace range.
+    /// Shards for `webdataset`: a list, a glob or a brace range; the file for `hdf5`.
     pub shards: Option<String>,
     /// Held-out shards for `webdataset` (reconstruction images and masked-word accuracy);
     /// defaults to the training shards.
@@ -394,6 +395,19 @@ fn loader_config(cfg: &PretrainConfig, model: &M3aeConfig) -> LoaderConfig {
     lc
 }
 
+/// The paired image-caption files of `data.shards`: WebDataset tar shards, or (feature `hdf5`)
+/// an official HDF5 file with `jpg` and `caption` datasets.
+fn file_source(kind: &str, spec: &str) -> Result<Arc<dyn Source>> {
+    Ok(match kind {
+        "webdataset" => Arc::new(m3ae_data::WebDataset::from_spec(spec)?),
+        #[cfg(feature = "hdf5")]
+        "hdf5" => Arc::new(m3ae_data::hdf5::Hdf5::paired(spec)?),
+        #[cfg(not(feature = "hdf5"))]
+        "hdf5" => bail!("data.source = \"hdf5\" ({spec}): this m3ae was built without HDF5; rebuild with `--features hdf5`"),
+        other => bail!("data.source = {other:?}: not a file source"),
+    })
+}
+
 /// A fixed held-out batch with masks: for reconstruction images and masked-word accuracy.
 fn eval_batch(
     cfg: &PretrainConfig,
@@ -402,13 +416,14 @@ fn eval_batch(
     n: usize,
 ) -> Result<Batch> {
     let test: Arc<dyn Source> = match cfg.data.source.as_str() {
-        "webdataset" => Arc::new(m3ae_data::WebDataset::from_spec(
+        kind @ ("webdataset" | "hdf5") => file_source(
+            kind,
             cfg.data
                 .eval_shards
                 .as_deref()
                 .or(cfg.data.shards.as_deref())
-                .context("data.shards is required for data.source = \"webdataset\"")?,
-        )?),
+                .with_context(|| format!("data.shards is required for data.source = {kind:?}"))?,
+        )?,
         _ => Arc::new(scenes(cfg, SceneSplit::Test, n)?),
     };
     let mut lc = loader_config(cfg, model);
@@ -778,28 +793,22 @@ pub fn run_with_sync(
             cfg.model.image_size = cfg.data.scenes.image_size;
             (Arc::new(train_scenes), tok)
         }
-        "webdataset" => {
-            let spec = cfg
-                .data
-                .shards
-                .as_deref()
-                .context("data.shards is required for data.source = \"webdataset\"")?;
-            let path = cfg
-                .data
-                .tokenizer
-                .as_ref()
-                .context("data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for webdataset")?;
+        kind @ ("webdataset" | "hdf5") => {
+            let spec =
+                cfg.data.shards.as_deref().with_context(|| {
+                    format!("data.shards is required for data.source = {kind:?}")
+                })?;
+            let path = cfg.data.tokenizer.as_ref().with_context(|| {
+                format!("data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for {kind}")
+            })?;
             let tok = load_tokenizer(path)?;
             if lead {
                 save_tokenizer(&tok, &run_dir.join("tokenizer.json"))?;
             }
             cfg.probe = false;
-            (
-                Arc::new(m3ae_data::WebDataset::from_spec(spec)?),
-                Arc::new(tok),
-            )
+            (file_source(kind, spec)?, Arc::new(tok))
         }
-        other => bail!("data.source = {other:?}: expected \"scenes\" or \"webdataset\""),
+        other => bail!("data.source = {other:?}: expected \"scenes\", \"webdataset\" or \"hdf5\""),
     };
     // A checkpoint being continued fixes the vocabulary (an official one may be larger than
     // the tokenizer's); the tokenizer's ids must fit in it. (An unreadable trainer.json is
