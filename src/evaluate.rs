@@ -847,7 +847,7 @@ pub fn probe_report(
         return Err(arg_err(
             "--train-data",
             classes,
-            "a probe needs at least two classes",
+            "a probe needs at least two classes (label webdataset data with --label-field)",
         ));
     }
     let labels = train.labels_u32("train data")?;
@@ -926,7 +926,7 @@ pub fn ood_report(
         return Err(arg_err(
             "--train-data",
             classes,
-            "OOD scores need at least two classes",
+            "OOD scores need at least two classes (label webdataset data with --label-field)",
         ));
     }
     let labels = train.labels_u32("train data")?;
@@ -1999,7 +1999,22 @@ mod tests {
                 len: None
             }
         );
-        for bad in ["scenes:val", "scenes:test:0", "scenesx", "nothing-here"] {
+        assert_eq!(
+            "wds:/d/train-{00000..00001}.tar"
+                .parse::<DataSpec>()
+                .unwrap(),
+            DataSpec::WebDataset("/d/train-{00000..00001}.tar".into())
+        );
+        let tar = "/d/test-00000.tar".parse::<DataSpec>().unwrap();
+        assert_eq!(tar, DataSpec::WebDataset("/d/test-00000.tar".into()));
+        assert_eq!(tar.to_string(), "wds:/d/test-00000.tar");
+        for bad in [
+            "scenes:val",
+            "scenes:test:0",
+            "scenesx",
+            "nothing-here",
+            "wds:",
+        ] {
             let e = bad.parse::<DataSpec>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
