@@ -6,8 +6,10 @@
 //!   repository id (feature `hub`, through [`crate::pretrained`]), or a randomly initialised preset (the baseline every probe number should be read against).
 //! * Data ([`DataSpec`]): `u8:<file>` (also `fashion_mnist:<file>`, `mnist:<file>` or a bare
 //!   `*.safetensors` path; uint8 arrays as in `shared/data`), `scenes[:train|test|ood[:N]]` (the
-//!   built-in captioned scenes, labelled by [`m3ae_data::LabelKind`]) or `folder:<dir>` (one
-//!   sub-folder per class). Images go through the evaluation transform of the data crate
+//!   built-in captioned scenes, labelled by [`m3ae_data::LabelKind`]), `folder:<dir>` (one
+//!   sub-folder per class) or `wds:<shards>` (WebDataset tar shards, labelled by their `.cls`
+//!   members or, with [`DataOptions::json_label`], by a field of their `.json` members such as
+//!   the Tux Paint `category`; see [`json_label`]). Images go through the evaluation transform of the data crate
 //!   (bicubic resize to the model's image size, centre crop, normalisation).
 //! * Features ([`FeatureSet`], [`extract`]): pooled encoder outputs (cls or mean; images only,
 //!   no masking), with labels and keys; saved and cached as safetensors.
@@ -25,9 +27,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use m3ae_data::{
-    CaptionedScenes, ImageConfig, ImageFolder, LabelKind, Loader, LoaderConfig, Normalization,
-    Partition, RecordIter, RgbImage, SceneSplit, ScenesConfig, Source, Tokenizer, Transform,
-    U8Arrays,
+    CaptionedScenes, ImageConfig, ImageFolder, JsonLabel, LabelKind, Loader, LoaderConfig,
+    Normalization, Partition, RecordIter, RgbImage, SceneSplit, ScenesConfig, Source, Tokenizer,
+    Transform, U8Arrays, WebDataset,
 };
 use m3ae_eval::metrics::{ood_metrics, top_k_accuracy, OodMetrics};
 use m3ae_eval::probe::{probe_logits, train_probe, LinearProbeHead, ProbeConfig};
@@ -225,13 +227,16 @@ pub enum DataSpec {
     },
     /// An image folder (one sub-folder per class).
     Folder(PathBuf),
+    /// WebDataset tar shards: a path, a `::` list, a glob or a brace range.
+    WebDataset(String),
 }
 
 impl std::str::FromStr for DataSpec {
     type Err = Error;
 
     /// Parses `u8:<file>`, `fashion_mnist:<file>`, `mnist:<file>`, `<file>.safetensors`,
-    /// `scenes[:train|test|ood[:N]]`, `folder:<dir>` or an existing directory.
+    /// `scenes[:train|test|ood[:N]]`, `folder:<dir>`, `wds:<shards>` (also `webdataset:`),
+    /// `<file>.tar` or an existing directory.
     fn from_str(s: &str) -> Result<Self> {
         let bad = |msg: &str| arg_err("--data", s, msg);
         if let Some(rest) = s.strip_prefix("scenes") {
@@ -269,16 +274,27 @@ impl std::str::FromStr for DataSpec {
         if let Some(p) = s.strip_prefix("folder:") {
             return Ok(DataSpec::Folder(PathBuf::from(p)));
         }
+        for prefix in ["wds:", "webdataset:"] {
+            if let Some(p) = s.strip_prefix(prefix) {
+                if p.is_empty() {
+                    return Err(bad("expected wds:<shards>"));
+                }
+                return Ok(DataSpec::WebDataset(p.to_string()));
+            }
+        }
         let p = PathBuf::from(s);
         if p.extension().is_some_and(|e| e == "safetensors") {
             return Ok(DataSpec::U8(p));
+        }
+        if p.extension().is_some_and(|e| e == "tar") {
+            return Ok(DataSpec::WebDataset(s.to_string()));
         }
         if p.is_dir() {
             return Ok(DataSpec::Folder(p));
         }
         Err(bad(
-            "expected u8:<file>, fashion_mnist:<file>, mnist:<file>, scenes[:train|test|ood[:N]] \
-             or folder:<dir>",
+            "expected u8:<file>, fashion_mnist:<file>, mnist:<file>, scenes[:train|test|ood[:N]], \
+             folder:<dir> or wds:<shards>",
         ))
     }
 }
@@ -288,6 +304,7 @@ impl std::fmt::Display for DataSpec {
         match self {
             DataSpec::U8(p) => write!(f, "u8:{}", p.display()),
             DataSpec::Folder(p) => write!(f, "folder:{}", p.display()),
+            DataSpec::WebDataset(p) => write!(f, "wds:{p}"),
             DataSpec::Scenes { split, len } => {
                 let s = match split {
                     SceneSplit::Train => "train",
@@ -318,11 +335,15 @@ pub struct DataOptions {
     pub pooling: Pooling,
     /// Print a progress line on stderr every this many batches (0: never).
     pub progress_every: usize,
+    /// Labels of WebDataset data from a field of each sample's `.json` (see [`json_label`]);
+    /// `None`: the `.cls` members.
+    pub json_label: Option<JsonLabel>,
 }
 
 impl Default for DataOptions {
     fn default() -> Self {
         Self {
+            json_label: None,
             label: LabelKind::Shape,
             limit: None,
             batch_size: 256,
@@ -414,6 +435,25 @@ pub fn open_data(spec: &DataSpec, opts: &DataOptions) -> Result<OpenedData> {
                 classes: c,
             });
         }
+        DataSpec::WebDataset(shards) => {
+            if let Some(n) = opts.limit {
+                return Err(arg_err(
+                    "--limit",
+                    n,
+                    format!("is not supported for webdataset data ({spec})"),
+                ));
+            }
+            let mut w = WebDataset::from_spec(shards)?;
+            let mut classes = 0;
+            if let Some(l) = &opts.json_label {
+                classes = l.classes.len();
+                w = w.with_json_label(l.clone());
+            }
+            return Ok(OpenedData {
+                source: Arc::new(w),
+                classes,
+            });
+        }
     };
     if n == 0 {
         return Err(arg_err("--data", spec, "the data set is empty"));
@@ -427,6 +467,47 @@ pub fn open_data(spec: &DataSpec, opts: &DataOptions) -> Result<OpenedData> {
         _ => source,
     };
     Ok(OpenedData { source, classes })
+}
+
+/// The [`JsonLabel`] rule that labels WebDataset samples by the json field `field` (cut to its
+/// first `depth` `/`-separated parts): its classes are the sorted union of the field's values over
+/// every WebDataset set among `specs`, so that train and test labels agree (a class seen only in
+/// the test set gets an index the probe never trains on, and counts as an error). Other data sets
+/// in `specs` are ignored; a note on stderr counts samples without the field.
+pub fn json_label(field: &str, depth: Option<usize>, specs: &[&DataSpec]) -> Result<JsonLabel> {
+    if depth == Some(0) {
+        return Err(arg_err("--label-depth", 0, "must be positive"));
+    }
+    let mut classes = std::collections::BTreeSet::new();
+    let mut any = false;
+    for spec in specs {
+        let DataSpec::WebDataset(shards) = spec else {
+            continue;
+        };
+        any = true;
+        let (values, missing) = WebDataset::from_spec(shards)?.json_values(field, depth)?;
+        if values.is_empty() {
+            return Err(arg_err(
+                "--label-field",
+                field,
+                format!("no sample of {spec} has this json field (a string or number)"),
+            ));
+        }
+        if missing > 0 {
+            eprintln!(
+                "note: {missing} samples of {spec} have no json field `{field}` (unlabelled)"
+            );
+        }
+        classes.extend(values);
+    }
+    if !any {
+        return Err(arg_err(
+            "--label-field",
+            field,
+            "labels webdataset data (wds:<shards>) only, and no data set is one",
+        ));
+    }
+    Ok(JsonLabel::new(field, depth, classes))
 }
 
 fn image_config(cfg: &M3aeConfig, norm: Normalization) -> ImageConfig {
@@ -460,8 +541,16 @@ impl FeatureSet {
             .iter()
             .zip(&self.keys)
             .map(|(&l, k)| {
-                u32::try_from(l)
-                    .map_err(|_| arg_err("--data", what, format!("sample `{k}` has no label")))
+                u32::try_from(l).map_err(|_| {
+                    arg_err(
+                        "--data",
+                        what,
+                        format!(
+                            "sample `{k}` has no label (webdataset samples are labelled by a \
+                             `.cls` member or by --label-field)"
+                        ),
+                    )
+                })
             })
             .collect()
     }
@@ -609,6 +698,7 @@ pub fn extract_cached(
         opts.limit,
         format!("{:?}", opts.normalization),
         format!("{:?}", opts.pooling),
+        format!("{:?}", opts.json_label),
         serde_json::to_string(model.config()).unwrap_or_default(),
     )
         .hash(&mut h);
@@ -729,7 +819,7 @@ pub fn probe_report(
         return Err(arg_err(
             "--train-data",
             classes,
-            "a probe needs at least two classes",
+            "a probe needs at least two classes (label webdataset data with --label-field)",
         ));
     }
     let labels = train.labels_u32("train data")?;
@@ -808,7 +898,7 @@ pub fn ood_report(
         return Err(arg_err(
             "--train-data",
             classes,
-            "OOD scores need at least two classes",
+            "OOD scores need at least two classes (label webdataset data with --label-field)",
         ));
     }
     let labels = train.labels_u32("train data")?;
@@ -1398,6 +1488,14 @@ pub struct DataArgs {
     /// Progress line on stderr every N batches (0: none).
     #[arg(long, default_value_t = 20)]
     pub progress_every: usize,
+    /// Label WebDataset (`wds:`) samples by this field of their `.json` member (e.g.
+    /// `category`); the classes are the sorted values found over all the command's sets.
+    #[arg(long, value_name = "FIELD")]
+    pub label_field: Option<String>,
+    /// With `--label-field`: keep the first N `/`-separated parts of the value (1:
+    /// `animals/birds` -> `animals`).
+    #[arg(long, value_name = "N", requires = "label_field")]
+    pub label_depth: Option<usize>,
 }
 
 impl DataArgs {
@@ -1428,6 +1526,23 @@ impl DataArgs {
                 PoolArg::Mean => Pooling::Mean,
             },
             progress_every: self.progress_every,
+            json_label: None,
+        })
+    }
+
+    /// The `--label-field` rule over the command's data sets (see [`json_label`]).
+    pub fn json_label(&self, specs: &[&DataSpec]) -> Result<Option<JsonLabel>> {
+        self.label_field
+            .as_deref()
+            .map(|f| json_label(f, self.label_depth, specs))
+            .transpose()
+    }
+
+    /// [`DataArgs::options`] with the `--label-field` rule set.
+    pub fn labelled(&self, train: bool, json_label: &Option<JsonLabel>) -> Result<DataOptions> {
+        Ok(DataOptions {
+            json_label: json_label.clone(),
+            ..self.options(train)?
         })
     }
 }
@@ -1491,7 +1606,7 @@ pub struct EmbedCommand {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub model: ModelArgs,
-    /// The data set (`u8:<file>`, `scenes[:split[:N]]`, `folder:<dir>`).
+    /// The data set (`u8:<file>`, `scenes[:split[:N]]`, `folder:<dir>`, `wds:<shards>`).
     #[arg(long)]
     pub data: String,
     #[command(flatten)]
@@ -1508,7 +1623,8 @@ pub struct ProbeCommand {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub model: ModelArgs,
-    /// Training data (required unless `--evaluate`).
+    /// Training data (`u8:<file>`, `scenes[:split[:N]]`, `folder:<dir>`, `wds:<shards>`;
+    /// required unless `--evaluate`).
     #[arg(long, required_unless_present = "evaluate")]
     pub train_data: Option<String>,
     /// Test data.
@@ -1638,7 +1754,7 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
     match cmd {
         EvalCommand::Embed(c) => {
             let spec: DataSpec = c.data.parse()?;
-            let opts = c.opts.options(false)?;
+            let opts = c.opts.labelled(false, &c.opts.json_label(&[&spec])?)?;
             let src = c.model.source();
             let model = load_model(&src)?;
             print_model(&model, &src);
@@ -1668,6 +1784,12 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                 Some(p) => Some(load_probe_head(p)?),
                 None => None,
             };
+            let jl = c.opts.json_label(
+                &[&test_spec]
+                    .into_iter()
+                    .chain(&train_spec)
+                    .collect::<Vec<_>>(),
+            )?;
             let src = c.model.source();
             let model = load_model(&src)?;
             print_model(&model, &src);
@@ -1677,7 +1799,7 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                 &model,
                 &src,
                 &test_spec,
-                &c.opts.options(false)?,
+                &c.opts.labelled(false, &jl)?,
                 cache,
                 "test",
             )?;
@@ -1686,7 +1808,7 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                     &model,
                     &src,
                     s,
-                    &c.opts.options(true)?,
+                    &c.opts.labelled(true, &jl)?,
                     cache,
                     "train",
                 )?),
@@ -1737,17 +1859,18 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
             let in_spec: DataSpec = c.in_data.parse()?;
             let out_spec: DataSpec = c.out_data.parse()?;
             let cfg = c.probe.config()?;
+            let jl = c.opts.json_label(&[&train_spec, &in_spec, &out_spec])?;
             let src = c.model.source();
             let model = load_model(&src)?;
             print_model(&model, &src);
             let cache = c.cache_dir.as_deref();
             let t0 = Instant::now();
-            let eval_opts = c.opts.options(false)?;
+            let eval_opts = c.opts.labelled(false, &jl)?;
             let train = extract_cached(
                 &model,
                 &src,
                 &train_spec,
-                &c.opts.options(true)?,
+                &c.opts.labelled(true, &jl)?,
                 cache,
                 "train",
             )?;
@@ -1863,7 +1986,22 @@ mod tests {
                 len: None
             }
         );
-        for bad in ["scenes:val", "scenes:test:0", "scenesx", "nothing-here"] {
+        assert_eq!(
+            "wds:/d/train-{00000..00001}.tar"
+                .parse::<DataSpec>()
+                .unwrap(),
+            DataSpec::WebDataset("/d/train-{00000..00001}.tar".into())
+        );
+        let tar = "/d/test-00000.tar".parse::<DataSpec>().unwrap();
+        assert_eq!(tar, DataSpec::WebDataset("/d/test-00000.tar".into()));
+        assert_eq!(tar.to_string(), "wds:/d/test-00000.tar");
+        for bad in [
+            "scenes:val",
+            "scenes:test:0",
+            "scenesx",
+            "nothing-here",
+            "wds:",
+        ] {
             let e = bad.parse::<DataSpec>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }

@@ -187,3 +187,33 @@ fn pretrain_runs_a_few_steps_and_resumes() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn pretrain_on_caption_shards_with_a_held_out_set_smaller_than_the_eval_batch() {
+    let Some(d) = std::env::var_os("M3AE_DATA_DIR").map(std::path::PathBuf::from) else {
+        println!("skipped: M3AE_DATA_DIR not set");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("m3ae-cli-wds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // the 99 Tux Paint test pairs: fewer than the 256 held-out captions the summary asks for
+    let shard = d.join("tuxpaint_captions/test-00000.tar");
+    let cfg = dir.join("wds.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"w\"\noutput_dir = {:?}\n[model]\nmodel_type = \"tiny\"\npatch_size = 8\n\
+             image_size = 32\ntext_length = 16\n[train]\nsteps = 2\nbatch_size = 8\n\
+             warmup_steps = 1\n[data]\nsource = \"webdataset\"\nshards = {:?}\n\
+             tokenizer = {:?}\n",
+            dir.join("runs"),
+            shard,
+            d.join("tokenizer/bert-base-uncased/tokenizer.json"),
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = run(&["pretrain", "--config", cfg.to_str().unwrap(), "--plain"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("masked-word accuracy"), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

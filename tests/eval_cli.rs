@@ -1,6 +1,7 @@
 //! Runs `m3ae embed | probe | ood | reconstruct` on tiny generated data (a random-init tiny
 //! model, a small uint8 safetensors file written here, the built-in captioned scenes), and on
-//! the real Fashion-MNIST / MNIST when `M3AE_DATA_DIR` is set.
+//! the real Fashion-MNIST / MNIST when `M3AE_DATA_DIR` is set; WebDataset shards labelled by
+//! a json field (written here, and the Tux Paint categories with `M3AE_DATA_DIR`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -324,6 +325,127 @@ fn reconstruct_writes_panels_attention_and_masked_words() {
     assert!(same * 4 >= total, "{same} of {total}");
 }
 
+/// A WebDataset shard of `n` samples: a JPEG that is red for category `warm/...` and blue for
+/// `cold/...` (with a little variation), a caption and a json whose `category` names the class.
+fn write_category_shard(path: &Path, n: usize, offset: usize) {
+    fn member(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..n {
+        let j = i + offset;
+        let warm = j % 2 == 0;
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            let v = ((x + y + j as u32) % 40) as u8;
+            if warm {
+                image::Rgb([200 + v, 40, 30])
+            } else {
+                image::Rgb([30, 60, 200 + v])
+            }
+        });
+        let mut jpg = Vec::new();
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(
+                &mut std::io::Cursor::new(&mut jpg),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        let key = format!("{j:09}");
+        let category = if warm { "warm/fire" } else { "cold/ice/deep" };
+        member(&mut b, &format!("{key}.jpg"), &jpg);
+        member(&mut b, &format!("{key}.txt"), b"a picture");
+        member(
+            &mut b,
+            &format!("{key}.json"),
+            format!("{{\"key\": \"{key}\", \"category\": \"{category}\"}}").as_bytes(),
+        );
+    }
+    std::fs::write(path, b.into_inner().unwrap()).unwrap();
+}
+
+#[test]
+fn probe_labels_webdataset_samples_by_a_json_field() {
+    let d = tmp("wds-label");
+    let (train, test) = (d.join("train-00000.tar"), d.join("test-00000.tar"));
+    write_category_shard(&train, 60, 0);
+    write_category_shard(&test, 20, 1000);
+    let wds = |p: &Path| format!("wds:{}", s(p));
+    let probe = |extra: &[&str]| {
+        let mut args = vec![
+            "probe".to_string(),
+            "--random-init".into(),
+            "--train-data".into(),
+            wds(&train),
+            "--test-data".into(),
+            wds(&test),
+            "--epochs".into(),
+            "30".into(),
+            "--probe-batch".into(),
+            "16".into(),
+            "--lr".into(),
+            "2".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // two classes (`cold`, `warm`) at depth 1: red vs blue separates them
+    let (ok, stdout, stderr) = probe(&["--label-field", "category", "--label-depth", "1"]);
+    assert!(ok, "{stderr}");
+    assert!(percent_after(&stdout, "probe: ") > 0.9, "{stdout}");
+    assert!(stdout.contains("top-2 "), "{stdout}");
+    // the whole value: still two classes here
+    let (ok, stdout, stderr) = probe(&["--label-field", "category"]);
+    assert!(ok, "{stderr}");
+    assert!(percent_after(&stdout, "knn") > 0.9, "{stdout}");
+    // the embedded labels follow the sorted classes: cold = 0, warm = 1
+    let out = d.join("feats.safetensors");
+    let (ok, _, stderr) = run(&[
+        "embed",
+        "--random-init",
+        "--data",
+        &wds(&test),
+        "--label-field",
+        "category",
+        "--label-depth",
+        "1",
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{stderr}");
+    let f = m3ae::evaluate::FeatureSet::load(&out).unwrap();
+    assert_eq!(f.classes, 2);
+    for (k, l) in f.keys.iter().zip(&f.labels) {
+        assert_eq!(*l, (k.parse::<usize>().unwrap() % 2 == 0) as i64, "{k}");
+    }
+    // errors name the field, the flag or the data
+    let (ok, _, stderr) = probe(&["--label-field", "colour"]);
+    assert!(
+        !ok && stderr.contains("colour") && stderr.contains("test-00000.tar"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = probe(&[]);
+    assert!(!ok && stderr.contains("--label-field"), "{stderr}");
+    let (ok, _, stderr) = probe(&["--label-field", "category", "--label-depth", "0"]);
+    assert!(!ok && stderr.contains("--label-depth"), "{stderr}");
+    let (ok, _, stderr) = probe(&["--label-field", "category", "--limit", "5"]);
+    assert!(!ok && stderr.contains("--limit"), "{stderr}");
+    let (ok, _, stderr) = run(&[
+        "probe",
+        "--random-init",
+        "--train-data",
+        "scenes:train:20",
+        "--test-data",
+        "scenes:test:20",
+        "--label-field",
+        "category",
+    ]);
+    assert!(!ok && stderr.contains("webdataset"), "{stderr}");
+}
+
 #[test]
 fn wrong_paths_give_one_line_errors_naming_them() {
     let cases: [(&[&str], &str); 5] = [
@@ -455,4 +577,39 @@ fn fashion_mnist_probe_and_mnist_ood_with_m3ae_data_dir() {
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("mahalanobis"), "{stdout}");
+}
+
+#[test]
+fn tuxpaint_category_probe_with_m3ae_data_dir() {
+    let Some(root) = std::env::var_os("M3AE_DATA_DIR").map(PathBuf::from) else {
+        println!("skipped: M3AE_DATA_DIR not set");
+        return;
+    };
+    let shard = |split: &str| {
+        format!(
+            "wds:{}",
+            s(&root.join(format!("tuxpaint_captions/{split}-00000.tar")))
+        )
+    };
+    let (ok, stdout, stderr) = run(&[
+        "probe",
+        "--random-init",
+        "--train-data",
+        &shard("train"),
+        "--test-data",
+        &shard("test"),
+        "--label-field",
+        "category",
+        "--label-depth",
+        "1",
+        "--epochs",
+        "40",
+        "--lr",
+        "2",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("features: train 851, test 99"), "{stdout}");
+    // 16 top-level categories; the most frequent test class (symbols) is 26 of 99
+    let top1 = percent_after(&stdout, "probe: ");
+    assert!(top1 > 0.2, "{stdout}");
 }

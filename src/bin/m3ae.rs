@@ -163,13 +163,8 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // Before any thread pool exists: the model's compute threads (candle and our kernels).
-        std::env::set_var(
-            "RAYON_NUM_THREADS",
-            cfg.resolved_compute_threads().to_string(),
-        );
-    }
+    // Before any thread pool exists: the model's compute threads (candle and our kernels).
+    cfg.apply_compute_threads();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {

@@ -62,4 +62,4 @@ pub use scenes::{CaptionedScenes, LabelKind, SceneSplit, ScenesConfig};
 pub use shards::expand_shards;
 pub use text::TextCorpus;
 pub use tokenize::{Tokenized, Tokenizer};
-pub use webdataset::WebDataset;
+pub use webdataset::{JsonLabel, WebDataset};

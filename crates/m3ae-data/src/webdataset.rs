@@ -6,10 +6,16 @@
 //! file reading overlaps the consumer's work. A truncated or corrupt shard ends that shard: the
 //! group being read is counted as [`BadReason::TruncatedTar`] and reading goes on with the next
 //! shard; an empty shard is counted as [`BadReason::EmptyShard`].
+//!
+//! Labels come from `{key}.cls` (an integer), or, with [`WebDataset::with_json_label`], from a
+//! string field of `{key}.json` mapped to a class index through a [`JsonLabel`] class list
+//! (e.g. the `category` of the Tux Paint shards); [`WebDataset::json_values`] lists a field's
+//! values to build that list.
 
 use crate::sample::{ImageData, Partition, Record, RecordIter, Sample, Source};
 use crate::shards::{expand_shards, plan_shards};
 use crate::{BadReason, BadSample, Error, Result};
+use std::collections::BTreeSet;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -33,6 +39,72 @@ pub struct WebDataset {
     pub shuffle_shards: bool,
     /// Channel capacity of the reader thread, in samples.
     pub read_ahead: usize,
+    /// Labels from a field of each sample's `.json` member (overrides `.cls`).
+    pub json_label: Option<JsonLabel>,
+}
+
+/// Labels read from a field of each sample's `{key}.json`: the value (a string, or a number
+/// written as JSON), cut to its first `depth` `/`-separated parts, is looked up in `classes`;
+/// its index is the label. A sample whose json lacks the field, or whose value is not in the
+/// list, gets no label.
+///
+/// ```
+/// use m3ae_data::webdataset::JsonLabel;
+/// let l = JsonLabel::new("category", Some(1), ["animals", "food"]);
+/// assert_eq!(l.label(br#"{"category": "food/fruit"}"#), Some(1));
+/// assert_eq!(l.value(br#"{"category": "animals/birds"}"#).as_deref(), Some("animals"));
+/// assert_eq!(l.label(br#"{"category": "town"}"#), None);
+/// assert_eq!(l.label(br#"{"caption": "x"}"#), None);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JsonLabel {
+    /// The top-level field of the json object, e.g. `category`.
+    pub field: String,
+    /// Keep only the first `depth` `/`-separated parts of the value (`None`: the whole value).
+    pub depth: Option<usize>,
+    /// Class names: the label of a sample is the index of its value here.
+    pub classes: Arc<Vec<String>>,
+}
+
+impl JsonLabel {
+    /// A label rule over the given class names (in label order).
+    pub fn new<S: Into<String>>(
+        field: impl Into<String>,
+        depth: Option<usize>,
+        classes: impl IntoIterator<Item = S>,
+    ) -> Self {
+        Self {
+            field: field.into(),
+            depth,
+            classes: Arc::new(classes.into_iter().map(Into::into).collect()),
+        }
+    }
+
+    /// The (cut) value of the field in a json document, `None` when it is missing, null, not
+    /// a string or number, or the document is not a json object.
+    pub fn value(&self, json: &[u8]) -> Option<String> {
+        field_value(json, &self.field, self.depth)
+    }
+
+    /// The label of a json document: the index of its value in `classes`.
+    pub fn label(&self, json: &[u8]) -> Option<i64> {
+        let v = self.value(json)?;
+        self.classes.iter().position(|c| *c == v).map(|i| i as i64)
+    }
+}
+
+fn field_value(json: &[u8], field: &str, depth: Option<usize>) -> Option<String> {
+    let doc: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let v = match doc.get(field)? {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        _ => return None,
+    };
+    Some(match depth {
+        Some(d) => v.split('/').take(d.max(1)).collect::<Vec<_>>().join("/"),
+        None => v,
+    })
 }
 
 impl WebDataset {
@@ -48,6 +120,7 @@ impl WebDataset {
             shards,
             shuffle_shards: false,
             read_ahead: 64,
+            json_label: None,
         })
     }
 
@@ -60,6 +133,52 @@ impl WebDataset {
     pub fn shards(&self) -> &[PathBuf] {
         &self.shards
     }
+
+    /// Labels samples from a field of their `.json` member instead of `.cls`.
+    pub fn with_json_label(mut self, label: JsonLabel) -> Self {
+        self.json_label = Some(label);
+        self
+    }
+
+    /// The distinct values (cut to `depth` parts, see [`JsonLabel`]) of a json field over every
+    /// shard, sorted, and the number of samples whose json has no usable value for it. A shard
+    /// that cannot be read is an error naming it.
+    pub fn json_values(
+        &self,
+        field: &str,
+        depth: Option<usize>,
+    ) -> Result<(BTreeSet<String>, usize)> {
+        let mut values = BTreeSet::new();
+        let mut missing = 0usize;
+        for shard in &self.shards {
+            let f = std::fs::File::open(shard).map_err(|e| Error::io(shard, e))?;
+            let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
+            let entries = archive.entries().map_err(|e| Error::io(shard, e))?;
+            for entry in entries {
+                let mut entry = entry.map_err(|e| Error::io(shard, e))?;
+                let name = entry
+                    .path()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if !split_name(&name).is_some_and(|(_, ext)| ext == "json")
+                    || entry.header().size().unwrap_or(u64::MAX) > MAX_MEMBER_BYTES
+                {
+                    continue;
+                }
+                let mut buf = Vec::new();
+                entry
+                    .read_to_end(&mut buf)
+                    .map_err(|e| Error::io(shard, e))?;
+                match field_value(&buf, field, depth) {
+                    Some(v) => {
+                        values.insert(v);
+                    }
+                    None => missing += 1,
+                }
+            }
+        }
+        Ok((values, missing))
+    }
 }
 
 impl Source for WebDataset {
@@ -67,6 +186,7 @@ impl Source for WebDataset {
         partition.check()?;
         let plan = plan_shards(&self.shards, partition, self.shuffle_shards);
         let (tx, rx) = sync_channel(self.read_ahead.max(1));
+        let json_label = self.json_label.clone();
         std::thread::Builder::new()
             .name("m3ae-tar".into())
             .spawn(move || {
@@ -74,6 +194,7 @@ impl Source for WebDataset {
                     index: 0,
                     split: plan.sample_split,
                     tx,
+                    json_label,
                 };
                 for shard in &plan.shards {
                     if !read_shard(shard, &mut st) {
@@ -103,6 +224,7 @@ struct SplitState {
     index: usize,
     split: Option<(usize, usize)>,
     tx: SyncSender<Result<Record>>,
+    json_label: Option<JsonLabel>,
 }
 
 impl SplitState {
@@ -132,12 +254,16 @@ struct Group {
     image: Option<Vec<u8>>,
     text: Option<Vec<u8>>,
     label: Option<i64>,
+    /// The label from the json member (when labels come from json).
+    json_label: Option<i64>,
     oversized: bool,
     any: bool,
 }
 
 impl Group {
-    fn finish(self, file: &Arc<str>) -> Option<Record> {
+    /// The record of the group; `json_labels`: the label comes from the json member (none
+    /// without one) instead of `.cls`.
+    fn finish(self, file: &Arc<str>, json_labels: bool) -> Option<Record> {
         if !self.any {
             return None;
         }
@@ -166,7 +292,11 @@ impl Group {
             key: self.key,
             image: self.image.map(|b| ImageData::Encoded(Arc::new(b))),
             text,
-            label: self.label,
+            label: if json_labels {
+                self.json_label
+            } else {
+                self.label
+            },
             file: file.clone(),
         }))
     }
@@ -232,7 +362,7 @@ fn read_shard(shard: &Path, st: &mut SplitState) -> bool {
         };
         if key != group.key && group.any {
             let done = std::mem::take(&mut group);
-            if let Some(rec) = done.finish(&file) {
+            if let Some(rec) = done.finish(&file, st.json_label.is_some()) {
                 samples += 1;
                 if !st.sample(rec) {
                     return false;
@@ -265,11 +395,15 @@ fn read_shard(shard: &Path, st: &mut SplitState) -> bool {
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
             }
-            "json" => {}
+            "json" => {
+                if let Some(l) = &st.json_label {
+                    group.json_label = l.label(&buf);
+                }
+            }
             _ => group.image = Some(buf),
         }
     }
-    if let Some(rec) = group.finish(&file) {
+    if let Some(rec) = group.finish(&file, st.json_label.is_some()) {
         samples += 1;
         if !st.sample(rec) {
             return false;

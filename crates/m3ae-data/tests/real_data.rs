@@ -54,6 +54,32 @@ fn tuxpaint_and_openclipart_shards_count_and_decode() {
 }
 
 #[test]
+fn tuxpaint_categories_from_json() {
+    let Some(d) = data_dir() else { return };
+    let shard = |s: &str| {
+        WebDataset::from_spec(&format!("{}/tuxpaint_captions/{s}-00000.tar", d.display())).unwrap()
+    };
+    let (train, missing) = shard("train").json_values("category", Some(1)).unwrap();
+    assert_eq!((train.len(), missing), (16, 0));
+    let (test, _) = shard("test").json_values("category", Some(1)).unwrap();
+    assert!(test.is_subset(&train), "{test:?}");
+    let (full, _) = shard("train").json_values("category", None).unwrap();
+    assert_eq!(full.len(), 120);
+    let rule = JsonLabel::new("category", Some(1), train.iter().cloned());
+    let ds = shard("test").with_json_label(rule.clone());
+    let mut counts = vec![0usize; rule.classes.len()];
+    for r in ds.open(&Partition::whole(0, 0)).unwrap() {
+        let Record::Sample(s) = r.unwrap() else {
+            panic!("bad record")
+        };
+        counts[s.label.expect("every test sample has a category") as usize] += 1;
+    }
+    assert_eq!(counts.iter().sum::<usize>(), 99);
+    let symbols = rule.classes.iter().position(|c| c == "symbols").unwrap();
+    assert_eq!(counts[symbols], 26);
+}
+
+#[test]
 fn fashion_mnist_and_mnist_arrays() {
     let Some(d) = data_dir() else { return };
     let f = U8Arrays::from_file(d.join("fashion_mnist/train.safetensors")).unwrap();

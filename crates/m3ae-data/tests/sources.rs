@@ -78,6 +78,61 @@ fn webdataset_reads_pairs_and_splits_over_ranks_and_workers() {
 }
 
 #[test]
+fn webdataset_labels_from_a_json_field() {
+    let dir = TempDir::new("wds-json");
+    let mut b = tar::Builder::new(Vec::new());
+    let cats = [
+        Some(r#"{"category": "animals/birds"}"#),
+        Some(r#"{"category": "food/fruit", "key": "x"}"#),
+        Some(r#"{"category": "animals/mammals/cats"}"#),
+        Some(r#"{"category": 7}"#),
+        Some(r#"{"caption": "no category"}"#),
+        None, // no json member at all: unlabelled, even with a .cls
+    ];
+    for (i, c) in cats.iter().enumerate() {
+        let key = format!("00000{i:04}");
+        member(&mut b, &format!("{key}.jpg"), &jpeg(8, 8, i as u8));
+        member(&mut b, &format!("{key}.txt"), b"a caption");
+        member(&mut b, &format!("{key}.cls"), b"5");
+        if let Some(c) = c {
+            member(&mut b, &format!("{key}.json"), c.as_bytes());
+        }
+    }
+    let shard = dir.path().join("00000.tar");
+    std::fs::write(&shard, b.into_inner().unwrap()).unwrap();
+    let ds = WebDataset::new(vec![shard]).unwrap();
+    // the values over the shard, cut to the top level; one json lacks the field
+    let (values, missing) = ds.json_values("category", Some(1)).unwrap();
+    assert_eq!(
+        values.iter().map(String::as_str).collect::<Vec<_>>(),
+        ["7", "animals", "food"]
+    );
+    assert_eq!(missing, 1);
+    let (full, _) = ds.json_values("category", None).unwrap();
+    assert_eq!(full.len(), 4);
+    let labels = |ds: &WebDataset| -> Vec<Option<i64>> {
+        ds.open(&Partition::whole(0, 0))
+            .unwrap()
+            .map(|r| match r.unwrap() {
+                Record::Sample(s) => s.label,
+                Record::Bad(b) => panic!("unexpected bad record {b}"),
+            })
+            .collect()
+    };
+    // without a json rule the .cls label is kept
+    assert_eq!(labels(&ds), vec![Some(5); 6]);
+    let rule = JsonLabel::new("category", Some(1), values.iter().cloned());
+    let ds = ds.with_json_label(rule);
+    assert_eq!(
+        labels(&ds),
+        [Some(1), Some(2), Some(1), Some(0), None, None]
+    );
+    // a value outside the class list leaves the sample unlabelled
+    let ds = ds.with_json_label(JsonLabel::new("category", Some(1), ["food"]));
+    assert_eq!(labels(&ds), [None, Some(0), None, None, None, None]);
+}
+
+#[test]
 fn fewer_shards_than_partitions_split_by_sample() {
     let dir = TempDir::new("wds1");
     let shards = write_shards(dir.path(), &[7, 4]);
