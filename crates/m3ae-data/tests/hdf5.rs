@@ -5,11 +5,10 @@
 #![cfg(feature = "hdf5")]
 
 mod common;
-use common::{jpeg, TempDir};
+use common::{assert_split_exact, jpeg, samples, TempDir};
 use hdf5_metno::types::{VarLenArray, VarLenAscii, VarLenUnicode};
 use m3ae_data::sample::count_records;
 use m3ae_data::*;
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -34,38 +33,6 @@ fn write_paired(path: &Path, n: usize) {
         .with_data(&unicode(&captions))
         .create("caption")
         .unwrap();
-}
-
-fn samples(src: &dyn Source, p: &Partition) -> Vec<Sample> {
-    src.open(p)
-        .unwrap()
-        .map(|r| match r.unwrap() {
-            Record::Sample(s) => s,
-            Record::Bad(b) => panic!("unexpected bad record {b}"),
-        })
-        .collect()
-}
-
-/// Every row read exactly once over `ranks x workers` partitions.
-fn assert_split_exact(src: &dyn Source, ranks: usize, workers: usize, total: usize) {
-    let mut seen = BTreeMap::new();
-    for rank in 0..ranks {
-        for worker in 0..workers {
-            let p = Partition {
-                rank,
-                world_size: ranks,
-                worker,
-                num_workers: workers,
-                seed: 3,
-                epoch: 1,
-            };
-            for s in samples(src, &p) {
-                *seen.entry(s.key).or_insert(0) += 1;
-            }
-        }
-    }
-    assert_eq!(seen.len(), total, "rows lost");
-    assert!(seen.values().all(|&n| n == 1), "a row was read twice");
 }
 
 #[test]

@@ -6,40 +6,7 @@ mod common;
 use common::*;
 use m3ae_data::sample::count_records;
 use m3ae_data::*;
-use std::collections::BTreeMap;
 use std::sync::Arc;
-
-fn keys(src: &dyn Source, p: &Partition) -> Vec<String> {
-    src.open(p)
-        .unwrap()
-        .map(|r| match r.unwrap() {
-            Record::Sample(s) => s.key,
-            Record::Bad(b) => panic!("unexpected bad record {b}"),
-        })
-        .collect()
-}
-
-/// Every key read exactly once over `ranks x workers` partitions.
-fn assert_split_exact(src: &dyn Source, ranks: usize, workers: usize, total: usize) {
-    let mut seen = BTreeMap::new();
-    for rank in 0..ranks {
-        for worker in 0..workers {
-            let p = Partition {
-                rank,
-                world_size: ranks,
-                worker,
-                num_workers: workers,
-                seed: 5,
-                epoch: 2,
-            };
-            for k in keys(src, &p) {
-                *seen.entry(k).or_insert(0) += 1;
-            }
-        }
-    }
-    assert_eq!(seen.len(), total, "samples lost");
-    assert!(seen.values().all(|&n| n == 1), "a sample was read twice");
-}
 
 #[test]
 fn webdataset_reads_pairs_and_splits_over_ranks_and_workers() {

@@ -114,3 +114,36 @@ pub fn data_dir() -> Option<PathBuf> {
         }
     }
 }
+
+/// The good samples of one partition (a bad record fails the test).
+pub fn samples(src: &dyn m3ae_data::Source, p: &m3ae_data::Partition) -> Vec<m3ae_data::Sample> {
+    src.open(p)
+        .unwrap()
+        .map(|r| match r.unwrap() {
+            m3ae_data::Record::Sample(s) => s,
+            m3ae_data::Record::Bad(b) => panic!("unexpected bad record {b}"),
+        })
+        .collect()
+}
+
+/// Every sample read exactly once over `ranks x workers` partitions of `total`.
+pub fn assert_split_exact(src: &dyn m3ae_data::Source, ranks: usize, workers: usize, total: usize) {
+    let mut seen = std::collections::BTreeMap::new();
+    for rank in 0..ranks {
+        for worker in 0..workers {
+            let p = m3ae_data::Partition {
+                rank,
+                world_size: ranks,
+                worker,
+                num_workers: workers,
+                seed: 5,
+                epoch: 2,
+            };
+            for s in samples(src, &p) {
+                *seen.entry(s.key).or_insert(0) += 1;
+            }
+        }
+    }
+    assert_eq!(seen.len(), total, "samples lost");
+    assert!(seen.values().all(|&n| n == 1), "a sample was read twice");
+}
