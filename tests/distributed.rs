@@ -317,9 +317,8 @@ fn a_hanging_rank_is_named_by_the_collective_timeout() {
     std::fs::remove_dir_all(&tmp).ok();
 }
 
+mod common;
+
 fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("m3ae-dist-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::temp_dir("dist", tag)
 }

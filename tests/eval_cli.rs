@@ -22,13 +22,6 @@ fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("m3ae-eval-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -612,4 +605,10 @@ fn tuxpaint_category_probe_with_m3ae_data_dir() {
     // 16 top-level categories; the most frequent test class (symbols) is 26 of 99
     let top1 = percent_after(&stdout, "probe: ");
     assert!(top1 > 0.2, "{stdout}");
+}
+
+mod common;
+
+fn tmp(name: &str) -> PathBuf {
+    common::temp_dir("eval", name)
 }

@@ -9,13 +9,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("m3ae-hub-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Runs the CLI with `HF_HOME` set and the given extra environment.
 fn cli(args: &[&str], hf_home: &Path, env: &[(&str, &str)]) -> (bool, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_m3ae"));
@@ -37,7 +30,7 @@ fn cli(args: &[&str], hf_home: &Path, env: &[(&str, &str)]) -> (bool, String) {
 #[cfg(feature = "hub")]
 mod with_hub {
     use super::*;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::Device;
     use m3ae::convert;
     use m3ae::evaluate::LoadedModel;
     use m3ae::model::{M3ae, Mae};
@@ -45,9 +38,7 @@ mod with_hub {
 
     const HASH: &str = "89abcdef0123456789abcdef0123456789abcdef";
 
-    fn fixtures() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/official_checkpoint")
-    }
+    use crate::common::{ckpt_dir as fixtures, f32_bits as bits};
 
     /// The snapshot folder of `repo` in the fake cache under `cache` (created, with `refs/main`).
     fn snapshot(cache: &Path, repo: &str) -> PathBuf {
@@ -74,18 +65,6 @@ mod with_hub {
         let snap = snapshot(&cache, "m3ae-test/official-mae");
         std::fs::copy(fixtures().join("mae_model.pkl"), snap.join("model.pkl")).unwrap();
         cache
-    }
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f32::to_bits)
-            .collect()
     }
 
     fn same_weights(a: &m3ae::model::ParamStore, b: &m3ae::model::ParamStore) {
@@ -254,4 +233,10 @@ fn without_the_feature_a_repository_id_says_to_enable_it() {
         "{text}"
     );
     std::fs::remove_dir_all(&home).ok();
+}
+
+mod common;
+
+fn tmp(name: &str) -> PathBuf {
+    common::temp_dir("hub", name)
 }

@@ -5,34 +5,11 @@
 use candle_core::{DType, Device, Tensor};
 use m3ae::convert::{self, CheckpointKind, OfficialCheckpoint};
 use m3ae::model::{param_specs, patchify, M3ae, Masking, ModelInput, Noise, Unexpected, Variant};
+mod common;
+use common::{ckpt_dir, f32_bits, fixtures};
 use m3ae::parity::FixtureConfig;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn ckpt_dir() -> PathBuf {
-    fixtures().join("official_checkpoint")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("m3ae-convert-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
-fn f32_bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .and_then(|t| t.to_dtype(DType::F32))
-        .and_then(|t| t.to_vec1::<f32>())
-        .expect("f32 tensor")
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
-}
+use std::path::PathBuf;
 
 #[test]
 fn all_six_pickles_convert_bit_identically_to_the_expected_files() -> anyhow::Result<()> {
@@ -465,4 +442,8 @@ fn converted_probe_head_reproduces_the_official_logits() -> anyhow::Result<()> {
     }
     std::fs::remove_dir_all(&out)?;
     Ok(())
+}
+
+fn tmp(name: &str) -> PathBuf {
+    common::temp_dir("convert", name)
 }

@@ -3,32 +3,13 @@
 //! trainer with their step, weights and AdamW moments exactly, then trained one more step on
 //! synthetic data; and the same through the CLI (`m3ae pretrain --resume <dir>`).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use m3ae::convert::{self, OfficialCheckpoint};
 use m3ae::model::{param_specs, M3ae, M3aeConfig, Mae, Masking, ModelInput, Noise, Variant};
 use m3ae::train::{Objective, TrainBatch, Trainer, TrainerState};
+mod common;
+use common::{ckpt_dir, f32_bits as bits};
 use std::path::{Path, PathBuf};
-
-fn ckpt_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/official_checkpoint")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("m3ae-resume-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .and_then(|t| t.to_dtype(DType::F32))
-        .and_then(|t| t.to_vec1::<f32>())
-        .expect("f32 tensor")
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
-}
 
 /// A batch of 3 random images (and texts) with the official batch-shared masks.
 fn synthetic_batch(cfg: &M3aeConfig, with_text: bool, dev: &Device) -> anyhow::Result<TrainBatch> {
@@ -266,4 +247,8 @@ fn cli_resumes_a_converted_official_run() {
         assert!(stdout.contains("steps: 4"), "{stdout}");
     }
     std::fs::remove_dir_all(&root).ok();
+}
+
+fn tmp(name: &str) -> PathBuf {
+    common::temp_dir("resume", name)
 }
