@@ -1,10 +1,14 @@
 //! Fused CPU kernels as candle custom ops with hand-written backward passes.
 //!
 //! Each public function takes tensors of any layout and float dtype: inputs are made contiguous
-//! and computed in f32 (other dtypes are converted and converted back). Tensors on a non-CPU
-//! device use the reference path until the CUDA kernels exist.
+//! and computed in f32 (other dtypes are converted and converted back). Tensors on a CUDA device
+//! run the kernels of [`cuda`] when the crate is built with the `cuda` feature (the dense layer,
+//! and attention longer than [`cuda::attention_fits`] allows, use the reference path there);
+//! without the feature, and on other devices, they use the reference path.
 
 mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod gelu;
 mod layer_norm;
 mod linear;
@@ -37,6 +41,31 @@ fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?.contiguous()?)
 }
 
+/// Checks that a key-padding mask is `[b, l]`.
+fn check_padding(op: &'static str, key_padding: Option<&Tensor>, b: usize, l: usize) -> Result<()> {
+    match key_padding {
+        Some(p) if p.dims() != [b, l] => Err(Error::Shape {
+            op,
+            msg: format!("key_padding is {:?}, expected [{b}, {l}]", p.dims()),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The padding mask as host f32 values (CPU kernels).
+fn host_padding(key_padding: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    Ok(match key_padding {
+        Some(p) => Some(p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    })
+}
+
+/// The padding mask as a contiguous f32 tensor on its device (CUDA kernels).
+#[cfg(feature = "cuda")]
+fn device_padding(key_padding: Option<&Tensor>) -> Result<Option<Tensor>> {
+    key_padding.map(f32_contiguous).transpose()
+}
+
 /// Fused masked attention; same contract as [`crate::masked_attention`].
 pub fn masked_attention(
     q: &Tensor,
@@ -45,10 +74,7 @@ pub fn masked_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    if !q.device().is_cpu() {
-        return crate::reference::masked_attention(q, k, v, key_padding, scale);
-    }
-    let (b, _, l, _) = q.dims4()?;
+    let (b, _, l, dh) = q.dims4()?;
     if k.dims() != q.dims() || v.dims() != q.dims() {
         return Err(Error::Shape {
             op: "masked_attention",
@@ -60,19 +86,18 @@ pub fn masked_attention(
             ),
         });
     }
-    let padding = match key_padding {
-        None => None,
-        Some(p) => {
-            if p.dims() != [b, l] {
-                return Err(Error::Shape {
-                    op: "masked_attention",
-                    msg: format!("key_padding is {:?}, expected [{b}, {l}]", p.dims()),
-                });
-            }
-            Some(p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    check_padding("masked_attention", key_padding, b, l)?;
+    if !q.device().is_cpu() {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() && cuda::attention_fits(l, dh) {
+            let op = cuda::CudaAttention::new(scale, device_padding(key_padding)?);
+            let y = f32_contiguous(q)?.apply_op3(&f32_contiguous(k)?, &f32_contiguous(v)?, op)?;
+            return Ok(y.to_dtype(q.dtype())?);
         }
-    };
-    let op = attention::FusedAttention::new(scale, padding);
+        let _ = dh;
+        return crate::reference::masked_attention(q, k, v, key_padding, scale);
+    }
+    let op = attention::FusedAttention::new(scale, host_padding(key_padding)?);
     let y = f32_contiguous(q)?.apply_op3(&f32_contiguous(k)?, &f32_contiguous(v)?, op)?;
     Ok(y.to_dtype(q.dtype())?)
 }
@@ -84,31 +109,23 @@ pub fn qkv_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    let (b, l, dh) = crate::reference::qkv_shapes(qkv, heads)?;
+    check_padding("qkv_attention", key_padding, b, l)?;
     if !qkv.device().is_cpu() {
+        #[cfg(feature = "cuda")]
+        if qkv.device().is_cuda() && cuda::attention_fits(l, dh) {
+            let op = cuda::CudaQkvAttention::new(heads, scale, device_padding(key_padding)?);
+            return Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?);
+        }
+        let _ = dh;
         return crate::reference::qkv_attention(qkv, heads, key_padding, scale);
     }
-    let (b, l, _) = crate::reference::qkv_shapes(qkv, heads)?;
-    let padding = match key_padding {
-        None => None,
-        Some(p) => {
-            if p.dims() != [b, l] {
-                return Err(Error::Shape {
-                    op: "qkv_attention",
-                    msg: format!("key_padding is {:?}, expected [{b}, {l}]", p.dims()),
-                });
-            }
-            Some(p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        }
-    };
-    let op = attention::FusedQkvAttention::new(heads, scale, padding);
+    let op = attention::FusedQkvAttention::new(heads, scale, host_padding(key_padding)?);
     Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?)
 }
 
 /// Fused LayerNorm; same contract as [`crate::layer_norm`].
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return crate::reference::layer_norm(x, gamma, beta, eps);
-    }
     let d = x.dim(candle_core::D::Minus1)?;
     if gamma.dims() != [d] || beta.dims() != [d] {
         return Err(Error::Shape {
@@ -120,6 +137,19 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
             ),
         });
     }
+    if !x.device().is_cpu() {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let op = cuda::CudaLayerNorm { eps: eps as f32 };
+            let y = f32_contiguous(x)?.apply_op3(
+                &f32_contiguous(gamma)?,
+                &f32_contiguous(beta)?,
+                op,
+            )?;
+            return Ok(y.to_dtype(x.dtype())?);
+        }
+        return crate::reference::layer_norm(x, gamma, beta, eps);
+    }
     let op = layer_norm::FusedLayerNorm { eps: eps as f32 };
     let y = f32_contiguous(x)?.apply_op3(&f32_contiguous(gamma)?, &f32_contiguous(beta)?, op)?;
     Ok(y.to_dtype(x.dtype())?)
@@ -128,6 +158,12 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 /// Fused tanh-GELU; same contract as [`crate::gelu_tanh`].
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok(f32_contiguous(x)?
+                .apply_op1(cuda::CudaGelu)?
+                .to_dtype(x.dtype())?);
+        }
         return crate::reference::gelu_tanh(x);
     }
     let y = f32_contiguous(x)?.apply_op1(gelu::FusedGelu)?;

@@ -1,0 +1,126 @@
+//! Criterion benchmarks of the CUDA kernels (feature `cuda`): fused CUDA ops against the reference
+//! compositions of candle ops on the same GPU, at the shapes of `benches/kernels.rs`.
+//!
+//! `cargo bench --features cuda --bench kernels_cuda` (on a machine with a GPU; without one it
+//! prints that it skipped). Every timed iteration ends with a device synchronisation. Throughput
+//! counts FLOP for attention (forward `4 B H L^2 Dh`, forward+backward 3x) and input elements for
+//! LayerNorm and GELU, as in the CPU benchmarks.
+
+use candle_core::{Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use m3ae_kernels::KernelPath;
+
+const SHAPES: [(&str, usize, usize, usize, usize); 3] = [
+    ("base_encoder_B32_H12_L66_D64", 32, 12, 66, 64),
+    ("small_encoder_B32_H6_L66_D64", 32, 6, 66, 64),
+    ("decoder_B32_H16_L261_D32", 32, 16, 261, 32),
+];
+
+const PATHS: [(&str, KernelPath); 2] = [
+    ("fused", KernelPath::Fused),
+    ("reference", KernelPath::Reference),
+];
+
+fn var(shape: &[usize], salt: usize, dev: &Device) -> Var {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (((i * 2654435761 + salt) % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    Var::from_tensor(&t.to_device(dev).unwrap()).unwrap()
+}
+
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            let e = e.to_string();
+            eprintln!(
+                "skipped: no CUDA device ({})",
+                e.lines().next().unwrap_or("")
+            );
+            None
+        }
+    }
+}
+
+fn attention(c: &mut Criterion) {
+    let Some(dev) = gpu() else { return };
+    for (name, b, h, l, dh) in SHAPES {
+        let dims = [b, h, l, dh];
+        let (q, k, v) = (
+            var(&dims, 1, &dev),
+            var(&dims, 2, &dev),
+            var(&dims, 3, &dev),
+        );
+        let pad: Vec<f32> = (0..b * l)
+            .map(|i| f32::from((i / l) % 2 == 1 && i % l >= 3 * l / 4))
+            .collect();
+        let pad = Tensor::from_vec(pad, (b, l), &Device::Cpu)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        let scale = 1.0 / (dh as f64).sqrt();
+        let flops = (4 * b * h * l * l * dh) as u64;
+        let mut g = c.benchmark_group(format!("cuda_attention/{name}"));
+        for (path_name, path) in PATHS {
+            g.throughput(Throughput::Elements(flops));
+            g.bench_function(format!("{path_name}/fwd"), |bch| {
+                bch.iter(|| {
+                    let y = path
+                        .masked_attention(&q, &k, &v, Some(&pad), scale)
+                        .unwrap();
+                    dev.synchronize().unwrap();
+                    y
+                })
+            });
+            g.throughput(Throughput::Elements(3 * flops));
+            g.bench_function(format!("{path_name}/fwd+bwd"), |bch| {
+                bch.iter(|| {
+                    let y = path
+                        .masked_attention(&q, &k, &v, Some(&pad), scale)
+                        .unwrap();
+                    let grads = y.sum_all().unwrap().backward().unwrap();
+                    dev.synchronize().unwrap();
+                    grads
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn layer_norm_and_gelu(c: &mut Criterion) {
+    let Some(dev) = gpu() else { return };
+    let rows = 32 * 66;
+    for d in [384usize, 768] {
+        let x = var(&[rows, d], 4, &dev);
+        let (gamma, beta) = (var(&[d], 5, &dev), var(&[d], 6, &dev));
+        let h = var(&[rows, 4 * d], 7, &dev);
+        let mut g = c.benchmark_group(format!("cuda_layer_norm_gelu/{rows}x{d}"));
+        for (path_name, path) in PATHS {
+            g.throughput(Throughput::Elements((rows * d) as u64));
+            g.bench_function(format!("layer_norm/{path_name}/fwd+bwd"), |bch| {
+                bch.iter(|| {
+                    let y = path.layer_norm(&x, &gamma, &beta, 1e-6).unwrap();
+                    let grads = y.sum_all().unwrap().backward().unwrap();
+                    dev.synchronize().unwrap();
+                    grads
+                })
+            });
+            g.throughput(Throughput::Elements((rows * 4 * d) as u64));
+            g.bench_function(format!("gelu/{path_name}/fwd+bwd"), |bch| {
+                bch.iter(|| {
+                    let y = path.gelu_tanh(&h).unwrap();
+                    let grads = y.sum_all().unwrap().backward().unwrap();
+                    dev.synchronize().unwrap();
+                    grads
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, attention, layer_norm_and_gelu);
+criterion_main!(benches);
