@@ -2,8 +2,8 @@
 // double-precision reference, so the kernels' logic (indexing, strides, warp reductions, padding)
 // is tested on machines without a GPU.
 //
-// The emulator gives every CUDA thread of a block its own OS thread; blocks run one after the
-// other. Warp shuffles and __syncwarp synchronise the 32 threads of a warp with a barrier,
+// The emulator gives every CUDA thread of a block its own OS thread; the blocks of a grid run one
+// after the other on those threads. Warp shuffles and __syncwarp synchronise the 32 threads of a warp with a barrier,
 // __syncthreads the whole block. Static __shared__ arrays become function statics (one block runs
 // at a time) and dynamic shared memory a buffer sized by the launch. The launches below use the
 // same grids, block sizes, shared-memory sizes and argument lists as src/fused/cuda/mod.rs.
@@ -12,6 +12,7 @@
 //   c++ -std=c++20 -O1 -pthread -I src/fused/cuda tests/cuda_emulator/emulate.cpp -o emulate
 //   ./emulate        (exit code 0 when every check passes)
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -58,26 +59,29 @@ template <class F>
 static void launch(Dim3 grid, Dim3 block, size_t shared_bytes, F kernel) {
     gridDim = grid;
     blockDim = block;
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                // Poison shared memory: a kernel reading what it did not write shows up as NaN.
-                emu_shared.assign(shared_bytes / sizeof(float) + 1, NAN);
-                std::barrier<> block_bar(block.x);
-                std::vector<std::unique_ptr<Warp>> warps;
-                for (unsigned w = 0; w < (block.x + 31) / 32; ++w)
-                    warps.push_back(std::make_unique<Warp>());
-                std::vector<std::thread> threads;
-                for (unsigned t = 0; t < block.x; ++t)
-                    threads.emplace_back([&, t, x, y, z] {
-                        threadIdx = Dim3{t, 0, 0};
+    // Poison shared memory: a kernel reading what it did not write shows up as NaN.
+    emu_shared.assign(shared_bytes / sizeof(float) + 1, NAN);
+    std::barrier<> block_bar(block.x);
+    std::vector<std::unique_ptr<Warp>> warps;
+    for (unsigned w = 0; w < (block.x + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
+    // One OS thread per CUDA thread of a block, reused for every block of the grid in turn.
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < block.x; ++t)
+        threads.emplace_back([&, t] {
+            threadIdx = Dim3{t, 0, 0};
+            emu_warp = warps[t / 32].get();
+            emu_block = &block_bar;
+            for (unsigned z = 0; z < grid.z; ++z)
+                for (unsigned y = 0; y < grid.y; ++y)
+                    for (unsigned x = 0; x < grid.x; ++x) {
                         blockIdx = Dim3{x, y, z};
-                        emu_warp = warps[t / 32].get();
-                        emu_block = &block_bar;
                         kernel();
-                    });
-                for (auto& th : threads) th.join();
-            }
+                        block_bar.arrive_and_wait();
+                        if (t == 0) std::fill(emu_shared.begin(), emu_shared.end(), NAN);
+                        block_bar.arrive_and_wait();
+                    }
+        });
+    for (auto& th : threads) th.join();
 }
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
