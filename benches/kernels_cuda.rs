@@ -30,22 +30,10 @@ fn var(shape: &[usize], salt: usize, dev: &Device) -> Var {
     Var::from_tensor(&t.to_device(dev).unwrap()).unwrap()
 }
 
-fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            let e = e.to_string();
-            eprintln!(
-                "skipped: no CUDA device ({})",
-                e.lines().next().unwrap_or("")
-            );
-            None
-        }
-    }
-}
-
 fn attention(c: &mut Criterion) {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = m3ae_kernels::fused::cuda::first_gpu_or_skip() else {
+        return;
+    };
     for (name, b, h, l, dh) in SHAPES {
         let dims = [b, h, l, dh];
         let (q, k, v) = (
@@ -91,7 +79,9 @@ fn attention(c: &mut Criterion) {
 }
 
 fn layer_norm_and_gelu(c: &mut Criterion) {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = m3ae_kernels::fused::cuda::first_gpu_or_skip() else {
+        return;
+    };
     let rows = 32 * 66;
     for d in [384usize, 768] {
         let x = var(&[rows, d], 4, &dev);

@@ -20,21 +20,6 @@ fn nvrtc_compiles_every_kernel() {
     assert!(!fused::cuda::attention_fits(4096, 64));
 }
 
-/// The first CUDA device, or `None` (with a note on stderr) when there is none.
-fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            let e = e.to_string();
-            eprintln!(
-                "skipped: no CUDA device ({})",
-                e.lines().next().unwrap_or("")
-            );
-            None
-        }
-    }
-}
-
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
@@ -119,7 +104,9 @@ fn assert_close(got: &[Tensor], want: &[Tensor], names: &[&str], ctx: &str) {
 
 #[test]
 fn attention_matches_reference_on_gpu() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = fused::cuda::first_gpu_or_skip() else {
+        return;
+    };
     for (i, &(b, h, l, dh, magnitude)) in [
         (2usize, 3usize, 70usize, 8usize, 1f32),
         (1, 2, 1, 32, 1.0),
@@ -163,7 +150,9 @@ fn attention_matches_reference_on_gpu() {
 
 #[test]
 fn packed_qkv_attention_matches_reference_on_gpu() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = fused::cuda::first_gpu_or_skip() else {
+        return;
+    };
     for (i, &(b, l, heads, dh)) in [
         (2usize, 70usize, 3usize, 8usize),
         (1, 1, 2, 32),
@@ -199,7 +188,9 @@ fn packed_qkv_attention_matches_reference_on_gpu() {
 
 #[test]
 fn fully_padded_rows_attend_uniformly_on_gpu() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = fused::cuda::first_gpu_or_skip() else {
+        return;
+    };
     let v = tensor(&[1, 1, 4, 8], 3, 1.0);
     let q = tensor(&[1, 1, 4, 8], 1, 1.0).to_device(&dev).unwrap();
     let k = tensor(&[1, 1, 4, 8], 2, 1.0).to_device(&dev).unwrap();
@@ -215,7 +206,9 @@ fn fully_padded_rows_attend_uniformly_on_gpu() {
 
 #[test]
 fn layer_norm_and_gelu_match_reference_on_gpu() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = fused::cuda::first_gpu_or_skip() else {
+        return;
+    };
     for (i, shape) in [
         vec![5usize, 7, 384],
         vec![33, 768],

@@ -5,33 +5,10 @@
 
 use candle_core::{Device, Tensor};
 use m3ae_kernels::KernelPath;
-use m3ae_model::{M3ae, M3aeConfig, Masking, ModelInput, Noise};
+use m3ae_model::{M3ae, M3aeConfig, Masking};
 
-fn noise(len: usize, salt: usize) -> Noise {
-    Noise::Shared(
-        (0..len)
-            .map(|i| ((i * 7919 + salt * 104729) % 1009) as f32 / 1009.0)
-            .collect(),
-    )
-}
-
-fn batch(cfg: &M3aeConfig, b: usize, dev: &Device) -> anyhow::Result<ModelInput> {
-    let (li, t) = (cfg.num_patches(), cfg.text_length);
-    let vals: Vec<f32> = (0..b * li * cfg.patch_dim())
-        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-        .collect();
-    let ids: Vec<u32> = (0..b * t)
-        .map(|i| (i * 13 % cfg.text_vocab_size) as u32)
-        .collect();
-    let pad: Vec<f32> = (0..b * t)
-        .map(|i| if i % t >= t - (i / t) * 3 { 1.0 } else { 0.0 })
-        .collect();
-    Ok(ModelInput {
-        image_patches: Some(Tensor::from_vec(vals, (b, li, cfg.patch_dim()), dev)?),
-        text_ids: Some(Tensor::from_vec(ids, (b, t), dev)?),
-        text_padding: Some(Tensor::from_vec(pad, (b, t), dev)?),
-    })
-}
+mod common;
+use common::{batch, noise};
 
 /// Total loss and every (name, gradient) on `dev`, gradients moved to the CPU.
 fn run(cfg: &M3aeConfig, dev: &Device) -> anyhow::Result<(f32, Vec<(String, Tensor)>)> {
@@ -53,16 +30,8 @@ fn run(cfg: &M3aeConfig, dev: &Device) -> anyhow::Result<(f32, Vec<(String, Tens
 
 #[test]
 fn tiny_model_matches_the_cpu_on_gpu() -> anyhow::Result<()> {
-    let dev = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            let e = e.to_string();
-            eprintln!(
-                "skipped: no CUDA device ({})",
-                e.lines().next().unwrap_or("")
-            );
-            return Ok(());
-        }
+    let Some(dev) = m3ae_kernels::fused::cuda::first_gpu_or_skip() else {
+        return Ok(());
     };
     for path in [KernelPath::Fused, KernelPath::Reference] {
         let mut cfg = M3aeConfig::preset("tiny")?;

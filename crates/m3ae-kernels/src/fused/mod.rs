@@ -140,7 +140,10 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     if !x.device().is_cpu() {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let op = cuda::CudaLayerNorm { eps: eps as f32 };
+            let op = cuda::CudaLayerNorm {
+                eps: eps as f32,
+                backward: false,
+            };
             let y = f32_contiguous(x)?.apply_op3(
                 &f32_contiguous(gamma)?,
                 &f32_contiguous(beta)?,

@@ -80,6 +80,22 @@ fn attention_shared_bytes(l: usize, dh: usize) -> usize {
     WARPS * (2 * l + 2 * dh) * std::mem::size_of::<f32>()
 }
 
+/// The first CUDA device, or `None` after printing why there is none ("skipped: no CUDA device
+/// (...)") to stderr: what the GPU tests and benchmarks call to skip on machines without a GPU.
+pub fn first_gpu_or_skip() -> Option<candle_core::Device> {
+    match candle_core::Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            let e = e.to_string();
+            eprintln!(
+                "skipped: no CUDA device ({})",
+                e.lines().next().unwrap_or("")
+            );
+            None
+        }
+    }
+}
+
 /// Whether the CUDA attention kernels take a sequence of `l` keys with heads of size `dh`
 /// (one score row per warp must fit in shared memory: `l` up to about 1,500 at `dh = 64`).
 pub fn attention_fits(l: usize, dh: usize) -> bool {
@@ -214,22 +230,12 @@ impl CustomOp2 for CudaGeluBwd {
 // ---------------------------------------------------------------------------------------------
 // LayerNorm
 
-/// LayerNorm over the last axis on CUDA (statistics recomputed in the backward).
+/// LayerNorm over the last axis on CUDA (statistics recomputed in the backward). The forward op
+/// takes `x, gamma, beta` and returns `y`; the backward op (`backward: true`) takes
+/// `x, gamma, dy` and returns `[dx (N D) | dgamma (D) | dbeta (D)]` flat.
 pub(crate) struct CudaLayerNorm {
     pub(crate) eps: f32,
-}
-
-/// Backward: inputs `x, gamma, dy`; output `[dx (N D) | dgamma (D) | dbeta (D)]` flat.
-struct CudaLayerNormBwd {
-    eps: f32,
-}
-
-fn rows_of(l: &Layout, d: usize) -> Result<(usize, i32)> {
-    let n = l.shape().elem_count();
-    if d == 0 || n % d != 0 {
-        candle_core::bail!("m3ae CUDA layer_norm: {:?} with D = {d}", l.shape());
-    }
-    Ok((n / d, i32::try_from(d).map_err(candle_core::Error::wrap)?))
+    pub(crate) backward: bool,
 }
 
 fn row_config(rows: usize) -> Result<LaunchConfig> {
@@ -240,116 +246,46 @@ fn row_config(rows: usize) -> Result<LaunchConfig> {
     })
 }
 
-impl CustomOp3 for CudaLayerNorm {
-    fn name(&self) -> &'static str {
-        "m3ae-cuda-layer-norm"
-    }
-
-    fn cpu_fwd(
+impl CudaLayerNorm {
+    /// Forward launch: `y = layer_norm(x) * gamma + beta`.
+    fn forward(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let d = gl.shape().elem_count();
-        let (rows, d32) = rows_of(xl, d)?;
-        let dev = xs.device.clone();
+        dev: &CudaDevice,
+        rows: usize,
+        d: usize,
+        (x, g, b): (u64, u64, u64),
+    ) -> Result<CudaSlice<f32>> {
         let stream = dev.cuda_stream();
-        let (x, _g1) = input(xs, xl, &stream, "layer_norm x")?;
-        let (g, _g2) = input(gs, gl, &stream, "layer_norm gamma")?;
-        let (b, _g3) = input(bs, bl, &stream, "layer_norm beta")?;
-        let mut y = alloc(&dev, rows * d)?;
+        let mut y = alloc(dev, rows * d)?;
         if rows > 0 {
-            let (yp, _g4) = y.device_ptr_mut(&stream);
-            let f = kernel(&dev, "m3ae_ln_fwd")?;
+            let (yp, _g) = y.device_ptr_mut(&stream);
+            let d32 = i32::try_from(d).map_err(candle_core::Error::wrap)?;
+            let f = kernel(dev, "m3ae_ln_fwd")?;
             let mut l = stream.launch_builder(&f);
             l.arg(&x).arg(&g).arg(&b).arg(&yp).arg(&d32).arg(&self.eps);
             // SAFETY: x, y hold rows x d floats, gamma and beta d.
             unsafe { l.launch(row_config(rows)?) }.w()?;
         }
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+        Ok(y)
     }
 
-    fn bwd(
+    /// Backward launches: dx per row (saving mean and rstd), then dgamma, dbeta per column.
+    fn backward(
         &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = gamma.elem_count();
-        let n = x.elem_count();
-        let out = x.apply_op3_no_bwd(
-            gamma,
-            &grad.contiguous()?,
-            &CudaLayerNormBwd { eps: self.eps },
-        )?;
-        let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = out.narrow(0, n, d)?.reshape(gamma.shape())?;
-        let dbeta = out.narrow(0, n + d, d)?.reshape(gamma.shape())?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
-    }
-}
-
-impl CustomOp3 for CudaLayerNormBwd {
-    fn name(&self) -> &'static str {
-        "m3ae-cuda-layer-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-        ds: &CudaStorage,
-        dl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let d = gl.shape().elem_count();
-        let (rows, d32) = rows_of(xl, d)?;
-        if dl.shape() != xl.shape() {
-            candle_core::bail!("{}: dy {:?} vs x {:?}", self.name(), dl.shape(), xl.shape());
-        }
-        let dev = xs.device.clone();
+        dev: &CudaDevice,
+        rows: usize,
+        d: usize,
+        (x, g, dy): (u64, u64, u64),
+    ) -> Result<CudaSlice<f32>> {
         let stream = dev.cuda_stream();
-        let (x, _g1) = input(xs, xl, &stream, "layer_norm x")?;
-        let (g, _g2) = input(gs, gl, &stream, "layer_norm gamma")?;
-        let (dy, _g3) = input(ds, dl, &stream, "layer_norm output gradient")?;
-        let total = rows * d + 2 * d;
-        let mut out = dev.alloc_zeros::<f32>(total.max(1))?;
+        let mut out = dev.alloc_zeros::<f32>((rows * d + 2 * d).max(1))?;
         let mut stats = dev.alloc_zeros::<f32>(2 * rows.max(1))?;
         if rows > 0 {
-            let (op, _g4) = out.device_ptr_mut(&stream);
-            let (sp, _g5) = stats.device_ptr_mut(&stream);
-            let f = kernel(&dev, "m3ae_ln_bwd_dx")?;
+            let (op, _g1) = out.device_ptr_mut(&stream);
+            let (sp, _g2) = stats.device_ptr_mut(&stream);
+            let d32 = i32::try_from(d).map_err(candle_core::Error::wrap)?;
+            let rows32 = i32::try_from(rows).map_err(candle_core::Error::wrap)?;
+            let f = kernel(dev, "m3ae_ln_bwd_dx")?;
             let mut l = stream.launch_builder(&f);
             l.arg(&x)
                 .arg(&g)
@@ -360,10 +296,9 @@ impl CustomOp3 for CudaLayerNormBwd {
                 .arg(&self.eps);
             // SAFETY: x, dy, dx hold rows x d floats; stats 2 rows.
             unsafe { l.launch(row_config(rows)?) }.w()?;
-            let rows32 = i32::try_from(rows).map_err(candle_core::Error::wrap)?;
             let dgamma = op + f32_bytes(rows * d);
             let dbeta = dgamma + f32_bytes(d);
-            let f = kernel(&dev, "m3ae_ln_bwd_params")?;
+            let f = kernel(dev, "m3ae_ln_bwd_params")?;
             let mut l = stream.launch_builder(&f);
             l.arg(&x)
                 .arg(&dy)
@@ -380,7 +315,88 @@ impl CustomOp3 for CudaLayerNormBwd {
             // SAFETY: dgamma, dbeta are the last 2 d floats of `out`.
             unsafe { l.launch(cfg) }.w()?;
         }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for CudaLayerNorm {
+    fn name(&self) -> &'static str {
+        if self.backward {
+            "m3ae-cuda-layer-norm-bwd"
+        } else {
+            "m3ae-cuda-layer-norm"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        ts: &CudaStorage,
+        tl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = gl.shape().elem_count();
+        let n = xl.shape().elem_count();
+        let third_len = if self.backward { n } else { d };
+        if d == 0 || n % d != 0 || tl.shape().elem_count() != third_len {
+            candle_core::bail!(
+                "{}: x {:?}, gamma {:?}, third input {:?} do not agree",
+                self.name(),
+                xl.shape(),
+                gl.shape(),
+                tl.shape()
+            );
+        }
+        let dev = xs.device.clone();
+        let stream = dev.cuda_stream();
+        let (x, _g1) = input(xs, xl, &stream, "layer_norm x")?;
+        let (g, _g2) = input(gs, gl, &stream, "layer_norm gamma")?;
+        let (t, _g3) = input(ts, tl, &stream, "layer_norm beta / output gradient")?;
+        if self.backward {
+            let out = self.backward(&dev, n / d, d, (x, g, t))?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev),
+                Shape::from(n + 2 * d),
+            ))
+        } else {
+            let y = self.forward(&dev, n / d, d, (x, g, t))?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = gamma.elem_count();
+        let n = x.elem_count();
+        let op = CudaLayerNorm {
+            eps: self.eps,
+            backward: true,
+        };
+        let out = x.apply_op3_no_bwd(gamma, &grad.contiguous()?, &op)?;
+        let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dgamma = out.narrow(0, n, d)?.reshape(gamma.shape())?;
+        let dbeta = out.narrow(0, n + d, d)?.reshape(gamma.shape())?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
 
@@ -571,15 +587,15 @@ impl CudaQkvAttention {
         }
     }
 
+    /// The packed geometry of a `[B, L, 3 D]` input (its width was checked by the caller).
     fn geometry(&self, shape: &Shape) -> Result<Geometry> {
         let (b, l, c3) = shape.dims3()?;
-        if self.heads == 0 || c3 % (3 * self.heads) != 0 {
-            candle_core::bail!(
-                "m3ae CUDA attention: qkv width {c3} is not 3 x heads ({}) x head dim",
-                self.heads
-            );
-        }
-        Ok(Geometry::packed(b, self.heads, l, c3 / (3 * self.heads)))
+        Ok(Geometry::packed(
+            b,
+            self.heads,
+            l,
+            c3 / (3 * self.heads).max(1),
+        ))
     }
 }
 
