@@ -10,6 +10,9 @@
 //! registers, two loads of `B` and one broadcast of `A` per step of `k`); the last partial vector
 //! of a row is stored with a mask. Otherwise a plain scalar loop runs. Both orders of summation
 //! are fixed by the shapes alone, so results do not depend on threads.
+//!
+//! [`transpose`] copies a strided block transposed (8 x 8 blocks in registers with AVX2), which
+//! the attention kernel uses to lay out `K^T` and `V^T` once per head.
 
 /// Rows of the register block.
 pub const MR: usize = 6;
