@@ -146,7 +146,8 @@ fn attention_matches_reference_on_awkward_shapes() {
     }
 }
 
-/// Gradients of `sum(y)`: candle hands the backward a broadcast (stride 0) output gradient.
+/// Gradients of `sum(y)` (an output gradient of ones; candle materialises it before the op's
+/// backward, the strided and broadcast reads are tested inside the crate).
 fn grads_of_sum(
     f: AttnFn,
     q: &Tensor,
@@ -173,7 +174,7 @@ fn grads_of_sum(
 }
 
 #[test]
-fn attention_backward_reads_broadcast_gradients_and_odd_head_widths() {
+fn attention_backward_of_a_plain_sum_and_odd_head_widths() {
     for (i, &(b, h, l, dh)) in [(2, 3, 19, 12), (1, 2, 70, 5), (2, 2, 33, 8), (1, 1, 9, 1)]
         .iter()
         .enumerate()

@@ -13,12 +13,13 @@
 //! and its right operand by rows, so `Q`, `K`, `V` and `dO` are read in place when the head width
 //! is a multiple of 8 (otherwise they are packed at a padded row stride). Two input layouts are
 //! served: separate `[B, H, L, Dh]` tensors, or the packed output of the qkv projection
-//! `[B, L, 3 D]` read in place (writing `[B, L, D]`, heads concatenated).
+//! `[B, L, 3 D]` read in place (writing `[B, L, D]`, heads concatenated). Each task first asks
+//! the CPU to prefetch the rows of the next head into L2, so a head does not start with misses.
 //!
 //! The backward recomputes each probability tile from the saved statistics and reuses it for
 //! `dV` and `dS`; `delta = rowsum(dO * O)` is computed per tile. The output gradient is read
-//! through its own strides (candle often hands over a broadcast of ones, which is never
-//! materialised). `dQ` of a tile is written straight to its place; `dK` and `dV` of a head are
+//! through its own strides whatever its layout (strided or broadcast: no `contiguous()` copy).
+//! `dQ` of a tile is written straight to its place; `dK` and `dV` of a head are
 //! written by its first query tile and accumulated by the later ones in place, so no buffer is
 //! zero-filled and the outputs are allocated uninitialised. The summation order depends only on
 //! the shapes, so results are bit-identical for any number of threads. Padding keys get the score
@@ -778,5 +779,91 @@ impl CustomOp1 for FusedQkvAttention {
         drop((xs, os, gs));
         let dqkv = g.pop().expect("one gradient buffer");
         Ok(Some(output(dqkv, qkv.shape(), qkv.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn values(shape: &[usize], seed: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// Runs the op's forward on CPU storage and returns its output as a tensor.
+    fn forward3(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (sq, lq) = q.storage_and_layout();
+        let (sk, lk) = k.storage_and_layout();
+        let (sv, lv) = v.storage_and_layout();
+        let cpu = |s: &Storage| match s {
+            Storage::Cpu(c) => c.clone(),
+            _ => unreachable!(),
+        };
+        let (o, shape) = op
+            .cpu_fwd(&cpu(&sq), lq, &cpu(&sk), lk, &cpu(&sv), lv)
+            .unwrap();
+        match o {
+            CpuStorage::F32(o) => Tensor::from_vec(o, shape, &Device::Cpu).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn strided_and_broadcast_output_gradients_match_contiguous_ones() {
+        let (b, h, l, dh) = (2, 3, 21, 16);
+        let (q, k, v) = (
+            values(&[b, h, l, dh], 1),
+            values(&[b, h, l, dh], 2),
+            values(&[b, h, l, dh], 3),
+        );
+        let pad: Vec<f32> = (0..b * l).map(|i| (i % 5 == 3) as u8 as f32).collect();
+        let op = FusedAttention::new(0.3, Some(pad.clone()));
+        let res = forward3(&op, &q, &k, &v);
+        // a gradient stored as [B, H, Dh, L] and transposed: column stride L
+        let strided = values(&[b, h, dh, l], 4).transpose(2, 3).unwrap();
+        let broadcast = Tensor::ones((), DType::F32, &Device::Cpu)
+            .unwrap()
+            .broadcast_as((b, h, l, dh))
+            .unwrap();
+        for grad in [strided, broadcast] {
+            assert!(!grad.is_contiguous());
+            let dense = grad.contiguous().unwrap();
+            let a = op.bwd(&q, &k, &v, &res, &grad).unwrap();
+            let e = op.bwd(&q, &k, &v, &res, &dense).unwrap();
+            for (x, y) in [(a.0, e.0), (a.1, e.1), (a.2, e.2)] {
+                assert_eq!(flat(&x.unwrap()), flat(&y.unwrap()));
+            }
+        }
+        // the packed layout: [B, L, 3 D] in, gradient [B, L, D] stored as [B, D, L]
+        let heads = 2;
+        let qkv = values(&[b, l, 3 * heads * dh], 5);
+        let op = FusedQkvAttention::new(heads, 0.3, Some(pad));
+        let (s, lay) = qkv.storage_and_layout();
+        let x = match &*s {
+            Storage::Cpu(c) => c.clone(),
+            _ => unreachable!(),
+        };
+        let (o, shape) = op.cpu_fwd(&x, lay).unwrap();
+        drop(s);
+        let res = match o {
+            CpuStorage::F32(o) => Tensor::from_vec(o, shape, &Device::Cpu).unwrap(),
+            _ => unreachable!(),
+        };
+        let grad = values(&[b, heads * dh, l], 6).transpose(1, 2).unwrap();
+        let a = op.bwd(&qkv, &res, &grad).unwrap().unwrap();
+        let e = op
+            .bwd(&qkv, &res, &grad.contiguous().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(flat(&a), flat(&e));
     }
 }
