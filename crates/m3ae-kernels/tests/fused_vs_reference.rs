@@ -146,6 +146,84 @@ fn attention_matches_reference_on_awkward_shapes() {
     }
 }
 
+/// Gradients of `sum(y)` (an output gradient of ones; candle materialises it before the op's
+/// backward, the strided and broadcast reads are tested inside the crate).
+fn grads_of_sum(
+    f: AttnFn,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pad: Option<&Tensor>,
+) -> Vec<Tensor> {
+    let vars: Vec<Var> = [q, k, v]
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let y = f(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+        pad,
+        0.3,
+    )
+    .unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    vars.iter()
+        .map(|x| g.get(x.as_tensor()).unwrap().clone())
+        .collect()
+}
+
+#[test]
+fn attention_backward_of_a_plain_sum_and_odd_head_widths() {
+    for (i, &(b, h, l, dh)) in [(2, 3, 19, 12), (1, 2, 70, 5), (2, 2, 33, 8), (1, 1, 9, 1)]
+        .iter()
+        .enumerate()
+    {
+        for pad in [Pad::None, Pad::Random, Pad::Full] {
+            let seed = 200 + 10 * i as u64;
+            let q = tensor(&[b, h, l, dh], seed, 1.0);
+            let k = tensor(&[b, h, l, dh], seed + 1, 1.0);
+            let v = tensor(&[b, h, l, dh], seed + 2, 1.0);
+            let p = padding(b, l, pad, seed + 3);
+            let r = grads_of_sum(reference::masked_attention, &q, &k, &v, p.as_ref());
+            let f = grads_of_sum(fused::masked_attention, &q, &k, &v, p.as_ref());
+            for (name, a, e) in [
+                ("dq", &f[0], &r[0]),
+                ("dk", &f[1], &r[1]),
+                ("dv", &f[2], &r[2]),
+            ] {
+                let err = rel_err(a, e);
+                assert!(err <= 1e-4, "{name} b{b} h{h} l{l} dh{dh} {pad:?}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_is_bit_identical_for_any_thread_count() {
+    let (b, h, l, dh) = (3, 4, 150, 24);
+    let q = tensor(&[b, h, l, dh], 1, 1.0);
+    let k = tensor(&[b, h, l, dh], 2, 1.0);
+    let v = tensor(&[b, h, l, dh], 3, 1.0);
+    let w = tensor(&[b, h, l, dh], 4, 1.0);
+    let p = padding(b, l, Pad::Random, 5);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (y, dq, dk, dv) =
+                attn_with_grads(fused::masked_attention, &q, &k, &v, p.as_ref(), 0.2, &w);
+            [y, dq, dk, dv].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        assert!(one == run(threads), "{threads} threads");
+    }
+}
+
 #[test]
 fn attention_handles_large_scores() {
     // scores of order 1e3: any exp without max subtraction would overflow
@@ -515,6 +593,7 @@ fn packed_qkv_attention_matches_reference() {
         (1, 1, 2, 32),
         (3, 17, 4, 16),
         (2, 66, 2, 64),
+        (2, 21, 3, 12),
     ]
     .iter()
     .enumerate()

@@ -1,26 +1,41 @@
 //! Fused masked attention (CPU): forward and FlashAttention-2 style backward.
 //!
-//! Work is split over `(batch, head)` pairs with rayon. Inside a head, queries are processed in
-//! tiles of [`QUERY_TILE`] rows against all keys: the score tile (`QUERY_TILE x L`) lives in a
-//! per-task scratch buffer, the softmax is exact per row, and only the row maximum and the log of
-//! the row sum are kept for the backward pass (no `[B, H, L, L]` tensor is ever stored). The
-//! backward recomputes each probability tile from those statistics. The four products of a tile
-//! run on the `gemm` crate (runtime-dispatched AVX2/AVX-512 micro-kernels) directly on strided
-//! views, so the kernel reads two layouts without copies: separate `[B, H, L, Dh]` tensors, or the
-//! packed output of the qkv projection `[B, L, 3 D]` (writing `[B, L, D]`, heads concatenated).
-//! The elementwise parts are compiled for AVX2+FMA when available. Padding keys get the score
+//! Work is split over `(batch, head)` pairs with rayon; each task owns whole heads. A task first
+//! transposes `K` (and, for the backward, `V`) of its head into `Dh x L` panels in per-thread
+//! scratch (reused across calls). Queries are then processed in tiles of at most [`QUERY_TILE`]
+//! rows (the tiles of a head are made as even as possible). The score tile lives in scratch, the
+//! softmax is exact per row, and only the row maximum and the log of the row sum are kept for the
+//! backward pass (no `[B, H, L, L]` tensor is ever stored); the forward leaves `P` unnormalised and
+//! scales the rows of `O = P V` instead. The products run on the register-blocked AVX2+FMA
+//! micro-kernel of [`super::tile`] and the row passes (masking, `exp`, sums) on the AVX2 code of
+//! [`super::rows`], with scalar loops on other CPUs. The micro-kernel reads its left operand
+//! through arbitrary strides, so `P^T` and `dS^T` come from the row-major tiles without copies,
+//! and its right operand by rows, so `Q`, `K`, `V` and `dO` are read in place when the head width
+//! is a multiple of 8 (otherwise they are packed at a padded row stride). Two input layouts are
+//! served: separate `[B, H, L, Dh]` tensors, or the packed output of the qkv projection
+//! `[B, L, 3 D]` read in place (writing `[B, L, D]`, heads concatenated). Each task first asks
+//! the CPU to prefetch the rows of the next head into L2, so a head does not start with misses.
+//!
+//! The backward recomputes each probability tile from the saved statistics and reuses it for
+//! `dV` and `dS`; `delta = rowsum(dO * O)` is computed per tile. The output gradient is read
+//! through its own strides whatever its layout (strided or broadcast: no `contiguous()` copy).
+//! `dQ` of a tile is written straight to its place; `dK` and `dV` of a head are
+//! written by its first query tile and accumulated by the later ones in place, so no buffer is
+//! zero-filled and the outputs are allocated uninitialised. The summation order depends only on
+//! the shapes, so results are bit-identical for any number of threads. Padding keys get the score
 //! `-1e7` (replacement, as the official code), so a fully padded row attends uniformly; their
 //! score gradient is zero.
 
-use super::math;
 use super::storage::{f32_slice, output, storage_slice};
+use super::{math, rows, tile};
 use crate::reference::PADDING_SCORE;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
-/// Query rows per tile.
-pub const QUERY_TILE: usize = 64;
+/// Most query rows per tile (tiles of a head are made as even as possible below this).
+pub const QUERY_TILE: usize = 72;
 
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -102,251 +117,268 @@ impl SharedMut {
     }
 }
 
-/// `dst (m x n, row stride dst_rs) = [dst +] beta * lhs (m x k) * rhs (k x n)`, strides in elements.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-    beta: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+/// The output gradient as candle hands it over, read through its strides (it is often a
+/// broadcast of ones, stride 0): the whole storage, and per `(b, h)` the offset of the head's
+/// first element plus the row and column strides.
+#[derive(Clone, Copy)]
+struct GradView<'a> {
+    data: &'a [f32],
+    start: usize,
+    /// Strides of batch, head, row and column.
+    strides: [usize; 4],
 }
 
-/// Replaces padded scores in a `rows x l` tile.
+impl GradView<'_> {
+    fn head(&self, d: Dims, bh: usize) -> (usize, usize, usize) {
+        let (b, h) = (bh / d.h, bh % d.h);
+        let [sb, sh, sr, sc] = self.strides;
+        (self.start + b * sb + h * sh, sr, sc)
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch of the head kernels, grown on demand and reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of this thread's scratch (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
+/// Query rows per tile for a head of `l` rows: tiles as even as possible, a multiple of the
+/// register block, at most [`QUERY_TILE`].
+fn tile_rows(l: usize) -> usize {
+    let tiles = l.div_ceil(QUERY_TILE).max(1);
+    (l.div_ceil(tiles).div_ceil(tile::MR) * tile::MR).clamp(1, QUERY_TILE)
+}
+
+/// `n` rounded up to a whole vector of 8 floats.
+fn pad8(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
+/// Copies `l x dh` rows at `src` (row stride `rs`, column stride `cs`) into `dst` (`l x dp`).
 #[inline(always)]
-fn mask_tile(s: &mut [f32], l: usize, pad: Option<&[f32]>) {
-    if let Some(pad) = pad {
-        for row in s.chunks_exact_mut(l) {
-            for (x, &p) in row.iter_mut().zip(pad) {
-                *x = if p > 0.0 { PADDING_SCORE as f32 } else { *x };
+unsafe fn pack_rows(
+    src: *const f32,
+    (rs, cs): (usize, usize),
+    (l, dh, dp): (usize, usize, usize),
+    dst: &mut [f32],
+) {
+    for (j, drow) in dst.chunks_exact_mut(dp).take(l).enumerate() {
+        let s = src.add(j * rs);
+        if cs == 1 {
+            drow[..dh].copy_from_slice(std::slice::from_raw_parts(s, dh));
+        } else {
+            for (c, x) in drow[..dh].iter_mut().enumerate() {
+                *x = *s.add(c * cs);
             }
         }
     }
 }
 
 /// Forward of one head. `q, k, v` point at the head's first row (row stride `rs_in`), `o` likewise
-/// (`rs_out`); `max, log_sum`: `[l]`; `s`: scratch of `QUERY_TILE * l`.
+/// (`rs_out`); `max, log_sum`: `[l]`; `scratch`: [`fwd_scratch`] floats.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn head_fwd(
-    (q, k, v): (*const f32, *const f32, *const f32),
+    simd: bool,
+    (q, k, v): Ptrs3,
     rs_in: usize,
     (o, rs_out): (*mut f32, usize),
     pad: Option<&[f32]>,
     d: Dims,
     scale: f32,
     (max, log_sum): (&mut [f32], &mut [f32]),
-    s: &mut [f32],
+    scratch: &mut [f32],
 ) {
     let (l, dh) = (d.l, d.dh);
+    let (lp, dp, t) = (pad8(l), pad8(dh), tile_rows(l));
+    let (kt, rest) = scratch.split_at_mut(dh * lp);
+    let (vp, rest) = rest.split_at_mut(l * dp);
+    let (s, inv) = rest.split_at_mut(t * lp);
+    tile::transpose(simd, (k, rs_in), (l, dh), (kt.as_mut_ptr(), lp));
+    // V rows are read in place unless their width is not a whole number of vectors
+    let vb = if dh % 8 == 0 {
+        (v, rs_in)
+    } else {
+        pack_rows(v, (rs_in, 1), (l, dh, dp), vp);
+        (vp.as_ptr(), dp)
+    };
     let mut r0 = 0;
     while r0 < l {
-        let bq = QUERY_TILE.min(l - r0);
-        let s = &mut s[..bq * l];
+        let bq = t.min(l - r0);
         // S = scale * Q_tile K^T
-        mm(
-            bq,
-            l,
-            dh,
-            s.as_mut_ptr(),
-            l,
-            false,
-            q.add(r0 * rs_in),
-            rs_in,
-            1,
-            k,
-            1,
-            rs_in,
+        tile::matmul(
+            simd,
+            (bq, l, dh),
+            (q.add(r0 * rs_in), rs_in, 1),
+            (kt.as_ptr(), lp),
+            (s.as_mut_ptr(), lp),
             scale,
+            false,
         );
-        mask_tile(s, l, pad);
-        for (i, row) in s.chunks_exact_mut(l).enumerate() {
-            let m = math::max(row);
-            for x in row.iter_mut() {
-                *x = math::exp(*x - m);
-            }
-            let total = math::sum(row);
-            let inv = 1.0 / total;
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
+        // exact softmax per row; P is left unnormalised and O scaled by 1 / sum below
+        for (i, row) in s.chunks_exact_mut(lp).take(bq).enumerate() {
+            let (m, total) = rows::softmax(simd, row.as_mut_ptr(), l, pad, PADDING_SCORE as f32);
+            inv[i] = 1.0 / total;
             max[r0 + i] = m;
             log_sum[r0 + i] = total.ln();
         }
         // O_tile = P V
-        mm(
-            bq,
-            dh,
-            l,
-            o.add(r0 * rs_out),
-            rs_out,
-            false,
-            s.as_ptr(),
-            l,
-            1,
-            v,
-            rs_in,
-            1,
+        tile::matmul(
+            simd,
+            (bq, dh, l),
+            (s.as_ptr(), lp, 1),
+            vb,
+            (o.add(r0 * rs_out), rs_out),
             1.0,
+            false,
         );
+        for (i, &f) in inv.iter().enumerate().take(bq) {
+            let row = std::slice::from_raw_parts_mut(o.add((r0 + i) * rs_out), dh);
+            for x in row {
+                *x *= f;
+            }
+        }
         r0 += bq;
     }
 }
 
-/// Backward of one head: writes `dq` and accumulates into zeroed `dk`, `dv` (same strides as the
-/// inputs); `o` and `dout` use the output stride.
+/// Scratch floats of [`head_fwd`].
+fn fwd_scratch(d: Dims) -> usize {
+    let (lp, dp) = (pad8(d.l), pad8(d.dh));
+    let t = tile_rows(d.l);
+    d.dh * lp + d.l * dp + t * lp + t
+}
+
+/// Scratch floats of [`head_bwd`].
+fn bwd_scratch(d: Dims) -> usize {
+    let (lp, dp, t) = (pad8(d.l), pad8(d.dh), tile_rows(d.l));
+    2 * d.dh * lp + 2 * d.l * dp + 2 * t * lp + t * dp + t
+}
+
+/// Backward of one head: writes `dq`, `dk`, `dv` (same strides as the inputs), each element once;
+/// `o` uses the output stride, `dout` the strides of [`GradView::head`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn head_bwd(
-    (q, k, v): (*const f32, *const f32, *const f32),
+    simd: bool,
+    (q, k, v): Ptrs3,
     rs_in: usize,
-    (o, dout, rs_out): (*const f32, *const f32, usize),
+    (o, rs_out): (*const f32, usize),
+    (dout, gr, gc): (*const f32, usize, usize),
     (max, log_sum): (&[f32], &[f32]),
     pad: Option<&[f32]>,
     d: Dims,
     scale: f32,
     (dq, dk, dv): (*mut f32, *mut f32, *mut f32),
-    (p, dp, delta): (&mut [f32], &mut [f32], &mut [f32]),
+    scratch: &mut [f32],
 ) {
     let (l, dh) = (d.l, d.dh);
-    for (i, di) in delta.iter_mut().enumerate().take(l) {
-        let a = std::slice::from_raw_parts(dout.add(i * rs_out), dh);
-        let b = std::slice::from_raw_parts(o.add(i * rs_out), dh);
-        *di = math::dot(a, b);
-    }
+    let (lp, dp, t) = (pad8(l), pad8(dh), tile_rows(l));
+    let (kt, rest) = scratch.split_at_mut(dh * lp);
+    let (vt, rest) = rest.split_at_mut(dh * lp);
+    let (kp, rest) = rest.split_at_mut(l * dp);
+    let (qp, rest) = rest.split_at_mut(l * dp);
+    let (p, rest) = rest.split_at_mut(t * lp);
+    let (ds, rest) = rest.split_at_mut(t * lp);
+    let (dot, delta) = rest.split_at_mut(t * dp);
+    tile::transpose(simd, (k, rs_in), (l, dh), (kt.as_mut_ptr(), lp));
+    tile::transpose(simd, (v, rs_in), (l, dh), (vt.as_mut_ptr(), lp));
+    // Rows of K and Q serve as the right operand of products: read in place unless their width
+    // is not a whole number of vectors.
+    let direct = dh % 8 == 0;
+    let ((kb, qb), rsb) = if direct {
+        ((k, q), rs_in)
+    } else {
+        pack_rows(k, (rs_in, 1), (l, dh, dp), kp);
+        pack_rows(q, (rs_in, 1), (l, dh, dp), qp);
+        ((kp.as_ptr(), qp.as_ptr()), dp)
+    };
     let mut r0 = 0;
     while r0 < l {
-        let bq = QUERY_TILE.min(l - r0);
-        let p = &mut p[..bq * l];
-        let dp = &mut dp[..bq * l];
-        mm(
-            bq,
-            l,
-            dh,
-            p.as_mut_ptr(),
-            l,
-            false,
-            q.add(r0 * rs_in),
-            rs_in,
-            1,
-            k,
-            1,
-            rs_in,
-            scale,
-        );
-        mask_tile(p, l, pad);
-        for (i, row) in p.chunks_exact_mut(l).enumerate() {
-            let (m, ls) = (max[r0 + i], log_sum[r0 + i]);
-            for x in row.iter_mut() {
-                *x = math::exp((*x - m) - ls);
-            }
+        let bq = t.min(l - r0);
+        // the dO tile (in place when its rows are unit-stride, else packed);
+        // delta = rowsum(dO * O)
+        let (dob, dors) = if direct && gc == 1 {
+            (dout.add(r0 * gr), gr)
+        } else {
+            pack_rows(dout.add(r0 * gr), (gr, gc), (bq, dh, dp), dot);
+            (dot.as_ptr(), dp)
+        };
+        for (i, di) in delta.iter_mut().enumerate().take(bq) {
+            let a = std::slice::from_raw_parts(dob.add(i * dors), dh);
+            let b = std::slice::from_raw_parts(o.add((r0 + i) * rs_out), dh);
+            *di = math::dot(a, b);
         }
-        let do_tile = dout.add(r0 * rs_out);
-        // dV += P^T dO_tile
-        mm(
-            l,
-            dh,
-            bq,
-            dv,
-            rs_in,
-            true,
-            p.as_ptr(),
-            1,
-            l,
-            do_tile,
-            rs_out,
-            1,
-            1.0,
-        );
-        // dP = dO_tile V^T
-        mm(
-            bq,
-            l,
-            dh,
-            dp.as_mut_ptr(),
-            l,
+        // P, recomputed from the saved statistics
+        tile::matmul(
+            simd,
+            (bq, l, dh),
+            (qb.add(r0 * rsb), rsb, 1),
+            (kt.as_ptr(), lp),
+            (p.as_mut_ptr(), lp),
+            scale,
             false,
-            do_tile,
-            rs_out,
-            1,
-            v,
-            1,
-            rs_in,
-            1.0,
         );
-        // dS = P * (dP - delta); zero where the score was replaced by the padding constant.
-        for (i, (prow, dprow)) in p.chunks_exact(l).zip(dp.chunks_exact_mut(l)).enumerate() {
-            let di = delta[r0 + i];
-            for (g, &pv) in dprow.iter_mut().zip(prow) {
-                *g = pv * (*g - di);
-            }
-            if let Some(pad) = pad {
-                for (g, &pm) in dprow.iter_mut().zip(pad) {
-                    *g = if pm > 0.0 { 0.0 } else { *g };
-                }
-            }
+        for (i, row) in p.chunks_exact_mut(lp).take(bq).enumerate() {
+            let st = (max[r0 + i], log_sum[r0 + i]);
+            rows::probabilities(simd, row.as_mut_ptr(), l, pad, PADDING_SCORE as f32, st);
         }
-        // dQ_tile = scale * dS K ; dK += scale * dS^T Q_tile
-        mm(
-            bq,
-            dh,
-            l,
-            dq.add(r0 * rs_in),
-            rs_in,
-            false,
-            dp.as_ptr(),
-            l,
-            1,
-            k,
-            rs_in,
-            1,
-            scale,
+        // dV (+)= P^T dO_tile
+        tile::matmul(
+            simd,
+            (l, dh, bq),
+            (p.as_ptr(), 1, lp),
+            (dob, dors),
+            (dv, rs_in),
+            1.0,
+            r0 > 0,
         );
-        mm(
-            l,
-            dh,
-            bq,
-            dk,
-            rs_in,
-            true,
-            dp.as_ptr(),
-            1,
-            l,
-            q.add(r0 * rs_in),
-            rs_in,
-            1,
+        // dP = dO_tile V^T, then dS = P * (dP - delta), zero at padded keys
+        tile::matmul(
+            simd,
+            (bq, l, dh),
+            (dob, dors, 1),
+            (vt.as_ptr(), lp),
+            (ds.as_mut_ptr(), lp),
+            1.0,
+            false,
+        );
+        for (i, (prow, grow)) in p
+            .chunks_exact(lp)
+            .zip(ds.chunks_exact_mut(lp))
+            .take(bq)
+            .enumerate()
+        {
+            rows::score_grad(simd, grow.as_mut_ptr(), prow.as_ptr(), l, pad, delta[i]);
+        }
+        // dQ_tile = scale * dS K ; dK (+)= scale * dS^T Q_tile
+        tile::matmul(
+            simd,
+            (bq, dh, l),
+            (ds.as_ptr(), lp, 1),
+            (kb, rsb),
+            (dq.add(r0 * rs_in), rs_in),
             scale,
+            false,
+        );
+        tile::matmul(
+            simd,
+            (l, dh, bq),
+            (ds.as_ptr(), 1, lp),
+            (qb.add(r0 * rsb), rsb),
+            (dk, rs_in),
+            scale,
+            r0 > 0,
         );
         r0 += bq;
     }
@@ -365,9 +397,9 @@ unsafe fn head_fwd_avx2(
     d: Dims,
     scale: f32,
     st: (&mut [f32], &mut [f32]),
-    s: &mut [f32],
+    scratch: &mut [f32],
 ) {
-    head_fwd(qkv, rs_in, out, pad, d, scale, st, s)
+    head_fwd(true, qkv, rs_in, out, pad, d, scale, st, scratch)
 }
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
@@ -376,15 +408,53 @@ unsafe fn head_fwd_avx2(
 unsafe fn head_bwd_avx2(
     qkv: Ptrs3,
     rs_in: usize,
-    od: (*const f32, *const f32, usize),
+    o: (*const f32, usize),
+    dout: (*const f32, usize, usize),
     st: (&[f32], &[f32]),
     pad: Option<&[f32]>,
     d: Dims,
     scale: f32,
     grads: (*mut f32, *mut f32, *mut f32),
-    scratch: (&mut [f32], &mut [f32], &mut [f32]),
+    scratch: &mut [f32],
 ) {
-    head_bwd(qkv, rs_in, od, st, pad, d, scale, grads, scratch)
+    head_bwd(true, qkv, rs_in, o, dout, st, pad, d, scale, grads, scratch)
+}
+
+/// Hints the CPU to bring `rows` rows of `width` floats at `ptr` (row stride `rs`) into its L2
+/// cache. Used on the head after the current one, so that a task does not start it with misses.
+#[inline(always)]
+fn prefetch_rows(ptr: *const f32, rows: usize, rs: usize, width: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        if width == 0 {
+            return;
+        }
+        for j in 0..rows {
+            let row = ptr.wrapping_add(j * rs);
+            let mut c = 0;
+            while c < width {
+                // SAFETY: a prefetch never faults or changes memory; SSE is part of x86_64.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(c) as *const i8) };
+                c += 16;
+            }
+            // SAFETY: as above (the last line of a row that is not line-aligned).
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(width - 1) as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (ptr, rows, rs, width);
+}
+
+/// [`prefetch_rows`] of the q, k, v rows of head `bh`, if it exists.
+#[inline(always)]
+fn prefetch_head(inputs: (&[f32], &[f32], &[f32]), packing: Packing, d: Dims, bh: usize) {
+    if bh < d.b * d.h {
+        let vw = packing.view(d, bh);
+        for (buf, off) in [(inputs.0, vw.q), (inputs.1, vw.k), (inputs.2, vw.v)] {
+            prefetch_rows(buf.as_ptr().wrapping_add(off), d.l, vw.rs_in, d.dh);
+        }
+    }
 }
 
 /// Forward over all heads; inputs share one buffer (`Qkv`) or are three (`Separate`).
@@ -396,20 +466,22 @@ fn forward(
     scale: f32,
 ) -> (Vec<f32>, Stats) {
     let (q, k, v) = inputs;
-    let mut o = vec![0f32; d.b * d.h * d.l * d.dh];
+    let n = d.b * d.h * d.l * d.dh;
+    let mut o: Vec<f32> = Vec::with_capacity(n);
     let mut max = vec![0f32; d.b * d.h * d.l];
     let mut log_sum = vec![0f32; d.b * d.h * d.l];
     let out = SharedMut(o.as_mut_ptr());
-    max.par_chunks_mut(d.l)
-        .zip(log_sum.par_chunks_mut(d.l))
+    let len = fwd_scratch(d);
+    max.par_chunks_mut(d.l.max(1))
+        .zip(log_sum.par_chunks_mut(d.l.max(1)))
         .enumerate()
-        .for_each_init(
-            || vec![0f32; QUERY_TILE * d.l],
-            |s, (bh, (mx, ls))| {
-                let vw = packing.view(d, bh);
-                let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
-                // SAFETY: the view of (b, h) stays inside the buffers and no two tasks write the
-                // same output element.
+        .for_each(|(bh, (mx, ls))| {
+            prefetch_head(inputs, packing, d, bh + 1);
+            let vw = packing.view(d, bh);
+            let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
+            with_scratch(len, |s| {
+                // SAFETY: the view of (b, h) stays inside the buffers (`o` has capacity `n`) and
+                // no two tasks write the same output element.
                 unsafe {
                     let ptrs = (
                         q.as_ptr().add(vw.q),
@@ -421,17 +493,21 @@ fn forward(
                     if super::has_avx2_fma() {
                         return head_fwd_avx2(ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s);
                     }
-                    head_fwd(ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s)
+                    head_fwd(false, ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s)
                 }
-            },
-        );
+            })
+        });
+    // SAFETY: the heads of all (b, h) together write every one of the `n` output elements.
+    unsafe { o.set_len(n) };
     (o, Stats { max, log_sum })
 }
 
 /// Backward over all heads. Returns one gradient buffer (`Qkv`: `[B, L, 3 D]`) or three.
+#[allow(clippy::too_many_arguments)]
 fn backward(
     inputs: (&[f32], &[f32], &[f32]),
-    (o, dout): (&[f32], &[f32]),
+    o: &[f32],
+    grad: GradView<'_>,
     packing: Packing,
     stats: &Stats,
     pad: Option<&[f32]>,
@@ -440,10 +516,11 @@ fn backward(
 ) -> Vec<Vec<f32>> {
     let (q, k, v) = inputs;
     let n = d.b * d.h * d.l * d.dh;
-    let mut grads: Vec<Vec<f32>> = match packing {
-        Packing::Separate => vec![vec![0f32; n]; 3],
-        Packing::Qkv => vec![vec![0f32; 3 * n]],
+    let (count, len) = match packing {
+        Packing::Separate => (3, n),
+        Packing::Qkv => (1, 3 * n),
     };
+    let mut grads: Vec<Vec<f32>> = (0..count).map(|_| Vec::with_capacity(len)).collect();
     let ptrs: Vec<SharedMut> = grads
         .iter_mut()
         .map(|g| SharedMut(g.as_mut_ptr()))
@@ -452,47 +529,62 @@ fn backward(
         Packing::Separate => (ptrs[0], ptrs[1], ptrs[2]),
         Packing::Qkv => (ptrs[0], ptrs[0], ptrs[0]),
     };
-    (0..d.b * d.h).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; QUERY_TILE * d.l],
-                vec![0f32; QUERY_TILE * d.l],
-                vec![0f32; d.l],
-            )
-        },
-        |(p, dp, delta), bh| {
-            let vw = packing.view(d, bh);
-            let rl = bh * d.l..(bh + 1) * d.l;
-            let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
-            // SAFETY: as in `forward`: each task reads and writes only its own (b, h) view.
+    let scratch = bwd_scratch(d);
+    (0..d.b * d.h).into_par_iter().for_each(|bh| {
+        prefetch_head(inputs, packing, d, bh + 1);
+        if bh + 1 < d.b * d.h {
+            let next = packing.view(d, bh + 1);
+            prefetch_rows(o.as_ptr().wrapping_add(next.o), d.l, next.rs_out, d.dh);
+            let (g0, gr, gc) = grad.head(d, bh + 1);
+            if gc == 1 && gr != 0 {
+                prefetch_rows(grad.data.as_ptr().wrapping_add(g0), d.l, gr, d.dh);
+            }
+        }
+        let vw = packing.view(d, bh);
+        let rl = bh * d.l..(bh + 1) * d.l;
+        let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
+        let (g0, gr, gc) = grad.head(d, bh);
+        with_scratch(scratch, |s| {
+            // SAFETY: as in `forward`: each task reads its own (b, h) view and writes only the
+            // gradient elements of that view; the output gradient is read inside its storage
+            // through its own layout.
             unsafe {
                 let ins = (
                     q.as_ptr().add(vw.q),
                     k.as_ptr().add(vw.k),
                     v.as_ptr().add(vw.v),
                 );
-                let od = (o.as_ptr().add(vw.o), dout.as_ptr().add(vw.o), vw.rs_out);
+                let o = (o.as_ptr().add(vw.o), vw.rs_out);
+                let dout = (grad.data.as_ptr().add(g0), gr, gc);
                 let st = (&stats.max[rl.clone()], &stats.log_sum[rl]);
                 let outs = (gq.ptr().add(vw.q), gk.ptr().add(vw.k), gv.ptr().add(vw.v));
                 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
                 if super::has_avx2_fma() {
-                    return head_bwd_avx2(
-                        ins,
-                        vw.rs_in,
-                        od,
-                        st,
-                        pad,
-                        d,
-                        scale,
-                        outs,
-                        (p, dp, delta),
-                    );
+                    return head_bwd_avx2(ins, vw.rs_in, o, dout, st, pad, d, scale, outs, s);
                 }
-                head_bwd(ins, vw.rs_in, od, st, pad, d, scale, outs, (p, dp, delta))
+                head_bwd(false, ins, vw.rs_in, o, dout, st, pad, d, scale, outs, s)
             }
-        },
-    );
+        })
+    });
+    for g in grads.iter_mut() {
+        // SAFETY: the heads of all (b, h) together write every element of each gradient buffer
+        // (dq, dk and dv of every head cover `[B, H, L, Dh]`, or all of `[B, L, 3 D]`).
+        unsafe { g.set_len(len) };
+    }
     grads
+}
+
+/// The full f32 data of a CPU tensor's storage with its layout's start offset and strides.
+fn grad_view<'a>(s: &'a Storage, l: &Layout, strides: [usize; 4]) -> Result<GradView<'a>> {
+    let data = match s {
+        Storage::Cpu(c) => c.as_slice::<f32>()?,
+        _ => candle_core::bail!("fused attention: only CPU tensors are supported"),
+    };
+    Ok(GradView {
+        data,
+        start: l.start_offset(),
+        strides,
+    })
 }
 
 fn take_stats(m: &Mutex<Option<Arc<Stats>>>) -> Result<Arc<Stats>> {
@@ -581,23 +673,26 @@ impl CustomOp3 for FusedAttention {
         let stats = take_stats(&self.stats)?;
         let (b, h, l, dh) = q.dims4()?;
         let d = Dims { b, h, l, dh };
-        let grad = grad_res.contiguous()?;
-        let tensors = [q, k, v, res, &grad];
+        let tensors = [q, k, v, res];
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let mut s = Vec::with_capacity(5);
+        let mut s = Vec::with_capacity(4);
         for (g, l) in &guards {
             s.push(storage_slice(g, l)?);
         }
+        let (gs, gl) = grad_res.storage_and_layout();
+        let st = gl.stride();
+        let grad = grad_view(&gs, gl, [st[0], st[1], st[2], st[3]])?;
         let mut g = backward(
             (s[0], s[1], s[2]),
-            (s[3], s[4]),
+            s[3],
+            grad,
             Packing::Separate,
             &stats,
             self.padding.as_deref().map(|p| p.as_slice()),
             d,
             self.scale,
         );
-        drop(guards);
+        drop((guards, gs));
         let shape = q.shape().clone();
         let (dv, dk, dq) = (g.pop(), g.pop(), g.pop());
         let mk = |x: Option<Vec<f32>>| -> Result<Option<Tensor>> {
@@ -665,14 +760,16 @@ impl CustomOp1 for FusedQkvAttention {
     fn bwd(&self, qkv: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let stats = take_stats(&self.stats)?;
         let d = self.dims(qkv.shape())?;
-        let grad = grad_res.contiguous()?;
         let (xs, xl) = qkv.storage_and_layout();
         let (os, ol) = res.storage_and_layout();
-        let (gs, gl) = grad.storage_and_layout();
+        let (gs, gl) = grad_res.storage_and_layout();
+        let st = gl.stride();
+        let grad = grad_view(&gs, gl, [st[0], d.dh * st[2], st[1], st[2]])?;
         let x = storage_slice(&xs, xl)?;
         let mut g = backward(
             (x, x, x),
-            (storage_slice(&os, ol)?, storage_slice(&gs, gl)?),
+            storage_slice(&os, ol)?,
+            grad,
             Packing::Qkv,
             &stats,
             self.padding.as_deref().map(|p| p.as_slice()),
@@ -682,5 +779,91 @@ impl CustomOp1 for FusedQkvAttention {
         drop((xs, os, gs));
         let dqkv = g.pop().expect("one gradient buffer");
         Ok(Some(output(dqkv, qkv.shape(), qkv.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn values(shape: &[usize], seed: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// Runs the op's forward on CPU storage and returns its output as a tensor.
+    fn forward3(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (sq, lq) = q.storage_and_layout();
+        let (sk, lk) = k.storage_and_layout();
+        let (sv, lv) = v.storage_and_layout();
+        let cpu = |s: &Storage| match s {
+            Storage::Cpu(c) => c.clone(),
+            _ => unreachable!(),
+        };
+        let (o, shape) = op
+            .cpu_fwd(&cpu(&sq), lq, &cpu(&sk), lk, &cpu(&sv), lv)
+            .unwrap();
+        match o {
+            CpuStorage::F32(o) => Tensor::from_vec(o, shape, &Device::Cpu).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn strided_and_broadcast_output_gradients_match_contiguous_ones() {
+        let (b, h, l, dh) = (2, 3, 21, 16);
+        let (q, k, v) = (
+            values(&[b, h, l, dh], 1),
+            values(&[b, h, l, dh], 2),
+            values(&[b, h, l, dh], 3),
+        );
+        let pad: Vec<f32> = (0..b * l).map(|i| (i % 5 == 3) as u8 as f32).collect();
+        let op = FusedAttention::new(0.3, Some(pad.clone()));
+        let res = forward3(&op, &q, &k, &v);
+        // a gradient stored as [B, H, Dh, L] and transposed: column stride L
+        let strided = values(&[b, h, dh, l], 4).transpose(2, 3).unwrap();
+        let broadcast = Tensor::ones((), DType::F32, &Device::Cpu)
+            .unwrap()
+            .broadcast_as((b, h, l, dh))
+            .unwrap();
+        for grad in [strided, broadcast] {
+            assert!(!grad.is_contiguous());
+            let dense = grad.contiguous().unwrap();
+            let a = op.bwd(&q, &k, &v, &res, &grad).unwrap();
+            let e = op.bwd(&q, &k, &v, &res, &dense).unwrap();
+            for (x, y) in [(a.0, e.0), (a.1, e.1), (a.2, e.2)] {
+                assert_eq!(flat(&x.unwrap()), flat(&y.unwrap()));
+            }
+        }
+        // the packed layout: [B, L, 3 D] in, gradient [B, L, D] stored as [B, D, L]
+        let heads = 2;
+        let qkv = values(&[b, l, 3 * heads * dh], 5);
+        let op = FusedQkvAttention::new(heads, 0.3, Some(pad));
+        let (s, lay) = qkv.storage_and_layout();
+        let x = match &*s {
+            Storage::Cpu(c) => c.clone(),
+            _ => unreachable!(),
+        };
+        let (o, shape) = op.cpu_fwd(&x, lay).unwrap();
+        drop(s);
+        let res = match o {
+            CpuStorage::F32(o) => Tensor::from_vec(o, shape, &Device::Cpu).unwrap(),
+            _ => unreachable!(),
+        };
+        let grad = values(&[b, heads * dh, l], 6).transpose(1, 2).unwrap();
+        let a = op.bwd(&qkv, &res, &grad).unwrap().unwrap();
+        let e = op
+            .bwd(&qkv, &res, &grad.contiguous().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(flat(&a), flat(&e));
     }
 }

@@ -13,7 +13,9 @@ mod gelu;
 mod layer_norm;
 mod linear;
 pub mod math;
+mod rows;
 mod storage;
+mod tile;
 pub(crate) use storage::storage_slice;
 
 use crate::{Error, Result};
