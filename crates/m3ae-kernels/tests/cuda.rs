@@ -6,6 +6,9 @@
 use candle_core::{Device, Tensor, Var};
 use m3ae_kernels::{fused, reference};
 
+mod common;
+use common::{padding, rel_err, tensor, Pad};
+
 #[test]
 fn nvrtc_compiles_every_kernel() {
     let ptx = fused::cuda::ptx().expect("NVRTC compiles kernels.cu");
@@ -18,39 +21,6 @@ fn nvrtc_compiles_every_kernel() {
     assert!(fused::cuda::attention_fits(261, 32));
     assert!(fused::cuda::attention_fits(1024, 64));
     assert!(!fused::cuda::attention_fits(4096, 64));
-}
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let n = shape.iter().product();
-    let v: Vec<f32> = values(n, seed).into_iter().map(|x| x * scale).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// `max|a - b| / max|b|` with `a` moved to the CPU.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_device(&Device::Cpu).unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let d = (&a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let m = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d.to_scalar::<f32>().unwrap() / m.max(f32::MIN_POSITIVE)
 }
 
 /// Value of `f(inputs)` and the gradients of `sum(f(inputs) * w)` with respect to every input.
@@ -77,22 +47,7 @@ fn with_grads(
     out
 }
 
-fn padding(b: usize, l: usize, kind: usize, seed: u64) -> Option<Tensor> {
-    let v: Vec<f32> = match kind {
-        0 => return None,
-        1 => values(b * l, seed)
-            .into_iter()
-            .map(|x| if x > 0.3 { 1.0 } else { 0.0 })
-            .collect(),
-        2 => (0..b * l)
-            .map(|i| if i % l == l / 2 { 0.0 } else { 1.0 })
-            .collect(),
-        _ => (0..b * l)
-            .map(|i| if i / l == 0 { 1.0 } else { 0.0 })
-            .collect(),
-    };
-    Some(Tensor::from_vec(v, (b, l), &Device::Cpu).unwrap())
-}
+const PADS: [Pad; 4] = [Pad::None, Pad::Random, Pad::AllButOne, Pad::Full];
 
 fn assert_close(got: &[Tensor], want: &[Tensor], names: &[&str], ctx: &str) {
     for (i, ((g, w), name)) in got.iter().zip(want).zip(names).enumerate() {
@@ -118,7 +73,7 @@ fn attention_matches_reference_on_gpu() {
     .iter()
     .enumerate()
     {
-        for kind in 0..4 {
+        for (kind, &pad) in PADS.iter().enumerate() {
             let seed = 10 * i as u64 + kind as u64;
             let shape = [b, h, l, dh];
             let ins = [
@@ -127,7 +82,7 @@ fn attention_matches_reference_on_gpu() {
                 tensor(&shape, seed + 2, 1.0),
             ];
             let w = tensor(&shape, seed + 3, 1.0);
-            let p = padding(b, l, kind, seed + 4);
+            let p = padding(b, l, pad, seed + 4);
             let scale = 1.0 / (dh as f64).sqrt();
             let want = with_grads(
                 &|x| reference::masked_attention(x[0], x[1], x[2], p.as_ref(), scale).unwrap(),
@@ -142,7 +97,7 @@ fn attention_matches_reference_on_gpu() {
                 &w,
                 &dev,
             );
-            let ctx = format!("b{b} h{h} l{l} dh{dh} padding {kind} x{magnitude}");
+            let ctx = format!("b{b} h{h} l{l} dh{dh} {pad:?} x{magnitude}");
             assert_close(&got, &want, &["forward", "dq", "dk", "dv"], &ctx);
         }
     }
@@ -161,11 +116,11 @@ fn packed_qkv_attention_matches_reference_on_gpu() {
     .iter()
     .enumerate()
     {
-        for kind in 0..4 {
+        for (kind, &pad) in PADS.iter().enumerate() {
             let seed = 40 + 10 * i as u64 + kind as u64;
             let qkv = tensor(&[b, l, 3 * heads * dh], seed, 1.0);
             let w = tensor(&[b, l, heads * dh], seed + 1, 1.0);
-            let p = padding(b, l, kind, seed + 2);
+            let p = padding(b, l, pad, seed + 2);
             let scale = 1.0 / (dh as f64).sqrt();
             let want = with_grads(
                 &|x| reference::qkv_attention(x[0], heads, p.as_ref(), scale).unwrap(),
@@ -180,7 +135,7 @@ fn packed_qkv_attention_matches_reference_on_gpu() {
                 &w,
                 &dev,
             );
-            let ctx = format!("b{b} l{l} heads{heads} dh{dh} padding {kind}");
+            let ctx = format!("b{b} l{l} heads{heads} dh{dh} {pad:?}");
             assert_close(&got, &want, &["forward", "dqkv"], &ctx);
         }
     }

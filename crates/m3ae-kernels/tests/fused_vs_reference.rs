@@ -4,51 +4,8 @@
 use candle_core::{DType, Device, Tensor, Var};
 use m3ae_kernels::{fused, reference};
 
-/// Deterministic pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let n = shape.iter().product();
-    let v: Vec<f32> = values(n, seed).into_iter().map(|x| x * scale).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// `max|a - b| / max|b|` (0 when both are 0).
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let m = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    if m == 0.0 {
-        d
-    } else {
-        d / m
-    }
-}
+mod common;
+use common::{padding, rel_err, tensor, values, Pad};
 
 type AttnFn = fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, f64) -> m3ae_kernels::Result<Tensor>;
 
@@ -71,31 +28,6 @@ fn attn_with_grads(
     let g = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
     let get = |x: &Var| g.get(x.as_tensor()).expect("gradient").clone();
     (y, get(&qv), get(&kv), get(&vv))
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Pad {
-    None,
-    Random,
-    AllButOne,
-    Full,
-}
-
-fn padding(b: usize, l: usize, kind: Pad, seed: u64) -> Option<Tensor> {
-    let v: Vec<f32> = match kind {
-        Pad::None => return None,
-        Pad::Random => values(b * l, seed)
-            .into_iter()
-            .map(|x| if x > 0.3 { 1.0 } else { 0.0 })
-            .collect(),
-        Pad::AllButOne => (0..b * l)
-            .map(|i| if i % l == l / 2 { 0.0 } else { 1.0 })
-            .collect(),
-        Pad::Full => (0..b * l)
-            .map(|i| if i / l == 0 { 1.0 } else { 0.0 })
-            .collect(),
-    };
-    Some(Tensor::from_vec(v, (b, l), &Device::Cpu).unwrap())
 }
 
 fn check_attention(b: usize, h: usize, l: usize, dh: usize, pad: Pad, magnitude: f32, seed: u64) {

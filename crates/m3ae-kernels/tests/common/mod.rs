@@ -1,0 +1,76 @@
+//! Inputs and comparisons shared by the kernel integration tests (CPU and CUDA).
+#![allow(dead_code)] // each test binary uses a subset
+
+use candle_core::{Device, Tensor};
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let n = shape.iter().product();
+    let v: Vec<f32> = values(n, seed).into_iter().map(|x| x * scale).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// `max|a - b| / max|b|` (0 when both are 0), with `a` moved to `b`'s device first.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let a = &a.to_device(b.device()).unwrap();
+    assert_eq!(a.dims(), b.dims());
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let m = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    if m == 0.0 {
+        d
+    } else {
+        d / m
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Pad {
+    None,
+    Random,
+    AllButOne,
+    Full,
+}
+
+pub fn padding(b: usize, l: usize, kind: Pad, seed: u64) -> Option<Tensor> {
+    let v: Vec<f32> = match kind {
+        Pad::None => return None,
+        Pad::Random => values(b * l, seed)
+            .into_iter()
+            .map(|x| if x > 0.3 { 1.0 } else { 0.0 })
+            .collect(),
+        Pad::AllButOne => (0..b * l)
+            .map(|i| if i % l == l / 2 { 0.0 } else { 1.0 })
+            .collect(),
+        Pad::Full => (0..b * l)
+            .map(|i| if i / l == 0 { 1.0 } else { 0.0 })
+            .collect(),
+    };
+    Some(Tensor::from_vec(v, (b, l), &Device::Cpu).unwrap())
+}
