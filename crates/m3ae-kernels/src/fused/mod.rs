@@ -2,9 +2,9 @@
 //!
 //! Each public function takes tensors of any layout and float dtype: inputs are made contiguous
 //! and computed in f32 (other dtypes are converted and converted back). Tensors on a CUDA device
-//! run the kernels of [`cuda`] when the crate is built with the `cuda` feature (the dense layer,
-//! and attention longer than [`cuda::attention_fits`] allows, use the reference path there);
-//! without the feature, and on other devices, they use the reference path.
+//! run the kernels of the `cuda` module when the crate is built with the `cuda` feature (the
+//! dense layer, and attention longer than `cuda::attention_fits` allows, use the reference path
+//! there); without the feature, and on other devices, they use the reference path.
 
 mod attention;
 #[cfg(feature = "cuda")]
