@@ -76,7 +76,7 @@ pub fn masked_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, _, l, dh) = q.dims4()?;
+    let (b, _, l, _) = q.dims4()?;
     if k.dims() != q.dims() || v.dims() != q.dims() {
         return Err(Error::Shape {
             op: "masked_attention",
@@ -91,12 +91,11 @@ pub fn masked_attention(
     check_padding("masked_attention", key_padding, b, l)?;
     if !q.device().is_cpu() {
         #[cfg(feature = "cuda")]
-        if q.device().is_cuda() && cuda::attention_fits(l, dh) {
+        if q.device().is_cuda() && cuda::attention_fits(l, q.dim(3)?) {
             let op = cuda::CudaAttention::new(scale, device_padding(key_padding)?);
             let y = f32_contiguous(q)?.apply_op3(&f32_contiguous(k)?, &f32_contiguous(v)?, op)?;
             return Ok(y.to_dtype(q.dtype())?);
         }
-        let _ = dh;
         return crate::reference::masked_attention(q, k, v, key_padding, scale);
     }
     let op = attention::FusedAttention::new(scale, host_padding(key_padding)?);
@@ -111,15 +110,14 @@ pub fn qkv_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, l, dh) = crate::reference::qkv_shapes(qkv, heads)?;
+    let (b, l, _) = crate::reference::qkv_shapes(qkv, heads)?;
     check_padding("qkv_attention", key_padding, b, l)?;
     if !qkv.device().is_cpu() {
         #[cfg(feature = "cuda")]
-        if qkv.device().is_cuda() && cuda::attention_fits(l, dh) {
+        if qkv.device().is_cuda() && cuda::attention_fits(l, qkv.dim(2)? / (3 * heads)) {
             let op = cuda::CudaQkvAttention::new(heads, scale, device_padding(key_padding)?);
             return Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?);
         }
-        let _ = dh;
         return crate::reference::qkv_attention(qkv, heads, key_padding, scale);
     }
     let op = attention::FusedQkvAttention::new(heads, scale, host_padding(key_padding)?);

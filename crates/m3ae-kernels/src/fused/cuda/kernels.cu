@@ -51,6 +51,22 @@ __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
 // ---------------------------------------------------------------------------------------------
 // Attention. Grid (ceil(L / warps), B * H); block warps * 32 threads.
 
+// The head (b, h), row and lane this thread works on (one warp per row).
+struct WarpRow {
+    int warp, lane, b, h, bh, row;
+};
+
+__device__ __forceinline__ WarpRow warp_row(int H) {
+    WarpRow w;
+    w.warp = threadIdx.x >> 5;
+    w.lane = threadIdx.x & 31;
+    w.bh = blockIdx.y;
+    w.b = w.bh / H;
+    w.h = w.bh % H;
+    w.row = blockIdx.x * (blockDim.x >> 5) + w.warp;
+    return w;
+}
+
 // Forward. Shared memory per warp: L + Dh floats.
 extern "C" __global__ void m3ae_attn_fwd(
     const float* q, const float* k, const float* v, const float* pad, int has_pad,
@@ -60,10 +76,9 @@ extern "C" __global__ void m3ae_attn_fwd(
     long long out_bs, long long out_hs, long long out_rs,
     float scale) {
     M3AE_DYNAMIC_SHARED(smem);
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int i = blockIdx.x * warps + warp;
-    if (i >= L) return;  // whole warp
+    const WarpRow w = warp_row(H);
+    const int warp = w.warp, lane = w.lane, bh = w.bh, b = w.b, h = w.h, i = w.row;
+    if (i >= L) return;  // the whole warp
     float* s = smem + (size_t)warp * (L + Dh);
     float* qs = s + L;
     const long long base = b * in_bs + h * in_hs;
@@ -114,10 +129,9 @@ extern "C" __global__ void m3ae_attn_bwd_dq(
     long long out_bs, long long out_hs, long long out_rs,
     float scale) {
     M3AE_DYNAMIC_SHARED(smem);
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int i = blockIdx.x * warps + warp;
-    if (i >= L) return;
+    const WarpRow w = warp_row(H);
+    const int warp = w.warp, lane = w.lane, bh = w.bh, b = w.b, h = w.h, i = w.row;
+    if (i >= L) return;  // the whole warp
     float* s = smem + (size_t)warp * (L + 2 * Dh);
     float* qs = s + L;
     float* gs = qs + Dh;
@@ -166,10 +180,9 @@ extern "C" __global__ void m3ae_attn_bwd_dkdv(
     long long out_bs, long long out_hs, long long out_rs,
     float scale) {
     M3AE_DYNAMIC_SHARED(smem);
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int j = blockIdx.x * warps + warp;
-    if (j >= L) return;
+    const WarpRow w = warp_row(H);
+    const int warp = w.warp, lane = w.lane, bh = w.bh, b = w.b, h = w.h, j = w.row;
+    if (j >= L) return;  // the whole warp
     float* ps = smem + (size_t)warp * (2 * L + 2 * Dh);
     float* dss = ps + L;
     float* ks = dss + L;
