@@ -146,17 +146,7 @@ fn fully_padded_rows_attend_uniformly_on_gpu() {
     let Some(dev) = fused::cuda::first_gpu_or_skip() else {
         return;
     };
-    let v = tensor(&[1, 1, 4, 8], 3, 1.0);
-    let q = tensor(&[1, 1, 4, 8], 1, 1.0).to_device(&dev).unwrap();
-    let k = tensor(&[1, 1, 4, 8], 2, 1.0).to_device(&dev).unwrap();
-    let pad = Tensor::ones((1, 4), candle_core::DType::F32, &dev).unwrap();
-    let y = fused::masked_attention(&q, &k, &v.to_device(&dev).unwrap(), Some(&pad), 0.3).unwrap();
-    let mean = v
-        .mean_keepdim(2)
-        .unwrap()
-        .broadcast_as((1, 1, 4, 8))
-        .unwrap();
-    assert!(rel_err(&y, &mean) < 1e-6);
+    common::assert_fully_padded_rows_attend_uniformly(&dev);
 }
 
 #[test]

@@ -185,17 +185,7 @@ fn attention_accepts_non_contiguous_inputs() {
 
 #[test]
 fn fully_padded_rows_attend_uniformly() {
-    let q = tensor(&[1, 1, 4, 8], 1, 1.0);
-    let k = tensor(&[1, 1, 4, 8], 2, 1.0);
-    let v = tensor(&[1, 1, 4, 8], 3, 1.0);
-    let pad = Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap();
-    let y = fused::masked_attention(&q, &k, &v, Some(&pad), 0.3).unwrap();
-    let mean = v
-        .mean_keepdim(2)
-        .unwrap()
-        .broadcast_as((1, 1, 4, 8))
-        .unwrap();
-    assert!(rel_err(&y, &mean) < 1e-6);
+    common::assert_fully_padded_rows_attend_uniformly(&Device::Cpu);
 }
 
 /// Central finite differences (f64 accumulation of the f32 kernel) against the fused backward.

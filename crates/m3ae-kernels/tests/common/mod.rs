@@ -28,26 +28,39 @@ pub fn tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let a = &a.to_device(b.device()).unwrap();
     assert_eq!(a.dims(), b.dims());
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let m = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (d, m) = (max_abs(&(a - b).unwrap()), max_abs(b));
     if m == 0.0 {
         d
     } else {
         d / m
     }
+}
+
+/// A query row whose keys are all padding attends uniformly: the fused output on `dev` equals
+/// the mean of the values.
+pub fn assert_fully_padded_rows_attend_uniformly(dev: &Device) {
+    let on = |t: Tensor| t.to_device(dev).unwrap();
+    let v = tensor(&[1, 1, 4, 8], 3, 1.0);
+    let (q, k) = (
+        on(tensor(&[1, 1, 4, 8], 1, 1.0)),
+        on(tensor(&[1, 1, 4, 8], 2, 1.0)),
+    );
+    let pad = Tensor::ones((1, 4), candle_core::DType::F32, dev).unwrap();
+    let y = m3ae_kernels::fused::masked_attention(&q, &k, &on(v.clone()), Some(&pad), 0.3).unwrap();
+    let mean = v
+        .mean_keepdim(2)
+        .unwrap()
+        .broadcast_as((1, 1, 4, 8))
+        .unwrap();
+    assert!(rel_err(&y, &mean) < 1e-6);
 }
 
 #[derive(Clone, Copy, Debug)]
