@@ -194,19 +194,23 @@ fn cli_resumes_a_converted_official_run() {
             "{stdout}"
         );
         let runs = root.join("runs");
-        let (ok, stdout, stderr) = cli(&[
-            "pretrain",
-            "--resume",
-            converted.to_str().unwrap(),
-            "--steps",
-            "3",
-            "--name",
-            kind,
-            "--output-dir",
-            runs.to_str().unwrap(),
-            "--plain",
-            "--no-probe",
-        ]);
+        // `pretrain --resume <converted dir>` into run `kind`, up to `steps`
+        let resume_converted = |steps: &str| {
+            cli(&[
+                "pretrain",
+                "--resume",
+                converted.to_str().unwrap(),
+                "--steps",
+                steps,
+                "--name",
+                kind,
+                "--output-dir",
+                runs.to_str().unwrap(),
+                "--plain",
+                "--no-probe",
+            ])
+        };
+        let (ok, stdout, stderr) = resume_converted("3");
         assert!(ok, "{kind}: {stderr}");
         assert!(
             stderr.contains("resumed from") && stderr.contains("at step 2"),
@@ -219,19 +223,7 @@ fn cli_resumes_a_converted_official_run() {
         assert_eq!(state.extra["official"]["kind"], kind);
         // a second --resume <dir> into the same run is refused; --resume with its config.toml
         // continues it
-        let (ok, _, stderr) = cli(&[
-            "pretrain",
-            "--resume",
-            converted.to_str().unwrap(),
-            "--steps",
-            "4",
-            "--name",
-            kind,
-            "--output-dir",
-            runs.to_str().unwrap(),
-            "--plain",
-            "--no-probe",
-        ]);
+        let (ok, _, stderr) = resume_converted("4");
         assert!(!ok && stderr.contains("another --name"), "{stderr}");
         let (ok, stdout, stderr) = cli(&[
             "pretrain",
