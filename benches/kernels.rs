@@ -5,8 +5,14 @@
 //! GELU count elements of the input, so their rate reads as elements/s). Shapes are the ones M3AE
 //! runs: base and small encoders at 224 px / patch 16 with 64 text tokens and 75%/75% masking
 //! (L = 1 + 49 + 16 = 66) and the decoder (L = 1 + 196 + 64 = 261), batch 32.
+//!
+//! Each attention shape also runs a `floor` op: it has attention's inputs and outputs but
+//! computes nothing (it fills its output and its three input gradients with a constant), so its
+//! forward+backward time is what candle's autograd (the `sum_all().backward()` harness, the
+//! gradient accumulation of each input) and writing the outputs cost on their own. No attention
+//! kernel can be faster than that floor under this harness; reference / floor bounds the speed-up.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape as CShape, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use m3ae_kernels::KernelPath;
 
@@ -55,6 +61,40 @@ fn var(shape: &[usize], salt: usize) -> Var {
     Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
 }
 
+/// The zero-compute stand-in for attention (see the module docs).
+struct Floor;
+
+impl CustomOp3 for Floor {
+    fn name(&self) -> &'static str {
+        "attention-floor"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, CShape)> {
+        let n = l.shape().elem_count();
+        Ok((CpuStorage::F32(vec![0.5; n]), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = || Tensor::full(0.5f32, q.shape(), q.device()).map(Some);
+        Ok((g()?, g()?, g()?))
+    }
+}
+
 fn attention(c: &mut Criterion) {
     for s in &SHAPES {
         let dims = [s.b, s.h, s.l, s.dh];
@@ -92,6 +132,13 @@ fn attention(c: &mut Criterion) {
                 })
             });
         }
+        g.throughput(Throughput::Elements(3 * flops));
+        g.bench_function("floor/fwd+bwd", |bch| {
+            bch.iter(|| {
+                let y = q.as_tensor().apply_op3(&k, &v, Floor).unwrap();
+                y.sum_all().unwrap().backward().unwrap()
+            })
+        });
         g.finish();
     }
 }

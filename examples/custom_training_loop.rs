@@ -12,6 +12,8 @@ use m3ae::train::{TrainBatch, TrainConfig, Trainer};
 use std::sync::Arc;
 
 fn main() -> Result<()> {
+    // As the `m3ae` binary does: keep freed tensor buffers in the heap (fewer page faults).
+    m3ae_kernels::alloc::keep_freed_memory();
     // Data: 2,000 generated scenes, a WordPiece vocabulary trained on their captions.
     let scenes = CaptionedScenes::new(ScenesConfig {
         len: 2000,

@@ -24,6 +24,7 @@
 //! # Ok::<(), m3ae_kernels::Error>(())
 //! ```
 
+pub mod alloc;
 pub mod fused;
 pub mod reference;
 

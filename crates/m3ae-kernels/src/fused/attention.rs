@@ -26,7 +26,7 @@
 //! `-1e7` (replacement, as the official code), so a fully padded row attends uniformly; their
 //! score gradient is zero.
 
-use super::storage::{f32_slice, output, storage_slice};
+use super::storage::{f32_slice, output, storage_slice, uninit_buffer};
 use super::{math, rows, tile};
 use crate::reference::PADDING_SCORE;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
@@ -467,7 +467,7 @@ fn forward(
 ) -> (Vec<f32>, Stats) {
     let (q, k, v) = inputs;
     let n = d.b * d.h * d.l * d.dh;
-    let mut o: Vec<f32> = Vec::with_capacity(n);
+    let mut o = uninit_buffer(n);
     let mut max = vec![0f32; d.b * d.h * d.l];
     let mut log_sum = vec![0f32; d.b * d.h * d.l];
     let out = SharedMut(o.as_mut_ptr());
@@ -520,7 +520,7 @@ fn backward(
         Packing::Separate => (3, n),
         Packing::Qkv => (1, 3 * n),
     };
-    let mut grads: Vec<Vec<f32>> = (0..count).map(|_| Vec::with_capacity(len)).collect();
+    let mut grads: Vec<Vec<f32>> = (0..count).map(|_| uninit_buffer(len)).collect();
     let ptrs: Vec<SharedMut> = grads
         .iter_mut()
         .map(|g| SharedMut(g.as_mut_ptr()))

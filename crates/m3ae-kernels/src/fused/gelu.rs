@@ -2,7 +2,7 @@
 //! the fast `exp` of [`super::math`].
 
 use super::math;
-use super::storage::{f32_slice, output, storage_slice};
+use super::storage::{f32_slice, output, storage_slice, zeroed_buffer};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -43,7 +43,7 @@ unsafe fn bwd_avx2(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 
 /// Forward on a slice.
 pub(crate) fn forward(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeroed_buffer(x.len());
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(yc, xc)| {
@@ -59,7 +59,7 @@ pub(crate) fn forward(x: &[f32]) -> Vec<f32> {
 
 /// Backward on slices: `dx = dy * gelu'(x)`.
 pub(crate) fn backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeroed_buffer(x.len());
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .zip(dy.par_chunks(CHUNK))

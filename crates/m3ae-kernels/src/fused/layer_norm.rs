@@ -2,7 +2,7 @@
 //! giving dx, and per-chunk partial sums for dgamma / dbeta reduced in a fixed order (so results
 //! do not depend on the number of threads).
 
-use super::storage::{f32_slice, output, storage_slice};
+use super::storage::{f32_slice, output, storage_slice, zeroed_buffer};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -142,7 +142,7 @@ fn bwd_dispatch(
 /// Forward on slices: `x` `[rows * d]`, `g`, `b` `[d]`.
 pub(crate) fn forward(x: &[f32], g: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
     let d = g.len();
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeroed_buffer(x.len());
     y.par_chunks_mut(ROWS_PER_TASK * d)
         .zip(x.par_chunks(ROWS_PER_TASK * d))
         .for_each(|(yc, xc)| fwd_dispatch(xc, g, b, yc, eps));
@@ -157,7 +157,7 @@ pub(crate) fn backward(
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = g.len();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeroed_buffer(x.len());
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(ROWS_PER_TASK * d)
         .zip(x.par_chunks(ROWS_PER_TASK * d))

@@ -2,7 +2,7 @@
 //! contiguous buffers: forward one GEMM into a bias-initialised output; backward
 //! `dX = dY W`, `dW = dY^T X` and `db = colsum(dY)` (fixed-order reduction).
 
-use super::storage::{f32_slice, output, storage_slice};
+use super::storage::{f32_slice, output, storage_slice, zeroed_buffer};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -91,7 +91,7 @@ impl CustomOp3 for FusedLinear {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, inp, out) = dims(lx, lw, lb)?;
         let (x, w, b) = (f32_slice(sx, lx)?, f32_slice(sw, lw)?, f32_slice(sb, lb)?);
-        let mut y = vec![0f32; rows * out];
+        let mut y = zeroed_buffer(rows * out);
         y.par_chunks_mut(out.max(1) * 64).for_each(|c| {
             for r in c.chunks_exact_mut(out) {
                 r.copy_from_slice(b);
@@ -120,9 +120,9 @@ impl CustomOp3 for FusedLinear {
             storage_slice(&ws, wl)?,
             storage_slice(&ds, dl)?,
         );
-        let mut dx = vec![0f32; rows * inp];
+        let mut dx = zeroed_buffer(rows * inp);
         gemm_into(rows, inp, out, &mut dx, false, dv, (out, 1), wv, (inp, 1));
-        let mut dw = vec![0f32; out * inp];
+        let mut dw = zeroed_buffer(out * inp);
         gemm_into(out, inp, rows, &mut dw, false, dv, (1, out), xv, (inp, 1));
         // bias: column sums over fixed 256-row chunks, added in chunk order
         let partials: Vec<Vec<f32>> = dv
