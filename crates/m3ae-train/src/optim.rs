@@ -10,6 +10,7 @@ use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use m3ae_model::{ParamSpec, ParamStore, Variant};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -75,6 +76,9 @@ pub fn is_decayed(official_name: &str, variant: Variant) -> bool {
     };
     !official_name.split('.').any(|c| list.contains(&c))
 }
+
+/// Weights updated per rayon task by [`AdamW::step`].
+const UPDATE_CHUNK: usize = 1 << 14;
 
 #[derive(Debug, Clone)]
 struct Slot {
@@ -155,15 +159,24 @@ impl AdamW {
             let new = m3ae_kernels::with_f32_slice(var.as_tensor(), |p| {
                 m3ae_kernels::with_f32_slice(g, |g| {
                     let mut out = vec![0f32; p.len()];
-                    for i in 0..p.len() {
-                        let gi = g[i];
-                        let m = b1 * slot.m[i] + (1.0 - b1) * gi;
-                        let v = b2 * slot.v[i] + (1.0 - b2) * gi * gi;
-                        slot.m[i] = m;
-                        slot.v[i] = v;
-                        let u = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps) + decay * p[i];
-                        out[i] = p[i] - lr * u;
-                    }
+                    // Element-wise, so the result does not depend on how rayon splits the chunks.
+                    out.par_chunks_mut(UPDATE_CHUNK)
+                        .zip(slot.m.par_chunks_mut(UPDATE_CHUNK))
+                        .zip(slot.v.par_chunks_mut(UPDATE_CHUNK))
+                        .enumerate()
+                        .for_each(|(c, ((out, ms), vs))| {
+                            let lo = c * UPDATE_CHUNK;
+                            let (p, g) = (&p[lo..lo + out.len()], &g[lo..lo + out.len()]);
+                            for i in 0..out.len() {
+                                let gi = g[i];
+                                let m = b1 * ms[i] + (1.0 - b1) * gi;
+                                let v = b2 * vs[i] + (1.0 - b2) * gi * gi;
+                                ms[i] = m;
+                                vs[i] = v;
+                                let u = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps) + decay * p[i];
+                                out[i] = p[i] - lr * u;
+                            }
+                        });
                     out
                 })
             })??;
@@ -311,6 +324,56 @@ mod tests {
             e.contains("m.encoder.norm.bias") && e.contains("opt.safetensors"),
             "{e}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn large_weights_update_every_element_by_the_formula() -> anyhow::Result<()> {
+        // a weight spanning several parallel chunks (and a partial last one), two steps, compared
+        // bit for bit with a sequential evaluation of the same f32 formula
+        let dev = Device::Cpu;
+        let mut spec = param_specs(&M3aeConfig::preset("tiny")?, Variant::Mae)
+            .into_iter()
+            .find(|s| s.name.ends_with("qkv.weight"))
+            .expect("tiny has a qkv weight");
+        spec.shape = vec![3, UPDATE_CHUNK - 5];
+        let specs = vec![spec.clone()];
+        let store = ParamStore::init(&specs, 3, &dev)?;
+        let w = store.var(&spec.name)?.clone();
+        let n = spec.numel();
+        let coef: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 201) as f32 / 50.0 - 2.0)
+            .collect();
+        let coef = Tensor::from_vec(coef, w.shape(), &dev)?;
+        let cfg = AdamWConfig::default();
+        let mut opt = AdamW::new(cfg.clone(), &specs, Variant::Mae);
+        let decay = if opt.decayed().count() == 1 {
+            cfg.weight_decay as f32
+        } else {
+            0.0
+        };
+        let mut p = w.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        for t in 1..=2 {
+            let loss = (w.as_tensor() * &coef)?.sqr()?.sum_all()?;
+            let grads = named_grads(&store, &loss.backward()?);
+            let g = grads[&spec.name].flatten_all()?.to_vec1::<f32>()?;
+            opt.step(&store, &grads, 0.01)?;
+            let (b1, b2) = (cfg.b1 as f32, cfg.b2 as f32);
+            let inv_bc1 = (1.0 / (1.0 - cfg.b1.powi(t))) as f32;
+            let inv_bc2 = (1.0 / (1.0 - cfg.b2.powi(t))) as f32;
+            for i in 0..n {
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let u =
+                    (m[i] * inv_bc1) / ((v[i] * inv_bc2).sqrt() + cfg.eps as f32) + decay * p[i];
+                p[i] -= 0.01 * u;
+            }
+            let got = w.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            for i in 0..n {
+                assert_eq!(got[i].to_bits(), p[i].to_bits(), "step {t}, element {i}");
+            }
+        }
         Ok(())
     }
 
