@@ -346,7 +346,7 @@ mod tests {
             .collect();
         let coef = Tensor::from_vec(coef, w.shape(), &dev)?;
         let cfg = AdamWConfig::default();
-        let mut opt = AdamW::new(cfg.clone(), &specs, Variant::Mae);
+        let mut opt = AdamW::new(cfg, &specs, Variant::Mae);
         let decay = if opt.decayed().count() == 1 {
             cfg.weight_decay as f32
         } else {
