@@ -2,9 +2,10 @@
 //!
 //! `cargo bench --bench kernels`. Throughput is reported in "elements" per second where one
 //! element is one FLOP (attention forward `4 B H L^2 Dh`, forward+backward 3x that; LayerNorm and
-//! GELU count elements of the input, so their rate reads as elements/s). Shapes are the ones M3AE
-//! runs: base and small encoders at 224 px / patch 16 with 64 text tokens and 75%/75% masking
-//! (L = 1 + 49 + 16 = 66) and the decoder (L = 1 + 196 + 64 = 261), batch 32.
+//! GELU count elements of the input, so their rate reads as elements/s; the dense layer counts
+//! `2 rows in out` per forward). Shapes are the ones M3AE runs: base and small encoders at
+//! 224 px / patch 16 with 64 text tokens and 75%/75% masking (L = 1 + 49 + 16 = 66) and the
+//! decoder (L = 1 + 196 + 64 = 261), batch 32; the dense layers of a ViT-S block.
 //!
 //! Each attention shape also runs a `floor` op: it has attention's inputs and outputs but
 //! computes nothing (it fills its output and its three input gradients with a constant), so its
@@ -182,5 +183,32 @@ fn layer_norm_and_gelu(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, attention, layer_norm_and_gelu);
+/// The dense layers of a ViT-S block (`2048 = 32 x 64` tokens, width 384): qkv, projection, MLP.
+fn linear(c: &mut Criterion) {
+    let rows = 2048;
+    for (inp, out) in [(384usize, 1152usize), (384, 384), (384, 1536), (1536, 384)] {
+        let x = var(&[rows, inp], 8);
+        let (w, b) = (var(&[out, inp], 9), var(&[out], 10));
+        let mut g = c.benchmark_group(format!("linear/{rows}x{inp}->{out}"));
+        g.sample_size(20);
+        // one element = one FLOP (forward 2 rows in out, forward+backward 3x)
+        let flops = (2 * rows * inp * out) as u64;
+        for (name, path) in PATHS {
+            g.throughput(Throughput::Elements(flops));
+            g.bench_function(format!("{name}/fwd"), |bch| {
+                bch.iter(|| path.linear(&x, &w, &b).unwrap())
+            });
+            g.throughput(Throughput::Elements(3 * flops));
+            g.bench_function(format!("{name}/fwd+bwd"), |bch| {
+                bch.iter(|| {
+                    let y = path.linear(&x, &w, &b).unwrap();
+                    y.sum_all().unwrap().backward().unwrap()
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, attention, layer_norm_and_gelu, linear);
 criterion_main!(benches);
