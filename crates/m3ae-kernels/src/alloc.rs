@@ -5,9 +5,9 @@
 //! and the top of the heap is trimmed above twice that), so each training step page-faults much
 //! of its working set in again. On the 2-core VM of `docs/performance.md` a fresh 4 KiB page costs
 //! about 2.8 us, and under the attention benchmark's `sum_all().backward()` harness a zero-compute
-//! stand-in with attention's inputs and outputs (the `floor` of `benches/kernels.rs`) took 29 ms
-//! at the base-encoder shape and 61 ms at the decoder shape with glibc's defaults, against 3.4 ms
-//! and 11.6 ms with the heap kept.
+//! stand-in with attention's inputs and outputs (the `floor` of `benches/kernels.rs`) took
+//! 29-30 ms at the base-encoder shape and 60-61 ms at the decoder shape with glibc's defaults,
+//! against 3.4-3.8 ms and 11.6-11.8 ms with the heap kept (two runs each).
 //!
 //! [`keep_freed_memory`] is what the `m3ae` binary calls first thing; a program that embeds the
 //! trainer can call it too. It is a process-wide setting, which is why the library never calls it
