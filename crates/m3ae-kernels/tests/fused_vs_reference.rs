@@ -131,6 +131,28 @@ fn attention_backward_of_a_plain_sum_and_odd_head_widths() {
     }
 }
 
+/// Runs `f` in rayon pools of several sizes and checks the results are bit-identical. A pool as
+/// large as candle's worker pool runs the kernels' tasks on candle's pool, any other size on
+/// rayon (`fused::for_each_index`): both are compared.
+fn assert_same_for_any_thread_count(what: &str, f: impl Fn() -> Vec<Vec<f32>> + Sync) {
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(&f)
+    };
+    let candle_pool = candle_core::utils::barrier_pool().n_workers() + 1;
+    let one = run(1);
+    for threads in [2, 3, candle_pool, candle_pool + 1] {
+        assert!(one == run(threads), "{what}: {threads} threads");
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
 #[test]
 fn attention_is_bit_identical_for_any_thread_count() {
     let (b, h, l, dh) = (3, 4, 150, 24);
@@ -139,21 +161,36 @@ fn attention_is_bit_identical_for_any_thread_count() {
     let v = tensor(&[b, h, l, dh], 3, 1.0);
     let w = tensor(&[b, h, l, dh], 4, 1.0);
     let p = padding(b, l, Pad::Random, 5);
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let (y, dq, dk, dv) =
-                attn_with_grads(fused::masked_attention, &q, &k, &v, p.as_ref(), 0.2, &w);
-            [y, dq, dk, dv].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        })
-    };
-    let one = run(1);
-    for threads in [2, 3] {
-        assert!(one == run(threads), "{threads} threads");
-    }
+    assert_same_for_any_thread_count("attention", || {
+        let (y, dq, dk, dv) =
+            attn_with_grads(fused::masked_attention, &q, &k, &v, p.as_ref(), 0.2, &w);
+        [y, dq, dk, dv].iter().map(flat).collect()
+    });
+}
+
+#[test]
+fn layer_norm_and_gelu_are_bit_identical_for_any_thread_count() {
+    // several row chunks of LayerNorm (dgamma / dbeta summed over them) and GELU chunks, with a
+    // shorter last one
+    let (rows, d) = (333, 40);
+    let x = Var::from_tensor(&tensor(&[rows, d], 11, 2.0)).unwrap();
+    let g = Var::from_tensor(&tensor(&[d], 12, 1.0)).unwrap();
+    let b = Var::from_tensor(&tensor(&[d], 13, 1.0)).unwrap();
+    let w = tensor(&[rows, d], 14, 1.0);
+    assert_same_for_any_thread_count("layer_norm", || {
+        let y = fused::layer_norm(&x, &g, &b, 1e-6).unwrap();
+        let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut out = vec![flat(&y)];
+        out.extend([&x, &g, &b].map(|v| flat(grads.get(v.as_tensor()).unwrap())));
+        out
+    });
+    let h = Var::from_tensor(&tensor(&[rows * 250 + 7], 15, 3.0)).unwrap();
+    let wh = tensor(&[rows * 250 + 7], 16, 1.0);
+    assert_same_for_any_thread_count("gelu", || {
+        let y = fused::gelu_tanh(&h).unwrap();
+        let grads = (&y * &wh).unwrap().sum_all().unwrap().backward().unwrap();
+        vec![flat(&y), flat(grads.get(h.as_tensor()).unwrap())]
+    });
 }
 
 #[test]

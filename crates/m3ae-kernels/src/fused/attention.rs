@@ -1,6 +1,7 @@
 //! Fused masked attention (CPU): forward and FlashAttention-2 style backward.
 //!
-//! Work is split over `(batch, head)` pairs with rayon; each task owns whole heads. A task first
+//! Work is split over `(batch, head)` pairs (`for_each_index`: candle's worker pool or rayon);
+//! each task owns whole heads. A task first
 //! transposes `K` (and, for the backward, `V`) of its head into `Dh x L` panels in per-thread
 //! scratch (reused across calls). Queries are then processed in tiles of at most [`QUERY_TILE`]
 //! rows (the tiles of a head are made as even as possible). The score tile lives in scratch, the
@@ -27,10 +28,9 @@
 //! score gradient is zero.
 
 use super::storage::{f32_slice, output, storage_slice, uninit_buffer};
-use super::{math, rows, tile};
+use super::{math, rows, tile, SharedMut};
 use crate::reference::PADDING_SCORE;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
@@ -101,20 +101,6 @@ impl Packing {
 struct Stats {
     max: Vec<f32>,
     log_sum: Vec<f32>,
-}
-
-/// A raw pointer that tasks share; each task touches a disjoint set of elements.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: tasks write disjoint (batch, head) regions; see `forward` / `backward`.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// The output gradient as candle hands it over, read through its strides (it is often a
@@ -472,31 +458,36 @@ fn forward(
     let mut log_sum = vec![0f32; d.b * d.h * d.l];
     let out = SharedMut(o.as_mut_ptr());
     let len = fwd_scratch(d);
-    max.par_chunks_mut(d.l.max(1))
-        .zip(log_sum.par_chunks_mut(d.l.max(1)))
-        .enumerate()
-        .for_each(|(bh, (mx, ls))| {
-            prefetch_head(inputs, packing, d, bh + 1);
-            let vw = packing.view(d, bh);
-            let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
-            with_scratch(len, |s| {
-                // SAFETY: the view of (b, h) stays inside the buffers (`o` has capacity `n`) and
-                // no two tasks write the same output element.
-                unsafe {
-                    let ptrs = (
-                        q.as_ptr().add(vw.q),
-                        k.as_ptr().add(vw.k),
-                        v.as_ptr().add(vw.v),
-                    );
-                    let o_ptr = (out.ptr().add(vw.o), vw.rs_out);
-                    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-                    if super::has_avx2_fma() {
-                        return head_fwd_avx2(ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s);
-                    }
-                    head_fwd(false, ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s)
+    let (mxp, lsp) = (SharedMut(max.as_mut_ptr()), SharedMut(log_sum.as_mut_ptr()));
+    super::for_each_index(d.b * d.h, |bh| {
+        // SAFETY: each head writes only its own `l` statistics.
+        let (mx, ls) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(mxp.ptr().add(bh * d.l), d.l),
+                std::slice::from_raw_parts_mut(lsp.ptr().add(bh * d.l), d.l),
+            )
+        };
+        prefetch_head(inputs, packing, d, bh + 1);
+        let vw = packing.view(d, bh);
+        let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
+        with_scratch(len, |s| {
+            // SAFETY: the view of (b, h) stays inside the buffers (`o` has capacity `n`) and
+            // no two tasks write the same output element.
+            unsafe {
+                let ptrs = (
+                    q.as_ptr().add(vw.q),
+                    k.as_ptr().add(vw.k),
+                    v.as_ptr().add(vw.v),
+                );
+                let o_ptr = (out.ptr().add(vw.o), vw.rs_out);
+                #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+                if super::has_avx2_fma() {
+                    return head_fwd_avx2(ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s);
                 }
-            })
-        });
+                head_fwd(false, ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s)
+            }
+        })
+    });
     // SAFETY: the heads of all (b, h) together write every one of the `n` output elements.
     unsafe { o.set_len(n) };
     (o, Stats { max, log_sum })
@@ -530,7 +521,7 @@ fn backward(
         Packing::Qkv => (ptrs[0], ptrs[0], ptrs[0]),
     };
     let scratch = bwd_scratch(d);
-    (0..d.b * d.h).into_par_iter().for_each(|bh| {
+    super::for_each_index(d.b * d.h, |bh| {
         prefetch_head(inputs, packing, d, bh + 1);
         if bh + 1 < d.b * d.h {
             let next = packing.view(d, bh + 1);

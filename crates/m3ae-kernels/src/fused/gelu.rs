@@ -4,7 +4,6 @@
 use super::math;
 use super::storage::{f32_slice, output, storage_slice, zeroed_buffer};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 const C: f32 = 0.797_884_6; // sqrt(2 / pi)
 const A: f32 = 0.044_715;
@@ -44,33 +43,30 @@ unsafe fn bwd_avx2(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 /// Forward on a slice.
 pub(crate) fn forward(x: &[f32]) -> Vec<f32> {
     let mut y = zeroed_buffer(x.len());
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| {
-            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-            if super::has_avx2_fma() {
-                // SAFETY: the CPU supports AVX2 and FMA.
-                return unsafe { fwd_avx2(xc, yc) };
-            }
-            fwd_chunk(xc, yc)
-        });
+    super::for_each_chunk_mut(&mut y, CHUNK, |c, yc| {
+        let xc = &x[c * CHUNK..][..yc.len()];
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if super::has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA.
+            return unsafe { fwd_avx2(xc, yc) };
+        }
+        fwd_chunk(xc, yc)
+    });
     y
 }
 
 /// Backward on slices: `dx = dy * gelu'(x)`.
 pub(crate) fn backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut dx = zeroed_buffer(x.len());
-    dx.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .zip(dy.par_chunks(CHUNK))
-        .for_each(|((o, xc), gc)| {
-            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-            if super::has_avx2_fma() {
-                // SAFETY: the CPU supports AVX2 and FMA.
-                return unsafe { bwd_avx2(xc, gc, o) };
-            }
-            bwd_chunk(xc, gc, o)
-        });
+    super::for_each_chunk_mut(&mut dx, CHUNK, |c, o| {
+        let (xc, gc) = (&x[c * CHUNK..][..o.len()], &dy[c * CHUNK..][..o.len()]);
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if super::has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA.
+            return unsafe { bwd_avx2(xc, gc, o) };
+        }
+        bwd_chunk(xc, gc, o)
+    });
     dx
 }
 

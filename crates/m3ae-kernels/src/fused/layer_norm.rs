@@ -4,7 +4,6 @@
 
 use super::storage::{f32_slice, output, storage_slice, zeroed_buffer};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Rows per parallel task (fixed, for thread-count independent reductions).
 const ROWS_PER_TASK: usize = 32;
@@ -143,9 +142,10 @@ fn bwd_dispatch(
 pub(crate) fn forward(x: &[f32], g: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
     let d = g.len();
     let mut y = zeroed_buffer(x.len());
-    y.par_chunks_mut(ROWS_PER_TASK * d)
-        .zip(x.par_chunks(ROWS_PER_TASK * d))
-        .for_each(|(yc, xc)| fwd_dispatch(xc, g, b, yc, eps));
+    let chunk = ROWS_PER_TASK * d;
+    super::for_each_chunk_mut(&mut y, chunk, |c, yc| {
+        fwd_dispatch(&x[c * chunk..][..yc.len()], g, b, yc, eps)
+    });
     y
 }
 
@@ -158,21 +158,22 @@ pub(crate) fn backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = g.len();
     let mut dx = zeroed_buffer(x.len());
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut(ROWS_PER_TASK * d)
-        .zip(x.par_chunks(ROWS_PER_TASK * d))
-        .zip(dy.par_chunks(ROWS_PER_TASK * d))
-        .map(|((dxc, xc), dyc)| {
-            let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
-            bwd_dispatch(xc, g, dyc, dxc, &mut dg, &mut db, eps);
-            (dg, db)
-        })
-        .collect();
+    // per chunk of rows: its dgamma and dbeta partial sums, side by side
+    let chunk = ROWS_PER_TASK * d;
+    let mut partials = vec![0f32; x.len().div_ceil(chunk.max(1)) * 2 * d];
+    let dxp = super::SharedMut(dx.as_mut_ptr());
+    super::for_each_chunk_mut(&mut partials, 2 * d, |c, p| {
+        let (lo, hi) = (c * chunk, ((c + 1) * chunk).min(x.len()));
+        // SAFETY: chunk `c` of rows is written by this task only, inside `dx`.
+        let dxc = unsafe { std::slice::from_raw_parts_mut(dxp.ptr().add(lo), hi - lo) };
+        let (pg, pb) = p.split_at_mut(d);
+        bwd_dispatch(&x[lo..hi], g, &dy[lo..hi], dxc, pg, pb, eps);
+    });
     let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
-    for (pg, pb) in &partials {
+    for p in partials.chunks_exact(2 * d.max(1)) {
         for j in 0..d {
-            dg[j] += pg[j];
-            db[j] += pb[j];
+            dg[j] += p[j];
+            db[j] += p[d + j];
         }
     }
     (dx, dg, db)
