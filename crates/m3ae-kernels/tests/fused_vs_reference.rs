@@ -220,6 +220,78 @@ fn attention_accepts_non_contiguous_inputs() {
     assert!(rel_err(&f, &r) <= 1e-5);
 }
 
+/// The fused kernel leaves padding keys out of its products only where they cannot matter. Here
+/// the rows of head 1 from 80 on (in the second query tile) score every real key at about
+/// `-3e7`, far below the padding score `-1e7`, so those rows attend to the padding keys: the
+/// whole head must run over all keys again, and match the reference.
+#[test]
+fn padding_keys_are_left_out_only_where_they_cannot_matter() {
+    let (b, h, l, dh) = (2, 2, 100, 8);
+    let big = 3.0e7f32;
+    let small = common::values(2 * b * h * l, 7);
+    let (mut q, mut k) = (vec![0f32; b * h * l * dh], vec![0f32; b * h * l * dh]);
+    for bh in 0..b * h {
+        for j in 0..l {
+            let (r, i) = ((bh * l + j) * dh, bh * l + j);
+            let sign = if bh % h == 1 && j >= 80 { -1.0 } else { 1.0 };
+            // scores are +-3e7 plus an even integer in [-2, 2]: exact in f32 in any order
+            q[r] = sign * big;
+            q[r + 1] = small[i].round();
+            k[r] = 1.0;
+            k[r + 1] = 2.0 * small[b * h * l + i].round();
+        }
+    }
+    let mk = |v: Vec<f32>| Tensor::from_vec(v, (b, h, l, dh), &Device::Cpu).unwrap();
+    let (q, k) = (mk(q), mk(k));
+    let v = tensor(&[b, h, l, dh], 3, 1.0);
+    let w = tensor(&[b, h, l, dh], 4, 1.0);
+    // sample 0: every third key is padding; sample 1: the last ten
+    let pad: Vec<f32> = (0..b * l)
+        .map(|i| {
+            let (s, j) = (i / l, i % l);
+            (if s == 0 { j % 3 == 0 } else { j >= 90 }) as u8 as f32
+        })
+        .collect();
+    let pad = Tensor::from_vec(pad, (b, l), &Device::Cpu).unwrap();
+    let r = attn_with_grads(reference::masked_attention, &q, &k, &v, Some(&pad), 1.0, &w);
+    let f = attn_with_grads(fused::masked_attention, &q, &k, &v, Some(&pad), 1.0, &w);
+    // the low rows really do attend to padding: their output is the mean of the padding values
+    let padding_mean = v.narrow(2, 90, 10).unwrap().mean_keepdim(2).unwrap();
+    let low =
+        f.0.narrow(2, 80, 20)
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .get(1)
+            .unwrap();
+    let want = padding_mean.get(1).unwrap().get(1).unwrap();
+    assert!(rel_err(&low, &want.broadcast_as((20, dh)).unwrap()) < 1e-6);
+    assert!(
+        rel_err(&f.0, &r.0) <= 1e-5,
+        "forward: {}",
+        rel_err(&f.0, &r.0)
+    );
+    for (name, a, e) in [("dq", &f.1, &r.1), ("dk", &f.2, &r.2), ("dv", &f.3, &r.3)] {
+        let err = rel_err(a, e);
+        assert!(err <= 1e-4, "{name}: {err}");
+    }
+    // the padding keys' gradients are exactly zero in the heads that left them out (head 0 of
+    // both samples); in head 1 the low rows attend to them
+    let dk = f.2.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dv = f.3.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let rows = |bh: usize, j: usize| (bh * l + j) * dh..(bh * l + j + 1) * dh;
+    for (bh, j) in [(1, 0), (1, 3), (3, 90), (3, 99)] {
+        assert!(dv[rows(bh, j)].iter().any(|&x| x != 0.0), "({bh}, {j})");
+    }
+    for (bh, j) in [(0, 0), (0, 3), (2, 95), (2, 99)] {
+        let r = rows(bh, j);
+        assert!(
+            dk[r.clone()].iter().chain(&dv[r]).all(|&x| x == 0.0),
+            "({bh}, {j})"
+        );
+    }
+}
+
 #[test]
 fn fully_padded_rows_attend_uniformly() {
     common::assert_fully_padded_rows_attend_uniformly(&Device::Cpu);

@@ -26,6 +26,14 @@
 //! the shapes, so results are bit-identical for any number of threads. Padding keys get the score
 //! `-1e7` (replacement, as the official code), so a fully padded row attends uniformly; their
 //! score gradient is zero.
+//!
+//! Padding keys are left out of the products altogether when a sample has some (most of M3AE's
+//! text positions are padding): its kept keys are gathered (`K`, `V` rows into scratch, `dK`,
+//! `dV` accumulated there and scattered back, zero rows at the padding keys), so the work of
+//! a head scales with its real keys. This is exact wherever a padding key's probability is zero
+//! in f32, which holds when a row's best real score is more than [`SKIP_MARGIN`] above the
+//! padding score; a head with any row below that runs over all keys instead (the backward
+//! repeats the decision from the saved row maxima).
 
 use super::storage::{f32_slice, output, storage_slice, uninit_buffer};
 use super::{math, rows, tile, SharedMut};
@@ -170,33 +178,169 @@ unsafe fn pack_rows(
     }
 }
 
+/// A row may leave its padding keys out when its largest score over the other keys is at least
+/// this far above [`PADDING_SCORE`]: every padding key's probability is then below `exp(-128)`
+/// times the largest one, which is exactly zero in f32 (the reference's value too).
+const SKIP_MARGIN: f32 = 128.0;
+
+/// Whether rows with these maxima may skip their padding keys (see [`SKIP_MARGIN`]).
+fn may_skip_padding(max: &[f32]) -> bool {
+    let least = PADDING_SCORE as f32 + SKIP_MARGIN;
+    max.iter().all(|&m| m >= least)
+}
+
+/// A key is padding where its flag is positive (as in the masked row passes).
+fn is_padding(flag: f32) -> bool {
+    flag > 0.0
+}
+
+/// The keys that are not padding, per sample, for heads that leave padding keys out of every
+/// product (most of M3AE's text positions are padding).
+struct KeptKeys {
+    idx: Vec<u32>,
+    /// `idx[start[b]..start[b + 1]]`: the kept key indices of sample `b`, ascending.
+    start: Vec<usize>,
+}
+
+impl KeptKeys {
+    /// `None` when no key is padding.
+    fn new(pad: Option<&[f32]>, b: usize, l: usize) -> Option<Self> {
+        let pad = pad?;
+        if !pad.iter().any(|&p| is_padding(p)) {
+            return None;
+        }
+        let mut idx = Vec::with_capacity(b * l);
+        let mut start = Vec::with_capacity(b + 1);
+        start.push(0);
+        for row in pad.chunks_exact(l) {
+            idx.extend((0..l as u32).filter(|&j| !is_padding(row[j as usize])));
+            start.push(idx.len());
+        }
+        Some(Self { idx, start })
+    }
+
+    /// The kept keys of sample `b`, or `None` when none or all of its keys are padding (then the
+    /// head runs over every key: a fully padded row attends uniformly).
+    fn of(&self, b: usize, l: usize) -> Option<&[u32]> {
+        let kept = &self.idx[self.start[b]..self.start[b + 1]];
+        (!kept.is_empty() && kept.len() < l).then_some(kept)
+    }
+}
+
+/// Copies the `dh` leading floats of rows `idx` of `src` (row stride `rs`) into consecutive rows
+/// of `dst` (row stride `dp`).
+#[inline(always)]
+unsafe fn gather_rows(
+    src: *const f32,
+    rs: usize,
+    idx: &[u32],
+    (dh, dp): (usize, usize),
+    dst: &mut [f32],
+) {
+    for (drow, &j) in dst.chunks_exact_mut(dp).zip(idx) {
+        drow[..dh].copy_from_slice(std::slice::from_raw_parts(src.add(j as usize * rs), dh));
+    }
+}
+
+/// Writes row `jj` of `src` (row stride `dp`) to row `idx[jj]` of `dst` (row stride `rs`) and
+/// zeros to the other `l` rows of `dst`.
+#[inline(always)]
+unsafe fn scatter_rows(
+    src: &[f32],
+    idx: &[u32],
+    (l, dh, dp): (usize, usize, usize),
+    (dst, rs): (*mut f32, usize),
+) {
+    let mut next = idx.iter().enumerate().peekable();
+    for j in 0..l {
+        let row = std::slice::from_raw_parts_mut(dst.add(j * rs), dh);
+        match next.next_if(|&(_, &i)| i as usize == j) {
+            Some((jj, _)) => row.copy_from_slice(&src[jj * dp..jj * dp + dh]),
+            None => row.fill(0.0),
+        }
+    }
+}
+
 /// Forward of one head. `q, k, v` point at the head's first row (row stride `rs_in`), `o` likewise
-/// (`rs_out`); `max, log_sum`: `[l]`; `scratch`: [`fwd_scratch`] floats.
+/// (`rs_out`); `max, log_sum`: `[l]`; `scratch`: [`fwd_scratch`] floats. With `keys` (the kept
+/// keys of a partly padded sample) the padding keys are left out of every product, unless a row's
+/// scores are so low that padding would matter (see [`SKIP_MARGIN`]); then the head runs again
+/// over all keys.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn head_fwd(
     simd: bool,
-    (q, k, v): Ptrs3,
+    qkv: Ptrs3,
     rs_in: usize,
-    (o, rs_out): (*mut f32, usize),
-    pad: Option<&[f32]>,
+    out: (*mut f32, usize),
+    (pad, keys): (Option<&[f32]>, Option<&[u32]>),
     d: Dims,
     scale: f32,
     (max, log_sum): (&mut [f32], &mut [f32]),
     scratch: &mut [f32],
 ) {
+    let st = (&mut *max, &mut *log_sum);
+    if keys.is_some() && fwd_pass(simd, qkv, rs_in, out, (pad, keys), d, scale, st, scratch) {
+        return;
+    }
+    fwd_pass(
+        simd,
+        qkv,
+        rs_in,
+        out,
+        (pad, None),
+        d,
+        scale,
+        (max, log_sum),
+        scratch,
+    );
+}
+
+/// One try of [`head_fwd`]: over the kept `keys` (returns false as soon as a row's maximum is too
+/// low for that) or over all keys with the padding mask (always true).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn fwd_pass(
+    simd: bool,
+    (q, k, v): Ptrs3,
+    rs_in: usize,
+    (o, rs_out): (*mut f32, usize),
+    (pad, keys): (Option<&[f32]>, Option<&[u32]>),
+    d: Dims,
+    scale: f32,
+    (max, log_sum): (&mut [f32], &mut [f32]),
+    scratch: &mut [f32],
+) -> bool {
     let (l, dh) = (d.l, d.dh);
     let (lp, dp, t) = (pad8(l), pad8(dh), tile_rows(l));
     let (kt, rest) = scratch.split_at_mut(dh * lp);
     let (vp, rest) = rest.split_at_mut(l * dp);
+    let (kg, rest) = rest.split_at_mut(l * dp);
     let (s, inv) = rest.split_at_mut(t * lp);
-    tile::transpose(simd, (k, rs_in), (l, dh), (kt.as_mut_ptr(), lp));
-    // V rows are read in place unless their width is not a whole number of vectors
-    let vb = if dh % 8 == 0 {
-        (v, rs_in)
-    } else {
-        pack_rows(v, (rs_in, 1), (l, dh, dp), vp);
-        (vp.as_ptr(), dp)
+    // keys: their number, the mask of the softmax, and V's rows (in place when their width is a
+    // whole number of vectors, else packed; gathered when padding keys are left out)
+    let (lk, mask, vb) = match keys {
+        Some(idx) => {
+            gather_rows(k, rs_in, idx, (dh, dp), kg);
+            tile::transpose(
+                simd,
+                (kg.as_ptr(), dp),
+                (idx.len(), dh),
+                (kt.as_mut_ptr(), lp),
+            );
+            gather_rows(v, rs_in, idx, (dh, dp), vp);
+            (idx.len(), None, (vp.as_ptr(), dp))
+        }
+        None => {
+            tile::transpose(simd, (k, rs_in), (l, dh), (kt.as_mut_ptr(), lp));
+            let vb = if dh % 8 == 0 {
+                (v, rs_in)
+            } else {
+                pack_rows(v, (rs_in, 1), (l, dh, dp), vp);
+                (vp.as_ptr(), dp)
+            };
+            (l, pad, vb)
+        }
     };
     let mut r0 = 0;
     while r0 < l {
@@ -204,7 +348,7 @@ unsafe fn head_fwd(
         // S = scale * Q_tile K^T
         tile::matmul(
             simd,
-            (bq, l, dh),
+            (bq, lk, dh),
             (q.add(r0 * rs_in), rs_in, 1),
             (kt.as_ptr(), lp),
             (s.as_mut_ptr(), lp),
@@ -213,7 +357,10 @@ unsafe fn head_fwd(
         );
         // exact softmax per row; P is left unnormalised and O scaled by 1 / sum below
         for (i, row) in s.chunks_exact_mut(lp).take(bq).enumerate() {
-            let (m, total) = rows::softmax(simd, row.as_mut_ptr(), l, pad, PADDING_SCORE as f32);
+            let (m, total) = rows::softmax(simd, row.as_mut_ptr(), lk, mask, PADDING_SCORE as f32);
+            if keys.is_some() && !may_skip_padding(&[m]) {
+                return false;
+            }
             inv[i] = 1.0 / total;
             max[r0 + i] = m;
             log_sum[r0 + i] = total.ln();
@@ -221,7 +368,7 @@ unsafe fn head_fwd(
         // O_tile = P V
         tile::matmul(
             simd,
-            (bq, dh, l),
+            (bq, dh, lk),
             (s.as_ptr(), lp, 1),
             vb,
             (o.add(r0 * rs_out), rs_out),
@@ -236,23 +383,26 @@ unsafe fn head_fwd(
         }
         r0 += bq;
     }
+    true
 }
 
 /// Scratch floats of [`head_fwd`].
 fn fwd_scratch(d: Dims) -> usize {
     let (lp, dp) = (pad8(d.l), pad8(d.dh));
     let t = tile_rows(d.l);
-    d.dh * lp + d.l * dp + t * lp + t
+    d.dh * lp + 2 * d.l * dp + t * lp + t
 }
 
 /// Scratch floats of [`head_bwd`].
 fn bwd_scratch(d: Dims) -> usize {
     let (lp, dp, t) = (pad8(d.l), pad8(d.dh), tile_rows(d.l));
-    2 * d.dh * lp + 2 * d.l * dp + 2 * t * lp + t * dp + t
+    2 * d.dh * lp + 5 * d.l * dp + 2 * t * lp + t * dp + t
 }
 
 /// Backward of one head: writes `dq`, `dk`, `dv` (same strides as the inputs), each element once;
-/// `o` uses the output stride, `dout` the strides of [`GradView::head`].
+/// `o` uses the output stride, `dout` the strides of [`GradView::head`]. With `keys`, padding keys
+/// are left out exactly when the forward left them out (decided from the saved maxima); their
+/// `dk` and `dv` rows are zero.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn head_bwd(
@@ -262,7 +412,7 @@ unsafe fn head_bwd(
     (o, rs_out): (*const f32, usize),
     (dout, gr, gc): (*const f32, usize, usize),
     (max, log_sum): (&[f32], &[f32]),
-    pad: Option<&[f32]>,
+    (pad, keys): (Option<&[f32]>, Option<&[u32]>),
     d: Dims,
     scale: f32,
     (dq, dk, dv): (*mut f32, *mut f32, *mut f32),
@@ -274,20 +424,54 @@ unsafe fn head_bwd(
     let (vt, rest) = rest.split_at_mut(dh * lp);
     let (kp, rest) = rest.split_at_mut(l * dp);
     let (qp, rest) = rest.split_at_mut(l * dp);
+    let (vg, rest) = rest.split_at_mut(l * dp);
+    let (dkc, rest) = rest.split_at_mut(l * dp);
+    let (dvc, rest) = rest.split_at_mut(l * dp);
     let (p, rest) = rest.split_at_mut(t * lp);
     let (ds, rest) = rest.split_at_mut(t * lp);
     let (dot, delta) = rest.split_at_mut(t * dp);
-    tile::transpose(simd, (k, rs_in), (l, dh), (kt.as_mut_ptr(), lp));
-    tile::transpose(simd, (v, rs_in), (l, dh), (vt.as_mut_ptr(), lp));
+    let keys = keys.filter(|_| may_skip_padding(max));
     // Rows of K and Q serve as the right operand of products: read in place unless their width
-    // is not a whole number of vectors.
+    // is not a whole number of vectors (or K's rows are gathered).
     let direct = dh % 8 == 0;
-    let ((kb, qb), rsb) = if direct {
-        ((k, q), rs_in)
+    let qb = if direct {
+        (q, rs_in)
     } else {
-        pack_rows(k, (rs_in, 1), (l, dh, dp), kp);
         pack_rows(q, (rs_in, 1), (l, dh, dp), qp);
-        ((kp.as_ptr(), qp.as_ptr()), dp)
+        (qp.as_ptr(), dp)
+    };
+    // keys: their number, the mask, K's rows, and where dK and dV go (gathered keys: to scratch,
+    // scattered at the end)
+    let (lk, mask, kb, (dkw, dvw, rsw)) = match keys {
+        Some(idx) => {
+            gather_rows(k, rs_in, idx, (dh, dp), kp);
+            gather_rows(v, rs_in, idx, (dh, dp), vg);
+            tile::transpose(
+                simd,
+                (kp.as_ptr(), dp),
+                (idx.len(), dh),
+                (kt.as_mut_ptr(), lp),
+            );
+            tile::transpose(
+                simd,
+                (vg.as_ptr(), dp),
+                (idx.len(), dh),
+                (vt.as_mut_ptr(), lp),
+            );
+            let w = (dkc.as_mut_ptr(), dvc.as_mut_ptr(), dp);
+            (idx.len(), None, (kp.as_ptr(), dp), w)
+        }
+        None => {
+            tile::transpose(simd, (k, rs_in), (l, dh), (kt.as_mut_ptr(), lp));
+            tile::transpose(simd, (v, rs_in), (l, dh), (vt.as_mut_ptr(), lp));
+            let kb = if direct {
+                (k, rs_in)
+            } else {
+                pack_rows(k, (rs_in, 1), (l, dh, dp), kp);
+                (kp.as_ptr(), dp)
+            };
+            (l, pad, kb, (dk, dv, rs_in))
+        }
     };
     let mut r0 = 0;
     while r0 < l {
@@ -308,8 +492,8 @@ unsafe fn head_bwd(
         // P, recomputed from the saved statistics
         tile::matmul(
             simd,
-            (bq, l, dh),
-            (qb.add(r0 * rsb), rsb, 1),
+            (bq, lk, dh),
+            (qb.0.add(r0 * qb.1), qb.1, 1),
             (kt.as_ptr(), lp),
             (p.as_mut_ptr(), lp),
             scale,
@@ -317,22 +501,22 @@ unsafe fn head_bwd(
         );
         for (i, row) in p.chunks_exact_mut(lp).take(bq).enumerate() {
             let st = (max[r0 + i], log_sum[r0 + i]);
-            rows::probabilities(simd, row.as_mut_ptr(), l, pad, PADDING_SCORE as f32, st);
+            rows::probabilities(simd, row.as_mut_ptr(), lk, mask, PADDING_SCORE as f32, st);
         }
         // dV (+)= P^T dO_tile
         tile::matmul(
             simd,
-            (l, dh, bq),
+            (lk, dh, bq),
             (p.as_ptr(), 1, lp),
             (dob, dors),
-            (dv, rs_in),
+            (dvw, rsw),
             1.0,
             r0 > 0,
         );
         // dP = dO_tile V^T, then dS = P * (dP - delta), zero at padded keys
         tile::matmul(
             simd,
-            (bq, l, dh),
+            (bq, lk, dh),
             (dob, dors, 1),
             (vt.as_ptr(), lp),
             (ds.as_mut_ptr(), lp),
@@ -345,28 +529,32 @@ unsafe fn head_bwd(
             .take(bq)
             .enumerate()
         {
-            rows::score_grad(simd, grow.as_mut_ptr(), prow.as_ptr(), l, pad, delta[i]);
+            rows::score_grad(simd, grow.as_mut_ptr(), prow.as_ptr(), lk, mask, delta[i]);
         }
         // dQ_tile = scale * dS K ; dK (+)= scale * dS^T Q_tile
         tile::matmul(
             simd,
-            (bq, dh, l),
+            (bq, dh, lk),
             (ds.as_ptr(), lp, 1),
-            (kb, rsb),
+            kb,
             (dq.add(r0 * rs_in), rs_in),
             scale,
             false,
         );
         tile::matmul(
             simd,
-            (l, dh, bq),
+            (lk, dh, bq),
             (ds.as_ptr(), 1, lp),
-            (qb.add(r0 * rsb), rsb),
-            (dk, rs_in),
+            (qb.0.add(r0 * qb.1), qb.1),
+            (dkw, rsw),
             scale,
             r0 > 0,
         );
         r0 += bq;
+    }
+    if let Some(idx) = keys {
+        scatter_rows(dkc, idx, (l, dh, dp), (dk, rs_in));
+        scatter_rows(dvc, idx, (l, dh, dp), (dv, rs_in));
     }
 }
 
@@ -379,7 +567,7 @@ unsafe fn head_fwd_avx2(
     qkv: Ptrs3,
     rs_in: usize,
     out: (*mut f32, usize),
-    pad: Option<&[f32]>,
+    pad: (Option<&[f32]>, Option<&[u32]>),
     d: Dims,
     scale: f32,
     st: (&mut [f32], &mut [f32]),
@@ -397,7 +585,7 @@ unsafe fn head_bwd_avx2(
     o: (*const f32, usize),
     dout: (*const f32, usize, usize),
     st: (&[f32], &[f32]),
-    pad: Option<&[f32]>,
+    pad: (Option<&[f32]>, Option<&[u32]>),
     d: Dims,
     scale: f32,
     grads: (*mut f32, *mut f32, *mut f32),
@@ -443,6 +631,19 @@ fn prefetch_head(inputs: (&[f32], &[f32], &[f32]), packing: Packing, d: Dims, bh
     }
 }
 
+/// The padding mask of head `bh`'s sample and, when some but not all of its keys are padding,
+/// its kept keys.
+fn head_padding<'a>(
+    pad: Option<&'a [f32]>,
+    kept: Option<&'a KeptKeys>,
+    d: Dims,
+    bh: usize,
+) -> (Option<&'a [f32]>, Option<&'a [u32]>) {
+    let b = bh / d.h;
+    let pad = pad.map(|p| &p[b * d.l..(b + 1) * d.l]);
+    (pad, kept.and_then(|k| k.of(b, d.l)))
+}
+
 /// Forward over all heads; inputs share one buffer (`Qkv`) or are three (`Separate`).
 fn forward(
     inputs: (&[f32], &[f32], &[f32]),
@@ -458,6 +659,7 @@ fn forward(
     let mut log_sum = vec![0f32; d.b * d.h * d.l];
     let out = SharedMut(o.as_mut_ptr());
     let len = fwd_scratch(d);
+    let kept = KeptKeys::new(pad, d.b, d.l);
     let (mxp, lsp) = (SharedMut(max.as_mut_ptr()), SharedMut(log_sum.as_mut_ptr()));
     super::for_each_index(d.b * d.h, |bh| {
         // SAFETY: each head writes only its own `l` statistics.
@@ -469,7 +671,7 @@ fn forward(
         };
         prefetch_head(inputs, packing, d, bh + 1);
         let vw = packing.view(d, bh);
-        let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
+        let pad = head_padding(pad, kept.as_ref(), d, bh);
         with_scratch(len, |s| {
             // SAFETY: the view of (b, h) stays inside the buffers (`o` has capacity `n`) and
             // no two tasks write the same output element.
@@ -521,6 +723,7 @@ fn backward(
         Packing::Qkv => (ptrs[0], ptrs[0], ptrs[0]),
     };
     let scratch = bwd_scratch(d);
+    let kept = KeptKeys::new(pad, d.b, d.l);
     super::for_each_index(d.b * d.h, |bh| {
         prefetch_head(inputs, packing, d, bh + 1);
         if bh + 1 < d.b * d.h {
@@ -533,7 +736,7 @@ fn backward(
         }
         let vw = packing.view(d, bh);
         let rl = bh * d.l..(bh + 1) * d.l;
-        let pad = pad.map(|p| &p[(bh / d.h) * d.l..(bh / d.h + 1) * d.l]);
+        let pad = head_padding(pad, kept.as_ref(), d, bh);
         let (g0, gr, gc) = grad.head(d, bh);
         with_scratch(scratch, |s| {
             // SAFETY: as in `forward`: each task reads its own (b, h) view and writes only the
