@@ -72,7 +72,13 @@ fn attention_matches_reference_on_awkward_shapes() {
     .iter()
     .enumerate()
     {
-        for pad in [Pad::None, Pad::Random, Pad::AllButOne, Pad::Full] {
+        for pad in [
+            Pad::None,
+            Pad::Random,
+            Pad::AllButOne,
+            Pad::Full,
+            Pad::Suffix,
+        ] {
             check_attention(b, h, l, dh, pad, 1.0, 10 * i as u64);
         }
     }
@@ -629,7 +635,13 @@ fn packed_qkv_attention_matches_reference() {
     .iter()
     .enumerate()
     {
-        for pad in [Pad::None, Pad::Random, Pad::AllButOne, Pad::Full] {
+        for pad in [
+            Pad::None,
+            Pad::Random,
+            Pad::AllButOne,
+            Pad::Full,
+            Pad::Suffix,
+        ] {
             let qkv = tensor(&[b, l, 3 * heads * dh], 40 + i as u64, 1.0);
             let w = tensor(&[b, l, heads * dh], 50 + i as u64, 1.0);
             let p = padding(b, l, pad, 60 + i as u64);

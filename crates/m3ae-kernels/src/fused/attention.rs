@@ -242,8 +242,16 @@ unsafe fn gather_rows(
     }
 }
 
-/// Writes row `jj` of `src` (row stride `dp`) to row `idx[jj]` of `dst` (row stride `rs`) and
-/// zeros to the other `l` rows of `dst`.
+/// Whether the kept keys `idx` (ascending) are the first ones, i.e. only the last keys are
+/// padding: their rows are then read and written in place, without gathering.
+fn is_prefix(idx: &[u32]) -> bool {
+    idx.last().is_some_and(|&j| j as usize + 1 == idx.len())
+}
+
+/// Completes `dK` or `dV` of a head that left padding keys out: writes row `jj` of `src` (row
+/// stride `dp`) to row `idx[jj]` of `dst` (row stride `rs`) and zeros to the other rows of the
+/// `l`. When the kept keys are the first ones ([`is_prefix`]) their rows were written in place
+/// and only the padding rows are zeroed.
 #[inline(always)]
 unsafe fn scatter_rows(
     src: &[f32],
@@ -251,8 +259,9 @@ unsafe fn scatter_rows(
     (l, dh, dp): (usize, usize, usize),
     (dst, rs): (*mut f32, usize),
 ) {
-    let mut next = idx.iter().enumerate().peekable();
-    for j in 0..l {
+    let first = if is_prefix(idx) { idx.len() } else { 0 };
+    let mut next = idx.iter().enumerate().skip(first).peekable();
+    for j in first..l {
         let row = std::slice::from_raw_parts_mut(dst.add(j * rs), dh);
         match next.next_if(|&(_, &i)| i as usize == j) {
             Some((jj, _)) => row.copy_from_slice(&src[jj * dp..jj * dp + dh]),
@@ -318,9 +327,10 @@ unsafe fn fwd_pass(
     let (kg, rest) = rest.split_at_mut(l * dp);
     let (s, inv) = rest.split_at_mut(t * lp);
     // keys: their number, the mask of the softmax, and V's rows (in place when their width is a
-    // whole number of vectors, else packed; gathered when padding keys are left out)
+    // whole number of vectors, else packed; gathered when padding keys are left out and are not
+    // just the last ones)
     let (lk, mask, vb) = match keys {
-        Some(idx) => {
+        Some(idx) if !is_prefix(idx) => {
             gather_rows(k, rs_in, idx, (dh, dp), kg);
             tile::transpose(
                 simd,
@@ -331,15 +341,16 @@ unsafe fn fwd_pass(
             gather_rows(v, rs_in, idx, (dh, dp), vp);
             (idx.len(), None, (vp.as_ptr(), dp))
         }
-        None => {
-            tile::transpose(simd, (k, rs_in), (l, dh), (kt.as_mut_ptr(), lp));
+        _ => {
+            let (lk, mask) = keys.map_or((l, pad), |idx| (idx.len(), None));
+            tile::transpose(simd, (k, rs_in), (lk, dh), (kt.as_mut_ptr(), lp));
             let vb = if dh % 8 == 0 {
                 (v, rs_in)
             } else {
-                pack_rows(v, (rs_in, 1), (l, dh, dp), vp);
+                pack_rows(v, (rs_in, 1), (lk, dh, dp), vp);
                 (vp.as_ptr(), dp)
             };
-            (l, pad, vb)
+            (lk, mask, vb)
         }
     };
     let mut r0 = 0;
@@ -441,9 +452,9 @@ unsafe fn head_bwd(
         (qp.as_ptr(), dp)
     };
     // keys: their number, the mask, K's rows, and where dK and dV go (gathered keys: to scratch,
-    // scattered at the end)
+    // scattered at the end; kept keys that are the first ones: in place)
     let (lk, mask, kb, (dkw, dvw, rsw)) = match keys {
-        Some(idx) => {
+        Some(idx) if !is_prefix(idx) => {
             gather_rows(k, rs_in, idx, (dh, dp), kp);
             gather_rows(v, rs_in, idx, (dh, dp), vg);
             tile::transpose(
@@ -461,16 +472,17 @@ unsafe fn head_bwd(
             let w = (dkc.as_mut_ptr(), dvc.as_mut_ptr(), dp);
             (idx.len(), None, (kp.as_ptr(), dp), w)
         }
-        None => {
-            tile::transpose(simd, (k, rs_in), (l, dh), (kt.as_mut_ptr(), lp));
-            tile::transpose(simd, (v, rs_in), (l, dh), (vt.as_mut_ptr(), lp));
+        _ => {
+            let (lk, mask) = keys.map_or((l, pad), |idx| (idx.len(), None));
+            tile::transpose(simd, (k, rs_in), (lk, dh), (kt.as_mut_ptr(), lp));
+            tile::transpose(simd, (v, rs_in), (lk, dh), (vt.as_mut_ptr(), lp));
             let kb = if direct {
                 (k, rs_in)
             } else {
-                pack_rows(k, (rs_in, 1), (l, dh, dp), kp);
+                pack_rows(k, (rs_in, 1), (lk, dh, dp), kp);
                 (kp.as_ptr(), dp)
             };
-            (l, pad, kb, (dk, dv, rs_in))
+            (lk, mask, kb, (dk, dv, rs_in))
         }
     };
     let mut r0 = 0;
@@ -552,6 +564,8 @@ unsafe fn head_bwd(
         );
         r0 += bq;
     }
+    // dK, dV rows of the padding keys are zero (the other rows are scattered from scratch unless
+    // they were written in place)
     if let Some(idx) = keys {
         scatter_rows(dkc, idx, (l, dh, dp), (dk, rs_in));
         scatter_rows(dvc, idx, (l, dh, dp), (dv, rs_in));

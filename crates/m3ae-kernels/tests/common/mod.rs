@@ -69,6 +69,9 @@ pub enum Pad {
     Random,
     AllButOne,
     Full,
+    /// Sample `b` pads its last `(b + 1) l / 4` keys (at most `l - 1`): the kept keys are the
+    /// first ones.
+    Suffix,
 }
 
 pub fn padding(b: usize, l: usize, kind: Pad, seed: u64) -> Option<Tensor> {
@@ -80,6 +83,13 @@ pub fn padding(b: usize, l: usize, kind: Pad, seed: u64) -> Option<Tensor> {
             .collect(),
         Pad::AllButOne => (0..b * l)
             .map(|i| if i % l == l / 2 { 0.0 } else { 1.0 })
+            .collect(),
+        Pad::Suffix => (0..b * l)
+            .map(|i| {
+                let (s, j) = (i / l, i % l);
+                let padded = ((s + 1) * l / 4).min(l - 1);
+                (j >= l - padded) as u8 as f32
+            })
             .collect(),
         Pad::Full => (0..b * l)
             .map(|i| if i / l == 0 { 1.0 } else { 0.0 })
