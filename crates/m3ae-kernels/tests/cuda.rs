@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor, Var};
 use m3ae_kernels::{fused, reference};
 
 mod common;
-use common::{padding, rel_err, tensor, Pad};
+use common::{padding, rel_err, tensor, ALL_PADS};
 
 #[test]
 fn nvrtc_compiles_every_kernel() {
@@ -47,8 +47,6 @@ fn with_grads(
     out
 }
 
-const PADS: [Pad; 4] = [Pad::None, Pad::Random, Pad::AllButOne, Pad::Full];
-
 fn assert_close(got: &[Tensor], want: &[Tensor], names: &[&str], ctx: &str) {
     for (i, ((g, w), name)) in got.iter().zip(want).zip(names).enumerate() {
         let err = rel_err(g, w);
@@ -73,7 +71,7 @@ fn attention_matches_reference_on_gpu() {
     .iter()
     .enumerate()
     {
-        for (kind, &pad) in PADS.iter().enumerate() {
+        for (kind, &pad) in ALL_PADS.iter().enumerate() {
             let seed = 10 * i as u64 + kind as u64;
             let shape = [b, h, l, dh];
             let ins = [
@@ -116,7 +114,7 @@ fn packed_qkv_attention_matches_reference_on_gpu() {
     .iter()
     .enumerate()
     {
-        for (kind, &pad) in PADS.iter().enumerate() {
+        for (kind, &pad) in ALL_PADS.iter().enumerate() {
             let seed = 40 + 10 * i as u64 + kind as u64;
             let qkv = tensor(&[b, l, 3 * heads * dh], seed, 1.0);
             let w = tensor(&[b, l, heads * dh], seed + 1, 1.0);

@@ -5,9 +5,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use m3ae_kernels::{fused, reference};
 
 mod common;
-use common::{padding, rel_err, tensor, values, Pad};
+use common::{padding, rel_err, tensor, values, Pad, ALL_PADS};
 
 type AttnFn = fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, f64) -> m3ae_kernels::Result<Tensor>;
+
+/// An attention output and the gradients of q, k, v.
+type Grads4 = (Tensor, Tensor, Tensor, Tensor);
 
 /// Runs an attention implementation, returns the output and the gradients of `sum(y * w)`.
 fn attn_with_grads(
@@ -18,7 +21,7 @@ fn attn_with_grads(
     pad: Option<&Tensor>,
     scale: f64,
     w: &Tensor,
-) -> (Tensor, Tensor, Tensor, Tensor) {
+) -> Grads4 {
     let (qv, kv, vv) = (
         Var::from_tensor(q).unwrap(),
         Var::from_tensor(k).unwrap(),
@@ -47,12 +50,17 @@ fn check_attention(b: usize, h: usize, l: usize, dh: usize, pad: Pad, magnitude:
         &w,
     );
     let f = attn_with_grads(fused::masked_attention, &q, &k, &v, p.as_ref(), scale, &w);
-    let ctx = format!("b{b} h{h} l{l} dh{dh} {pad:?} x{magnitude}");
-    assert!(
-        rel_err(&f.0, &r.0) <= 1e-5,
-        "forward {ctx}: {}",
-        rel_err(&f.0, &r.0)
+    assert_close(
+        &f,
+        &r,
+        &format!("b{b} h{h} l{l} dh{dh} {pad:?} x{magnitude}"),
     );
+}
+
+/// Output within 1e-5 and every gradient within 1e-4 (relative) of the reference's.
+fn assert_close(f: &Grads4, r: &Grads4, ctx: &str) {
+    let err = rel_err(&f.0, &r.0);
+    assert!(err <= 1e-5, "forward {ctx}: {err}");
     for (name, a, e) in [("dq", &f.1, &r.1), ("dk", &f.2, &r.2), ("dv", &f.3, &r.3)] {
         let err = rel_err(a, e);
         assert!(err <= 1e-4, "{name} {ctx}: {err}");
@@ -72,13 +80,7 @@ fn attention_matches_reference_on_awkward_shapes() {
     .iter()
     .enumerate()
     {
-        for pad in [
-            Pad::None,
-            Pad::Random,
-            Pad::AllButOne,
-            Pad::Full,
-            Pad::Suffix,
-        ] {
+        for pad in ALL_PADS {
             check_attention(b, h, l, dh, pad, 1.0, 10 * i as u64);
         }
     }
@@ -272,15 +274,7 @@ fn padding_keys_are_left_out_only_where_they_cannot_matter() {
             .unwrap();
     let want = padding_mean.get(1).unwrap().get(1).unwrap();
     assert!(rel_err(&low, &want.broadcast_as((20, dh)).unwrap()) < 1e-6);
-    assert!(
-        rel_err(&f.0, &r.0) <= 1e-5,
-        "forward: {}",
-        rel_err(&f.0, &r.0)
-    );
-    for (name, a, e) in [("dq", &f.1, &r.1), ("dk", &f.2, &r.2), ("dv", &f.3, &r.3)] {
-        let err = rel_err(a, e);
-        assert!(err <= 1e-4, "{name}: {err}");
-    }
+    assert_close(&f, &r, "padding test");
     // the padding keys' gradients are exactly zero in the heads that left them out (head 0 of
     // both samples); in head 1 the low rows attend to them
     let dk = f.2.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -635,13 +629,7 @@ fn packed_qkv_attention_matches_reference() {
     .iter()
     .enumerate()
     {
-        for pad in [
-            Pad::None,
-            Pad::Random,
-            Pad::AllButOne,
-            Pad::Full,
-            Pad::Suffix,
-        ] {
+        for pad in ALL_PADS {
             let qkv = tensor(&[b, l, 3 * heads * dh], 40 + i as u64, 1.0);
             let w = tensor(&[b, l, heads * dh], 50 + i as u64, 1.0);
             let p = padding(b, l, pad, 60 + i as u64);

@@ -242,6 +242,26 @@ unsafe fn gather_rows(
     }
 }
 
+/// Gathers rows `idx` of `src` into `rows` ([`gather_rows`]) and lays them out transposed in
+/// `dst` (`dh x lp`), the key-major panel the score products read.
+#[inline(always)]
+unsafe fn gather_transposed(
+    simd: bool,
+    (src, rs): (*const f32, usize),
+    idx: &[u32],
+    (dh, dp, lp): (usize, usize, usize),
+    rows: &mut [f32],
+    dst: &mut [f32],
+) {
+    gather_rows(src, rs, idx, (dh, dp), rows);
+    tile::transpose(
+        simd,
+        (rows.as_ptr(), dp),
+        (idx.len(), dh),
+        (dst.as_mut_ptr(), lp),
+    );
+}
+
 /// Whether the kept keys `idx` (ascending) are the first ones, i.e. only the last keys are
 /// padding: their rows are then read and written in place, without gathering.
 fn is_prefix(idx: &[u32]) -> bool {
@@ -331,13 +351,7 @@ unsafe fn fwd_pass(
     // just the last ones)
     let (lk, mask, vb) = match keys {
         Some(idx) if !is_prefix(idx) => {
-            gather_rows(k, rs_in, idx, (dh, dp), kg);
-            tile::transpose(
-                simd,
-                (kg.as_ptr(), dp),
-                (idx.len(), dh),
-                (kt.as_mut_ptr(), lp),
-            );
+            gather_transposed(simd, (k, rs_in), idx, (dh, dp, lp), kg, kt);
             gather_rows(v, rs_in, idx, (dh, dp), vp);
             (idx.len(), None, (vp.as_ptr(), dp))
         }
@@ -455,20 +469,8 @@ unsafe fn head_bwd(
     // scattered at the end; kept keys that are the first ones: in place)
     let (lk, mask, kb, (dkw, dvw, rsw)) = match keys {
         Some(idx) if !is_prefix(idx) => {
-            gather_rows(k, rs_in, idx, (dh, dp), kp);
-            gather_rows(v, rs_in, idx, (dh, dp), vg);
-            tile::transpose(
-                simd,
-                (kp.as_ptr(), dp),
-                (idx.len(), dh),
-                (kt.as_mut_ptr(), lp),
-            );
-            tile::transpose(
-                simd,
-                (vg.as_ptr(), dp),
-                (idx.len(), dh),
-                (vt.as_mut_ptr(), lp),
-            );
+            gather_transposed(simd, (k, rs_in), idx, (dh, dp, lp), kp, kt);
+            gather_transposed(simd, (v, rs_in), idx, (dh, dp, lp), vg, vt);
             let w = (dkc.as_mut_ptr(), dvc.as_mut_ptr(), dp);
             (idx.len(), None, (kp.as_ptr(), dp), w)
         }

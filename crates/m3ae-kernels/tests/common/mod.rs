@@ -74,6 +74,15 @@ pub enum Pad {
     Suffix,
 }
 
+/// Every padding pattern, for tests that run each.
+pub const ALL_PADS: [Pad; 5] = [
+    Pad::None,
+    Pad::Random,
+    Pad::AllButOne,
+    Pad::Full,
+    Pad::Suffix,
+];
+
 pub fn padding(b: usize, l: usize, kind: Pad, seed: u64) -> Option<Tensor> {
     let v: Vec<f32> = match kind {
         Pad::None => return None,
