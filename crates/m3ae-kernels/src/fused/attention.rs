@@ -28,9 +28,10 @@
 //! score gradient is zero.
 //!
 //! Padding keys are left out of the products altogether when a sample has some (most of M3AE's
-//! text positions are padding): its kept keys are gathered (`K`, `V` rows into scratch, `dK`,
-//! `dV` accumulated there and scattered back, zero rows at the padding keys), so the work of
-//! a head scales with its real keys. This is exact wherever a padding key's probability is zero
+//! text positions are padding), so the work of a head scales with its real keys. When only the
+//! last keys are padding (the decoder's text) the kept rows are read and written in place;
+//! otherwise (an encoder's randomly ordered kept tokens) they are gathered: `K`, `V` rows into
+//! scratch, `dK`, `dV` accumulated there and scattered back. Padding rows of `dK`, `dV` are zero. This is exact wherever a padding key's probability is zero
 //! in f32, which holds when a row's best real score is more than [`SKIP_MARGIN`] above the
 //! padding score; a head with any row below that runs over all keys instead (the backward
 //! repeats the decision from the saved row maxima).
