@@ -74,6 +74,20 @@ struct View {
     rs_out: usize,
 }
 
+impl View {
+    /// Pointers to the head's first q, k and v rows in the input buffers.
+    ///
+    /// # Safety
+    /// The view must come from [`Packing::view`] of the buffers' own dims.
+    unsafe fn inputs(&self, (q, k, v): (&[f32], &[f32], &[f32])) -> Ptrs3 {
+        (
+            q.as_ptr().add(self.q),
+            k.as_ptr().add(self.k),
+            v.as_ptr().add(self.v),
+        )
+    }
+}
+
 impl Packing {
     fn view(self, d: Dims, bh: usize) -> View {
         let (b, h) = (bh / d.h, bh % d.h);
@@ -669,7 +683,6 @@ fn forward(
     d: Dims,
     scale: f32,
 ) -> (Vec<f32>, Stats) {
-    let (q, k, v) = inputs;
     let n = d.b * d.h * d.l * d.dh;
     let mut o = uninit_buffer(n);
     let mut max = vec![0f32; d.b * d.h * d.l];
@@ -693,11 +706,7 @@ fn forward(
             // SAFETY: the view of (b, h) stays inside the buffers (`o` has capacity `n`) and
             // no two tasks write the same output element.
             unsafe {
-                let ptrs = (
-                    q.as_ptr().add(vw.q),
-                    k.as_ptr().add(vw.k),
-                    v.as_ptr().add(vw.v),
-                );
+                let ptrs = vw.inputs(inputs);
                 let o_ptr = (out.ptr().add(vw.o), vw.rs_out);
                 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
                 if super::has_avx2_fma() {
@@ -724,7 +733,6 @@ fn backward(
     d: Dims,
     scale: f32,
 ) -> Vec<Vec<f32>> {
-    let (q, k, v) = inputs;
     let n = d.b * d.h * d.l * d.dh;
     let (count, len) = match packing {
         Packing::Separate => (3, n),
@@ -760,11 +768,7 @@ fn backward(
             // gradient elements of that view; the output gradient is read inside its storage
             // through its own layout.
             unsafe {
-                let ins = (
-                    q.as_ptr().add(vw.q),
-                    k.as_ptr().add(vw.k),
-                    v.as_ptr().add(vw.v),
-                );
+                let ins = vw.inputs(inputs);
                 let o = (o.as_ptr().add(vw.o), vw.rs_out);
                 let dout = (grad.data.as_ptr().add(g0), gr, gc);
                 let st = (&stats.max[rl.clone()], &stats.log_sum[rl]);
