@@ -649,7 +649,7 @@ pub fn extract(
     let tag = tag.unwrap_or("features");
     let result = m3ae_eval::features::extract_features(model, batches, opts.pooling, |done| {
         batches_seen += 1;
-        if every > 0 && batches_seen % every == 0 {
+        if every > 0 && batches_seen.is_multiple_of(every) {
             let of = total.map(|t| format!("/{t}")).unwrap_or_default();
             eprintln!(
                 "{tag}: {done}{of} images ({:.1}s)",

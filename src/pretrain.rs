@@ -758,7 +758,7 @@ pub fn run_with_sync(
         s => s,
     };
     cfg.distributed.streams = streams;
-    if streams % world != 0 || cfg.train.batch_size % streams != 0 {
+    if streams % world != 0 || !cfg.train.batch_size.is_multiple_of(streams) {
         bail!(
             "distributed.streams = {streams} must be a multiple of the number of ranks ({world}) \
              and divide train.batch_size = {} (the global batch)",
@@ -1116,7 +1116,7 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
         }
         let step = trainer.step();
         window.push(r);
-        if step % cfg.log_every == 0 || step == total {
+        if step.is_multiple_of(cfg.log_every) || step == total {
             let avg = |k: &str| {
                 mean(
                     &window
@@ -1186,13 +1186,13 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
         if let Some(b) = &bar {
             b.set_position(step);
         }
-        if lead && cfg.image_every > 0 && step % cfg.image_every == 0 {
+        if lead && cfg.image_every > 0 && step.is_multiple_of(cfg.image_every) {
             draw(
                 &trainer,
                 &run_dir.join("recon").join(format!("step-{step:08}.png")),
             )?;
         }
-        if step % cfg.save_every == 0 && step < total {
+        if step.is_multiple_of(cfg.save_every) && step < total {
             let saved = save_checkpoint(&mut trainer, source, &ck_dir, extra(first_window), cfg)?;
             checkpoint = saved.or(checkpoint);
             have_checkpoint = true;

@@ -63,7 +63,7 @@ impl Streams {
             "rank {rank} of world size {world}"
         );
         ensure!(
-            total >= world && total % world == 0,
+            total >= world && total.is_multiple_of(world),
             "distributed.streams = {total} cannot be shared by {world} ranks: it must be a multiple of the world size"
         );
         let parts = streams_of(rank, world, total)

@@ -331,7 +331,7 @@ fn write_category_shard(path: &Path, n: usize, offset: usize) {
     let mut b = tar::Builder::new(Vec::new());
     for i in 0..n {
         let j = i + offset;
-        let warm = j % 2 == 0;
+        let warm = j.is_multiple_of(2);
         let img = image::RgbImage::from_fn(32, 32, |x, y| {
             let v = ((x + y + j as u32) % 40) as u8;
             if warm {

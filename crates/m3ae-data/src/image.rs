@@ -484,7 +484,7 @@ fn resample_normalized(
     assert_eq!(out.len(), size * size * 3, "output buffer size");
     if let Layout::Patches(p) = layout {
         assert!(
-            p > 0 && size % p == 0,
+            p > 0 && size.is_multiple_of(p),
             "patch size {p} does not divide {size}"
         );
     }

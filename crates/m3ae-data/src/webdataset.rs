@@ -160,7 +160,7 @@ impl WebDataset {
                     .path()
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                if !split_name(&name).is_some_and(|(_, ext)| ext == "json")
+                if split_name(&name).is_none_or(|(_, ext)| ext != "json")
                     || entry.header().size().unwrap_or(u64::MAX) > MAX_MEMBER_BYTES
                 {
                     continue;

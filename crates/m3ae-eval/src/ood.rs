@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 
 /// Maximum softmax probability of each row of logits `[N, C]` (row-major).
 pub fn max_softmax(logits: &[f32], classes: usize) -> Result<Vec<f64>> {
-    if classes == 0 || logits.len() % classes != 0 {
+    if classes == 0 || !logits.len().is_multiple_of(classes) {
         return Err(Error::Shape(format!(
             "MSP: {} logits for {classes} classes",
             logits.len()

@@ -272,7 +272,7 @@ impl M3aeConfig {
                 return bad(field, "must be > 0".into());
             }
         }
-        if self.emb_dim % self.num_heads != 0 {
+        if !self.emb_dim.is_multiple_of(self.num_heads) {
             return bad(
                 "emb_dim",
                 format!(
@@ -281,7 +281,7 @@ impl M3aeConfig {
                 ),
             );
         }
-        if self.dec_emb_dim % self.dec_num_heads != 0 {
+        if !self.dec_emb_dim.is_multiple_of(self.dec_num_heads) {
             return bad(
                 "dec_emb_dim",
                 format!(
@@ -290,7 +290,7 @@ impl M3aeConfig {
                 ),
             );
         }
-        if self.emb_dim % 4 != 0 {
+        if !self.emb_dim.is_multiple_of(4) {
             return bad(
                 "emb_dim",
                 format!(
@@ -299,7 +299,7 @@ impl M3aeConfig {
                 ),
             );
         }
-        if self.dec_emb_dim % 4 != 0 {
+        if !self.dec_emb_dim.is_multiple_of(4) {
             return bad(
                 "dec_emb_dim",
                 format!(
@@ -313,7 +313,7 @@ impl M3aeConfig {
         {
             return bad("mlp_ratio", format!("{} must be > 0", self.mlp_ratio));
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return bad(
                 "image_size",
                 format!(

@@ -916,7 +916,7 @@ impl<'a> Vm<'a> {
     }
 
     fn set_items(&mut self, target: Id, flat: Vec<Id>) -> Result<()> {
-        if flat.len() % 2 != 0 {
+        if !flat.len().is_multiple_of(2) {
             return self.malformed("SETITEMS with an odd number of values");
         }
         self.charge(flat.len() * ID_COST)?;

@@ -26,7 +26,7 @@ fn sincos_1d_into(out: &mut [f32], width: usize, pos: f64) {
 /// assert!((t[4] - 1f32.sin()).abs() < 1e-7);
 /// ```
 pub fn sincos_1d_values(len: usize, width: usize) -> Result<Vec<f32>> {
-    if width % 2 != 0 || width == 0 {
+    if !width.is_multiple_of(2) || width == 0 {
         return Err(Error::Shape(format!(
             "1-D sin-cos embedding needs an even, non-zero width, got {width}"
         )));
@@ -47,7 +47,7 @@ pub fn sincos_2d_values(num_tokens: usize, width: usize) -> Result<Vec<f32>> {
             "2-D sin-cos embedding needs a square number of tokens, got {num_tokens}"
         )));
     }
-    if width % 4 != 0 || width == 0 {
+    if !width.is_multiple_of(4) || width == 0 {
         return Err(Error::Shape(format!(
             "2-D sin-cos embedding needs a width divisible by 4, got {width}"
         )));

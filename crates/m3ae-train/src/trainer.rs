@@ -319,7 +319,10 @@ impl<O: Objective> Trainer<O> {
                 acc
             }
         });
-        if self.micro_step % self.cfg.accumulate_grad_steps == 0 {
+        if self
+            .micro_step
+            .is_multiple_of(self.cfg.accumulate_grad_steps)
+        {
             let mut grads = self.accum.take().unwrap_or_default();
             let k = self.cfg.accumulate_grad_steps as f64;
             if k > 1.0 {

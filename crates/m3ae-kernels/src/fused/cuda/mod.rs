@@ -352,7 +352,7 @@ impl CustomOp3 for CudaLayerNorm {
         let d = gl.shape().elem_count();
         let n = xl.shape().elem_count();
         let third_len = if self.backward { n } else { d };
-        if d == 0 || n % d != 0 || tl.shape().elem_count() != third_len {
+        if d == 0 || !n.is_multiple_of(d) || tl.shape().elem_count() != third_len {
             candle_core::bail!(
                 "{}: x {:?}, gamma {:?}, third input {:?} do not agree",
                 self.name(),
