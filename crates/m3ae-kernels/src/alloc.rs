@@ -24,7 +24,7 @@
 /// memory where its heap cannot grow, so no allocation fails because of the setting (test
 /// `tests/alloc.rs`). On the `small` preset at batch 16
 /// (`m3ae bench --workload preset --preset small --batch 16`), whose activations exceed 32 MiB,
-/// that cut the page faults of the run from 4.97 million to 0.91 million.
+/// that cut the page faults of the run from about 5.0 million to 0.91 million (docs/performance.md).
 ///
 /// Does nothing, and returns `false`, where the user already tunes malloc through the
 /// environment (`GLIBC_TUNABLES`, `MALLOC_*_`) or the C library is not glibc. Call it before

@@ -31,10 +31,11 @@
 //! text positions are padding), so the work of a head scales with its real keys. When only the
 //! last keys are padding (the decoder's text) the kept rows are read and written in place;
 //! otherwise (an encoder's randomly ordered kept tokens) they are gathered: `K`, `V` rows into
-//! scratch, `dK`, `dV` accumulated there and scattered back. Padding rows of `dK`, `dV` are zero. This is exact wherever a padding key's probability is zero
-//! in f32, which holds when a row's best real score is more than [`SKIP_MARGIN`] above the
-//! padding score; a head with any row below that runs over all keys instead (the backward
-//! repeats the decision from the saved row maxima).
+//! scratch, `dK`, `dV` accumulated there and scattered back. Padding rows of `dK`, `dV` are
+//! zero. This is exact wherever a padding key's probability is zero in f32, which holds when a
+//! row's best real score is more than [`SKIP_MARGIN`] above the padding score; a head with any
+//! row below that runs over all keys instead (the backward repeats the decision from the saved
+//! row maxima, and reuses the forward's list of kept keys).
 
 use super::storage::{f32_slice, output, storage_slice, uninit_buffer};
 use super::{math, rows, tile, SharedMut};
@@ -119,11 +120,13 @@ impl Packing {
     }
 }
 
-/// Per-row softmax statistics saved by the forward pass: max and log of the shifted sum.
-#[derive(Debug, Default)]
+/// What the forward pass saves for the backward: per-row softmax statistics (max and log of the
+/// shifted sum) and the kept keys of partly padded samples.
+#[derive(Default)]
 struct Stats {
     max: Vec<f32>,
     log_sum: Vec<f32>,
+    kept: Option<KeptKeys>,
 }
 
 /// The output gradient as candle hands it over, read through its strides (it is often a
@@ -718,7 +721,7 @@ fn forward(
     });
     // SAFETY: the heads of all (b, h) together write every one of the `n` output elements.
     unsafe { o.set_len(n) };
-    (o, Stats { max, log_sum })
+    (o, Stats { max, log_sum, kept })
 }
 
 /// Backward over all heads. Returns one gradient buffer (`Qkv`: `[B, L, 3 D]`) or three.
@@ -748,7 +751,6 @@ fn backward(
         Packing::Qkv => (ptrs[0], ptrs[0], ptrs[0]),
     };
     let scratch = bwd_scratch(d);
-    let kept = KeptKeys::new(pad, d.b, d.l);
     super::for_each_index(d.b * d.h, |bh| {
         prefetch_head(inputs, packing, d, bh + 1);
         if bh + 1 < d.b * d.h {
@@ -761,7 +763,7 @@ fn backward(
         }
         let vw = packing.view(d, bh);
         let rl = bh * d.l..(bh + 1) * d.l;
-        let pad = head_padding(pad, kept.as_ref(), d, bh);
+        let pad = head_padding(pad, stats.kept.as_ref(), d, bh);
         let (g0, gr, gc) = grad.head(d, bh);
         with_scratch(scratch, |s| {
             // SAFETY: as in `forward`: each task reads its own (b, h) view and writes only the
