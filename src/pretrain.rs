@@ -62,6 +62,10 @@ pub struct DataConfig {
     pub num_threads: usize,
     /// Batch-shared (`shared`, official) or per-sample (`per_sample`) mask noise.
     pub noise: m3ae_data::NoiseKind,
+    /// Largest tolerated fraction of bad samples (undecodable images, missing or empty
+    /// captions, truncated shards) in the training and held-out data; see docs/data.md for how
+    /// it is judged.
+    pub max_bad_fraction: f64,
 }
 
 impl Default for DataConfig {
@@ -76,6 +80,7 @@ impl Default for DataConfig {
             vocab_size: 1000,
             num_threads: 1,
             noise: m3ae_data::NoiseKind::Shared,
+            max_bad_fraction: 0.1,
         }
     }
 }
@@ -142,6 +147,9 @@ pub struct PretrainConfig {
 impl Default for PretrainConfig {
     fn default() -> Self {
         let mut model = M3aeConfig::preset("tiny").expect("tiny preset");
+        // The tiny architecture spelled out (a preset would override a config file's
+        // `emb_dim`, `depth`, ... whenever it does not name another preset).
+        model.model_type = None;
         model.image_size = 64;
         model.patch_size = 8;
         model.text_length = 32;
@@ -173,20 +181,33 @@ impl Default for PretrainConfig {
 }
 
 impl PretrainConfig {
-    /// Reads a TOML file (unknown keys are errors naming the key).
+    /// Reads a TOML file (unknown keys are errors naming the key). A key the file does not set
+    /// keeps its value of [`PretrainConfig::default`] (the default job), whether or not the file
+    /// mentions its table: `[train]` with only `steps` changes the steps and nothing else.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| {
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// [`PretrainConfig::from_file`] on TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        // Parsed alone first: unknown keys and wrong types are reported with their line.
+        toml::from_str::<Self>(text).map_err(|e| {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             let msg = e.message().replace('\n', " ");
             match line {
-                Some(l) => anyhow::anyhow!("{}, line {l}: {msg}", path.display()),
-                None => anyhow::anyhow!("{}: {msg}", path.display()),
+                Some(l) => anyhow::anyhow!("{origin}, line {l}: {msg}"),
+                None => anyhow::anyhow!("{origin}: {msg}"),
             }
-        })
+        })?;
+        let user: toml::Value = toml::from_str(text).with_context(|| origin.to_string())?;
+        let mut merged =
+            toml::Value::try_from(Self::default()).context("serialising the default config")?;
+        merge_toml(&mut merged, user);
+        merged.try_into().with_context(|| origin.to_string())
     }
 
     /// The compute threads this configuration asks for on this machine.
@@ -221,7 +242,10 @@ impl PretrainConfig {
         self.output_dir.join(&self.name)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every setting that can be checked before data is read; errors name the field
+    /// and its value. Thread counts above [`m3ae_model::resources::max_threads`] are lowered
+    /// with a warning.
+    pub fn validate(&mut self) -> Result<()> {
         self.train.validate()?;
         self.model.validate(self.objective == ObjectiveKind::M3ae)?;
         if self.model.image_size != self.data.scenes.image_size && self.data.source == "scenes" {
@@ -234,8 +258,162 @@ impl PretrainConfig {
         if self.log_every == 0 || self.save_every == 0 {
             bail!("log_every and save_every must be > 0");
         }
+        let fraction = self.data.max_bad_fraction;
+        if !(0.0..=1.0).contains(&fraction) {
+            bail!("data.max_bad_fraction = {fraction} must be in [0, 1]");
+        }
+        if self.data.source == "scenes" && self.data.scenes.len < self.train.batch_size {
+            bail!(
+                "data.scenes.len = {} scenes is fewer than one batch (train.batch_size = {}): \
+                 the loader drops incomplete batches, so no step could be made",
+                self.data.scenes.len,
+                self.train.batch_size
+            );
+        }
+        if self.probe {
+            let (tr, te) = self.probe_samples;
+            if tr == 0 || te == 0 {
+                bail!(
+                    "probe_samples = [{tr}, {te}]: the final probe needs at least one training \
+                     and one test scene (or set probe = false)"
+                );
+            }
+        }
+        use m3ae_model::resources::cap_threads;
+        self.data.num_threads = cap_threads("data.num_threads", self.data.num_threads);
+        self.compute_threads = cap_threads("compute_threads", self.compute_threads);
         Ok(())
     }
+
+    /// Refuses a configuration whose training step would not fit in this machine's available
+    /// memory (an estimate from the configuration alone, see [`m3ae_model::resources`]).
+    pub fn check_memory(&self) -> Result<()> {
+        let variant = match self.objective {
+            ObjectiveKind::M3ae => m3ae_model::Variant::M3ae,
+            ObjectiveKind::Mae => m3ae_model::Variant::Mae,
+        };
+        let batch = self.train.batch_size;
+        let bytes = m3ae_model::resources::training_step_bytes(&self.model, variant, batch);
+        m3ae_model::resources::check_fits(
+            &format!("a training step of {batch} samples"),
+            bytes,
+            "train.batch_size, model.image_size, model.text_length or the model's width and depth",
+        )?;
+        Ok(())
+    }
+}
+
+/// Overlays `over` on `base`: tables merge key by key, any other value replaces.
+fn merge_toml(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge_toml(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Settings a resumed run may change (with `--config` or flags); every other difference from
+/// the run's saved `config.toml` is refused ([`check_resume_changes`]). A path names a field and
+/// everything below it.
+pub const RESUMABLE_SETTINGS: &[&str] = &[
+    "name",
+    "output_dir",
+    "train.steps",
+    "log_every",
+    "save_every",
+    "keep_checkpoints",
+    "image_every",
+    "probe",
+    "probe_samples",
+    "compute_threads",
+    "data.num_threads",
+    "distributed.timeout_s",
+];
+
+/// Flattens a JSON value into `path = value` leaves (`a.b`, `a[0]`).
+fn flatten_json(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_json(&p, v, out);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                flatten_json(&format!("{prefix}[{i}]"), v, out);
+            }
+        }
+        leaf => out.push((prefix.to_string(), leaf.to_string())),
+    }
+}
+
+/// `Ok` when `requested` differs from the run's `saved` configuration only in
+/// [`RESUMABLE_SETTINGS`]; otherwise an error naming the first other setting and both values.
+///
+/// ```
+/// use m3ae::pretrain::{check_resume_changes, PretrainConfig};
+/// let saved = PretrainConfig::default();
+/// let mut more_steps = saved.clone();
+/// more_steps.train.steps += 100;
+/// assert!(check_resume_changes(&saved, &more_steps).is_ok());
+/// let mut other_batch = saved.clone();
+/// other_batch.train.batch_size = 4;
+/// let e = check_resume_changes(&saved, &other_batch).unwrap_err().to_string();
+/// assert!(e.contains("train.batch_size") && e.contains("64") && e.contains('4'), "{e}");
+/// ```
+pub fn check_resume_changes(saved: &PretrainConfig, requested: &PretrainConfig) -> Result<()> {
+    let flat = |c: &PretrainConfig| -> Result<std::collections::BTreeMap<String, String>> {
+        let mut v = Vec::new();
+        flatten_json("", &serde_json::to_value(c)?, &mut v);
+        Ok(v.into_iter().collect())
+    };
+    let (a, b) = (flat(saved)?, flat(requested)?);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        let (x, y) = (a.get(k), b.get(k));
+        if x == y {
+            continue;
+        }
+        let allowed = RESUMABLE_SETTINGS.iter().any(|s| {
+            k == s
+                || k.strip_prefix(s)
+                    .is_some_and(|r| r.starts_with('.') || r.starts_with('['))
+        });
+        if !allowed {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+            bail!(
+                "--resume: the run was trained with {k} = {}, this invocation asks for {k} = {}; \
+                 a resumed run keeps its configuration (only {} may change): drop that setting, \
+                 or start a new run with another --name",
+                show(x),
+                show(y),
+                RESUMABLE_SETTINGS.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The configuration a run directory saved (`config.toml`), `None` when it has none.
+pub fn saved_config(run_dir: &Path) -> Result<Option<PretrainConfig>> {
+    let p = run_dir.join("config.toml");
+    if !p.is_file() {
+        return Ok(None);
+    }
+    PretrainConfig::from_file(&p).map(Some)
 }
 
 /// How the run ended, with the figures the summary prints.
@@ -265,6 +443,13 @@ pub struct RunSummary {
     pub skipped_steps: u64,
     /// The newest checkpoint.
     pub checkpoint: Option<PathBuf>,
+    /// What the held-out figures were measured on (`held-out scenes`, `held-out data`).
+    pub held_out: String,
+    /// Why the final held-out evaluation could not be made, if it failed (training and its
+    /// checkpoint are unaffected).
+    pub held_out_error: Option<String>,
+    /// Bad samples met in the training data (all ranks' streams of this process).
+    pub bad_samples: m3ae_data::BadStats,
 }
 
 impl std::fmt::Display for RunSummary {
@@ -293,10 +478,17 @@ impl std::fmt::Display for RunSummary {
         if let (Some(a), Some(b)) = (self.masked_word_accuracy, self.frequency_baseline) {
             writeln!(
                 f,
-                "masked-word accuracy (held-out scenes): {:.1}% (most-frequent-word baseline {:.1}%)",
+                "masked-word accuracy ({}): {:.1}% (most-frequent-word baseline {:.1}%)",
+                self.held_out,
                 100.0 * a,
                 100.0 * b
             )?;
+        }
+        if let Some(e) = &self.held_out_error {
+            writeln!(f, "held-out evaluation failed ({}): {e}", self.held_out)?;
+        }
+        if self.bad_samples.total_bad() > 0 {
+            writeln!(f, "training data: {}", self.bad_samples)?;
         }
         writeln!(
             f,
@@ -341,12 +533,10 @@ pub struct RunOptions {
     pub plain: bool,
 }
 
-/// Saves a tokenizer through a temporary file and a rename, so that another process of the job
-/// never reads it half-written.
+/// Saves a tokenizer (atomically, so that another process of the job never reads it
+/// half-written).
 fn save_tokenizer(tok: &Tokenizer, path: &Path) -> Result<()> {
-    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
-    tok.save(&tmp)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    Ok(tok.save(path)?)
 }
 
 /// A `data.tokenizer` value: a `tokenizer.json`, a folder holding one, or (feature `hub`) a
@@ -397,6 +587,7 @@ fn loader_config(cfg: &PretrainConfig, model: &M3aeConfig) -> LoaderConfig {
     let mut lc = LoaderConfig::pretrain(cfg.train.batch_size, model.image_size, model.patch_size);
     lc.seed = cfg.seed;
     lc.num_threads = cfg.data.num_threads;
+    lc.max_bad_fraction = cfg.data.max_bad_fraction;
     lc.text_len = Some(model.text_length);
     lc.masks = Some(MaskConfig {
         image_ratio: model.image_mask_ratio,
@@ -447,11 +638,13 @@ fn eval_batch(
     if let Some(im) = lc.image.as_mut() {
         im.transform = Transform::test();
     }
+    let what = test.describe();
     let loader = Loader::new(test, Some(tok.clone()), lc)?;
     let b = loader
         .iter(Position::default())
         .next()
-        .context("the held-out data gave no batch")??;
+        .with_context(|| format!("the held-out data ({what}) gave no batch"))?
+        .with_context(|| format!("reading the held-out data ({what})"))?;
     Ok(b)
 }
 
@@ -585,10 +778,7 @@ pub fn write_reconstruction(
     if let Some(parent) = png.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let tmp = png.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, png)?;
+    write_png(&img, png)?;
     // Captions, masked words and predicted words.
     if let (Some(tok), Some(logits), Some(tmask), Some(ids)) = (
         tok,
@@ -625,9 +815,20 @@ pub fn write_reconstruction(
             text.push_str(&format!("  masked words:    {}\n", masked.join(" ")));
             text.push_str(&format!("  predicted words: {}\n", predicted.join(" ")));
         }
-        std::fs::write(png.with_extension("txt"), text)?;
+        let txt = png.with_extension("txt");
+        m3ae_model::fsio::atomic_write(&txt, text.as_bytes())
+            .with_context(|| format!("writing {}", txt.display()))?;
     }
     Ok(())
+}
+
+/// Writes a PNG atomically.
+fn write_png(img: &image::RgbImage, png: &Path) -> Result<()> {
+    m3ae_model::fsio::atomic_write_with(png, |w| {
+        img.write_to(w, image::ImageFormat::Png)
+            .map_err(|e| anyhow::anyhow!(e))
+    })
+    .with_context(|| format!("writing {}", png.display()))
 }
 
 /// The probe recipe of the run's final scene probe ([`probe_scenes`]): LARS as in the official
@@ -771,8 +972,7 @@ pub fn run_with_sync(
             cfg.distributed.timeout_s
         );
     }
-    cfg.train.validate()?;
-    cfg.model.validate(cfg.objective == ObjectiveKind::M3ae)?;
+    cfg.validate()?;
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let ck_dir = run_dir.join("checkpoints");
@@ -809,7 +1009,6 @@ pub fn run_with_sync(
                 ..cfg.data.scenes.clone()
             })?;
             let tok = Arc::new(tokenizer(&cfg, &run_dir, &train_scenes, lead)?);
-            cfg.model.image_size = cfg.data.scenes.image_size;
             (Arc::new(train_scenes), tok)
         }
         kind @ ("webdataset" | "hdf5") => {
@@ -821,9 +1020,6 @@ pub fn run_with_sync(
                 format!("data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for {kind}")
             })?;
             let tok = load_tokenizer(path)?;
-            if lead {
-                save_tokenizer(&tok, &run_dir.join("tokenizer.json"))?;
-            }
             cfg.probe = false;
             (file_source(kind, spec)?, Arc::new(tok))
         }
@@ -849,12 +1045,22 @@ pub fn run_with_sync(
         _ => cfg.model.text_vocab_size = tok.vocab_size(),
     }
     cfg.validate()?;
+    // A resumed run keeps the configuration it was started with.
+    if opts.resume {
+        if let Some(saved) = saved_config(&run_dir)? {
+            check_resume_changes(&saved, &cfg)?;
+        }
+    }
+    cfg.check_memory()?;
     let model_cfg = cfg.model.resolved();
+    if lead && cfg.data.source != "scenes" {
+        save_tokenizer(&tok, &run_dir.join("tokenizer.json"))?;
+    }
     // the resolved configuration, as run
     let cfg_path = run_dir.join("config.toml");
     let text = toml::to_string_pretty(&cfg).context("serialising the configuration")?;
     if lead {
-        std::fs::write(&cfg_path, text)
+        m3ae_model::fsio::atomic_write(&cfg_path, text.as_bytes())
             .with_context(|| format!("writing {}", cfg_path.display()))?;
     }
 
@@ -938,14 +1144,23 @@ pub fn run_with_sync(
         return Ok(summary);
     }
     if let Trained::M3ae(m) = &final_model {
-        let held_out = eval_batch(&cfg, &model_cfg, &tok, 256)?;
-        let most_frequent = match cfg.data.source.as_str() {
-            "scenes" => most_frequent_token(&tok, &scenes(&cfg, SceneSplit::Train, 2000)?)?,
-            _ => most_frequent_in_batch(&held_out)?,
+        // A failure here (e.g. too many bad held-out samples) must not hide the finished
+        // training: it is reported in the summary instead.
+        let held_out = || -> Result<(f64, f64)> {
+            let held_out = eval_batch(&cfg, &model_cfg, &tok, 256)?;
+            let most_frequent = match cfg.data.source.as_str() {
+                "scenes" => most_frequent_token(&tok, &scenes(&cfg, SceneSplit::Train, 2000)?)?,
+                _ => most_frequent_in_batch(&held_out)?,
+            };
+            masked_word_accuracy(m, &held_out, most_frequent)
         };
-        let (acc, base) = masked_word_accuracy(m, &held_out, most_frequent)?;
-        summary.masked_word_accuracy = Some(acc);
-        summary.frequency_baseline = Some(base);
+        match held_out() {
+            Ok((acc, base)) => {
+                summary.masked_word_accuracy = Some(acc);
+                summary.frequency_baseline = Some(base);
+            }
+            Err(e) => summary.held_out_error = Some(format!("{e:#}")),
+        }
     }
     if cfg.probe && !summary.interrupted {
         let trained = match &final_model {
@@ -957,7 +1172,11 @@ pub fn run_with_sync(
         summary.probe = Some((trained, baseline));
     }
     let summary_path = run_dir.join("summary.json");
-    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)?;
+    m3ae_model::fsio::atomic_write(
+        &summary_path,
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )
+    .with_context(|| format!("writing {}", summary_path.display()))?;
     Ok(summary)
 }
 
@@ -1044,6 +1263,14 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
             first_window = Some((a, b));
         }
         eprintln!("resumed from {} at step {}", dir.display(), trainer.step());
+        if trainer.step() >= cfg.train.steps {
+            eprintln!(
+                "nothing to train: the run is already at step {} and train.steps = {} \
+                 (pass a larger --steps to train further)",
+                trainer.step(),
+                cfg.train.steps
+            );
+        }
     }
     let (rank, world) = trainer.rank_and_world();
     let lead = rank == 0;
@@ -1232,6 +1459,12 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
         probe: None,
         skipped_steps: trainer.skipped_steps(),
         checkpoint,
+        held_out: match cfg.data.source.as_str() {
+            "scenes" => "held-out scenes".into(),
+            _ => "held-out data".into(),
+        },
+        held_out_error: None,
+        bad_samples: source.stats(),
     };
     Ok((summary, trainer.objective().clone().into_trained()))
 }

@@ -1,7 +1,12 @@
 //! The `m3ae` command-line tool.
 //!
-//! `m3ae info --preset base` prints a configuration, its exact parameter count and the training
-//! FLOPs per sample. Further subcommands (pretrain, probe, convert, ...) arrive with their crates.
+//! Subcommands: `info` (a configuration, its parameter count and FLOPs), `pretrain`, `bench`,
+//! `convert`, and the evaluation commands `embed`, `probe`, `ood`, `reconstruct`. The work is
+//! done by the library (`m3ae::pretrain`, `m3ae::evaluate`, `m3ae::convert`); this file parses
+//! arguments, installs the logger and the signal handler, and prints errors as one line.
+//!
+//! Log output (per-sample data warnings, ...) goes to stderr at level `warn` unless `RUST_LOG`
+//! says otherwise (e.g. `RUST_LOG=info`, `RUST_LOG=m3ae_data=debug`).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -120,6 +125,20 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         Some(p) => PretrainConfig::from_file(p)?,
         None => PretrainConfig::default(),
     };
+    // `--resume` continues a run with the configuration it saved; flags (and a `--config`)
+    // may only change what a resumed run can change (checked by the run).
+    if matches!(a.resume, Some(None)) && a.config.is_none() {
+        let mut at = cfg.clone();
+        if let Some(v) = &a.name {
+            at.name = v.clone();
+        }
+        if let Some(v) = &a.output_dir {
+            at.output_dir = v.clone();
+        }
+        if let Some(saved) = m3ae::pretrain::saved_config(&at.run_dir())? {
+            cfg = saved;
+        }
+    }
     let resume_from = a.resume.clone().flatten();
     if let Some(dir) = &resume_from {
         let from = m3ae::pretrain::adopt_checkpoint(&mut cfg, dir)?;
@@ -165,15 +184,20 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     }
     // Before any thread pool exists: the model's compute threads (candle and our kernels).
     cfg.apply_compute_threads();
+    // Ctrl-C, and SIGTERM / SIGHUP as sent by cluster schedulers (Slurm, Kubernetes) before
+    // they kill a job: stop at the next step boundary with a checkpoint and exit 0.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nstopping: writing a checkpoint (Ctrl-C again to quit at once)");
+        eprintln!(
+            "\nstopping (interrupt or termination signal): writing a checkpoint \
+             (a second signal quits at once)"
+        );
     })
-    .context("installing the Ctrl-C handler")?;
+    .context("installing the signal handler")?;
     let opts = RunOptions {
         resume: a.resume.is_some() && resume_from.is_none(),
         resume_from,
@@ -236,11 +260,40 @@ fn main() {
         // Before any other thread exists; every Hub lookup reads it (m3ae_data::hub).
         std::env::set_var("HF_HUB_OFFLINE", "1");
     }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
     // Errors print as one line (the causes joined with ": "), without a backtrace.
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes on one line, joined with ": ", leaving out a cause whose text the
+/// line already ends with (an I/O error shown by its wrapper and chained as its source too),
+/// with control characters escaped (a message may quote bytes from a corrupt file).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -192,13 +192,14 @@ impl Tokenizer {
         Self::wrap(inner, PathBuf::new())
     }
 
-    /// Saves the tokenizer as `tokenizer.json`.
+    /// Saves the tokenizer as `tokenizer.json` (atomically: see [`m3ae_model::fsio`]).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        self.inner.save(path, false).map_err(|e| Error::Tokenizer {
+        let json = self.inner.to_string(false).map_err(|e| Error::Tokenizer {
             path: path.into(),
             msg: e.to_string(),
-        })
+        })?;
+        m3ae_model::fsio::atomic_write(path, json.as_bytes()).map_err(|e| Error::io(path, e))
     }
 
     /// Vocabulary size, added tokens included.

@@ -272,6 +272,45 @@ impl M3aeConfig {
                 return bad(field, "must be > 0".into());
             }
         }
+        // Far above every real model; beyond them sizes overflow or abort in the allocator.
+        let limits = [
+            ("emb_dim", self.emb_dim, 1 << 16),
+            ("dec_emb_dim", self.dec_emb_dim, 1 << 16),
+            ("depth", self.depth, 1024),
+            ("dec_depth", self.dec_depth, 1024),
+            ("num_heads", self.num_heads, 1024),
+            ("dec_num_heads", self.dec_num_heads, 1024),
+            ("output_head_depth", self.output_head_depth, 64),
+            ("image_size", self.image_size, 1 << 14),
+            ("patch_size", self.patch_size, 1024),
+            ("text_length", self.text_length, 1 << 16),
+            ("text_vocab_size", self.text_vocab_size, 1 << 24),
+        ];
+        for (field, v, max) in limits {
+            if v > max {
+                return bad(
+                    field,
+                    format!("{v} is larger than the supported maximum {max}"),
+                );
+            }
+        }
+        if self.mlp_ratio > 64.0 {
+            return bad(
+                "mlp_ratio",
+                format!("{} is larger than the supported maximum 64", self.mlp_ratio),
+            );
+        }
+        if self.num_patches() > 1 << 16 {
+            return bad(
+                "image_size",
+                format!(
+                    "{} / patch_size {} gives {} patches, more than the supported 65,536",
+                    self.image_size,
+                    self.patch_size,
+                    self.num_patches()
+                ),
+            );
+        }
         if !self.emb_dim.is_multiple_of(self.num_heads) {
             return bad(
                 "emb_dim",
@@ -343,8 +382,18 @@ impl M3aeConfig {
                 );
             }
         }
-        if self.image_output_dim == Some(0) {
-            return bad("image_output_dim", "must be > 0".into());
+        if let Some(d) = self.image_output_dim {
+            // the image loss compares the head's output with the P*P*3 patch pixels
+            if d != self.patch_dim() {
+                return bad(
+                    "image_output_dim",
+                    format!(
+                        "{d} must equal patch_size^2 * 3 = {} (the image loss compares the output \
+                         with the patch pixels)",
+                        self.patch_dim()
+                    ),
+                );
+            }
         }
         if with_text {
             if self.text_vocab_size == 0 {
@@ -459,6 +508,22 @@ mod tests {
                 "image_output_dim",
                 Box::new(|c| c.image_output_dim = Some(0)),
             ),
+            (
+                "image_output_dim",
+                Box::new(|c| c.image_output_dim = Some(c.patch_dim() + 1)),
+            ),
+            ("emb_dim", Box::new(|c| c.emb_dim = 4_000_000_000)),
+            ("dec_depth", Box::new(|c| c.dec_depth = 1 << 20)),
+            ("image_size", Box::new(|c| c.image_size = 1 << 20)),
+            (
+                "image_size",
+                Box::new(|c| {
+                    c.image_size = 8192;
+                    c.patch_size = 8
+                }),
+            ),
+            ("text_length", Box::new(|c| c.text_length = 1_000_000_000)),
+            ("mlp_ratio", Box::new(|c| c.mlp_ratio = 1e9)),
             ("text_vocab_size", Box::new(|c| c.text_vocab_size = 0)),
             ("text_length", Box::new(|c| c.text_length = 0)),
             ("text_loss_weight", Box::new(|c| c.text_loss_weight = -1.0)),

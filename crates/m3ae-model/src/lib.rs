@@ -32,6 +32,7 @@
 
 pub mod config;
 pub mod flops;
+pub mod fsio;
 pub mod layers;
 pub mod loss;
 pub mod masking;
@@ -40,6 +41,7 @@ pub mod params;
 pub mod patch;
 pub mod pickle;
 pub mod posemb;
+pub mod resources;
 
 pub use config::{M3aeConfig, ModelType};
 pub use loss::{cross_entropy_loss_and_accuracy, patch_mse_loss};
@@ -121,6 +123,21 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong.
         msg: String,
+    },
+    /// The work would need more memory than the machine has available.
+    #[error(
+        "{what} needs about {need_gib:.1} GiB of memory but {available_gib:.1} GiB are available: \
+         lower {hint}"
+    )]
+    OutOfMemory {
+        /// The work (e.g. "a training step of batch 64").
+        what: String,
+        /// Estimated need, GiB.
+        need_gib: f64,
+        /// Available memory, GiB.
+        available_gib: f64,
+        /// The settings that size the work.
+        hint: String,
     },
 }
 

@@ -60,23 +60,23 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    write_safetensors(&tmp.join("model.safetensors"), model.0, model.1)?;
-    write_safetensors(&tmp.join("optimizer.safetensors"), optimizer.0, optimizer.1)?;
-    let tj = tmp.join("trainer.json");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tj).map_err(io(&tj))?;
-        f.write_all(serde_json::to_string_pretty(trainer)?.as_bytes())
-            .map_err(io(&tj))?;
-        f.sync_all().map_err(io(&tj))?;
+    let written = (|| -> Result<()> {
+        write_safetensors(&tmp.join("model.safetensors"), model.0, model.1)?;
+        write_safetensors(&tmp.join("optimizer.safetensors"), optimizer.0, optimizer.1)?;
+        let tj = tmp.join("trainer.json");
+        let text = serde_json::to_string_pretty(trainer)?;
+        m3ae_model::fsio::atomic_write(&tj, text.as_bytes()).map_err(io(&tj))?;
+        m3ae_model::fsio::sync_parent(&tj);
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))
+    })();
+    if let Err(e) = written {
+        // a full disk must not stay full because of the half-written copy
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    if let Ok(d) = std::fs::File::open(&tmp) {
-        let _ = d.sync_all();
-    }
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
     if let Ok(d) = std::fs::File::open(root) {
         let _ = d.sync_all();
     }
