@@ -1,8 +1,9 @@
 //! Data-parallel pre-training over MPI (feature `mpi`): `mpirun -n 2` at batch B per rank
-//! against one process at the global batch 2B, resuming a 2-rank checkpoint in one process, and
-//! the two failures a job must survive: a rank killed (the job stops, naming it) and a rank that
-//! hangs (the collective timeout aborts the job, naming it). The last checkpoint loads after
-//! both.
+//! against one process at the global batch 2B, resuming a 2-rank checkpoint in one process, the
+//! two failures a job must survive: a rank killed (the job stops, naming it) and a rank that
+//! hangs (the collective timeout aborts the job, naming it), and a scheduler's SIGTERM (every
+//! rank stops at the same step with a checkpoint and exit 0). The last checkpoint loads after
+//! each.
 //!
 //! Needs `mpirun` (Debian: `openmpi-bin libopenmpi-dev`); `.ci/run` installs it and runs
 //! `cargo test --features mpi --test distributed`. Without the feature this file is empty.
@@ -314,6 +315,19 @@ fn a_hanging_rank_is_named_by_the_collective_timeout() {
     );
     assert!(took < Duration::from_secs(60), "stopped after {took:?}");
     resume_newest(&tmp, "hung");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_and_exit_0() {
+    // Schedulers signal every task; one rank alone must be enough for all to stop together.
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempdir("term");
+    let (code, log, took) = fault(&tmp, "term", "-TERM", 60.0);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("(interrupted)"), "{log}");
+    assert!(took < Duration::from_secs(90), "stopped after {took:?}");
+    resume_newest(&tmp, "term");
     std::fs::remove_dir_all(&tmp).ok();
 }
 
