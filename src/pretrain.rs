@@ -489,6 +489,12 @@ impl std::fmt::Display for RunSummary {
         }
         if self.bad_samples.total_bad() > 0 {
             writeln!(f, "training data: {}", self.bad_samples)?;
+        } else {
+            writeln!(
+                f,
+                "training data: {} samples read, none bad",
+                self.bad_samples.good
+            )?;
         }
         writeln!(
             f,
