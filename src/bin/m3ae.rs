@@ -236,9 +236,13 @@ fn main() {
         // Before any other thread exists; every Hub lookup reads it (m3ae_data::hub).
         std::env::set_var("HF_HUB_OFFLINE", "1");
     }
-    // Errors print as one line (the causes joined with ": "), without a backtrace.
+    // Errors print as one line (the causes joined with ": "), without a backtrace; control
+    // characters that came from file contents (keys, captions) are escaped.
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!(
+            "error: {}",
+            m3ae::evaluate::escape_control(&format!("{e:#}"))
+        );
         std::process::exit(1);
     }
 }
