@@ -684,6 +684,28 @@ fn a_nan_checkpoint_fails_feature_extraction_and_nan_scores_are_never_correct() 
     assert!(!ok, "{stdout}");
     assert!(!stdout.contains("top-1"), "{stdout}");
     assert!(one_line(&stderr).contains("non-finite"), "{stderr}");
+    // reconstruct: no panels of NaN, an error naming the checkpoint
+    let img = d.join("img.png");
+    image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8 * 8, y as u8 * 8, 90]))
+        .save(&img)
+        .unwrap();
+    let png = d.join("recon.png");
+    let (ok, stdout, stderr) = run(&[
+        "reconstruct",
+        "--checkpoint",
+        s(&ckpt),
+        "--image",
+        s(&img),
+        "--out",
+        s(&png),
+    ]);
+    assert!(!ok, "{stdout}");
+    let line = one_line(&stderr);
+    assert!(
+        line.contains(s(&ckpt)) && line.contains("not finite"),
+        "{line}"
+    );
+    assert!(!png.exists());
     // a probe head of NaN weights on finite features: NaN logits are never a correct
     // prediction, at top-1 nor at top-k
     let head = d.join("nan-probe.safetensors");
