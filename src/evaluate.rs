@@ -755,7 +755,8 @@ impl FeatureSet {
 
 /// Extracts pooled features of every image of `spec` (images only, no masking); `tag` names the
 /// set in progress lines. Bad samples are skipped and counted (in [`FeatureSet::stats`]) up to
-/// [`DataOptions::max_bad_fraction`]; a data set without any usable sample is an error.
+/// [`DataOptions::max_bad_fraction`]; a data set without any usable sample is an error, and so
+/// are NaN or infinite features ([`Error::NonFinite`]; [`extract_cached`] names the model).
 pub fn extract(
     model: &dyn Represent,
     spec: &DataSpec,
@@ -828,14 +829,31 @@ pub fn extract(
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(FeatureSet {
+    let set = FeatureSet {
         features,
         labels,
         keys,
         classes: data.classes,
         data: spec.to_string(),
         stats: Some(stats),
-    })
+    };
+    set.check_finite("the model")?;
+    Ok(set)
+}
+
+/// `e` with the model named after `source` when it is an [`Error::NonFinite`].
+fn name_model(e: Error, source: &ModelSource) -> Error {
+    match e {
+        Error::NonFinite {
+            count, total, data, ..
+        } => Error::NonFinite {
+            count,
+            total,
+            data,
+            model: source.describe(),
+        },
+        e => e,
+    }
 }
 
 /// [`extract`] through a cache: with `cache_dir`, features are read from / written to
@@ -849,10 +867,10 @@ pub fn extract_cached(
     cache_dir: Option<&Path>,
     tag: &str,
 ) -> Result<FeatureSet> {
+    let extract_named =
+        || extract(model.represent(), spec, opts, Some(tag)).map_err(|e| name_model(e, source));
     let Some(dir) = cache_dir else {
-        let f = extract(model.represent(), spec, opts, Some(tag))?;
-        f.check_finite(&source.describe())?;
-        return Ok(f);
+        return extract_named();
     };
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -878,8 +896,7 @@ pub fn extract_cached(
             }
         }
     }
-    let f = extract(model.represent(), spec, opts, Some(tag))?;
-    f.check_finite(&source.describe())?;
+    let f = extract_named()?;
     f.save(
         &file,
         HashMap::from([
@@ -2015,13 +2032,18 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
 
-/// The bad-sample summary of each data set read (one line per set on stderr; nothing for
-/// features read from a cache).
-fn print_bad_summary(tag: &str, sets: &[&FeatureSet]) {
-    for f in sets {
+/// The bad-sample summary of each data set read: one line per set on stderr,
+/// `<command>: <data> (<role>): <counts per reason>` (nothing for features read from a cache).
+fn print_bad_summary(command: &str, sets: &[(&str, &FeatureSet)]) {
+    for (role, f) in sets {
         if let Some(stats) = &f.stats {
+            let role = if role.is_empty() {
+                String::new()
+            } else {
+                format!(" ({role})")
+            };
             eprintln!(
-                "{tag}: {}: {}",
+                "{command}: {}{role}: {}",
                 escape_control(&f.data),
                 escape_control(&stats.to_string())
             );
@@ -2056,7 +2078,7 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                 c.out.display(),
                 t0.elapsed().as_secs_f64()
             );
-            print_bad_summary("embed", &[&f]);
+            print_bad_summary("embed", &[("", &f)]);
         }
         EvalCommand::Probe(c) => {
             let test_spec: DataSpec = c.test_data.parse()?;
@@ -2139,8 +2161,8 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                 }
             }
             println!("total: {:.1}s", t0.elapsed().as_secs_f64());
-            let mut sets: Vec<&FeatureSet> = train.iter().collect();
-            sets.push(&test);
+            let mut sets: Vec<(&str, &FeatureSet)> = train.iter().map(|t| ("train", t)).collect();
+            sets.push(("test", &test));
             print_bad_summary("probe", &sets);
         }
         EvalCommand::Ood(c) => {
@@ -2183,7 +2205,10 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
             }
             print!("{}", format_ood_table(&rows));
             println!("total: {:.1}s", t0.elapsed().as_secs_f64());
-            print_bad_summary("ood", &[&train, &inside, &outside]);
+            print_bad_summary(
+                "ood",
+                &[("train", &train), ("in", &inside), ("out", &outside)],
+            );
         }
         EvalCommand::Reconstruct(c) => {
             let img = read_image(&c.image)?;

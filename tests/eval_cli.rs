@@ -1026,14 +1026,14 @@ fn probe_and_ood_report_bad_samples_of_each_data_set() {
     assert!(
         summary
             .iter()
-            .any(|l| l.starts_with(&format!("probe: {test_wds}: "))
+            .any(|l| l.starts_with(&format!("probe: {test_wds} (test): "))
                 && l.contains("corrupt_image: 1")),
         "{stderr}"
     );
     assert!(
         summary
             .iter()
-            .any(|l| l.starts_with(&format!("probe: {train_wds}: 0 bad"))),
+            .any(|l| l.starts_with(&format!("probe: {train_wds} (train): 0 bad"))),
         "{stderr}"
     );
 }
