@@ -28,12 +28,14 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    // The I/O error is shown in the message and deliberately not returned as `source()`:
+    // printing the error with its chain (`{:#}`) would show it twice.
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The pickle stream is corrupt, hostile or uses something the reader refuses.
     #[error("{origin}: {cause}")]
@@ -560,7 +562,7 @@ impl OfficialCheckpoint {
     pub fn read(path: &Path) -> Result<Self> {
         let data = std::fs::read(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
-            source: e,
+            error: e,
         })?;
         Self::from_bytes(&data, &path.display().to_string())
     }
@@ -1096,7 +1098,7 @@ pub struct Converted {
 fn write_text(path: &Path, text: &str) -> Result<()> {
     let io = |e| Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        error: e,
     };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, text).map_err(io)?;
@@ -1131,7 +1133,7 @@ pub fn convert_official(pkl: &Path, out_dir: &Path, optimizer: bool) -> Result<C
     let store = ckpt.param_store(&config, &dev)?;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::Io {
         path: out_dir.to_path_buf(),
-        source: e,
+        error: e,
     })?;
     let cfg_json = serde_json::to_string(&config).map_err(|e| Error::Json {
         origin: "config".into(),

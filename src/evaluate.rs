@@ -12,7 +12,10 @@
 //!   the Tux Paint `category`; see [`json_label`]). Images go through the evaluation transform of the data crate
 //!   (bicubic resize to the model's image size, centre crop, normalisation).
 //! * Features ([`FeatureSet`], [`extract`]): pooled encoder outputs (cls or mean; images only,
-//!   no masking), with labels and keys; saved and cached as safetensors.
+//!   no masking), with labels and keys; saved and cached as safetensors. Samples whose image
+//!   cannot be used are skipped and counted per reason up to `--max-bad-fraction` (the commands
+//!   print one summary line per data set on stderr); a model whose features are NaN or infinite
+//!   is an error naming it.
 //! * Probe, kNN and OOD evaluation ([`probe_report`], [`ood_report`]) over the `m3ae-eval`
 //!   primitives; reconstruction panels and the cls-attention overlay ([`reconstruct`]).
 //!
@@ -27,9 +30,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use m3ae_data::{
-    CaptionedScenes, ImageConfig, ImageFolder, JsonLabel, LabelKind, Loader, LoaderConfig,
-    Normalization, Partition, RecordIter, RgbImage, SceneSplit, ScenesConfig, Source, Tokenizer,
-    Transform, U8Arrays, WebDataset,
+    BadStats, CaptionedScenes, ImageConfig, ImageFolder, JsonLabel, LabelKind, Loader,
+    LoaderConfig, Normalization, Partition, RecordIter, RgbImage, SceneSplit, ScenesConfig, Source,
+    Tokenizer, Transform, U8Arrays, WebDataset,
 };
 use m3ae_eval::metrics::{ood_metrics, top_k_accuracy, OodMetrics};
 use m3ae_eval::probe::{probe_logits, train_probe, LinearProbeHead, ProbeConfig};
@@ -62,6 +65,48 @@ pub enum Error {
         value: String,
         /// What is wrong.
         msg: String,
+    },
+    /// A flag that is missing or cannot be used (no value to show).
+    #[error("{flag}: {msg}")]
+    Flag {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Feature extraction produced NaN or infinite features: the model (or its checkpoint) is
+    /// broken.
+    #[error(
+        "{count} of {total} samples of {data} have non-finite features (NaN or infinite) \
+         with the model {model}: the checkpoint's weights are broken"
+    )]
+    NonFinite {
+        /// Samples (rows) with at least one non-finite feature.
+        count: usize,
+        /// Samples extracted.
+        total: usize,
+        /// The data set.
+        data: String,
+        /// The model: the checkpoint as given, or the random-init preset.
+        model: String,
+    },
+    /// The model's outputs or settings make the command impossible.
+    #[error("{model}: {msg}")]
+    Unusable {
+        /// The model: the checkpoint as given, or the random-init preset.
+        model: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// More bad samples than `--max-bad-fraction` allows.
+    #[error("{data}: more than --max-bad-fraction {max} of the samples are bad: {stats}")]
+    TooManyBad {
+        /// The data set.
+        data: String,
+        /// The `--max-bad-fraction` in force.
+        max: f64,
+        /// What was found.
+        stats: Box<BadStats>,
     },
     /// Loading a checkpoint failed.
     #[error(transparent)]
@@ -98,6 +143,50 @@ fn arg_err(flag: &'static str, value: impl std::fmt::Display, msg: impl Into<Str
     }
 }
 
+fn flag_err(flag: &'static str, msg: impl Into<String>) -> Error {
+    Error::Flag {
+        flag,
+        msg: msg.into(),
+    }
+}
+
+/// The range of [`check_float`] for numbers > 0.
+const POSITIVE: (std::ops::Bound<f64>, std::ops::Bound<f64>) =
+    (std::ops::Bound::Excluded(0.0), std::ops::Bound::Unbounded);
+
+/// `value` of `flag` when it is a finite number in `range` (shown as `what` in the error).
+fn check_float(
+    flag: &'static str,
+    value: f64,
+    range: impl std::ops::RangeBounds<f64>,
+    what: &str,
+) -> Result<f64> {
+    if value.is_finite() && range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(arg_err(
+            flag,
+            value,
+            format!("must be a finite number {what}"),
+        ))
+    }
+}
+
+/// `s` with its control characters (newlines, escapes, ...) escaped, for messages that quote
+/// file contents (sample keys, decoder messages): they stay on one line and cannot drive the
+/// terminal.
+pub fn escape_control(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Models
 
@@ -116,6 +205,19 @@ pub enum ModelSource {
         /// The image-only MAE instead of M3AE.
         mae: bool,
     },
+}
+
+impl ModelSource {
+    /// The model in messages: the checkpoint as given, or the random-init preset and seed.
+    pub fn describe(&self) -> String {
+        match self {
+            ModelSource::Checkpoint(p) => p.display().to_string(),
+            ModelSource::RandomInit { preset, seed, mae } => format!(
+                "random-init {} preset {preset} (seed {seed})",
+                if *mae { "MAE" } else { "M3AE" }
+            ),
+        }
+    }
 }
 
 /// A loaded model: M3AE or the image-only MAE.
@@ -338,6 +440,9 @@ pub struct DataOptions {
     /// Labels of WebDataset data from a field of each sample's `.json` (see [`json_label`]);
     /// `None`: the `.cls` members.
     pub json_label: Option<JsonLabel>,
+    /// Largest tolerated fraction of bad samples (undecodable or missing image, ...) in [0, 1]:
+    /// they are skipped and counted; above it, extraction stops with [`Error::TooManyBad`].
+    pub max_bad_fraction: f64,
 }
 
 impl Default for DataOptions {
@@ -350,6 +455,7 @@ impl Default for DataOptions {
             normalization: Normalization::Cc12m,
             pooling: Pooling::Cls,
             progress_every: 0,
+            max_bad_fraction: 0.1,
         }
     }
 }
@@ -422,6 +528,8 @@ pub fn open_data(spec: &DataSpec, opts: &DataOptions) -> Result<OpenedData> {
             (Arc::new(f), n, c)
         }
         DataSpec::Scenes { split, len } => {
+            // `scenes:<split>:<N>` is a set of N scenes, of which `--limit` takes an evenly
+            // strided subset like of any data set; without N the set is `--limit` scenes.
             let len = len.or(opts.limit).unwrap_or(1000);
             let s = CaptionedScenes::new(ScenesConfig {
                 len,
@@ -430,10 +538,7 @@ pub fn open_data(spec: &DataSpec, opts: &DataOptions) -> Result<OpenedData> {
                 ..Default::default()
             })?;
             let c = s.num_classes();
-            return Ok(OpenedData {
-                source: Arc::new(s),
-                classes: c,
-            });
+            (Arc::new(s), len, c)
         }
         DataSpec::WebDataset(shards) => {
             if let Some(n) = opts.limit {
@@ -532,27 +637,54 @@ pub struct FeatureSet {
     pub keys: Vec<String>,
     /// Number of classes of the data set (0 when unlabelled).
     pub classes: usize,
+    /// The data set, as given on the command line (`--data` value), for messages.
+    pub data: String,
+    /// Good and bad samples met while reading the data set (`None`: read from a feature file).
+    pub stats: Option<BadStats>,
 }
 
 impl FeatureSet {
-    /// Labels as `u32`, or an error naming `what` when a sample has none.
-    pub fn labels_u32(&self, what: &str) -> Result<Vec<u32>> {
+    /// Labels as `u32`, or an error naming `flag` and the data set when a sample has none.
+    pub fn labels_u32(&self, flag: &'static str) -> Result<Vec<u32>> {
         self.labels
             .iter()
             .zip(&self.keys)
             .map(|(&l, k)| {
                 u32::try_from(l).map_err(|_| {
                     arg_err(
-                        "--data",
-                        what,
+                        flag,
+                        &self.data,
                         format!(
-                            "sample `{k}` has no label (webdataset samples are labelled by a \
-                             `.cls` member or by --label-field)"
+                            "sample `{}` has no label (webdataset samples are labelled by a \
+                             `.cls` member or by --label-field)",
+                            escape_control(k)
                         ),
                     )
                 })
             })
             .collect()
+    }
+
+    /// `Err(NonFinite)` naming `model` when a feature is NaN or infinite.
+    pub fn check_finite(&self, model: &str) -> Result<()> {
+        let (n, d) = self.features.dims2()?;
+        let v = self.features.flatten_all()?.to_vec1::<f32>()?;
+        let count = if d == 0 {
+            0
+        } else {
+            v.chunks_exact(d)
+                .filter(|r| r.iter().any(|x| !x.is_finite()))
+                .count()
+        };
+        if count > 0 {
+            return Err(Error::NonFinite {
+                count,
+                total: n,
+                data: self.data.clone(),
+                model: model.to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// Writes `features` `[N, D]` f32 and `labels` `[N]` i64 with the keys (JSON list) and the
@@ -595,6 +727,10 @@ impl FeatureSet {
             .get("classes")
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
+        let data = meta
+            .get("data")
+            .cloned()
+            .unwrap_or_else(|| path.display().to_string());
         if features.dims2()?.0 != labels.len() || keys.len() != labels.len() {
             return Err(path_err(
                 path,
@@ -611,12 +747,16 @@ impl FeatureSet {
             labels,
             keys,
             classes,
+            data,
+            stats: None,
         })
     }
 }
 
 /// Extracts pooled features of every image of `spec` (images only, no masking); `tag` names the
-/// set in progress lines.
+/// set in progress lines. Bad samples are skipped and counted (in [`FeatureSet::stats`]) up to
+/// [`DataOptions::max_bad_fraction`]; a data set without any usable sample is an error, and so
+/// are NaN or infinite features ([`Error::NonFinite`]; [`extract_cached`] names the model).
 pub fn extract(
     model: &dyn Represent,
     spec: &DataSpec,
@@ -624,17 +764,27 @@ pub fn extract(
     tag: Option<&str>,
 ) -> Result<FeatureSet> {
     let cfg = model.config().clone();
+    check_float(
+        "--max-bad-fraction",
+        opts.max_bad_fraction,
+        0.0..=1.0,
+        "in [0, 1]",
+    )?;
     let data = open_data(spec, opts)?;
     let total = data.source.len_hint();
+    // images only: captions are not requested, so a caption fault does not make a sample bad
     let mut lc = LoaderConfig::eval(opts.batch_size.max(1), cfg.image_size, cfg.patch_size);
     lc.image = Some(image_config(&cfg, opts.normalization));
+    lc.text_len = None;
+    lc.max_bad_fraction = opts.max_bad_fraction;
     let loader = Loader::new(data.source.clone(), None, lc)?;
     let mut labels = Vec::new();
     let mut keys = Vec::new();
     let mut failure: Option<m3ae_data::Error> = None;
     let mut batches_seen = 0usize;
     let start = Instant::now();
-    let batches = loader.iter(Default::default()).map_while(|b| match b {
+    let mut it = loader.iter(Default::default());
+    let batches = it.by_ref().map_while(|b| match b {
         Ok(b) => {
             labels.extend(b.labels.iter().map(|l| l.unwrap_or(-1)));
             keys.extend(b.keys.iter().cloned());
@@ -658,21 +808,52 @@ pub fn extract(
         }
     });
     if let Some(e) = failure {
-        return Err(e.into());
+        return Err(match e {
+            m3ae_data::Error::TooManyBad { stats } => Error::TooManyBad {
+                data: spec.to_string(),
+                max: opts.max_bad_fraction,
+                stats,
+            },
+            e => e.into(),
+        });
     }
+    let stats = it.stats();
     let features = match result {
         Ok(f) => f,
-        Err(m3ae_eval::Error::Shape(msg)) if labels.is_empty() => {
-            return Err(arg_err("--data", spec, format!("no images ({msg})")))
+        Err(m3ae_eval::Error::Shape(_)) if labels.is_empty() => {
+            return Err(arg_err(
+                "--data",
+                spec,
+                format!("no usable sample: {}", escape_control(&stats.to_string())),
+            ))
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(FeatureSet {
+    let set = FeatureSet {
         features,
         labels,
         keys,
         classes: data.classes,
-    })
+        data: spec.to_string(),
+        stats: Some(stats),
+    };
+    set.check_finite("the model")?;
+    Ok(set)
+}
+
+/// `e` with the model named after `source` when it is an [`Error::NonFinite`].
+fn name_model(e: Error, source: &ModelSource) -> Error {
+    match e {
+        Error::NonFinite {
+            count, total, data, ..
+        } => Error::NonFinite {
+            count,
+            total,
+            data,
+            model: source.describe(),
+        },
+        e => e,
+    }
 }
 
 /// [`extract`] through a cache: with `cache_dir`, features are read from / written to
@@ -686,8 +867,10 @@ pub fn extract_cached(
     cache_dir: Option<&Path>,
     tag: &str,
 ) -> Result<FeatureSet> {
+    let extract_named =
+        || extract(model.represent(), spec, opts, Some(tag)).map_err(|e| name_model(e, source));
     let Some(dir) = cache_dir else {
-        return extract(model.represent(), spec, opts, Some(tag));
+        return extract_named();
     };
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -699,6 +882,7 @@ pub fn extract_cached(
         format!("{:?}", opts.normalization),
         format!("{:?}", opts.pooling),
         format!("{:?}", opts.json_label),
+        opts.max_bad_fraction.to_bits(),
         serde_json::to_string(model.config()).unwrap_or_default(),
     )
         .hash(&mut h);
@@ -706,11 +890,13 @@ pub fn extract_cached(
     let file = dir.join(format!("feats-{:016x}.safetensors", h.finish()));
     if file.is_file() {
         if let Ok(f) = FeatureSet::load(&file) {
-            eprintln!("{tag}: cached features {}", file.display());
-            return Ok(f);
+            if f.check_finite(&source.describe()).is_ok() {
+                eprintln!("{tag}: cached features {}", file.display());
+                return Ok(f);
+            }
         }
     }
-    let f = extract(model.represent(), spec, opts, Some(tag))?;
+    let f = extract_named()?;
     f.save(
         &file,
         HashMap::from([
@@ -750,6 +936,17 @@ pub struct KnnConfig {
     pub temperature: f64,
 }
 
+impl KnnConfig {
+    /// `Err` naming `--knn-k` or `--knn-t` unless `k >= 1` and the temperature is finite and
+    /// positive.
+    pub fn validate(&self) -> Result<()> {
+        if self.k == 0 {
+            return Err(arg_err("--knn-k", 0, "must be at least 1"));
+        }
+        check_float("--knn-t", self.temperature, POSITIVE, "> 0").map(|_| ())
+    }
+}
+
 impl Default for KnnConfig {
     fn default() -> Self {
         Self {
@@ -765,7 +962,7 @@ pub fn evaluate_head(
     test: &FeatureSet,
     classes: usize,
 ) -> Result<(f64, f64, usize)> {
-    let labels = test.labels_u32("test data")?;
+    let labels = test.labels_u32("--test-data")?;
     let logits = probe_logits(head, &test.features)?;
     let k5 = classes.min(5);
     Ok((
@@ -793,9 +990,11 @@ pub fn knn_accuracy(
     classes: usize,
     knn: KnnConfig,
 ) -> Result<f64> {
-    let tl = train.labels_u32("train data")?;
-    let yl = test.labels_u32("test data")?;
-    let k = knn.k.min(tl.len()).max(1);
+    knn.validate()?;
+    let tl = train.labels_u32("--train-data")?;
+    let yl = test.labels_u32("--test-data")?;
+    // at most every training sample
+    let k = knn.k.min(tl.len());
     let scores = m3ae_eval::knn::knn_classify(
         &train.features,
         &tl,
@@ -805,6 +1004,26 @@ pub fn knn_accuracy(
         knn.temperature,
     )?;
     Ok(top_k_accuracy(&scores, classes, &yl, 1)?)
+}
+
+/// `Err` naming the flag (`--lr`, `--weight-decay`, ...) of a probe setting that is not a
+/// finite number in its range.
+pub fn check_probe_config(cfg: &ProbeConfig) -> Result<()> {
+    check_float("--lr", cfg.lr_peak, POSITIVE, "> 0")?;
+    check_float("--weight-decay", cfg.weight_decay, 0.0.., ">= 0")?;
+    check_float("momentum", cfg.momentum, 0.0..1.0, "in [0, 1)")?;
+    check_float("trust_coefficient", cfg.trust_coefficient, 0.0.., ">= 0")?;
+    if cfg.epochs == 0 {
+        return Err(arg_err("--epochs", 0, "must be at least 1"));
+    }
+    if cfg.batch_size < 2 {
+        return Err(arg_err(
+            "--probe-batch",
+            cfg.batch_size,
+            "must be at least 2 (BatchNorm needs two samples)",
+        ));
+    }
+    Ok(())
 }
 
 /// Trains the official probe on `train` and evaluates it (and kNN) on `test`.
@@ -818,14 +1037,27 @@ pub fn probe_report(
     if classes < 2 {
         return Err(arg_err(
             "--train-data",
-            classes,
-            "a probe needs at least two classes (label webdataset data with --label-field)",
+            &train.data,
+            format!(
+                "has {classes} class(es); a probe needs at least two (label webdataset data \
+                 with --label-field)"
+            ),
         ));
     }
-    let labels = train.labels_u32("train data")?;
+    check_probe_config(cfg)?;
+    knn.validate()?;
+    let labels = train.labels_u32("--train-data")?;
     let t0 = Instant::now();
     let (head, hist) = train_probe(&train.features, &labels, classes, cfg)?;
     let train_seconds = t0.elapsed().as_secs_f64();
+    let final_loss = hist.last().map(|e| e.loss).unwrap_or(f64::NAN);
+    if !final_loss.is_finite() {
+        return Err(arg_err(
+            "--lr",
+            cfg.lr_peak,
+            format!("the probe diverged (final training loss {final_loss}): lower it"),
+        ));
+    }
     let (top1, top5, top5_k) = evaluate_head(&head, test, classes)?;
     let knn_top1 = Some(knn_accuracy(train, test, classes, knn)?);
     Ok((
@@ -835,7 +1067,7 @@ pub fn probe_report(
             top5_k,
             knn_top1,
             train_seconds,
-            final_loss: hist.last().map(|e| e.loss).unwrap_or(f64::NAN),
+            final_loss,
         },
         head,
     ))
@@ -897,11 +1129,18 @@ pub fn ood_report(
     if classes < 2 {
         return Err(arg_err(
             "--train-data",
-            classes,
-            "OOD scores need at least two classes (label webdataset data with --label-field)",
+            &train.data,
+            format!(
+                "has {classes} class(es); OOD scores need at least two (label webdataset data \
+                 with --label-field)"
+            ),
         ));
     }
-    let labels = train.labels_u32("train data")?;
+    if knn_k == 0 {
+        return Err(arg_err("--knn-k", 0, "must be at least 1"));
+    }
+    check_probe_config(cfg)?;
+    let labels = train.labels_u32("--train-data")?;
     let (head, _) = train_probe(&train.features, &labels, classes, cfg)?;
     let msp = |f: &FeatureSet| -> Result<Vec<f64>> {
         Ok(m3ae_eval::ood::max_softmax(
@@ -910,7 +1149,8 @@ pub fn ood_report(
         )?)
     };
     let maha = m3ae_eval::ood::Mahalanobis::fit(&train.features, &labels, classes, 1e-4)?;
-    let k = knn_k.min(labels.len()).max(1);
+    // at most every training sample
+    let k = knn_k.min(labels.len());
     let knn = |f: &FeatureSet| -> Result<Vec<f64>> {
         Ok(m3ae_eval::knn::knn_score(&train.features, &f.features, k)?)
     };
@@ -1092,12 +1332,16 @@ pub fn reconstruct(
     norm: Normalization,
 ) -> Result<Reconstruction> {
     let cfg = model.config().clone();
+    let unusable = |msg: String| Error::Unusable {
+        model: "the model".into(),
+        msg,
+    };
     if cfg.image_output_dim() != cfg.patch_dim() {
-        return Err(arg_err(
-            "--checkpoint",
+        return Err(unusable(format!(
+            "the image head does not predict pixels (image_output_dim {} != P*P*3 = {})",
             cfg.image_output_dim(),
-            "the image head does not predict pixels (image_output_dim != P*P*3)",
-        ));
+            cfg.patch_dim()
+        )));
     }
     let dev = Device::Cpu;
     let s = cfg.image_size;
@@ -1109,14 +1353,11 @@ pub fn reconstruct(
     let mut text = None;
     if let (Some((cap, tok)), LoadedModel::M3ae(_)) = (caption, model) {
         if tok.vocab_size() > cfg.text_vocab_size {
-            return Err(arg_err(
-                "--tokenizer",
+            return Err(unusable(format!(
+                "the tokenizer's vocabulary ({} tokens) is larger than the model's ({})",
                 tok.vocab_size(),
-                format!(
-                    "the tokenizer's vocabulary is larger than the model's ({})",
-                    cfg.text_vocab_size
-                ),
-            ));
+                cfg.text_vocab_size
+            )));
         }
         let t = tok.encode(cap, cfg.text_length)?;
         let len = t.ids.len();
@@ -1153,7 +1394,20 @@ pub fn reconstruct(
             (out.image, out.text_logits, out.text_mask)
         }
     };
-    let pred = pred.ok_or_else(|| arg_err("--image", "", "the model returned no image"))?;
+    let pred = pred.ok_or_else(|| unusable("the model returned no image".into()))?;
+    let bad = pred
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .filter(|x| !x.is_finite())
+        .count();
+    if bad > 0 {
+        return Err(unusable(format!(
+            "{bad} of {} predicted pixel values are not finite (NaN or infinite): the \
+             checkpoint's weights are broken",
+            pred.elem_count()
+        )));
+    }
     let mask = im.mask.flatten_all()?.to_vec1::<f32>()?;
     let m3 = im.mask.unsqueeze(2)?; // [1, Li, 1]
     let grey = Tensor::zeros_like(&patches)?; // normalised 0 = the mean colour
@@ -1197,7 +1451,18 @@ pub fn reconstruct(
             }
         }
         if let (Some(logits), Some(tm)) = (&text_logits, &text_mask) {
-            let pred_ids = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+            let v = logits.dim(D::Minus1)?;
+            let pred_ids: Vec<u32> =
+                m3ae_eval::metrics::argmax_rows(&logits.flatten_all()?.to_vec1::<f32>()?, v)?
+                    .into_iter()
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| {
+                        unusable(
+                            "the predicted word scores are not finite (NaN or infinite): the \
+                             checkpoint's weights are broken"
+                                .into(),
+                        )
+                    })?;
             let tmask = tm.flatten_all()?.to_vec1::<f32>()?;
             let mut filled = Vec::new();
             for (j, (&id, &p)) in t.ids.iter().zip(&t.padding).enumerate() {
@@ -1352,15 +1617,22 @@ pub fn read_image(path: &Path) -> Result<RgbImage> {
 /// `tokenizer.json` next to the (resolved) checkpoint, in its parent or in the run directory two
 /// levels up.
 pub fn find_tokenizer(explicit: Option<&Path>, checkpoint: Option<&Path>) -> Result<Tokenizer> {
+    Ok(find_tokenizer_and_source(explicit, checkpoint)?.0)
+}
+
+/// [`find_tokenizer`], with where the tokenizer came from (the `--tokenizer` value, or the
+/// `tokenizer.json` found near the checkpoint) for messages.
+pub fn find_tokenizer_and_source(
+    explicit: Option<&Path>,
+    checkpoint: Option<&Path>,
+) -> Result<(Tokenizer, String)> {
     if let Some(p) = explicit {
         let name = p.to_str().unwrap_or_default();
         if !p.exists() && !m3ae_data::hub::is_repo_id(name) {
             return Err(path_err(p, "no such tokenizer file"));
         }
-        return Ok(Tokenizer::from_pretrained(
-            name,
-            &m3ae_data::HubOptions::default(),
-        )?);
+        let tok = Tokenizer::from_pretrained(name, &m3ae_data::HubOptions::default())?;
+        return Ok((tok, p.display().to_string()));
     }
     let mut tried = Vec::new();
     if let Some(c) = checkpoint {
@@ -1370,15 +1642,14 @@ pub fn find_tokenizer(explicit: Option<&Path>, checkpoint: Option<&Path>) -> Res
             let Some(d) = dir else { break };
             let f = d.join("tokenizer.json");
             if f.is_file() {
-                return Ok(Tokenizer::from_file(&f)?);
+                return Ok((Tokenizer::from_file(&f)?, f.display().to_string()));
             }
             tried.push(f.display().to_string());
             dir = d.parent().map(Path::to_path_buf);
         }
     }
-    Err(arg_err(
+    Err(flag_err(
         "--tokenizer",
-        "",
         format!(
             "a caption needs a tokenizer: pass --tokenizer (looked for {})",
             if tried.is_empty() {
@@ -1496,6 +1767,10 @@ pub struct DataArgs {
     /// `animals/birds` -> `animals`).
     #[arg(long, value_name = "N", requires = "label_field")]
     pub label_depth: Option<usize>,
+    /// Largest tolerated fraction of bad samples (undecodable, truncated or missing image) in
+    /// [0, 1]: they are skipped and counted (summary on stderr); above it the command stops.
+    #[arg(long, value_name = "F", default_value_t = 0.1)]
+    pub max_bad_fraction: f64,
 }
 
 impl DataArgs {
@@ -1510,8 +1785,19 @@ impl DataArgs {
             self.limit
         };
         if limit == Some(0) {
-            return Err(arg_err("--limit", 0, "must be positive"));
+            let flag = if train && self.train_limit.is_some() {
+                "--train-limit"
+            } else {
+                "--limit"
+            };
+            return Err(arg_err(flag, 0, "must be positive"));
         }
+        check_float(
+            "--max-bad-fraction",
+            self.max_bad_fraction,
+            0.0..=1.0,
+            "in [0, 1]",
+        )?;
         Ok(DataOptions {
             label: match self.label {
                 LabelArg::Shape => LabelKind::Shape,
@@ -1527,6 +1813,7 @@ impl DataArgs {
             },
             progress_every: self.progress_every,
             json_label: None,
+            max_bad_fraction: self.max_bad_fraction,
         })
     }
 
@@ -1580,15 +1867,9 @@ pub struct ProbeArgs {
 
 impl ProbeArgs {
     /// The probe configuration.
+    /// Every flag is checked ([`check_probe_config`]): an error names the first bad one.
     pub fn config(&self) -> Result<ProbeConfig> {
-        if self.epochs == 0 || self.probe_batch < 2 {
-            return Err(arg_err(
-                "--epochs/--probe-batch",
-                format!("{}/{}", self.epochs, self.probe_batch),
-                "need at least 1 epoch and batches of 2",
-            ));
-        }
-        Ok(ProbeConfig {
+        let cfg = ProbeConfig {
             epochs: self.epochs,
             batch_size: self.probe_batch,
             lr_peak: self.lr,
@@ -1596,7 +1877,9 @@ impl ProbeArgs {
             weight_decay: self.weight_decay,
             seed: self.probe_seed,
             ..Default::default()
-        })
+        };
+        check_probe_config(&cfg)?;
+        Ok(cfg)
     }
 }
 
@@ -1749,17 +2032,38 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
 
-/// Runs an evaluation subcommand, printing its results on stdout (progress on stderr).
+/// The bad-sample summary of each data set read: one line per set on stderr,
+/// `<command>: <data> (<role>): <counts per reason>` (nothing for features read from a cache).
+fn print_bad_summary(command: &str, sets: &[(&str, &FeatureSet)]) {
+    for (role, f) in sets {
+        if let Some(stats) = &f.stats {
+            let role = if role.is_empty() {
+                String::new()
+            } else {
+                format!(" ({role})")
+            };
+            eprintln!(
+                "{command}: {}{role}: {}",
+                escape_control(&f.data),
+                escape_control(&stats.to_string())
+            );
+        }
+    }
+}
+
+/// Runs an evaluation subcommand, printing its results on stdout (progress, notes and the
+/// per-data-set bad-sample summary on stderr). Every flag is checked before the model loads.
 pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
     match cmd {
         EvalCommand::Embed(c) => {
             let spec: DataSpec = c.data.parse()?;
+            c.opts.options(false)?;
             let opts = c.opts.labelled(false, &c.opts.json_label(&[&spec])?)?;
             let src = c.model.source();
             let model = load_model(&src)?;
             print_model(&model, &src);
             let t0 = Instant::now();
-            let f = extract(model.represent(), &spec, &opts, Some("embed"))?;
+            let f = extract_cached(&model, &src, &spec, &opts, None, "embed")?;
             f.save(
                 &c.out,
                 HashMap::from([
@@ -1774,12 +2078,20 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                 c.out.display(),
                 t0.elapsed().as_secs_f64()
             );
+            print_bad_summary("embed", &[("", &f)]);
         }
         EvalCommand::Probe(c) => {
             let test_spec: DataSpec = c.test_data.parse()?;
             let train_spec: Option<DataSpec> =
                 c.train_data.as_deref().map(str::parse).transpose()?;
+            let knn = KnnConfig {
+                k: c.knn_k,
+                temperature: c.knn_t,
+            };
+            knn.validate()?;
             let cfg = c.probe.config()?;
+            c.opts.options(true)?;
+            c.opts.options(false)?;
             let head_file = match &c.evaluate {
                 Some(p) => Some(load_probe_head(p)?),
                 None => None,
@@ -1820,10 +2132,6 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                 test.labels.len(),
                 t0.elapsed().as_secs_f64()
             );
-            let knn = KnnConfig {
-                k: c.knn_k,
-                temperature: c.knn_t,
-            };
             if let Some(head) = head_file {
                 let classes = head.weight.dims2()?.0;
                 let (t1, t5, k) = evaluate_head(&head, &test, classes)?;
@@ -1853,12 +2161,20 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                 }
             }
             println!("total: {:.1}s", t0.elapsed().as_secs_f64());
+            let mut sets: Vec<(&str, &FeatureSet)> = train.iter().map(|t| ("train", t)).collect();
+            sets.push(("test", &test));
+            print_bad_summary("probe", &sets);
         }
         EvalCommand::Ood(c) => {
             let train_spec: DataSpec = c.train_data.parse()?;
             let in_spec: DataSpec = c.in_data.parse()?;
             let out_spec: DataSpec = c.out_data.parse()?;
+            if c.knn_k == 0 {
+                return Err(arg_err("--knn-k", 0, "must be at least 1").into());
+            }
             let cfg = c.probe.config()?;
+            c.opts.options(true)?;
+            c.opts.options(false)?;
             let jl = c.opts.json_label(&[&train_spec, &in_spec, &out_spec])?;
             let src = c.model.source();
             let model = load_model(&src)?;
@@ -1889,6 +2205,10 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
             }
             print!("{}", format_ood_table(&rows));
             println!("total: {:.1}s", t0.elapsed().as_secs_f64());
+            print_bad_summary(
+                "ood",
+                &[("train", &train), ("in", &inside), ("out", &outside)],
+            );
         }
         EvalCommand::Reconstruct(c) => {
             let img = read_image(&c.image)?;
@@ -1901,7 +2221,21 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                         Some(p) => Some(resolve_checkpoint(p)?),
                         None => None,
                     };
-                    Some(find_tokenizer(c.tokenizer.as_deref(), resolved.as_deref())?)
+                    let (tok, from) =
+                        find_tokenizer_and_source(c.tokenizer.as_deref(), resolved.as_deref())?;
+                    let vocab = model.config().text_vocab_size;
+                    if tok.vocab_size() > vocab {
+                        return Err(arg_err(
+                            "--tokenizer",
+                            from,
+                            format!(
+                                "its vocabulary ({} tokens) is larger than the model's ({vocab})",
+                                tok.vocab_size()
+                            ),
+                        )
+                        .into());
+                    }
+                    Some(tok)
                 }
                 (Some(_), LoadedModel::Mae(_)) => {
                     eprintln!("note: an image-only MAE ignores the caption");
@@ -1913,7 +2247,15 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
                 (Some(cap), Some(t)) => Some((cap.as_str(), t)),
                 _ => None,
             };
-            let r = reconstruct(&model, &img, caption, c.seed, norm_of(c.normalization))?;
+            let r = reconstruct(&model, &img, caption, c.seed, norm_of(c.normalization)).map_err(
+                |e| match e {
+                    Error::Unusable { msg, .. } => Error::Unusable {
+                        model: src.describe(),
+                        msg,
+                    },
+                    e => e,
+                },
+            )?;
             let (w, h) = write_reconstruction_png(&r, &c.out)?;
             println!(
                 "wrote {} ({w}x{h}: original | masked | prediction | prediction + visible)",

@@ -217,13 +217,20 @@ impl FixtureFile {
     }
 }
 
-/// The fixture's `config.json`, mapped onto [`M3aeConfig`]s.
+/// The fixture's `config.json`, mapped onto [`M3aeConfig`]s. Every setting the harness uses
+/// comes from it; nothing is forced.
 #[derive(Debug, Clone)]
 pub struct FixtureConfig {
     /// M3AE model config (with loss weights and flags).
     pub m3ae: M3aeConfig,
     /// MAE model config.
     pub mae: M3aeConfig,
+    /// Backbone of the linear probe (`linear_main`: an image-only `MaskedAutoencoder` with the
+    /// M3AE encoder config, `use_type_embedding` included): the `model` section, overlaid by
+    /// an optional `linear_probe.model` section.
+    pub probe: M3aeConfig,
+    /// Classes of the probe head (`num_classes`; `None` when config.json has none).
+    pub num_classes: Option<usize>,
     /// Trailing padding tokens of each sample.
     pub n_pad: Vec<usize>,
     /// Batch size.
@@ -294,6 +301,19 @@ impl FixtureConfig {
             .cloned()
             .unwrap_or(serde_json::Value::Null);
         let mae = overlay(&base, &mae_model, &mae_extra)?;
+        let probe_model = field("linear_probe")
+            .get("model")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        let probe = overlay(&m3ae, &probe_model, &[])?;
+        let num_classes = match field("num_classes") {
+            serde_json::Value::Null => None,
+            v => Some(
+                v.as_u64()
+                    .ok_or_else(|| anyhow!("config.json: num_classes {v} is not a count"))?
+                    as usize,
+            ),
+        };
         let n_pad: Vec<usize> =
             serde_json::from_value(field("n_pad")).context("config.json: n_pad")?;
         let batch = j
@@ -303,6 +323,8 @@ impl FixtureConfig {
         Ok(Self {
             m3ae,
             mae,
+            probe,
+            num_classes,
             n_pad,
             batch,
         })
@@ -362,6 +384,7 @@ pub fn run_with(dir: &Path, kernels: KernelPath) -> Result<Vec<Check>> {
     let mut fc = FixtureConfig::read(dir)?;
     fc.m3ae.kernels = kernels;
     fc.mae.kernels = kernels;
+    fc.probe.kernels = kernels;
     let mut out = Vec::new();
 
     // ---------------------------------------------------------------- M3AE
@@ -589,10 +612,8 @@ pub fn run_with(dir: &Path, kernels: KernelPath) -> Result<Vec<Check>> {
 
     // ---------------------------------------------------------------- linear probe backbone + head
     let mut lp = FixtureFile::open(dir, "linear_probe")?;
-    let mut probe_cfg = fc.m3ae.clone();
-    probe_cfg.use_type_embedding = true;
     let backbone = Mae::from_official(
-        &probe_cfg,
+        &fc.probe,
         std::mem::take(&mut m3ae_params),
         Unexpected::Ignore,
         "m3ae_params.safetensors",
@@ -622,6 +643,12 @@ pub fn run_with(dir: &Path, kernels: KernelPath) -> Result<Vec<Check>> {
         lp.get("linear.bn.init_mean")?,
         lp.get("linear.bn.init_var")?,
     )?;
+    if let Some(n) = fc.num_classes {
+        let c = head.weight.dim(0)?;
+        if c != n {
+            bail!("config.json num_classes {n} does not match the probe head's {c} classes");
+        }
+    }
     let mut train_head = head.clone();
     let (logits, bn_out) = train_head.forward_train(&cls)?;
     lp.check(

@@ -416,6 +416,8 @@ fn converted_probe_head_reproduces_the_official_logits() -> anyhow::Result<()> {
         labels: official_pred.iter().map(|&p| p as i64).collect(),
         keys: (0..official.len()).map(|i| i.to_string()).collect(),
         classes,
+        data: "official probe features".into(),
+        stats: None,
     };
     let (top1, _, _) = m3ae::evaluate::evaluate_head(&head, &set, classes)?;
     assert_eq!(top1, 1.0);

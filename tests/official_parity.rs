@@ -91,3 +91,60 @@ fn compare_applies_each_tolerance() -> anyhow::Result<()> {
     assert!(!c.ok && c.note.contains("shape"));
     Ok(())
 }
+
+#[test]
+fn the_probe_backbone_takes_use_type_embedding_from_config_json() -> anyhow::Result<()> {
+    // A copy of the fixture whose M3AE has no type embeddings (config.json says so and the
+    // params have none): the linear-probe backbone must follow config.json instead of
+    // forcing type embeddings on (which fails on the missing parameters).
+    use candle_core::Tensor;
+    use m3ae::model::{M3ae, ModelInput, Unexpected};
+    let dir = std::env::temp_dir().join(format!("m3ae-parity-notype-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    for e in std::fs::read_dir(fixture())? {
+        let e = e?;
+        std::fs::copy(e.path(), dir.join(e.file_name()))?;
+    }
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+    cfg["model"]["use_type_embedding"] = serde_json::Value::Bool(false);
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg)?)?;
+    let dev = Device::Cpu;
+    let params_path = dir.join("m3ae_params.safetensors");
+    let (mut params, meta) = m3ae::model::params::read_safetensors(&params_path, &dev)?;
+    params.retain(|k, _| !k.contains("type_embedding"));
+    m3ae::model::params::write_safetensors(&params_path, &params, meta)?;
+    // golden probe features of this model: the M3AE's own image-only representation
+    let fc = m3ae::parity::FixtureConfig::read(&dir)?;
+    let model = M3ae::from_official(&fc.m3ae, params, Unexpected::Error, "params", &dev)?;
+    let lp_path = dir.join("linear_probe.safetensors");
+    let (mut lp, meta) = m3ae::model::params::read_safetensors(&lp_path, &dev)?;
+    let rep = model.forward_representation(&ModelInput {
+        image_patches: Some(lp["linear.input_image_patches"].clone()),
+        ..Default::default()
+    })?;
+    let li = rep.dim(1)? - 1;
+    lp.insert("linear.representation".into(), rep.clone());
+    lp.insert(
+        "linear.feature_cls".into(),
+        rep.narrow(1, 0, 1)?.squeeze(1)?,
+    );
+    let mean: Tensor = rep.narrow(1, 1, li)?.mean(1)?;
+    lp.insert("linear.feature_meanpool".into(), mean);
+    m3ae::model::params::write_safetensors(&lp_path, &lp, meta)?;
+    let checks = run(&dir)?;
+    for key in [
+        "linear_probe:linear.representation",
+        "linear_probe:linear.feature_cls",
+        "linear_probe:linear.feature_meanpool",
+    ] {
+        let c = checks
+            .iter()
+            .find(|c| c.name == key)
+            .unwrap_or_else(|| panic!("{key} was not checked"));
+        assert!(c.ok, "{c}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

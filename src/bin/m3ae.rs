@@ -285,15 +285,7 @@ fn one_line(e: &anyhow::Error) -> String {
         }
         line.push_str(&text);
     }
-    line.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
+    m3ae::evaluate::escape_control(&line)
 }
 
 fn run(cli: Cli) -> Result<()> {

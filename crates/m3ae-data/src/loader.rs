@@ -27,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Mask ratios and noise kind of the masks attached to each batch.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -464,6 +464,8 @@ impl Loader {
     /// pool of `num_threads`; at most `prefetch` batches wait in the queue.
     pub fn iter(&self, start: Position) -> BatchIter {
         let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
+        let stats = Arc::new(Mutex::new(start.stats.clone()));
+        let final_stats = stats.clone();
         let w = Worker {
             source: self.source.clone(),
             tokenizer: self.tokenizer.clone(),
@@ -473,17 +475,23 @@ impl Loader {
         let spawned = std::thread::Builder::new()
             .name("m3ae-loader".into())
             .spawn(move || {
-                let res = w.run(start, &tx);
+                let res = w.run(start, &tx, &final_stats);
                 if let Err(e) = res {
                     let _ = tx.send(Err(e));
                 }
             });
         match spawned {
-            Ok(_) => BatchIter { rx: Some(rx) },
+            Ok(_) => BatchIter {
+                rx: Some(rx),
+                stats,
+            },
             Err(e) => {
                 let (tx, rx) = sync_channel(1);
                 let _ = tx.send(Err(Error::Loader(e.to_string())));
-                BatchIter { rx: Some(rx) }
+                BatchIter {
+                    rx: Some(rx),
+                    stats,
+                }
             }
         }
     }
@@ -492,6 +500,17 @@ impl Loader {
 /// The batches of a [`Loader`]; dropping it stops the producer.
 pub struct BatchIter {
     rx: Option<Receiver<Result<Batch>>>,
+    stats: Arc<Mutex<BadStats>>,
+}
+
+impl BatchIter {
+    /// Good and bad samples of the whole run (per reason, with the first examples), complete
+    /// once the iterator has returned `None` after the last epoch. Unlike the `position.stats`
+    /// of the last batch, it also counts the bad samples read after that batch. Before the end
+    /// it holds the counts of the starting position.
+    pub fn stats(&self) -> BadStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
 }
 
 impl Iterator for BatchIter {
@@ -601,7 +620,12 @@ impl Worker {
         }))
     }
 
-    fn run(&self, start: Position, tx: &std::sync::mpsc::SyncSender<Result<Batch>>) -> Result<()> {
+    fn run(
+        &self,
+        start: Position,
+        tx: &std::sync::mpsc::SyncSender<Result<Batch>>,
+        final_stats: &Mutex<BadStats>,
+    ) -> Result<()> {
         let threads = if self.cfg.num_threads == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -632,6 +656,9 @@ impl Worker {
         let img_len = self.cfg.image.map(|i| i.size * i.size * 3).unwrap_or(0);
         loop {
             if self.cfg.epochs.is_some_and(|e| pos.epoch >= e) {
+                if let Ok(mut s) = final_stats.lock() {
+                    *s = pos.stats.clone();
+                }
                 return Ok(());
             }
             let mut stream = self.open(

@@ -27,6 +27,16 @@ pub enum Error {
     /// Inputs of the wrong shape.
     #[error("{0}")]
     Shape(String),
+    /// A setting that is not a finite number in its range.
+    #[error("invalid probe setting `{field}`: {value} is not {expected}")]
+    Config {
+        /// The setting.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+        /// What it must be.
+        expected: &'static str,
+    },
 }
 
 /// Result type of this crate.

@@ -5,13 +5,67 @@
 
 use crate::{Error, Result};
 
+/// Order of two scores for ranking, best first: larger finite or infinite values first, NaN
+/// after everything (a NaN score never ranks above a number); equal scores compare equal.
+///
+/// ```
+/// use m3ae_eval::metrics::rank_order;
+/// let mut v = [1.0f32, f32::NAN, 3.0, f32::NEG_INFINITY];
+/// v.sort_by(|a, b| rank_order(*a, *b));
+/// assert_eq!(&v[..3], &[3.0, 1.0, f32::NEG_INFINITY]);
+/// assert!(v[3].is_nan());
+/// ```
+pub fn rank_order(a: f32, b: f32) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    match (a.is_nan(), b.is_nan()) {
+        (true, true) => Ordering::Equal,
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+        (false, false) => b.partial_cmp(&a).unwrap_or(Ordering::Equal),
+    }
+}
+
+/// Index of the largest score of each row of `scores` (row-major `[n, classes]`): ties go to
+/// the lower index, NaN never wins, and a row whose best score is not finite (all NaN, or
+/// infinite) has no prediction (`None`).
+///
+/// ```
+/// use m3ae_eval::metrics::argmax_rows;
+/// let s = [0.1, f32::NAN, 0.1,   f32::NAN, f32::NAN, f32::NAN];
+/// assert_eq!(argmax_rows(&s, 3).unwrap(), vec![Some(0), None]);
+/// ```
+pub fn argmax_rows(scores: &[f32], classes: usize) -> Result<Vec<Option<u32>>> {
+    if classes == 0 || !scores.len().is_multiple_of(classes) {
+        return Err(Error::Shape(format!(
+            "argmax: {} scores for {classes} classes",
+            scores.len()
+        )));
+    }
+    Ok(scores
+        .chunks_exact(classes)
+        .map(|row| {
+            let mut best = 0usize;
+            for (j, &v) in row.iter().enumerate().skip(1) {
+                if rank_order(v, row[best]) == std::cmp::Ordering::Less {
+                    best = j;
+                }
+            }
+            row[best].is_finite().then_some(best as u32)
+        })
+        .collect())
+}
+
 /// Fraction of rows whose label is among the `k` highest logits (`logits` row-major `[n, c]`).
-/// A tie at the k-th place counts in favour of the lower class index (stable order).
+/// A tie at the k-th place counts in favour of the lower class index (stable order). A
+/// non-finite score of the true class (NaN or infinite) is never a hit, and a NaN score of
+/// another class ranks below every number.
 ///
 /// ```
 /// let logits = [0.1, 0.7, 0.2,   0.5, 0.2, 0.3];
 /// assert_eq!(m3ae_eval::metrics::top_k_accuracy(&logits, 3, &[1, 2], 1).unwrap(), 0.5);
 /// assert_eq!(m3ae_eval::metrics::top_k_accuracy(&logits, 3, &[1, 2], 2).unwrap(), 1.0);
+/// let nan = [f32::NAN; 6];
+/// assert_eq!(m3ae_eval::metrics::top_k_accuracy(&nan, 3, &[0, 1], 3).unwrap(), 0.0);
 /// ```
 pub fn top_k_accuracy(logits: &[f32], classes: usize, labels: &[u32], k: usize) -> Result<f64> {
     if classes == 0 || logits.len() != labels.len() * classes {
@@ -30,11 +84,15 @@ pub fn top_k_accuracy(logits: &[f32], classes: usize, labels: &[u32], k: usize) 
         if y >= classes {
             return Err(Error::Shape(format!("label {y} outside {classes} classes")));
         }
-        // rank of the true class: how many classes beat it (ties: lower index wins)
+        let truth = row[y];
+        if !truth.is_finite() {
+            continue;
+        }
+        // rank of the true class: how many classes beat it (ties: lower index wins; NaN loses)
         let better = row
             .iter()
             .enumerate()
-            .filter(|&(j, &v)| v > row[y] || (v == row[y] && j < y))
+            .filter(|&(j, &v)| v > truth || (v == truth && j < y))
             .count();
         if better < k {
             hits += 1;
@@ -197,5 +255,30 @@ mod tests {
         assert_eq!(top_k_accuracy(&logits, 3, &[1], 2).unwrap(), 1.0);
         assert!(top_k_accuracy(&logits, 3, &[5], 1).is_err());
         assert!(top_k_accuracy(&logits, 2, &[0], 1).is_err());
+    }
+
+    #[test]
+    fn non_finite_scores_are_never_correct() {
+        let nan = f32::NAN;
+        // all NaN: no row is a hit, whatever k
+        let all = [nan; 6];
+        for k in 1..=3 {
+            assert_eq!(top_k_accuracy(&all, 3, &[0, 2], k).unwrap(), 0.0, "k={k}");
+        }
+        // a NaN of another class does not push the true class down
+        assert_eq!(top_k_accuracy(&[nan, 0.5, 0.1], 3, &[1], 1).unwrap(), 1.0);
+        assert_eq!(top_k_accuracy(&[nan, nan, 0.1], 3, &[2], 1).unwrap(), 1.0);
+        // an infinite true score is not a hit either; an infinite other score beats the truth
+        let inf = f32::INFINITY;
+        assert_eq!(top_k_accuracy(&[inf, 0.0], 2, &[0], 1).unwrap(), 0.0);
+        assert_eq!(top_k_accuracy(&[0.0, inf], 2, &[0], 1).unwrap(), 0.0);
+        assert_eq!(top_k_accuracy(&[0.0, inf], 2, &[0], 2).unwrap(), 1.0);
+        // argmax: NaN never wins, ties go to the lower index, a non-finite best is no prediction
+        let s = [nan, 0.2, 0.2, 1.0, nan, 3.0, nan, nan, nan, -inf, nan, nan];
+        assert_eq!(
+            argmax_rows(&s, 3).unwrap(),
+            vec![Some(1), Some(2), None, None]
+        );
+        assert!(argmax_rows(&s, 5).is_err());
     }
 }

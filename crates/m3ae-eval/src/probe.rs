@@ -2,10 +2,12 @@
 //! eps 1e-5, biased batch variance in training) followed by a dense layer.
 
 use crate::{Error, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 /// BatchNorm epsilon of the official probe.
 pub const BN_EPS: f64 = 1e-5;
+/// What [`LinearProbeHead::predict`] gives for a row without a finite best logit.
+pub const NO_CLASS: u32 = u32::MAX;
 /// Running-statistics momentum of the official probe (`new = 0.9 old + 0.1 batch`).
 pub const BN_MOMENTUM: f64 = 0.9;
 
@@ -75,9 +77,18 @@ impl LinearProbeHead {
         self.classify(&z)
     }
 
-    /// Predicted classes `[B]` (u32).
+    /// Predicted classes `[B]` (u32), by [`crate::metrics::argmax_rows`]: ties go to the lower
+    /// class, a NaN logit never wins, and a row whose best logit is not finite predicts
+    /// [`NO_CLASS`].
     pub fn predict(&self, features: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_eval(features)?.argmax(D::Minus1)?)
+        let logits = self.forward_eval(features)?;
+        let (b, c) = logits.dims2()?;
+        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+        let pred: Vec<u32> = crate::metrics::argmax_rows(&flat, c)?
+            .into_iter()
+            .map(|p| p.unwrap_or(NO_CLASS))
+            .collect();
+        Ok(Tensor::from_vec(pred, b, features.device())?)
     }
 }
 
@@ -101,6 +112,43 @@ pub struct ProbeConfig {
     pub trust_coefficient: f64,
     /// Seed of the head initialisation and the shuffling.
     pub seed: u64,
+}
+
+impl ProbeConfig {
+    /// `Err(Config)` unless every float setting is finite and in range: `lr_peak > 0`,
+    /// `weight_decay >= 0`, `momentum` in [0, 1), `trust_coefficient >= 0`.
+    pub fn validate(&self) -> Result<()> {
+        let check = |field, value: f64, ok: bool, expected| {
+            if value.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(Error::Config {
+                    field,
+                    value,
+                    expected,
+                })
+            }
+        };
+        check("lr_peak", self.lr_peak, self.lr_peak > 0.0, "> 0")?;
+        check(
+            "weight_decay",
+            self.weight_decay,
+            self.weight_decay >= 0.0,
+            ">= 0",
+        )?;
+        check(
+            "momentum",
+            self.momentum,
+            (0.0..1.0).contains(&self.momentum),
+            "in [0, 1)",
+        )?;
+        check(
+            "trust_coefficient",
+            self.trust_coefficient,
+            self.trust_coefficient >= 0.0,
+            ">= 0",
+        )
+    }
 }
 
 impl Default for ProbeConfig {
@@ -223,6 +271,7 @@ pub fn train_probe(
             "probe: batch_size and epochs must be > 0".into(),
         ));
     }
+    cfg.validate()?;
     let dev = features.device().clone();
     let w = candle_core::Var::from_tensor(&Tensor::from_vec(
         lecun_normal(classes, d, cfg.seed),
@@ -340,6 +389,44 @@ mod tests {
         let acc = crate::metrics::top_k_accuracy(&logits, c, &labels, 1)?;
         assert_eq!(acc, 1.0);
         Ok(())
+    }
+
+    #[test]
+    fn non_finite_or_out_of_range_settings_are_rejected() {
+        let x = Tensor::zeros((4, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for (cfg, field) in [
+            (
+                ProbeConfig {
+                    lr_peak: f64::NAN,
+                    ..Default::default()
+                },
+                "lr_peak",
+            ),
+            (
+                ProbeConfig {
+                    lr_peak: 0.0,
+                    ..Default::default()
+                },
+                "lr_peak",
+            ),
+            (
+                ProbeConfig {
+                    weight_decay: f64::INFINITY,
+                    ..Default::default()
+                },
+                "weight_decay",
+            ),
+            (
+                ProbeConfig {
+                    momentum: 1.0,
+                    ..Default::default()
+                },
+                "momentum",
+            ),
+        ] {
+            let e = train_probe(&x, &[0, 1, 0, 1], 2, &cfg).unwrap_err();
+            assert!(e.to_string().contains(field), "{e}");
+        }
     }
 
     #[test]

@@ -419,7 +419,7 @@ impl M3aeConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
-            source: e,
+            error: e,
         })?;
         let parsed = if path.extension().is_some_and(|e| e == "toml") {
             toml::from_str(&text).map_err(|e| e.to_string())

@@ -101,12 +101,14 @@ pub enum Error {
         origin: String,
     },
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    // The I/O error is shown in the message and deliberately not returned as `source()`:
+    // printing the error with its chain (`{:#}`) would show it twice.
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A config file could not be parsed.
     #[error("{}: {msg}", path.display())]

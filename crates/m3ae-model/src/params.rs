@@ -508,7 +508,7 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let io = |e: std::io::Error| Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        error: e,
     };
     let mut sorted: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
     for (k, t) in tensors {
@@ -531,7 +531,7 @@ pub fn read_safetensors(
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        error: e,
     })?;
     let st_err = |msg: String| Error::Safetensors {
         path: path.to_path_buf(),

@@ -32,7 +32,7 @@ pub struct Checkpoint {
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        error: e,
     }
 }
 

@@ -53,13 +53,14 @@ pub enum Error {
         /// Optimiser step reached.
         step: u64,
     },
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    /// A file could not be read or written. (The I/O error is shown in the message and not
+    /// returned as `source()`, so a chain printed with `{:#}` shows it once.)
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file could not be parsed.
     #[error("{}: {msg}", path.display())]

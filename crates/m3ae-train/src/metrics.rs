@@ -26,7 +26,7 @@ impl JsonlSink {
             .open(path)
             .map_err(|e| Error::Io {
                 path: path.to_path_buf(),
-                source: e,
+                error: e,
             })?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -49,7 +49,7 @@ impl MetricSink for JsonlSink {
             .and_then(|_| self.file.flush())
             .map_err(|e| Error::Io {
                 path: self.path.clone(),
-                source: e,
+                error: e,
             })
     }
 }

@@ -88,7 +88,7 @@ impl TensorBoardSink {
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io {
             path: dir.to_path_buf(),
-            source: e,
+            error: e,
         })?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -101,7 +101,7 @@ impl TensorBoardSink {
         ));
         let file = std::fs::File::create(&path).map_err(|e| Error::Io {
             path: path.clone(),
-            source: e,
+            error: e,
         })?;
         let mut s = Self { path, file };
         let first = event(now, 0, |e| bytes_field(e, 3, b"brain.Event:2"));
@@ -126,7 +126,7 @@ impl TensorBoardSink {
             .and_then(|_| self.file.flush())
             .map_err(|e| Error::Io {
                 path: self.path.clone(),
-                source: e,
+                error: e,
             })
     }
 

@@ -170,7 +170,7 @@ impl TrainerState {
         let path = dir.join("trainer.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {
             path: path.clone(),
-            source: e,
+            error: e,
         })?;
         serde_json::from_str(&text).map_err(|e| Error::Parse {
             path,
