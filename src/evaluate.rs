@@ -770,6 +770,12 @@ pub fn extract(
         0.0..=1.0,
         "in [0, 1]",
     )?;
+    // refused before the loader allocates a batch buffer of that size
+    m3ae_model::resources::check_fits(
+        &format!("extracting features in batches of {}", opts.batch_size),
+        m3ae_model::resources::inference_bytes(&cfg, opts.batch_size),
+        "--batch-size",
+    )?;
     let data = open_data(spec, opts)?;
     let total = data.source.len_hint();
     // images only: captions are not requested, so a caption fault does not make a sample bad

@@ -638,8 +638,13 @@ fn random_m3ae(cfg: &m3ae::model::M3aeConfig, seed: u64) -> m3ae::evaluate::Load
     )
 }
 
+/// The one line an error prints (log lines about single samples, `[WARN ...] ...`, aside).
 fn one_line(stderr: &str) -> &str {
-    let lines: Vec<&str> = stderr.trim().lines().collect();
+    let lines: Vec<&str> = stderr
+        .trim()
+        .lines()
+        .filter(|l| !l.starts_with("[WARN"))
+        .collect();
     assert_eq!(lines.len(), 1, "not one line: {stderr}");
     lines[0]
 }
@@ -784,6 +789,9 @@ fn float_and_knn_flags_are_checked_with_one_line_naming_flag_and_value() {
         (&ood, ["--lr", "NaN"]),
         (&ood, ["--max-bad-fraction", "-0.1"]),
         (&embed, ["--max-bad-fraction", "inf"]),
+        // a batch that cannot fit in memory: refused before the loader allocates it
+        (&embed, ["--batch-size", "1000000000000"]),
+        (&base, ["--batch-size", "1000000000000"]),
     ];
     for (args, [flag, value]) in cases {
         let mut all = args.to_vec();
