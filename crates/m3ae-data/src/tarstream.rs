@@ -301,7 +301,8 @@ impl<R: Read> TarReader<R> {
 
     /// Skips the unread data and the padding of the current member.
     fn skip_rest(&mut self) -> Result<(), TarError> {
-        let n = self.data_left + self.pad_left;
+        // a base-256 size may be close to u64::MAX: the sum must not overflow
+        let n = self.data_left.saturating_add(self.pad_left);
         if n == 0 {
             return Ok(());
         }
@@ -615,6 +616,22 @@ mod tests {
             members(&t).unwrap_err(),
             TarError::Truncated { .. }
         ));
+    }
+
+    #[test]
+    fn sizes_near_the_top_of_u64_are_truncation_not_overflow() {
+        let mut f = [0xffu8; 12];
+        f[0] = 0x80; // base-256, positive: 0x000000 then eight 0xff bytes, 2^64 - 1
+        f[1..4].fill(0);
+        let mut t = header(b"a.bin", b'0', &f);
+        t.extend([1u8; 600]);
+        let mut r = TarReader::new(&t[..]);
+        assert_eq!(r.next_member().unwrap().unwrap().size, u64::MAX);
+        assert!(matches!(
+            r.next_member().unwrap_err(),
+            TarError::Truncated { .. }
+        ));
+        assert!(r.next_member().unwrap().is_none());
     }
 
     #[test]
