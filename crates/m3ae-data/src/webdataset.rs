@@ -2,10 +2,15 @@
 //! (`{key}.jpg|.jpeg|.png|.webp`, `{key}.txt`, optional `{key}.json` and `{key}.cls`).
 //!
 //! Shards are read as a stream by the crate's own bounded tar reader ([`crate::tarstream`]:
-//! one member in memory at a time, extension headers capped at 64 KiB) by a reader thread that feeds a small bounded channel, so a shard is never held in memory whole and
-//! file reading overlaps the consumer's work. A truncated or corrupt shard ends that shard: the
-//! group being read is counted as [`BadReason::TruncatedTar`] and reading goes on with the next
-//! shard; an empty shard is counted as [`BadReason::EmptyShard`].
+//! one member in memory at a time, extension headers capped at 64 KiB, no buffer sized from a
+//! header) on a reader thread that feeds a small bounded channel, so a shard is never held in
+//! memory whole and file reading overlaps the consumer's work. A truncated or corrupt shard
+//! (including an extension header above the cap) ends that shard: the group being read is
+//! counted as [`BadReason::TruncatedTar`] and reading goes on with the next shard; an empty
+//! shard is counted as [`BadReason::EmptyShard`]. A caption that is not UTF-8 or a caption or
+//! image member above [`MAX_MEMBER_BYTES`] does not make the record bad: the sample carries the
+//! fault ([`Sample::text_fault`], [`Sample::image_fault`]) and the loader skips it only when it
+//! needs that part.
 //!
 //! Labels come from `{key}.cls` (an integer), or, with [`WebDataset::with_json_label`], from a
 //! string field of `{key}.json` mapped to a class index through a [`JsonLabel`] class list
