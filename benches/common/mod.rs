@@ -46,6 +46,7 @@ pub fn samples(n: usize) -> Vec<Sample> {
                 text: Some(sc.caption),
                 label: None,
                 file: "memory".into(),
+                ..Default::default()
             }
         })
         .collect()

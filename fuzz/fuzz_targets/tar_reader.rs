@@ -1,5 +1,6 @@
 //! The WebDataset tar reader on arbitrary shard bytes: every record (sample, bad sample or
-//! error) is read to the end; nothing may panic, hang or allocate without bound.
+//! error) is read to the end, and the json values of the shard are listed (the second user
+//! of the tar reader); nothing may panic, hang or allocate without bound.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -27,4 +28,5 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    let _ = ds.json_values("category", Some(1));
 });

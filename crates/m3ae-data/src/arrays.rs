@@ -138,6 +138,7 @@ impl Source for U8Arrays {
                 text: None,
                 label: me.labels.as_ref().map(|l| l[i]),
                 file: file.clone(),
+                ..Default::default()
             }))
         })))
     }

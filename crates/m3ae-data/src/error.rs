@@ -2,8 +2,9 @@
 //!
 //! A fatal [`Error`] names the file, line or key that was wrong. A bad sample (corrupt image,
 //! missing caption, ...) is not an error: it is skipped, counted per [`BadReason`] in
-//! [`BadStats`] and logged with its key and file, until the fraction of bad samples exceeds
-//! `max_bad_fraction`, which is then [`Error::TooManyBad`].
+//! [`BadStats`] and logged with its key and file, until there are more than the loader allows
+//! ([`BadStats::check`]), which is then [`Error::TooManyBad`]. Text taken from files is escaped
+//! before it is printed ([`escape_text`]).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -21,6 +22,15 @@ pub enum Error {
         path: PathBuf,
         /// The I/O error.
         error: std::io::Error,
+    },
+    /// A tar archive is truncated, corrupt or hostile (where that is fatal, e.g. listing the
+    /// values of a json field; the loader counts such a shard as a bad sample instead).
+    #[error("{}: {source}", path.display())]
+    Tar {
+        /// The archive.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: crate::tarstream::TarError,
     },
     /// A line of a manifest or corpus could not be parsed.
     #[error("{}:{line}: {msg}", path.display())]
@@ -95,11 +105,29 @@ pub enum Error {
         /// What is wrong with its value.
         msg: String,
     },
-    /// Too many bad samples: persistent corruption.
-    #[error("{stats}")]
+    /// Too many bad samples: persistent corruption (see [`BadStats::check`]).
+    #[error("too many bad samples: {stats}")]
     TooManyBad {
         /// What was found.
         stats: Box<BadStats>,
+    },
+    /// A whole pass over the data gives no batch: fewer usable samples than one batch (with
+    /// `drop_last`), or none at all. Without this error the loader would read the data again
+    /// and again without ever producing a batch.
+    #[error(
+        "{data}: a whole pass over the data gives {usable} usable samples (per rank), not \
+         enough for one batch of {batch_size}{}",
+        drop_last_note(.drop_last)
+    )]
+    NotEnoughData {
+        /// The data ([`crate::Source::describe`]).
+        data: String,
+        /// Usable samples one pass gives (an upper bound when known before reading).
+        usable: u64,
+        /// The batch size.
+        batch_size: usize,
+        /// Whether incomplete batches are dropped.
+        drop_last: bool,
     },
     /// The model crate rejected a batch (patchify, masking).
     #[error(transparent)]
@@ -110,6 +138,14 @@ pub enum Error {
     /// The loader's producer thread stopped unexpectedly.
     #[error("loader thread failed: {0}")]
     Loader(String),
+}
+
+fn drop_last_note(drop_last: &bool) -> &'static str {
+    if *drop_last {
+        " (drop_last is set)"
+    } else {
+        ""
+    }
 }
 
 /// Result type of this crate.
@@ -193,12 +229,34 @@ impl std::fmt::Display for BadSample {
         write!(
             f,
             "skipped sample `{}` in {}: {} ({})",
-            self.key,
-            self.file,
+            escape_text(&self.key),
+            escape_text(&self.file),
             self.reason.name(),
-            self.detail
+            escape_text(&self.detail)
         )
     }
+}
+
+/// Text taken from a file, made safe to print: control characters (escape sequences that
+/// would drive a terminal, NUL, ...) are written escaped (`\u{1b}`); the rest is kept.
+///
+/// ```
+/// assert_eq!(m3ae_data::error::escape_text("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+/// assert_eq!(m3ae_data::error::escape_text("héllo"), "héllo");
+/// ```
+pub fn escape_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
 }
 
 /// Counts of good and bad samples, per reason, with the first few bad samples as examples.
@@ -216,9 +274,19 @@ impl BadStats {
     /// How many examples are kept.
     pub const MAX_EXAMPLES: usize = 16;
 
-    /// Counts and logs one bad sample.
+    /// Counts and logs one bad sample: the first [`BadStats::MAX_EXAMPLES`] of the process at
+    /// level `warn`, later ones at `debug` (a shard with thousands of bad samples must not
+    /// flood the terminal; the per-reason counts say how many there were).
     pub fn record(&mut self, bad: BadSample) {
-        log::warn!("{bad}");
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static LOGGED: AtomicUsize = AtomicUsize::new(0);
+        match LOGGED.fetch_add(1, Ordering::Relaxed) {
+            n if n < Self::MAX_EXAMPLES => log::warn!("{bad}"),
+            n if n == Self::MAX_EXAMPLES => {
+                log::warn!("{bad} (further bad samples are logged at level debug)")
+            }
+            _ => log::debug!("{bad}"),
+        }
         *self.bad.entry(bad.reason).or_insert(0) += 1;
         if self.examples.len() < Self::MAX_EXAMPLES {
             self.examples.push(bad);
@@ -264,7 +332,7 @@ impl BadStats {
     /// s.record(m3ae_data::BadSample { reason: m3ae_data::BadReason::NonUtf8,
     ///     key: "k".into(), file: "f.tar".into(), detail: String::new() });
     /// assert_eq!(s.bad_fraction(), 0.25);
-    /// assert!(s.to_string().contains("non_utf8: 1"));
+    /// assert_eq!(s.to_string(), "1 bad of 4 samples (25.0 %): non_utf8 1; first: `k` in f.tar (non_utf8)");
     /// ```
     pub fn bad_fraction(&self) -> f64 {
         let bad = self.total_bad();
@@ -276,10 +344,30 @@ impl BadStats {
         }
     }
 
-    /// `Err(TooManyBad)` when at least `min_seen` samples were seen and the bad fraction exceeds
-    /// `max_fraction`.
-    pub fn check(&self, max_fraction: f64, min_seen: u64) -> Result<()> {
-        if self.good + self.total_bad() >= min_seen && self.bad_fraction() > max_fraction {
+    /// `Err(TooManyBad)` when `bad > max_fraction * max(seen, window)`, where `seen` counts the
+    /// good and bad samples so far: a fixed allowance of `max_fraction * window` bad samples
+    /// while little was seen, the fraction `max_fraction` once more than `window` samples were.
+    /// `max_fraction` 1 never fails.
+    ///
+    /// ```
+    /// use m3ae_data::{BadReason, BadSample, BadStats};
+    /// let bad = BadSample { reason: BadReason::NonUtf8, key: "k".into(), file: "f".into(),
+    ///     detail: String::new() };
+    /// let mut s = BadStats { good: 6, ..Default::default() };
+    /// s.record(bad.clone());
+    /// assert!(s.check(0.1, 100).is_ok()); // 1 of 7: within the allowance of 10
+    /// for _ in 0..9 { s.record(bad.clone()) }
+    /// assert!(s.check(0.1, 100).is_ok()); // 10 of 16: still within it
+    /// s.record(bad);
+    /// assert!(s.check(0.1, 100).is_err()); // 11 of 17
+    /// s.good = 1000;
+    /// assert!(s.check(0.1, 100).is_ok()); // 11 of 1011: the fraction is what counts now
+    /// assert!(s.check(1.0, 100).is_ok() && s.check(0.0, 100).is_err());
+    /// ```
+    pub fn check(&self, max_fraction: f64, window: u64) -> Result<()> {
+        let bad = self.total_bad();
+        let seen = self.good + bad;
+        if bad as f64 > max_fraction * seen.max(window) as f64 {
             return Err(Error::TooManyBad {
                 stats: Box::new(self.clone()),
             });
@@ -289,19 +377,35 @@ impl BadStats {
 }
 
 impl std::fmt::Display for BadStats {
+    /// `3 bad of 7 samples (42.9 %): non_utf8 2, corrupt_image 1; first: `a` in x.tar
+    /// (non_utf8), ...` with at most 3 examples.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} bad of {} samples ({:.1} %):",
+            "{} bad of {} samples ({:.1} %)",
             self.total_bad(),
             self.good + self.total_bad(),
             100.0 * self.bad_fraction()
         )?;
-        for (r, n) in &self.bad {
-            write!(f, " {}: {n};", r.name())?;
+        for (i, (r, n)) in self.bad.iter().enumerate() {
+            write!(f, "{} {} {n}", if i == 0 { ":" } else { "," }, r.name())?;
         }
-        if let Some(e) = self.examples.first() {
-            write!(f, " first: {e}")?;
+        for (i, e) in self.examples.iter().take(3).enumerate() {
+            let key = if e.key.is_empty() {
+                "(no key)".into()
+            } else {
+                format!("`{}`", escape_text(&e.key))
+            };
+            write!(
+                f,
+                "{} {key} in {} ({})",
+                if i == 0 { "; first:" } else { "," },
+                escape_text(&e.file),
+                e.reason.name()
+            )?;
+        }
+        if self.examples.len() > 3 {
+            write!(f, ", ...")?;
         }
         Ok(())
     }

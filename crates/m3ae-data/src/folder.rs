@@ -102,6 +102,7 @@ impl Source for ImageFolder {
                 text: None,
                 label: Some(label),
                 file: p.display().to_string().into(),
+                ..Default::default()
             }))
         })))
     }

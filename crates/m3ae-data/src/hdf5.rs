@@ -343,6 +343,7 @@ impl Hdf5 {
                 text,
                 label: labels.as_ref().map(|l| l[j]),
                 file: file_name.clone(),
+                ..Default::default()
             }));
         }
         Ok(out)

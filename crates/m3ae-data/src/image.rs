@@ -2,7 +2,9 @@
 //!
 //! * [`decode_rgb`]: JPEG / PNG / WebP to 8-bit RGB; grey becomes RGB and alpha is composited on
 //!   white, as the official skimage-based loader does. Image size and memory are limited, so no
-//!   input bytes can make it panic or allocate without bound.
+//!   input bytes can make it panic or allocate without bound. A file that ends before its image
+//!   data does (no JPEG EOI after the scan, no PNG `IEND`, fewer bytes than the WebP RIFF size)
+//!   is an error, not a partly grey image.
 //! * [`Transform`]: `pretrain` = RandomResizedCrop(scale (0.2, 1), ratio (3/4, 4/3), bicubic) +
 //!   horizontal flip; `linear_probe` = the same with scale (0.08, 1); `test` = Resize(size,
 //!   bicubic) of the shorter side + CenterCrop(size).
@@ -52,6 +54,9 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_ALLOC);
     reader.limits(limits);
+    if let Some(format) = reader.format() {
+        check_complete(bytes, format)?;
+    }
     let img = reader.decode().map_err(|e| e.to_string())?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
@@ -71,6 +76,96 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
             data: img.into_rgb8().into_raw(),
         })
     }
+}
+
+/// Rejects a JPEG, PNG or WebP file that ends before its image data does.
+///
+/// The decoders forgive truncation (zune-jpeg, in the non-strict mode the `image` crate uses,
+/// fills the missing blocks with grey), so it is checked on the container: a JPEG needs its
+/// EOI marker after the first scan's SOS (entropy-coded data stuffs every `FF` byte, and EXIF
+/// thumbnails come before the SOS, so an `FF D9` there is the end of the image); a PNG needs
+/// its chunks, walked by their lengths, to reach a whole `IEND` chunk; a WebP needs the bytes its RIFF header
+/// announces. Bytes after the end (trailing garbage) are accepted, as decoders do.
+fn check_complete(bytes: &[u8], format: image::ImageFormat) -> Result<(), String> {
+    match format {
+        image::ImageFormat::Jpeg => jpeg_complete(bytes),
+        image::ImageFormat::Png => png_complete(bytes),
+        image::ImageFormat::WebP => webp_complete(bytes),
+        _ => Ok(()),
+    }
+}
+
+fn jpeg_complete(b: &[u8]) -> Result<(), String> {
+    let truncated = |what: &str| Err(format!("truncated JPEG: {what} ({} bytes)", b.len()));
+    if !b.starts_with(&[0xFF, 0xD8]) {
+        return Err("not a JPEG (no SOI marker)".into());
+    }
+    // walk the marker segments up to the first SOS
+    let mut i = 2;
+    loop {
+        while i < b.len() && b[i] != 0xFF {
+            i += 1; // tolerate stray bytes between segments, as decoders do
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1; // fill bytes
+        }
+        let Some(&m) = b.get(i) else {
+            return truncated("no scan (SOS) before the end");
+        };
+        i += 1;
+        match m {
+            0xD9 => return truncated("EOI before any scan"),
+            0x01 | 0xD0..=0xD7 => continue, // markers without a length
+            _ => {}
+        }
+        let Some(len) = b
+            .get(i..i + 2)
+            .map(|l| u16::from_be_bytes([l[0], l[1]]) as usize)
+        else {
+            return truncated("a marker segment is cut");
+        };
+        if m == 0xDA {
+            break;
+        }
+        i += len;
+    }
+    if b[i..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+        Ok(())
+    } else {
+        truncated("no EOI marker after the scan data")
+    }
+}
+
+fn png_complete(b: &[u8]) -> Result<(), String> {
+    let mut i = 8; // the signature
+    while let Some(head) = b.get(i..i + 8) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if &head[4..8] == b"IEND" && b.len() >= i + 12 {
+            return Ok(());
+        }
+        i = i.saturating_add(12).saturating_add(len);
+    }
+    Err(format!(
+        "truncated PNG: no IEND chunk within its {} bytes",
+        b.len()
+    ))
+}
+
+fn webp_complete(b: &[u8]) -> Result<(), String> {
+    let Some(size) = b
+        .get(4..8)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize)
+    else {
+        return Err("truncated WebP: no RIFF size".into());
+    };
+    let want = size.saturating_add(8);
+    if b.len() < want {
+        return Err(format!(
+            "truncated WebP: the RIFF header announces {want} bytes, the file has {}",
+            b.len()
+        ));
+    }
+    Ok(())
 }
 
 /// RGB from grey (1), grey+alpha (2), RGB (3) or RGBA (4) pixels; alpha composited on white.

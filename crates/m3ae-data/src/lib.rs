@@ -5,6 +5,8 @@
 //!   [`Manifest`] (JSONL / CSV), [`ImageFolder`], [`TextCorpus`], [`U8Arrays`] (safetensors) and
 //!   the built-in [`CaptionedScenes`]; with the feature `hdf5`, `hdf5::Hdf5` over the official
 //!   HDF5 files (spec §8).
+//! * [`tarstream`]: the bounded streaming tar reader under [`WebDataset`] (no size from a header
+//!   is trusted for an allocation; extension headers are capped at 64 KiB).
 //! * [`image`](mod@image): decoding (grey / alpha to RGB on white) and the official transforms and
 //!   normalisations (spec §8).
 //! * [`Tokenizer`]: BERT WordPiece over the `tokenizers` crate with the official behaviour, from a
@@ -43,6 +45,7 @@ pub mod sample;
 pub mod scenes;
 pub mod seed;
 pub mod shards;
+pub mod tarstream;
 pub mod text;
 pub mod tokenize;
 pub mod webdataset;
@@ -57,7 +60,7 @@ pub use image::{decode_rgb, ImageConfig, Normalization, RgbImage, Transform};
 pub use loader::{collate, Batch, Loader, LoaderConfig, MaskConfig, Position, TextBatch};
 pub use manifest::Manifest;
 pub use masks::{MaskSampler, NoiseKind};
-pub use sample::{ImageData, Partition, Record, RecordIter, Sample, Source};
+pub use sample::{ImageData, PartFault, Partition, Record, RecordIter, Sample, Source};
 pub use scenes::{CaptionedScenes, LabelKind, SceneSplit, ScenesConfig};
 pub use shards::expand_shards;
 pub use text::TextCorpus;

@@ -11,8 +11,20 @@
 //! have produced.
 //!
 //! Bad samples (undecodable image, missing or empty caption, ...) are skipped, counted and
-//! replaced by the next records of the stream; when more than `max_bad_fraction` of the samples
-//! seen are bad, the loader stops with [`Error::TooManyBad`].
+//! replaced by the next records of the stream. Only the parts the batches need count: without
+//! `text_len` (image-only evaluation) a sample whose caption is missing, empty or not UTF-8 is
+//! kept, and without `image` (text only) one whose image is missing, oversized or corrupt is
+//! kept ([`crate::PartFault`] carries a reader's verdict on a part to the loader).
+//!
+//! The bad-sample rule: the loader stops with [`Error::TooManyBad`] as soon as
+//! `bad > max_bad_fraction * max(seen, bad_window)`, where `seen` counts the good and bad
+//! samples so far (see [`BadStats::check`]): small data gets a fixed allowance of
+//! `max_bad_fraction * bad_window` bad samples (10 with the defaults 0.1 and 100, so one bad
+//! sample in a 7-sample shard is fine), large data the fraction. `max_bad_fraction = 1` never
+//! stops. Separately, a whole pass over the data (an epoch read from its start) that gives no
+//! batch at all, because it has no usable sample or, with `drop_last`, fewer than one batch, is
+//! [`Error::NotEnoughData`] instead of an endless loop; a source whose
+//! [`Source::len_hint`] is already too small fails in [`Loader::new`].
 
 use crate::image::{ImageConfig, Layout, RgbImage};
 use crate::masks::{MaskSampler, NoiseKind, Stream};
@@ -82,10 +94,13 @@ pub struct LoaderConfig {
     pub skip_empty_text: bool,
     /// Masks to attach (`None`: no masks).
     pub masks: Option<MaskConfig>,
-    /// Largest tolerated fraction of bad samples.
+    /// Largest tolerated fraction of bad samples: the loader fails when
+    /// `bad > max_bad_fraction * max(seen, bad_window)` (1: never).
     pub max_bad_fraction: f64,
-    /// Samples seen before the bad fraction is enforced.
-    pub min_samples_for_bad_check: u64,
+    /// The sample count below which the bad-sample allowance is fixed at
+    /// `max_bad_fraction * bad_window` (formerly `min_samples_for_bad_check`).
+    #[serde(alias = "min_samples_for_bad_check")]
+    pub bad_window: u64,
     /// Text length of the unpaired text stream (when one is attached).
     pub unpaired_text_len: usize,
 }
@@ -113,7 +128,7 @@ impl LoaderConfig {
             skip_empty_text: true,
             masks: Some(MaskConfig::default()),
             max_bad_fraction: 0.1,
-            min_samples_for_bad_check: 100,
+            bad_window: 100,
             unpaired_text_len: 256,
         }
     }
@@ -433,6 +448,23 @@ impl Loader {
                 msg: "text is configured but no tokenizer was given".into(),
             });
         }
+        if let Some(n) = source.len_hint() {
+            // the most samples one rank can get in a pass
+            let per_rank = n.div_ceil(cfg.world_size.max(1)) as u64;
+            let need = if cfg.drop_last {
+                cfg.batch_size as u64
+            } else {
+                1
+            };
+            if per_rank < need {
+                return Err(Error::NotEnoughData {
+                    data: source.describe(),
+                    usable: per_rank,
+                    batch_size: cfg.batch_size,
+                    drop_last: cfg.drop_last,
+                });
+            }
+        }
         Ok(Self {
             source,
             tokenizer,
@@ -583,17 +615,15 @@ impl Worker {
             Record::Bad(b) => return Ok(Processed::Bad(b)),
             Record::Sample(s) => s,
         };
-        let bad = |reason, detail: String| {
-            Ok(Processed::Bad(BadSample {
-                reason,
-                key: s.key.clone(),
-                file: s.file.to_string(),
-                detail,
-            }))
-        };
+        let bad = |reason, detail: String| Ok(Processed::Bad(s.bad(reason, detail)));
         let text = match (self.cfg.text_len, &self.tokenizer) {
             (Some(len), Some(tok)) => match &s.text {
-                None => return bad(BadReason::MissingCaption, "no caption".into()),
+                None => {
+                    return match &s.text_fault {
+                        Some(f) => bad(f.reason, f.detail.clone()),
+                        None => bad(BadReason::MissingCaption, "no caption".into()),
+                    }
+                }
                 Some(t) if t.trim().is_empty() && self.cfg.skip_empty_text => {
                     return bad(BadReason::EmptyCaption, "empty caption".into())
                 }
@@ -603,7 +633,10 @@ impl Worker {
         };
         if let (Some(ic), Some(out)) = (&self.cfg.image, image_out) {
             let Some(data) = &s.image else {
-                return bad(BadReason::MissingImage, "no image".into());
+                return match &s.image_fault {
+                    Some(f) => bad(f.reason, f.detail.clone()),
+                    None => bad(BadReason::MissingImage, "no image".into()),
+                };
             };
             let img = match RgbImage::from_data(data) {
                 Ok(i) => i,
@@ -667,6 +700,10 @@ impl Worker {
                 pos.consumed,
                 purpose::SHUFFLE,
             )?;
+            // only a pass read from its start can show that the data gives no batch
+            let whole_pass = pos.consumed == 0;
+            let good_before = pos.stats.good;
+            let mut batches = 0u64;
             let mut end = false;
             while !end {
                 // The batch's image buffer, in the final `[B, N, P*P*3]` layout: each worker
@@ -716,20 +753,24 @@ impl Worker {
                             }
                             Processed::Bad(b) => {
                                 pos.stats.record(b);
-                                pos.stats.check(
-                                    self.cfg.max_bad_fraction,
-                                    self.cfg.min_samples_for_bad_check,
-                                )?;
+                                pos.stats
+                                    .check(self.cfg.max_bad_fraction, self.cfg.bad_window)?;
                             }
                         }
                     }
                 }
-                if end {
-                    pos.stats.check(self.cfg.max_bad_fraction, 1)?;
-                }
                 if items.is_empty() || (items.len() < bs && self.cfg.drop_last) {
+                    if end && whole_pass && batches == 0 {
+                        return Err(Error::NotEnoughData {
+                            data: self.source.describe(),
+                            usable: pos.stats.good - good_before,
+                            batch_size: bs,
+                            drop_last: self.cfg.drop_last,
+                        });
+                    }
                     continue;
                 }
+                batches += 1;
                 let unpaired = match &mut text_stream {
                     None => None,
                     Some(ts) => Some(self.unpaired_batch(ts, &mut pos, &pool)?),
@@ -774,11 +815,9 @@ impl Worker {
                             {
                                 texts.push(t)
                             }
-                            Record::Sample(s) => pos.stats.record(BadSample {
-                                reason: BadReason::EmptyCaption,
-                                key: s.key,
-                                file: s.file.to_string(),
-                                detail: "unpaired text is empty".into(),
+                            Record::Sample(s) => pos.stats.record(match &s.text_fault {
+                                Some(f) => s.bad(f.reason, f.detail.clone()),
+                                None => s.bad(BadReason::EmptyCaption, "unpaired text is empty"),
                             }),
                             Record::Bad(b) => pos.stats.record(b),
                         }

@@ -9,12 +9,14 @@
 //! img/0001.jpg,"a brown potato, peeled",3
 //! ```
 //! A line that does not parse, or an image file that does not exist, is an error naming the
-//! manifest and the line; a caption that is not UTF-8 skips the sample. The manifest is
-//! streamed; only the lines of the partition read their image file.
+//! manifest and the line; a caption that is not UTF-8 (or an image above `MAX_MEMBER_BYTES`)
+//! is kept as a fault of the sample ([`crate::PartFault`]): the loader skips the sample only
+//! when it needs that part. The manifest is streamed; only the lines of the partition read their
+//! image file.
 
-use crate::sample::{ImageData, Partition, Record, RecordIter, Sample, Source};
+use crate::sample::{ImageData, PartFault, Partition, Record, RecordIter, Sample, Source};
 use crate::webdataset::MAX_MEMBER_BYTES;
-use crate::{BadReason, BadSample, Error, Result};
+use crate::{BadReason, Error, Result};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -234,17 +236,17 @@ impl Source for Manifest {
                 continue;
             }
             let key = format!("line {}", e.line);
-            let text = match e.caption {
-                Ok(c) => c,
-                Err(msg) => {
-                    return Some(Ok(Record::Bad(BadSample {
+            let (text, text_fault) = match e.caption {
+                Ok(c) => (c, None),
+                Err(msg) => (
+                    None,
+                    Some(PartFault {
                         reason: BadReason::NonUtf8,
-                        key,
-                        file: file.to_string(),
                         detail: msg,
-                    })))
-                }
+                    }),
+                ),
             };
+            let mut image_fault = None;
             let image = match e.image {
                 None => None,
                 Some(rel) => {
@@ -252,12 +254,11 @@ impl Source for Manifest {
                     match read_image_file(&p) {
                         Ok(Some(b)) => Some(ImageData::Encoded(Arc::new(b))),
                         Ok(None) => {
-                            return Some(Ok(Record::Bad(BadSample {
+                            image_fault = Some(PartFault {
                                 reason: BadReason::Oversized,
-                                key,
-                                file: file.to_string(),
                                 detail: format!("{} exceeds {MAX_MEMBER_BYTES} bytes", p.display()),
-                            })))
+                            });
+                            None
                         }
                         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                             return Some(Err(Error::MissingFile {
@@ -276,6 +277,8 @@ impl Source for Manifest {
                 text,
                 label: e.label,
                 file: file.clone(),
+                text_fault,
+                image_fault,
             })));
         })))
     }

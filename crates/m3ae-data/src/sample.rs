@@ -1,7 +1,7 @@
 //! The unit of data ([`Sample`]), what a reader yields ([`Record`]: a sample or a skipped one),
 //! the partition of an epoch a reader opens ([`Partition`]) and the [`Source`] trait.
 
-use crate::{BadSample, Result};
+use crate::{BadReason, BadSample, Result};
 use std::sync::Arc;
 
 /// Image of a sample: still encoded (decoded later, in parallel) or raw 8-bit pixels.
@@ -35,6 +35,33 @@ pub struct Sample {
     pub label: Option<i64>,
     /// The file it came from (for messages).
     pub file: Arc<str>,
+    /// Why the reader found the caption unusable (not UTF-8, oversized); `text` is then `None`.
+    /// The loader skips the sample for it only when it needs text.
+    pub text_fault: Option<PartFault>,
+    /// Why the reader found the image unusable (oversized); `image` is then `None`. The loader
+    /// skips the sample for it only when it needs images.
+    pub image_fault: Option<PartFault>,
+}
+
+/// What is wrong with one part (caption, image) of a sample that may still be usable without it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartFault {
+    /// The reason counted when the part is needed.
+    pub reason: BadReason,
+    /// Details (the member, the decoder's message, ...).
+    pub detail: String,
+}
+
+impl Sample {
+    /// The [`BadSample`] for a fault of this sample (its key and file).
+    pub fn bad(&self, reason: BadReason, detail: impl Into<String>) -> BadSample {
+        BadSample {
+            reason,
+            key: self.key.clone(),
+            file: self.file.to_string(),
+            detail: detail.into(),
+        }
+    }
 }
 
 /// What a reader yields: a sample, or a sample it had to skip.

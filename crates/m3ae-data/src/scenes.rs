@@ -535,6 +535,7 @@ impl Source for CaptionedScenes {
                 text: Some(sc.caption),
                 label: Some(sc.label),
                 file: file.clone(),
+                ..Default::default()
             }))
         })))
     }

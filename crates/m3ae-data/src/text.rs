@@ -70,6 +70,7 @@ fn line_record(path: &std::path::Path, file: &Arc<str>, line: usize, buf: &[u8])
         text: Some(text),
         label: None,
         file: file.clone(),
+        ..Default::default()
     }))
 }
 

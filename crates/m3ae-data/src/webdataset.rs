@@ -1,22 +1,29 @@
 //! WebDataset tar shards in the img2dataset layout: consecutive members sharing a key
 //! (`{key}.jpg|.jpeg|.png|.webp`, `{key}.txt`, optional `{key}.json` and `{key}.cls`).
 //!
-//! Shards are read as a stream with the `tar` crate (one member in memory at a time) by a
-//! reader thread that feeds a small bounded channel, so a shard is never held in memory whole and
-//! file reading overlaps the consumer's work. A truncated or corrupt shard ends that shard: the
-//! group being read is counted as [`BadReason::TruncatedTar`] and reading goes on with the next
-//! shard; an empty shard is counted as [`BadReason::EmptyShard`].
+//! Shards are read as a stream by the crate's own bounded tar reader ([`crate::tarstream`]:
+//! one member in memory at a time, extension headers capped at 64 KiB, no buffer sized from a
+//! header) on a reader thread that feeds a small bounded channel, so a shard is never held in
+//! memory whole and file reading overlaps the consumer's work. A truncated or corrupt shard
+//! (including an extension header above the cap) ends that shard: the group being read is
+//! counted as [`BadReason::TruncatedTar`] and reading goes on with the next shard; an empty
+//! shard is counted as [`BadReason::EmptyShard`]. A caption that is not UTF-8 or a caption or
+//! image member above [`MAX_MEMBER_BYTES`] does not make the record bad: the sample carries the
+//! fault ([`Sample::text_fault`], [`Sample::image_fault`]) and the loader skips it only when it
+//! needs that part.
 //!
 //! Labels come from `{key}.cls` (an integer), or, with [`WebDataset::with_json_label`], from a
 //! string field of `{key}.json` mapped to a class index through a [`JsonLabel`] class list
 //! (e.g. the `category` of the Tux Paint shards); [`WebDataset::json_values`] lists a field's
 //! values to build that list.
 
-use crate::sample::{ImageData, Partition, Record, RecordIter, Sample, Source};
+use crate::error::escape_text;
+use crate::sample::{ImageData, PartFault, Partition, Record, RecordIter, Sample, Source};
 use crate::shards::{expand_shards, plan_shards};
+use crate::tarstream::{TarError, TarReader};
 use crate::{BadReason, BadSample, Error, Result};
 use std::collections::BTreeSet;
-use std::io::{BufReader, Read};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -152,23 +159,19 @@ impl WebDataset {
         let mut missing = 0usize;
         for shard in &self.shards {
             let f = std::fs::File::open(shard).map_err(|e| Error::io(shard, e))?;
-            let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
-            let entries = archive.entries().map_err(|e| Error::io(shard, e))?;
-            for entry in entries {
-                let mut entry = entry.map_err(|e| Error::io(shard, e))?;
-                let name = entry
-                    .path()
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if split_name(&name).is_none_or(|(_, ext)| ext != "json")
-                    || entry.header().size().unwrap_or(u64::MAX) > MAX_MEMBER_BYTES
+            let mut tar = TarReader::new(BufReader::with_capacity(1 << 20, f));
+            let tar_err = |source| Error::Tar {
+                path: shard.clone(),
+                source,
+            };
+            while let Some(m) = tar.next_member().map_err(tar_err)? {
+                if !m.is_file()
+                    || split_name(&m.name).is_none_or(|(_, ext)| ext != "json")
+                    || m.size > MAX_MEMBER_BYTES
                 {
                     continue;
                 }
-                let mut buf = Vec::new();
-                entry
-                    .read_to_end(&mut buf)
-                    .map_err(|e| Error::io(shard, e))?;
+                let buf = tar.read_data().map_err(tar_err)?;
                 match field_value(&buf, field, depth) {
                     Some(v) => {
                         values.insert(v);
@@ -256,40 +259,58 @@ struct Group {
     label: Option<i64>,
     /// The label from the json member (when labels come from json).
     json_label: Option<i64>,
-    oversized: bool,
+    /// The image member exceeds [`MAX_MEMBER_BYTES`].
+    image_oversized: Option<u64>,
+    /// The caption member exceeds [`MAX_MEMBER_BYTES`].
+    text_oversized: Option<u64>,
+    /// A label member (`.cls`, `.json`) exceeds [`MAX_MEMBER_BYTES`].
+    other_oversized: Option<(String, u64)>,
     any: bool,
 }
 
 impl Group {
     /// The record of the group; `json_labels`: the label comes from the json member (none
-    /// without one) instead of `.cls`.
+    /// without one) instead of `.cls`. A caption or image fault (not UTF-8, oversized) is kept
+    /// on the sample ([`Sample::text_fault`], [`Sample::image_fault`]) for the loader to decide
+    /// on: image-only evaluation does not need the caption, text-only use not the image.
     fn finish(self, file: &Arc<str>, json_labels: bool) -> Option<Record> {
         if !self.any {
             return None;
         }
-        let bad = |reason, detail: String| {
-            Some(Record::Bad(BadSample {
-                reason,
-                key: self.key.clone(),
-                file: file.to_string(),
-                detail,
-            }))
+        let oversized = |member: &str, size: u64| PartFault {
+            reason: BadReason::Oversized,
+            detail: format!(
+                "{}: {size} bytes exceed {MAX_MEMBER_BYTES}",
+                escape_text(member)
+            ),
         };
-        if self.oversized {
-            return bad(
-                BadReason::Oversized,
-                format!("a member exceeds {MAX_MEMBER_BYTES} bytes"),
-            );
+        if let Some((ext, size)) = &self.other_oversized {
+            let f = oversized(&format!("{}.{ext}", self.key), *size);
+            return Some(Record::Bad(BadSample {
+                reason: f.reason,
+                key: self.key,
+                file: file.to_string(),
+                detail: f.detail,
+            }));
         }
-        let text = match self.text {
-            None => None,
-            Some(bytes) => match String::from_utf8(bytes) {
-                Ok(s) => Some(s),
-                Err(e) => return bad(BadReason::NonUtf8, format!("{}.txt: {e}", self.key)),
+        let (text, text_fault) = match (self.text, self.text_oversized) {
+            (_, Some(size)) => (None, Some(oversized(&format!("{}.txt", self.key), size))),
+            (None, None) => (None, None),
+            (Some(bytes), None) => match String::from_utf8(bytes) {
+                Ok(s) => (Some(s), None),
+                Err(e) => (
+                    None,
+                    Some(PartFault {
+                        reason: BadReason::NonUtf8,
+                        detail: format!("{}.txt: {e}", escape_text(&self.key)),
+                    }),
+                ),
             },
         };
+        let image_fault = self
+            .image_oversized
+            .map(|size| oversized(&format!("{} image", self.key), size));
         Some(Record::Sample(Sample {
-            key: self.key,
             image: self.image.map(|b| ImageData::Encoded(Arc::new(b))),
             text,
             label: if json_labels {
@@ -298,6 +319,9 @@ impl Group {
                 self.label
             },
             file: file.clone(),
+            key: self.key,
+            text_fault,
+            image_fault,
         }))
     }
 }
@@ -327,8 +351,8 @@ fn read_shard(shard: &Path, st: &mut SplitState) -> bool {
             return false;
         }
     };
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
-    let truncated = |key: &str, e: &dyn std::fmt::Display| {
+    let mut tar = TarReader::new(BufReader::with_capacity(1 << 20, f));
+    let truncated = |key: &str, e: &TarError| {
         Record::Bad(BadSample {
             reason: BadReason::TruncatedTar,
             key: key.to_string(),
@@ -336,28 +360,21 @@ fn read_shard(shard: &Path, st: &mut SplitState) -> bool {
             detail: e.to_string(),
         })
     };
-    let entries = match archive.entries() {
-        Ok(e) => e,
-        Err(e) => return st.shard_event(Ok(truncated("", &e))),
-    };
     let mut group = Group::default();
     let mut samples = 0usize;
-    for entry in entries {
-        let mut entry = match entry {
-            Ok(e) => e,
+    loop {
+        let entry = match tar.next_member() {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
             Err(e) => {
                 let key = std::mem::take(&mut group.key);
                 return st.shard_event(Ok(truncated(&key, &e)));
             }
         };
-        if !entry.header().entry_type().is_file() {
+        if !entry.is_file() {
             continue;
         }
-        let name = match entry.path() {
-            Ok(p) => p.to_string_lossy().into_owned(),
-            Err(_) => continue,
-        };
-        let Some((key, ext)) = split_name(&name) else {
+        let Some((key, ext)) = split_name(&entry.name) else {
             continue;
         };
         if key != group.key && group.any {
@@ -378,16 +395,21 @@ fn read_shard(shard: &Path, st: &mut SplitState) -> bool {
         if !wanted {
             continue;
         }
-        let size = entry.header().size().unwrap_or(u64::MAX);
-        if size > MAX_MEMBER_BYTES {
-            group.oversized = true;
+        if entry.size > MAX_MEMBER_BYTES {
+            match ext.as_str() {
+                "txt" => group.text_oversized = Some(entry.size),
+                "cls" | "json" => group.other_oversized = Some((ext, entry.size)),
+                _ => group.image_oversized = Some(entry.size),
+            }
             continue;
         }
-        let mut buf = Vec::with_capacity(size as usize);
-        if let Err(e) = entry.read_to_end(&mut buf) {
-            let key = std::mem::take(&mut group.key);
-            return st.shard_event(Ok(truncated(&key, &e)));
-        }
+        let buf = match tar.read_data() {
+            Ok(b) => b,
+            Err(e) => {
+                let key = std::mem::take(&mut group.key);
+                return st.shard_event(Ok(truncated(&key, &e)));
+            }
+        };
         match ext.as_str() {
             "txt" => group.text = Some(buf),
             "cls" => {
@@ -436,5 +458,49 @@ mod tests {
         );
         assert_eq!(split_name("a.dir/noext"), None);
         assert_eq!(split_name(".hidden"), None);
+    }
+
+    #[test]
+    fn caption_and_image_faults_stay_with_the_sample() {
+        let file: Arc<str> = "s.tar".into();
+        let g = Group {
+            key: "k".into(),
+            image: Some(vec![1, 2]),
+            text: Some(b"bad \xff".to_vec()),
+            any: true,
+            ..Default::default()
+        };
+        let Some(Record::Sample(s)) = g.finish(&file, false) else {
+            panic!("expected a sample")
+        };
+        assert_eq!(s.text, None);
+        assert_eq!(s.text_fault.unwrap().reason, BadReason::NonUtf8);
+        assert!(s.image.is_some() && s.image_fault.is_none());
+        let g = Group {
+            key: "k".into(),
+            text: Some(b"fine".to_vec()),
+            image_oversized: Some(MAX_MEMBER_BYTES + 1),
+            any: true,
+            ..Default::default()
+        };
+        let Some(Record::Sample(s)) = g.finish(&file, false) else {
+            panic!("expected a sample")
+        };
+        assert_eq!(s.text.as_deref(), Some("fine"));
+        assert_eq!(s.image_fault.unwrap().reason, BadReason::Oversized);
+        // an oversized label member still makes the whole sample bad
+        let g = Group {
+            key: "k".into(),
+            other_oversized: Some(("json".into(), MAX_MEMBER_BYTES + 1)),
+            any: true,
+            ..Default::default()
+        };
+        assert!(matches!(
+            g.finish(&file, true),
+            Some(Record::Bad(BadSample {
+                reason: BadReason::Oversized,
+                ..
+            }))
+        ));
     }
 }

@@ -339,6 +339,7 @@ fn batches_hold_patchified_transforms_even_around_bad_samples() {
                 text: None,
                 label: None,
                 file: "memory".into(),
+                ..Default::default()
             }
         })
         .collect();
@@ -382,4 +383,97 @@ fn batches_hold_patchified_transforms_even_around_bad_samples() {
         }
     }
     assert_eq!(seen, 23 - 8);
+}
+
+#[test]
+fn not_enough_data_names_the_data_the_usable_count_and_the_batch() {
+    let samples: Vec<Sample> = (0..3)
+        .map(|i| Sample {
+            key: format!("s{i}"),
+            image: Some(ImageData::Pixels {
+                width: 8,
+                height: 8,
+                channels: 3,
+                data: vec![i as u8; 8 * 8 * 3],
+            }),
+            file: "memory".into(),
+            ..Default::default()
+        })
+        .collect();
+    let mut cfg = LoaderConfig::pretrain(4, 16, 8);
+    cfg.text_len = None;
+    cfg.masks = None;
+    cfg.epochs = None;
+    let loader = Loader::new(Arc::new(Mixed(samples)), None, cfg).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(loader.iter(Position::default()).find_map(|b| b.err()));
+    });
+    let err = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the loader ends")
+        .expect("an error");
+    assert!(
+        matches!(
+            &err,
+            Error::NotEnoughData { data, usable: 3, batch_size: 4, drop_last: true }
+                if data == "mixed"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn text_only_loading_keeps_samples_whose_image_is_at_fault() {
+    let fault = || PartFault {
+        reason: BadReason::Oversized,
+        detail: "k.jpg: too big".into(),
+    };
+    let samples: Vec<Sample> = (0..4)
+        .map(|i| Sample {
+            key: format!("s{i}"),
+            text: Some(format!("a red cube {i}")),
+            image_fault: (i % 2 == 1).then(fault),
+            image: (i % 2 == 0).then(|| ImageData::Pixels {
+                width: 8,
+                height: 8,
+                channels: 3,
+                data: vec![9; 8 * 8 * 3],
+            }),
+            file: "memory".into(),
+            ..Default::default()
+        })
+        .collect();
+    let mut cfg = LoaderConfig::pretrain(4, 16, 8);
+    cfg.image = None;
+    cfg.masks = None;
+    cfg.text_len = Some(8);
+    cfg.shuffle_buffer = 0;
+    cfg.epochs = Some(1);
+    let src = Arc::new(Mixed(samples));
+    let b: Vec<Batch> = Loader::new(src.clone(), Some(tokenizer()), cfg.clone())
+        .unwrap()
+        .iter(Position::default())
+        .collect::<Result<_>>()
+        .unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].keys, ["s0", "s1", "s2", "s3"]);
+    // with images the faulty ones are skipped with the reader's reason
+    cfg.image = Some(ImageConfig {
+        size: 16,
+        ..Default::default()
+    });
+    cfg.batch_size = 2;
+    cfg.max_bad_fraction = 1.0;
+    let b: Vec<Batch> = Loader::new(src, Some(tokenizer()), cfg)
+        .unwrap()
+        .iter(Position::default())
+        .collect::<Result<_>>()
+        .unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].keys, ["s0", "s2"]);
+    // counted up to the batch: s1 (s3 comes after it)
+    let st = &b[0].position.stats;
+    assert_eq!(st.count(BadReason::Oversized), 1, "{st}");
+    assert_eq!(st.examples[0].detail, "k.jpg: too big");
 }

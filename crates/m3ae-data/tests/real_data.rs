@@ -1,6 +1,6 @@
-//! End-to-end reads of the real files in `shared/data` (set `M3AE_DATA_DIR`, e.g. to
-//! `/work/shared/data`); counts must match its README. Without the variable each test prints
-//! `skipped: M3AE_DATA_DIR not set` and returns.
+//! End-to-end reads of the real files in `shared/data`; counts must match its README. The tests
+//! are ignored by default: run them with `M3AE_DATA_DIR` set (e.g. to `/work/shared/data`) and
+//! `cargo test -p m3ae-data --test real_data -- --ignored`.
 
 mod common;
 use common::data_dir;
@@ -9,8 +9,9 @@ use m3ae_data::*;
 use std::sync::Arc;
 
 #[test]
+#[ignore = "needs the real data under $M3AE_DATA_DIR"]
 fn tuxpaint_and_openclipart_shards_count_and_decode() {
-    let Some(d) = data_dir() else { return };
+    let d = data_dir();
     let tux = WebDataset::from_spec(&format!(
         "{}/tuxpaint_captions/train-00000.tar",
         d.display()
@@ -54,8 +55,9 @@ fn tuxpaint_and_openclipart_shards_count_and_decode() {
 }
 
 #[test]
+#[ignore = "needs the real data under $M3AE_DATA_DIR"]
 fn tuxpaint_categories_from_json() {
-    let Some(d) = data_dir() else { return };
+    let d = data_dir();
     let shard = |s: &str| {
         WebDataset::from_spec(&format!("{}/tuxpaint_captions/{s}-00000.tar", d.display())).unwrap()
     };
@@ -80,8 +82,9 @@ fn tuxpaint_categories_from_json() {
 }
 
 #[test]
+#[ignore = "needs the real data under $M3AE_DATA_DIR"]
 fn fashion_mnist_and_mnist_arrays() {
-    let Some(d) = data_dir() else { return };
+    let d = data_dir();
     let f = U8Arrays::from_file(d.join("fashion_mnist/train.safetensors")).unwrap();
     assert_eq!(f.len(), 60_000);
     assert_eq!(f.image_shape(), (28, 28, 1));
@@ -104,8 +107,9 @@ fn fashion_mnist_and_mnist_arrays() {
 }
 
 #[test]
+#[ignore = "needs the real data under $M3AE_DATA_DIR"]
 fn text_corpus_counts() {
-    let Some(d) = data_dir() else { return };
+    let d = data_dir();
     let c = TextCorpus::from_file(d.join("text/train.txt")).unwrap();
     assert_eq!(
         count_records(&c, &Partition::whole(0, 0)).unwrap(),
@@ -126,8 +130,9 @@ fn text_corpus_counts() {
 /// t.encode(s, add_special_tokens=False).ids
 /// ```
 #[test]
+#[ignore = "needs the real data under $M3AE_DATA_DIR"]
 fn bert_base_uncased_token_ids_are_pinned() {
-    let Some(d) = data_dir() else { return };
+    let d = data_dir();
     let tok = Tokenizer::from_file(d.join("tokenizer/bert-base-uncased/tokenizer.json")).unwrap();
     assert_eq!(tok.vocab_size(), 30_522);
     let cases: [(&str, &[u32]); 3] = [

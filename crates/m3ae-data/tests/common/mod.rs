@@ -104,15 +104,12 @@ pub fn write_shards(dir: &Path, counts: &[usize]) -> Vec<PathBuf> {
         .collect()
 }
 
-/// `M3AE_DATA_DIR`, or prints that the test is skipped.
-pub fn data_dir() -> Option<PathBuf> {
-    match std::env::var_os("M3AE_DATA_DIR") {
-        Some(d) => Some(PathBuf::from(d)),
-        None => {
-            println!("skipped: M3AE_DATA_DIR not set");
-            None
-        }
-    }
+/// `M3AE_DATA_DIR` (the tests that need it are `#[ignore]`d; run with `--ignored`).
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("M3AE_DATA_DIR")
+            .expect("set M3AE_DATA_DIR to the shared data folder to run the ignored tests"),
+    )
 }
 
 /// The good samples of one partition (a bad record fails the test).
@@ -146,4 +143,50 @@ pub fn assert_split_exact(src: &dyn m3ae_data::Source, ranks: usize, workers: us
     }
     assert_eq!(seen.len(), total, "samples lost");
     assert!(seen.values().all(|&n| n == 1), "a sample was read twice");
+}
+
+/// The kinds of [`attack_shard`].
+pub const ATTACKS: [&str; 6] = [
+    "gnu_long_name",
+    "gnu_long_link",
+    "pax_local",
+    "pax_global",
+    "pax_size",
+    "base256_size",
+];
+
+/// An 8 KiB hostile shard (issue 16, defect 3): its first header claims gigabytes. The GNU
+/// long-name / long-link and pax headers claim 3 GiB of extension data; `pax_size` is a valid
+/// pax header whose `size` record gives the next member (`k.txt`) 3 GiB; `base256_size` a GNU
+/// header with a base-256 size of 1 TiB. The rest of the 8 KiB is `A` bytes.
+pub fn attack_shard(kind: &str) -> Vec<u8> {
+    fn header(name: &str, kind: tar::EntryType, size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(name).unwrap();
+        h.set_mode(0o644);
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+    const GIB3: u64 = 3 << 30;
+    let mut out = match kind {
+        "gnu_long_name" => header("././@LongLink", tar::EntryType::GNULongName, GIB3),
+        "gnu_long_link" => header("././@LongLink", tar::EntryType::GNULongLink, GIB3),
+        "pax_local" => header("PaxHeaders/k.txt", tar::EntryType::XHeader, GIB3),
+        "pax_global" => header("PaxHeaders/global", tar::EntryType::XGlobalHeader, GIB3),
+        "pax_size" => {
+            let rec = format!("19 size={GIB3}\n");
+            assert_eq!(rec.len(), 19);
+            let mut v = header("PaxHeaders/k.txt", tar::EntryType::XHeader, 19);
+            v.extend_from_slice(rec.as_bytes());
+            v.resize(1024, 0);
+            v.extend(header("k.txt", tar::EntryType::Regular, 1));
+            v
+        }
+        "base256_size" => header("k.txt", tar::EntryType::Regular, 1 << 40),
+        other => panic!("unknown attack {other}"),
+    };
+    out.resize(8192, b'A');
+    out
 }
