@@ -99,7 +99,10 @@ pub enum Error {
         msg: String,
     },
     /// More bad samples than `--max-bad-fraction` allows.
-    #[error("{data}: more than --max-bad-fraction {max} of the samples are bad: {stats}")]
+    #[error(
+        "{data}: more bad samples than --max-bad-fraction {max} allows (that fraction of the \
+         samples read, at least of 100): {stats}"
+    )]
     TooManyBad {
         /// The data set.
         data: String,

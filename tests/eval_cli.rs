@@ -918,7 +918,7 @@ fn embed_skips_counts_and_reports_bad_samples_of_a_hostile_shard() {
     // one summary line on stderr with the per-reason counts, naming the data set
     let summary = one_line(&stderr).to_string();
     assert!(summary.starts_with(&format!("embed: {wds}: ")), "{summary}");
-    assert!(summary.contains("missing_image: 1"), "{summary}");
+    assert!(summary.contains("missing_image 1"), "{summary}");
     assert!(!summary.contains("caption"), "{summary}");
     for k in [
         "good0",
@@ -933,15 +933,19 @@ fn embed_skips_counts_and_reports_bad_samples_of_a_hostile_shard() {
     for k in ["corrupt", "noimage"] {
         assert!(!keys.iter().any(|x| x == k), "{k} written: {keys:?}");
     }
-    // at the default --max-bad-fraction (0.1), 3 bad of 10 stop the command with one line
+    // at the default --max-bad-fraction (0.1), 3 bad samples are within the allowance of a
+    // small set (0.1 x a window of 100 samples, docs/data.md); at 0.01 they stop the command
+    // with one line
     let (ok, _, stderr) = embed(&wds, &[]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = embed(&wds, &["--max-bad-fraction", "0.01"]);
     assert!(!ok);
     let line = one_line(&stderr);
     assert!(
-        line.contains("--max-bad-fraction 0.1") && line.contains(s(&shard)),
+        line.contains("--max-bad-fraction 0.01") && line.contains(s(&shard)),
         "{line}"
     );
-    assert!(line.contains("missing_image: 1"), "{line}");
+    assert!(line.contains("corrupt_image 2"), "{line}");
 
     // a truncated shard: the samples before the cut are used, the cut is counted (exit 0
     // with --max-bad-fraction 1: the samples read are good), one summary line names it
@@ -954,7 +958,7 @@ fn embed_skips_counts_and_reports_bad_samples_of_a_hostile_shard() {
     assert!(stdout.contains(" x 128 features"), "{stdout}");
     let line = one_line(&stderr);
     assert!(
-        line.starts_with(&format!("embed: {cut_wds}: ")) && line.contains("truncated_tar: 1"),
+        line.starts_with(&format!("embed: {cut_wds}: ")) && line.contains("truncated_tar 1"),
         "{line}"
     );
 
@@ -979,7 +983,7 @@ fn embed_skips_counts_and_reports_bad_samples_of_a_hostile_shard() {
 
     // corrupt + the JPEG cut to 40% (truncated-JPEG detection is also being hardened in the
     // data crate; this cut is already rejected by the decoder)
-    assert!(summary.contains("corrupt_image: 2"), "{summary}");
+    assert!(summary.contains("corrupt_image 2"), "{summary}");
     // Exactly the good samples' features. PENDING DATA-CRATE FIX (issue 16, in parallel):
     // `nonutf8` (a good image whose caption is not UTF-8) is kept only once the WebDataset
     // reader / loader stop dropping caption faults when no text is requested; until that
@@ -1035,7 +1039,7 @@ fn probe_and_ood_report_bad_samples_of_each_data_set() {
         summary
             .iter()
             .any(|l| l.starts_with(&format!("probe: {test_wds} (test): "))
-                && l.contains("corrupt_image: 1")),
+                && l.contains("corrupt_image 1")),
         "{stderr}"
     );
     assert!(
@@ -1131,8 +1135,9 @@ fn errors_name_the_argument_show_os_errors_once_and_escape_file_bytes() {
     ]);
     assert!(!ok);
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
-    let line = one_line(&stderr);
-    assert!(line.contains("evil\\u{1b}[31m\\nkey"), "{line}");
+    // the error is one line; the sample's key appears (escaped) in its log line
+    one_line(&stderr);
+    assert!(stderr.contains("evil\\u{1b}[31m\\u{a}key"), "{stderr}");
 }
 
 #[test]

@@ -114,11 +114,7 @@ pub enum Error {
     /// A whole pass over the data gives no batch: fewer usable samples than one batch (with
     /// `drop_last`), or none at all. Without this error the loader would read the data again
     /// and again without ever producing a batch.
-    #[error(
-        "{data}: a whole pass over the data gives {usable} usable samples (per rank), not \
-         enough for one batch of {batch_size}{}",
-        drop_last_note(.drop_last)
-    )]
+    #[error("{}", not_enough_data(data, *usable, *batch_size, *drop_last, bad))]
     NotEnoughData {
         /// The data ([`crate::Source::describe`]).
         data: String,
@@ -128,6 +124,8 @@ pub enum Error {
         batch_size: usize,
         /// Whether incomplete batches are dropped.
         drop_last: bool,
+        /// The bad samples read so far (why so few were usable).
+        bad: Box<BadStats>,
     },
     /// The model crate rejected a batch (patchify, masking).
     #[error(transparent)]
@@ -140,11 +138,34 @@ pub enum Error {
     Loader(String),
 }
 
-fn drop_last_note(drop_last: &bool) -> &'static str {
-    if *drop_last {
-        " (drop_last is set)"
+fn not_enough_data(
+    data: &str,
+    usable: u64,
+    batch_size: usize,
+    drop_last: bool,
+    bad: &BadStats,
+) -> String {
+    let why = if bad.total_bad() > 0 {
+        format!("; {bad}")
     } else {
-        ""
+        String::new()
+    };
+    not_enough_data_line(data, usable, batch_size, drop_last) + &why
+}
+
+fn not_enough_data_line(data: &str, usable: u64, batch_size: usize, drop_last: bool) -> String {
+    if usable == 0 {
+        format!("{data}: a whole pass over the data gives 0 usable samples")
+    } else if drop_last {
+        format!(
+            "{data}: a whole pass over the data gives {usable} usable samples (per rank), fewer \
+             than one batch of {batch_size} (incomplete batches are dropped)"
+        )
+    } else {
+        format!(
+            "{data}: a whole pass over the data gives {usable} usable samples (per rank) but no \
+             batch of {batch_size}"
+        )
     }
 }
 

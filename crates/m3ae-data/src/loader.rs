@@ -462,6 +462,7 @@ impl Loader {
                     usable: per_rank,
                     batch_size: cfg.batch_size,
                     drop_last: cfg.drop_last,
+                    bad: Box::default(),
                 });
             }
         }
@@ -766,6 +767,7 @@ impl Worker {
                             usable: pos.stats.good - good_before,
                             batch_size: bs,
                             drop_last: self.cfg.drop_last,
+                            bad: Box::new(pos.stats.clone()),
                         });
                     }
                     continue;

@@ -210,7 +210,15 @@ impl Source for WebDataset {
     }
 
     fn describe(&self) -> String {
-        format!("webdataset ({} shards)", self.shards.len())
+        match self.shards.as_slice() {
+            [one] => format!("webdataset {}", one.display()),
+            [first, ..] => format!(
+                "webdataset {} and {} more shards",
+                first.display(),
+                self.shards.len() - 1
+            ),
+            [] => "webdataset (no shard)".into(),
+        }
     }
 }
 

@@ -220,7 +220,10 @@ fn drop_last_with_fewer_samples_than_a_batch_is_an_error_not_an_endless_loop() {
     })
     .expect("an error");
     assert!(
-        err.contains("webdataset (1 shards)") && err.contains("99") && err.contains("128"),
+        err.contains("webdataset ")
+            && err.contains(".tar")
+            && err.contains("99")
+            && err.contains("128"),
         "{err}"
     );
     // 2 samples with batch 4, and a source of 0 samples (no length hint)

@@ -416,7 +416,7 @@ fn not_enough_data_names_the_data_the_usable_count_and_the_batch() {
     assert!(
         matches!(
             &err,
-            Error::NotEnoughData { data, usable: 3, batch_size: 4, drop_last: true }
+            Error::NotEnoughData { data, usable: 3, batch_size: 4, drop_last: true, .. }
                 if data == "mixed"
         ),
         "{err}"
