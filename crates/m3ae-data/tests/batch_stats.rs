@@ -31,5 +31,5 @@ fn batch_iter_stats_count_bad_samples_after_the_last_batch() {
     let stats = it.stats();
     assert_eq!(stats.good, 2);
     assert_eq!(stats.count(BadReason::CorruptImage), 3, "{stats}");
-    assert!(stats.to_string().contains("corrupt_image: 3"), "{stats}");
+    assert!(stats.to_string().contains("corrupt_image 3"), "{stats}");
 }
