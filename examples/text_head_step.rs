@@ -5,11 +5,14 @@
 //! The CPU-sized configuration of docs/performance.md ("Text head"): encoder 192 x 6 (3 heads),
 //! decoder 128 x 2 (4 heads), 64 px images in patches of 8, text of 32 tokens, batch 64,
 //! official masking ratios; `m3ae_train::bench::preset_workload` times forward, backward and
-//! AdamW (medians after 2 warm-up steps). Run the vocabularies alternately and compare medians.
+//! AdamW (medians after 2 warm-up steps). Freed memory stays in the heap as in the `m3ae` binary
+//! (`keep_freed_memory`). Run the vocabularies alternately and compare medians.
 
 use m3ae::model::M3aeConfig;
 
 fn main() -> anyhow::Result<()> {
+    // as the `m3ae` binary does: keep freed buffers in the heap (no page faults per step)
+    m3ae::kernels::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let vocab: usize = args
         .first()
