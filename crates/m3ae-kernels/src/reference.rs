@@ -156,16 +156,24 @@ pub fn qkv_attention(
         .reshape((b, l, heads * dh))?)
 }
 
-/// Checks the inputs of a text-head loss and returns `(N, D, V)` with the targets as host `u32`
-/// and the row weights as host `f32`: `hidden` `[N, D]`, `weight` `[V, D]`, `bias` `[V]`,
-/// `targets` `[N]` (integer ids below `V`), `row_weights` `[N]`.
+/// The checked inputs of a text-head loss, on the host.
+pub(crate) struct TextHeadInputs {
+    /// Target word of each row.
+    pub(crate) targets: Vec<u32>,
+    /// Weight of each row.
+    pub(crate) weights: Vec<f32>,
+}
+
+/// Checks the inputs of a text-head loss and returns the targets as host `u32` and the row
+/// weights as host `f32`: `hidden` `[N, D]`, `weight` `[V, D]`, `bias` `[V]`, `targets` `[N]`
+/// (integer ids below `V`), `row_weights` `[N]`.
 pub(crate) fn text_head_inputs(
     hidden: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     targets: &Tensor,
     row_weights: &Tensor,
-) -> Result<((usize, usize, usize), Vec<u32>, Vec<f32>)> {
+) -> Result<TextHeadInputs> {
     let bad = |msg: String| Error::Shape {
         op: "text_head_loss",
         msg,
@@ -196,7 +204,10 @@ pub(crate) fn text_head_inputs(
         )));
     }
     let w = row_weights.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    Ok(((n, d, v), t, w))
+    Ok(TextHeadInputs {
+        targets: t,
+        weights: w,
+    })
 }
 
 /// Weighted cross-entropy and accuracy of a linear output head, composed from candle ops (the

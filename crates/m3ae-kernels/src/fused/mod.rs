@@ -259,7 +259,8 @@ pub fn text_head_loss(
     if !hidden.device().is_cpu() {
         return crate::reference::text_head_loss(hidden, weight, bias, targets, row_weights);
     }
-    let (_, t, w) = crate::reference::text_head_inputs(hidden, weight, bias, targets, row_weights)?;
+    let inputs = crate::reference::text_head_inputs(hidden, weight, bias, targets, row_weights)?;
+    let (t, w) = (inputs.targets, inputs.weights);
     let mut rows = Vec::new();
     let (mut tg, mut wg) = (Vec::new(), Vec::new());
     for (i, (&ti, &wi)) in t.iter().zip(&w).enumerate() {
