@@ -95,6 +95,14 @@ fn gemm_serial(
     }
 }
 
+/// Runs the `n` vocabulary tasks on rayon, one task per work item: each task is long (tens of
+/// ms at BERT's vocabulary), so work stealing evens out threads slowed by other processes, where
+/// a static split would wait for the slowest thread.
+fn run_tasks(n: usize, f: impl Fn(usize) + Sync + Send) {
+    use rayon::prelude::*;
+    (0..n).into_par_iter().with_max_len(1).for_each(f);
+}
+
 /// The contiguous ranges of vocabulary tiles, one per task.
 fn task_ranges(v: usize) -> Vec<std::ops::Range<usize>> {
     let tiles = v.div_ceil(VOCAB_TILE);
@@ -195,7 +203,7 @@ fn forward(p: &Problem) -> Vec<Partial> {
     let simd = super::has_avx2_fma();
     let ranges = task_ranges(p.v);
     let parts: Vec<Mutex<Vec<Partial>>> = ranges.iter().map(|_| Mutex::new(Vec::new())).collect();
-    for_each_index(ranges.len(), |k| {
+    run_tasks(ranges.len(), |k| {
         let mut part = vec![Partial::EMPTY; p.m];
         let mut s = vec![0f32; ROW_TILE.min(p.m.max(1)) * VOCAB_TILE];
         for tile in ranges[k].clone() {
@@ -389,7 +397,7 @@ impl CustomOp3 for FusedTextHeadLoss {
         let simd = super::has_avx2_fma();
         let ranges = task_ranges(v);
         let parts: Vec<Mutex<Vec<f32>>> = ranges.iter().map(|_| Mutex::new(Vec::new())).collect();
-        for_each_index(ranges.len(), |k| {
+        run_tasks(ranges.len(), |k| {
             let mut dh = vec![0f32; m * d];
             let mut s = vec![0f32; ROW_TILE.min(m.max(1)) * VOCAB_TILE];
             for tile in ranges[k].clone() {
