@@ -246,5 +246,41 @@ fn linear(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, attention, layer_norm_and_gelu, linear);
+/// The text head of a CPU-sized M3AE step: batch 64 x text 32 = 2048 rows of width 128, 75% of
+/// them masked (weight 1/1536 each, the rest 0), vocabularies of BERT (30,522) and 1,024. One
+/// element = one FLOP of the rows the loss counts (forward `2 M V D`, forward+backward 4x that);
+/// the reference multiplies all 2048 rows.
+fn text_head(c: &mut Criterion) {
+    let (n, d, masked) = (64 * 32, 128, 1536);
+    let dev = Device::Cpu;
+    let h = var(&[n, d], 11);
+    let rw: Vec<f32> = (0..n)
+        .map(|i| if i % 4 != 0 { 1.0 / masked as f32 } else { 0.0 })
+        .collect();
+    let rw = Tensor::from_vec(rw, n, &dev).unwrap();
+    for v in [30_522usize, 1024] {
+        let (w, b) = (var(&[v, d], 12), var(&[v], 13));
+        let t: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+        let t = Tensor::from_vec(t, n, &dev).unwrap();
+        let mut g = c.benchmark_group(format!("text_head/{n}x{d}->{v}"));
+        g.sample_size(10);
+        let flops = (2 * masked * v * d) as u64;
+        for (name, path) in PATHS {
+            g.throughput(Throughput::Elements(flops));
+            g.bench_function(format!("{name}/fwd"), |bch| {
+                bch.iter(|| path.text_head_loss(&h, &w, &b, &t, &rw).unwrap())
+            });
+            g.throughput(Throughput::Elements(4 * flops));
+            g.bench_function(format!("{name}/fwd+bwd"), |bch| {
+                bch.iter(|| {
+                    let (loss, _) = path.text_head_loss(&h, &w, &b, &t, &rw).unwrap();
+                    loss.backward().unwrap()
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, attention, layer_norm_and_gelu, linear, text_head);
 criterion_main!(benches);

@@ -7,6 +7,8 @@
 //! * [`masked_attention`]: multi-head scaled dot-product attention with a key-padding mask applied
 //!   the official way (the score of a padding key is *replaced* by `-1e7`).
 //! * [`gelu_tanh`]: the tanh approximation of GELU (flax `nn.gelu`).
+//! * [`text_head_loss`]: weighted cross-entropy (and accuracy) of the text output head without
+//!   materialising the `N x V` logits.
 //!
 //! Each entry point dispatches on a [`KernelPath`]: [`KernelPath::Fused`] (the default) runs the
 //! custom ops of [`fused`] (forward and hand-written backward, rayon-parallel, AVX2+FMA when the
@@ -114,6 +116,23 @@ impl KernelPath {
         }
     }
 
+    /// Text-head loss on this path. See [`text_head_loss`].
+    pub fn text_head_loss(
+        self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        targets: &Tensor,
+        row_weights: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        match self {
+            KernelPath::Fused => fused::text_head_loss(hidden, weight, bias, targets, row_weights),
+            KernelPath::Reference => {
+                reference::text_head_loss(hidden, weight, bias, targets, row_weights)
+            }
+        }
+    }
+
     /// tanh-GELU on this path. See [`gelu_tanh`].
     pub fn gelu_tanh(self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -166,6 +185,39 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// Runs the default ([`KernelPath::Fused`]) path.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     KernelPath::default().gelu_tanh(x)
+}
+
+/// Weighted cross-entropy of a linear output head and its weighted accuracy, without the logits:
+/// `hidden` `[N, D]`, `weight` `[V, D]`, `bias` `[V]`, `targets` `[N]` (integer ids below `V`),
+/// `row_weights` `[N]` (constants). Returns the scalars
+/// `loss = sum_i w_i * -log softmax(h_i W^T + b)[t_i]` (differentiable in `hidden`, `weight`
+/// and `bias`) and `accuracy = sum_i w_i [argmax_j (h_i W^T + b)_j = t_i]` (no gradient; ties
+/// go to the smallest index, a row with a NaN logit never counts as correct).
+/// The fused path multiplies only the rows with a non-zero weight, tile by tile, and stores
+/// no `N x V` tensor in the forward or the backward. Runs the default ([`KernelPath::Fused`]) path.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let dev = Device::Cpu;
+/// let h = Tensor::new(&[[1f32, 0.], [0., 1.]], &dev)?;
+/// let w = Tensor::new(&[[2f32, 0.], [0., 2.], [0., 0.]], &dev)?;
+/// let b = Tensor::zeros(3, candle_core::DType::F32, &dev)?;
+/// let t = Tensor::new(&[0u32, 2], &dev)?;
+/// let rw = Tensor::new(&[0.5f32, 0.0], &dev)?; // the second row is not counted
+/// let (loss, acc) = m3ae_kernels::text_head_loss(&h, &w, &b, &t, &rw)?;
+/// let want = 0.5 * -(2f32 - (2f32.exp() + 2.0).ln());
+/// assert!((loss.to_scalar::<f32>()? - want).abs() < 1e-6);
+/// assert_eq!(acc.to_scalar::<f32>()?, 0.5);
+/// # Ok::<(), m3ae_kernels::Error>(())
+/// ```
+pub fn text_head_loss(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    targets: &Tensor,
+    row_weights: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    KernelPath::default().text_head_loss(hidden, weight, bias, targets, row_weights)
 }
 
 /// Runs `f` on the f32 data of a CPU tensor without copying when it is already contiguous f32

@@ -156,6 +156,88 @@ pub fn qkv_attention(
         .reshape((b, l, heads * dh))?)
 }
 
+/// The checked inputs of a text-head loss, on the host.
+pub(crate) struct TextHeadInputs {
+    /// Target word of each row.
+    pub(crate) targets: Vec<u32>,
+    /// Weight of each row.
+    pub(crate) weights: Vec<f32>,
+}
+
+/// Checks the inputs of a text-head loss and returns the targets as host `u32` and the row
+/// weights as host `f32`: `hidden` `[N, D]`, `weight` `[V, D]`, `bias` `[V]`, `targets` `[N]`
+/// (integer ids below `V`), `row_weights` `[N]`.
+pub(crate) fn text_head_inputs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    targets: &Tensor,
+    row_weights: &Tensor,
+) -> Result<TextHeadInputs> {
+    let bad = |msg: String| Error::Shape {
+        op: "text_head_loss",
+        msg,
+    };
+    let (n, d) = hidden
+        .dims2()
+        .map_err(|_| bad(format!("hidden must be [N, D], got {:?}", hidden.dims())))?;
+    let v = weight.dim(0).unwrap_or(0);
+    if weight.dims() != [v, d] || bias.dims() != [v] || v == 0 {
+        return Err(bad(format!(
+            "hidden {:?}, weight {:?}, bias {:?} do not agree (weight must be [V, D], bias [V])",
+            hidden.dims(),
+            weight.dims(),
+            bias.dims()
+        )));
+    }
+    if targets.dims() != [n] || row_weights.dims() != [n] {
+        return Err(bad(format!(
+            "targets {:?} and row_weights {:?} must be [{n}]",
+            targets.dims(),
+            row_weights.dims()
+        )));
+    }
+    let t = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    if let Some(&x) = t.iter().find(|&&x| x as usize >= v) {
+        return Err(bad(format!(
+            "target {x} is outside the vocabulary of {v} words"
+        )));
+    }
+    let w = row_weights.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(TextHeadInputs {
+        targets: t,
+        weights: w,
+    })
+}
+
+/// Weighted cross-entropy and accuracy of a linear output head, composed from candle ops (the
+/// `N x V` logits are materialised): `loss = sum_i w_i * -log softmax(h_i W^T + b)[t_i]` and
+/// `accuracy = sum_i w_i [argmax = t_i]` (no gradient). See [`crate::text_head_loss`].
+/// A row of weight 0 still enters the products, so a NaN in it makes the loss NaN here (the
+/// fused op skips such rows).
+pub fn text_head_loss(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    targets: &Tensor,
+    row_weights: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    text_head_inputs(hidden, weight, bias, targets, row_weights)?;
+    let t = targets.to_dtype(DType::U32)?;
+    let w = row_weights.to_dtype(DType::F32)?.detach();
+    let logits = linear(hidden, weight, bias)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = logp.gather(&t.unsqueeze(1)?.contiguous()?, 1)?.squeeze(1)?;
+    let loss = (picked * &w)?.sum_all()?.neg()?;
+    let correct = logits
+        .detach()
+        .argmax(D::Minus1)?
+        .eq(&t)?
+        .to_dtype(DType::F32)?;
+    let acc = (correct * w)?.sum_all()?;
+    Ok((loss, acc))
+}
+
 /// tanh-approximated GELU (candle's `Tensor::gelu` is this form and has a backward).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu()?)

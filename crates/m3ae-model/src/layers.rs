@@ -31,6 +31,16 @@ impl Dense {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.path.linear(x, &self.weight, &self.bias)?)
     }
+
+    /// The weight, `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `(out)`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
 }
 
 /// LayerNorm over the last axis with scale and bias, eps 1e-6.
@@ -192,8 +202,15 @@ impl Head {
         })
     }
 
-    /// `x`: `[B, L, Dd]` -> `[B, L, out]`.
+    /// `x`: `[B, L, Dd]` -> `[B, L, out]`: [`Head::out`] applied to [`Head::forward_hidden`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out.forward(&self.forward_hidden(x)?)
+    }
+
+    /// Everything but the last projection: `x` `[B, L, Dd]` -> the input of [`Head::out`]
+    /// (`x` itself at depth 0). The fused text loss multiplies this by the projection tile by
+    /// tile instead of materialising the logits.
+    pub fn forward_hidden(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = match &self.norm_in {
             Some(n) => n.forward(x)?,
             None => x.clone(),
@@ -202,7 +219,12 @@ impl Head {
             let y = norm.forward(&self.path.gelu_tanh(&fc.forward(&x)?)?)?;
             x = if j > 0 { (x + y)? } else { y };
         }
-        self.out.forward(&x)
+        Ok(x)
+    }
+
+    /// The last projection.
+    pub fn out(&self) -> &Dense {
+        &self.out
     }
 }
 

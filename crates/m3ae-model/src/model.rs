@@ -49,8 +49,12 @@ pub struct Trace {
 pub struct Output {
     /// `[B, Li, image_output_dim]` predictions at every image position.
     pub image: Option<Tensor>,
-    /// `[B, T, V]` text logits at every position.
+    /// `[B, T, V]` text logits at every position. `None` from [`M3ae::forward_train`] with
+    /// fused kernels, whose losses never materialise the logits.
     pub text_logits: Option<Tensor>,
+    /// `[B, T, Dh]` input of the text head's last projection (the logits are this times the
+    /// projection); present whenever text was given.
+    pub text_hidden: Option<Tensor>,
     /// `[B, Li]` 1 = masked image patch.
     pub image_mask: Option<Tensor>,
     /// `[B, T]` 1 = masked text token.
@@ -247,6 +251,7 @@ impl Core {
         input: &ModelInput,
         image_masking: Option<&Masking>,
         text_masking: Option<&Masking>,
+        text_logits: bool,
     ) -> Result<Output> {
         let b = Self::batch_of(input)?;
         let dev = self.device().clone();
@@ -329,16 +334,23 @@ impl Core {
             }
             None => None,
         };
-        let text_out = match &text {
+        let (text_hidden, text_out) = match &text {
             Some((_, t, _)) => {
                 let head = self.text_head.as_ref().expect("M3AE has a text head");
-                Some(head.forward(&dec_output.narrow(1, offset, *t)?)?)
+                let hidden = head.forward_hidden(&dec_output.narrow(1, offset, *t)?)?;
+                let logits = if text_logits {
+                    Some(head.out().forward(&hidden)?)
+                } else {
+                    None
+                };
+                (Some(hidden), logits)
             }
-            None => None,
+            None => (None, None),
         };
         Ok(Output {
             image: image_out,
             text_logits: text_out,
+            text_hidden,
             image_mask: image.map(|(m, _)| m.mask.clone()),
             text_mask: text.as_ref().map(|(m, _, _)| m.mask.clone()),
             trace: Trace {
@@ -412,8 +424,8 @@ impl Core {
             image_loss = Some(l);
         }
         let (mut text_loss, mut text_accuracy, mut text_valid) = (None, None, None);
-        if let (Some(logits), Some(ids), Some(mask)) =
-            (&out.text_logits, &input.text_ids, &out.text_mask)
+        let text_out = out.text_logits.as_ref().or(out.text_hidden.as_ref());
+        if let (Some(text_out), Some(ids), Some(mask)) = (text_out, &input.text_ids, &out.text_mask)
         {
             let pad = Self::text_padding(input, ids)?.to_dtype(DType::F32)?;
             let selected = if self.cfg.text_all_token_loss {
@@ -422,7 +434,10 @@ impl Core {
                 mask.clone()
             };
             let valid = (selected * (1.0 - pad)?)?;
-            let (l, a) = cross_entropy_loss_and_accuracy(logits, ids, &valid)?;
+            let (l, a) = match &out.text_logits {
+                Some(logits) => cross_entropy_loss_and_accuracy(logits, ids, &valid)?,
+                None => self.text_head_loss(text_out, ids, &valid)?,
+            };
             add(&l, self.cfg.text_loss_weight)?;
             text_loss = Some(l);
             text_accuracy = Some(a);
@@ -435,6 +450,41 @@ impl Core {
             text_valid,
             total: total.ok_or_else(|| Error::Shape("no modality to compute a loss on".into()))?,
         })
+    }
+}
+
+impl Core {
+    /// The text loss and accuracy from the text head's hidden input `[B, T, Dh]` without the
+    /// logits: the same per-sample averaging as [`cross_entropy_loss_and_accuracy`], expressed
+    /// as row weights `valid / max(sum_t valid, 1e-5) / B` of one weighted cross-entropy over
+    /// the `B T` rows, computed by [`m3ae_kernels::text_head_loss`] on the config's kernel path.
+    fn text_head_loss(
+        &self,
+        hidden: &Tensor,
+        ids: &Tensor,
+        valid: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, t, dh) = hidden.dims3()?;
+        if ids.dims() != [b, t] || valid.dims() != [b, t] {
+            return Err(Error::Shape(format!(
+                "text loss: hidden {:?}, tokens {:?}, valid {:?}",
+                hidden.dims(),
+                ids.dims(),
+                valid.dims()
+            )));
+        }
+        let head = self.text_head.as_ref().expect("M3AE has a text head");
+        let count = valid.sum_keepdim(1)?.maximum(1e-5)?;
+        let weights = (valid.broadcast_div(&count)? / b as f64)?
+            .detach()
+            .flatten_all()?;
+        Ok(self.cfg.kernels.text_head_loss(
+            &hidden.reshape((b * t, dh))?,
+            head.out().weight(),
+            head.out().bias(),
+            &ids.to_dtype(DType::U32)?.flatten_all()?,
+            &weights,
+        )?)
     }
 }
 
@@ -540,10 +590,28 @@ impl M3ae {
         image_masking: Option<&Masking>,
         text_masking: Option<&Masking>,
     ) -> Result<Output> {
-        self.0.forward(input, image_masking, text_masking)
+        self.0.forward(input, image_masking, text_masking, true)
     }
 
-    /// Losses of a forward pass (weights and all-token flags from the config).
+    /// Masked forward pass for training: as [`M3ae::forward`], except that with
+    /// [`m3ae_kernels::KernelPath::Fused`] kernels the text logits are not computed
+    /// (`text_logits` is `None`, `text_hidden` is set) and [`M3ae::losses`] computes the text
+    /// loss with the fused text-head op, so the `B x T x V` logits never exist. With reference
+    /// kernels it is [`M3ae::forward`]. Use [`M3ae::forward`] where the logits are needed
+    /// (predicted words, parity checks).
+    pub fn forward_train(
+        &self,
+        input: &ModelInput,
+        image_masking: Option<&Masking>,
+        text_masking: Option<&Masking>,
+    ) -> Result<Output> {
+        let logits = self.0.cfg.kernels != m3ae_kernels::KernelPath::Fused;
+        self.0.forward(input, image_masking, text_masking, logits)
+    }
+
+    /// Losses of a forward pass (weights and all-token flags from the config). The text loss
+    /// comes from `out.text_logits` when present (log-softmax and gather, as the official code),
+    /// otherwise from `out.text_hidden` through the fused text-head op ([`M3ae::forward_train`]).
     pub fn losses(&self, input: &ModelInput, out: &Output) -> Result<Losses> {
         self.0.losses(input, out)
     }
@@ -571,6 +639,7 @@ impl Mae {
             },
             Some(masking),
             None,
+            true,
         )
     }
 

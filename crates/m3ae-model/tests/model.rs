@@ -194,3 +194,68 @@ fn bad_inputs_are_rejected_with_clear_messages() -> anyhow::Result<()> {
     let _ = DType::F32;
     Ok(())
 }
+
+/// `max|a - b| / max|b|`.
+fn rel(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+    let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(if m == 0.0 { d } else { d / m })
+}
+
+#[test]
+fn training_forward_uses_the_fused_text_loss_without_logits() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    for (head_depth, all_tokens) in [(0, false), (0, true), (2, false)] {
+        let mut cfg = M3aeConfig::preset("tiny")?;
+        cfg.output_head_depth = head_depth;
+        cfg.text_all_token_loss = all_tokens;
+        let ctx = format!("head depth {head_depth}, all-token loss {all_tokens}");
+        let model = M3ae::init(&cfg, 3, &dev)?;
+        let input = batch(&cfg, 3, &dev)?;
+        let (li, t) = (cfg.num_patches(), cfg.text_length);
+        let im = Masking::new(&noise(li, 1), 3, cfg.image_keep(li), &dev)?;
+        let tm = Masking::new(&noise(t, 2), 3, cfg.text_keep(t), &dev)?;
+        // the logits path (as the official code) against the training path (fused text loss)
+        let full = model.forward(&input, Some(&im), Some(&tm))?;
+        let train = model.forward_train(&input, Some(&im), Some(&tm))?;
+        assert!(full.text_logits.is_some() && full.text_hidden.is_some());
+        assert!(train.text_logits.is_none(), "{ctx}: logits computed");
+        let (a, b) = (model.losses(&input, &full)?, model.losses(&input, &train)?);
+        let scalar = |t: &Option<Tensor>| t.as_ref().unwrap().to_scalar::<f32>().unwrap();
+        let (la, lb) = (scalar(&a.text_loss), scalar(&b.text_loss));
+        assert!(
+            (la - lb).abs() <= 1e-5 * la.abs(),
+            "{ctx}: loss {la} vs {lb}"
+        );
+        let (aa, ab) = (scalar(&a.text_accuracy), scalar(&b.text_accuracy));
+        assert!((aa - ab).abs() <= 1e-6, "{ctx}: accuracy {aa} vs {ab}");
+        let (ta, tb) = (a.total.to_scalar::<f32>()?, b.total.to_scalar::<f32>()?);
+        assert!(
+            (ta - tb).abs() <= 1e-5 * ta.abs(),
+            "{ctx}: total {ta} vs {tb}"
+        );
+        let (ga, gb) = (a.total.backward()?, b.total.backward()?);
+        for (name, var) in model.params().vars() {
+            let (x, y) = (ga.get(var.as_tensor()), gb.get(var.as_tensor()));
+            let (x, y) = (
+                x.unwrap_or_else(|| panic!("{ctx}: no gradient for {name} (logits path)")),
+                y.unwrap_or_else(|| panic!("{ctx}: no gradient for {name} (training path)")),
+            );
+            let e = rel(y, x)?;
+            assert!(e <= 1e-4, "{ctx}: gradient of {name} differs by {e}");
+        }
+    }
+    // reference kernels: the training forward is the logits forward
+    let mut cfg = M3aeConfig::preset("tiny")?;
+    cfg.kernels = m3ae_kernels::KernelPath::Reference;
+    let model = M3ae::init(&cfg, 3, &dev)?;
+    let input = batch(&cfg, 2, &dev)?;
+    let (li, t) = (cfg.num_patches(), cfg.text_length);
+    let im = Masking::new(&noise(li, 1), 2, cfg.image_keep(li), &dev)?;
+    let tm = Masking::new(&noise(t, 2), 2, cfg.text_keep(t), &dev)?;
+    assert!(model
+        .forward_train(&input, Some(&im), Some(&tm))?
+        .text_logits
+        .is_some());
+    Ok(())
+}

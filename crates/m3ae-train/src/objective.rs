@@ -49,7 +49,8 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 impl Objective for M3ae {
     fn loss(&self, batch: &TrainBatch) -> Result<LossReport> {
-        let out = self.forward(
+        // the training forward: with fused kernels the text loss never materialises the logits
+        let out = self.forward_train(
             &batch.input,
             batch.image_masking.as_ref(),
             batch.text_masking.as_ref(),
@@ -68,7 +69,7 @@ impl Objective for M3ae {
         }
         let w = self.config().unpaired_text_loss_weight;
         if let (Some((input, masking)), true) = (&batch.unpaired, w > 0.0) {
-            let uo = self.forward(input, None, Some(masking))?;
+            let uo = self.forward_train(input, None, Some(masking))?;
             let ul = self.losses(input, &uo)?;
             if let Some(t) = &ul.text_loss {
                 scalars.insert("unpaired_text_loss".into(), scalar(t)?);

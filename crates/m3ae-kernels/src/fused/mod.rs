@@ -15,6 +15,7 @@ mod linear;
 pub mod math;
 mod rows;
 mod storage;
+mod text_head;
 mod tile;
 pub(crate) use storage::storage_slice;
 
@@ -23,6 +24,10 @@ use candle_core::{DType, Tensor};
 use std::sync::OnceLock;
 
 pub use attention::QUERY_TILE;
+pub use text_head::{
+    MAX_TASKS as TEXT_HEAD_MAX_TASKS, ROW_TILE as TEXT_HEAD_ROW_TILE,
+    VOCAB_TILE as TEXT_HEAD_VOCAB_TILE,
+};
 
 /// Whether the CPU has AVX2 and FMA (checked once).
 pub(crate) fn has_avx2_fma() -> bool {
@@ -239,4 +244,36 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         linear::FusedLinear,
     )?;
     Ok(y.reshape(out_dims)?.to_dtype(x.dtype())?)
+}
+
+/// Fused text-head loss; same contract as [`crate::text_head_loss`]. Only the rows with a
+/// non-zero weight are multiplied, in tiles, and no `N x V` tensor is stored (module docs of
+/// `text_head`). Tensors on other devices use the reference path.
+pub fn text_head_loss(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    targets: &Tensor,
+    row_weights: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    if !hidden.device().is_cpu() {
+        return crate::reference::text_head_loss(hidden, weight, bias, targets, row_weights);
+    }
+    let inputs = crate::reference::text_head_inputs(hidden, weight, bias, targets, row_weights)?;
+    let (t, w) = (inputs.targets, inputs.weights);
+    let mut rows = Vec::new();
+    let (mut tg, mut wg) = (Vec::new(), Vec::new());
+    for (i, (&ti, &wi)) in t.iter().zip(&w).enumerate() {
+        if wi != 0.0 {
+            rows.push(i as u32);
+            tg.push(ti);
+            wg.push(wi);
+        }
+    }
+    let op = text_head::FusedTextHeadLoss::new(rows, tg, wg);
+    let out =
+        f32_contiguous(hidden)?.apply_op3(&f32_contiguous(weight)?, &f32_contiguous(bias)?, op)?;
+    let loss = out.get(0)?.to_dtype(hidden.dtype())?;
+    let acc = out.get(1)?.detach().to_dtype(hidden.dtype())?;
+    Ok((loss, acc))
 }
