@@ -1,5 +1,5 @@
 //! End-to-end reads of the real files in `shared/data`; counts must match its README. The tests
-//! are ignored by default: run them with `M3AE_DATA_DIR` set (e.g. to `/work/shared/data`) and
+//! are ignored by default: run them with `M3AE_DATA_DIR` set (e.g. to `../shared/data`) and
 //! `cargo test -p m3ae-data --test real_data -- --ignored`.
 
 mod common;
