@@ -17,7 +17,8 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     }
 }
 
-/// `dst (m x n, row-major) = [dst +] lhs (m x k, strides rs/cs) * rhs (k x n, strides rs/cs)`.
+/// `dst (m x n, row-major) = [dst +] lhs (m x k, strides rs/cs) * rhs (k x n, strides rs/cs)`,
+/// on rayon when large enough.
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
     m: usize,
@@ -30,12 +31,42 @@ fn gemm_into(
     rhs: &[f32],
     (rrs, rcs): (usize, usize),
 ) {
+    gemm_strided(
+        (m, n, k),
+        (dst, n),
+        accumulate,
+        (lhs, lrs, lcs),
+        (rhs, rrs, rcs),
+        parallelism(m, n, k),
+    );
+}
+
+/// `dst (m x n, row stride drs) = [dst +] lhs (m x k) * rhs (k x n)` with any strides: the one
+/// checked entry to the `gemm` crate of the fused ops (dense layer, text head).
+pub(super) fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    (dst, drs): (&mut [f32], usize),
+    accumulate: bool,
+    (lhs, lrs, lcs): (&[f32], usize, usize),
+    (rhs, rrs, rcs): (&[f32], usize, usize),
+    par: gemm::Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(dst.len() >= m * n);
-    // SAFETY: the slices cover the index ranges the strides describe (checked by the callers'
-    // shapes: lhs is m x k, rhs is k x n, dst is m x n, all within their slices).
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * drs..i * drs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * drs + n);
+    assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs);
+    assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs);
+    // SAFETY: the asserts above check that every element the strides address lies inside its
+    // slice; `dst` is a unique borrow, so it does not overlap the operands.
     unsafe {
         gemm::gemm(
             m,
@@ -43,7 +74,7 @@ fn gemm_into(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            drs as isize,
             accumulate,
             lhs.as_ptr(),
             lcs as isize,
@@ -56,7 +87,7 @@ fn gemm_into(
             false,
             false,
             false,
-            parallelism(m, n, k),
+            par,
         )
     }
 }

@@ -44,55 +44,15 @@ pub const ROW_TILE: usize = 256;
 /// Most parallel tasks (contiguous ranges of vocabulary tiles).
 pub const MAX_TASKS: usize = 16;
 
-/// `dst (m x n, row stride drs) = [dst +] lhs (m x k) * rhs (k x n)`, single-threaded (the
-/// callers run inside parallel tasks).
-#[allow(clippy::too_many_arguments)]
+/// [`super::linear::gemm_strided`] single-threaded: the callers run inside parallel tasks.
 fn gemm_serial(
-    (m, n, k): (usize, usize, usize),
-    (dst, drs): (&mut [f32], usize),
+    dims: (usize, usize, usize),
+    dst: (&mut [f32], usize),
     accumulate: bool,
-    (lhs, lrs, lcs): (&[f32], usize, usize),
-    (rhs, rrs, rcs): (&[f32], usize, usize),
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * drs..i * drs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    assert!(dst.len() >= (m - 1) * drs + n);
-    assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs);
-    assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs);
-    // SAFETY: the asserts above check that every element the strides address lies inside its
-    // slice; `dst` is a unique borrow, so it does not overlap the operands.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            drs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lcs as isize,
-            lrs as isize,
-            rhs.as_ptr(),
-            rcs as isize,
-            rrs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    super::linear::gemm_strided(dims, dst, accumulate, lhs, rhs, gemm::Parallelism::None);
 }
 
 /// Runs the `n` vocabulary tasks on rayon, one task per work item: each task is long (tens of
