@@ -292,11 +292,10 @@ impl PretrainConfig {
             ObjectiveKind::M3ae => m3ae_model::Variant::M3ae,
             ObjectiveKind::Mae => m3ae_model::Variant::Mae,
         };
-        let batch = self.train.batch_size;
-        let bytes = m3ae_model::resources::training_step_bytes(&self.model, variant, batch);
-        m3ae_model::resources::check_fits(
-            &format!("a training step of {batch} samples"),
-            bytes,
+        m3ae_model::resources::check_training_step(
+            &self.model,
+            variant,
+            self.train.batch_size,
             "train.batch_size, model.image_size, model.text_length or the model's width and depth",
         )?;
         Ok(())

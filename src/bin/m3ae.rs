@@ -406,9 +406,10 @@ fn run(cli: Cli) -> Result<()> {
                     anyhow::ensure!(batch > 0, "--batch must be > 0");
                     cfg.kernels = kernels;
                     cfg.validate(true).context("the benchmark's model")?;
-                    m3ae::model::resources::check_fits(
-                        &format!("a training step of batch {batch}"),
-                        m3ae::model::resources::training_step_bytes(&cfg, Variant::M3ae, batch),
+                    m3ae::model::resources::check_training_step(
+                        &cfg,
+                        Variant::M3ae,
+                        batch,
                         "--batch or the model's sizes",
                     )?;
                     println!(

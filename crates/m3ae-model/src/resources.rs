@@ -136,6 +136,21 @@ pub fn check_fits(what: &str, bytes: f64, hint: &str) -> Result<()> {
     Ok(())
 }
 
+/// [`check_fits`] for one training step of `cfg` at `batch` samples ([`training_step_bytes`]);
+/// `hint` names the settings that size it.
+pub fn check_training_step(
+    cfg: &M3aeConfig,
+    variant: Variant,
+    batch: usize,
+    hint: &str,
+) -> Result<()> {
+    check_fits(
+        &format!("a training step of {batch} samples"),
+        training_step_bytes(cfg, variant, batch),
+        hint,
+    )
+}
+
 /// Largest thread count [`cap_threads`] lets through: 4 per core, at most 1,024.
 pub fn max_threads() -> usize {
     let cores = std::thread::available_parallelism()
