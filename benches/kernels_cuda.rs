@@ -1,8 +1,8 @@
 //! Criterion benchmarks of the CUDA kernels (feature `cuda`): fused CUDA ops against the reference
 //! compositions of candle ops on the same GPU, at the shapes of `benches/kernels.rs`.
 //!
-//! `cargo bench --features cuda --bench kernels_cuda` (on a machine with a GPU; without one it
-//! prints that it skipped). Every timed iteration ends with a device synchronisation. Throughput
+//! `cargo bench --features cuda --bench kernels_cuda` (needs a GPU; without one it stops with
+//! "no CUDA device"). Every timed iteration ends with a device synchronisation. Throughput
 //! counts FLOP for attention (forward `4 B H L^2 Dh`, forward+backward 3x) and input elements for
 //! LayerNorm and GELU, as in the CPU benchmarks.
 
@@ -31,9 +31,7 @@ fn var(shape: &[usize], salt: usize, dev: &Device) -> Var {
 }
 
 fn attention(c: &mut Criterion) {
-    let Some(dev) = m3ae_kernels::fused::cuda::first_gpu_or_skip() else {
-        return;
-    };
+    let dev = m3ae_kernels::fused::cuda::first_gpu().expect("this benchmark needs a CUDA GPU");
     for (name, b, h, l, dh) in SHAPES {
         let dims = [b, h, l, dh];
         let (q, k, v) = (
@@ -79,9 +77,7 @@ fn attention(c: &mut Criterion) {
 }
 
 fn layer_norm_and_gelu(c: &mut Criterion) {
-    let Some(dev) = m3ae_kernels::fused::cuda::first_gpu_or_skip() else {
-        return;
-    };
+    let dev = m3ae_kernels::fused::cuda::first_gpu().expect("this benchmark needs a CUDA GPU");
     let rows = 32 * 66;
     for d in [384usize, 768] {
         let x = var(&[rows, d], 4, &dev);

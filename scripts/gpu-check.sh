@@ -13,9 +13,9 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 {
   nvidia-smi
   echo "== CUDA kernels: tests (compute cap $CUDA_COMPUTE_CAP)"
-  time cargo test --release -p m3ae-kernels --features cuda --test cuda --test cuda_emulated -- --nocapture
+  time cargo test --release -p m3ae-kernels --features cuda --test cuda --test cuda_emulated -- --include-ignored --nocapture
   echo "== the tiny model on the GPU vs the CPU"
-  cargo test --release -p m3ae-model --features cuda --test cuda -- --nocapture
+  cargo test --release -p m3ae-model --features cuda --test cuda -- --include-ignored --nocapture
   echo "== CUDA kernels: benchmarks"
   cargo bench --features cuda --bench kernels_cuda -- --warm-up-time 1 --measurement-time 3
   [ "${SKIP_NCCL:-0}" = 1 ] && exit 0
