@@ -36,9 +36,7 @@ use m3ae_data::{
 };
 use m3ae_eval::metrics::{ood_metrics, top_k_accuracy, OodMetrics};
 use m3ae_eval::probe::{probe_logits, train_probe, LinearProbeHead, ProbeConfig};
-use m3ae_model::layers::{Block, Dense, LayerNorm};
 use m3ae_model::params::{read_safetensors, write_safetensors};
-use m3ae_model::posemb::{sincos_1d, sincos_2d};
 use m3ae_model::{M3ae, M3aeConfig, Mae, Masking, ModelInput, Noise, Pooling, Represent, Variant};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -1253,81 +1251,18 @@ fn to_pixels(hwc: &[f32], norm: Normalization) -> Vec<u8> {
         .collect()
 }
 
-/// The encoder input of the unmasked path (cls, embedded patches, then embedded text for M3AE)
-/// `[1, L, D]` and its key padding `[1, L]`, rebuilt from the weights.
-fn encoder_tokens(
-    model: &LoadedModel,
-    patches: &Tensor,
-    text: Option<(&Tensor, &Tensor)>,
-) -> Result<(Tensor, Tensor)> {
-    let cfg = model.config();
-    let p = model.params();
-    let kp = cfg.kernels;
-    let dev = Device::Cpu;
-    let d = cfg.emb_dim;
-    let (b, li, _) = patches.dims3()?;
-    let mut x = Dense::new(p, "image_embedding", kp)?.forward(patches)?;
-    x = x.broadcast_add(&sincos_2d(li, d, &dev)?)?;
-    if cfg.use_type_embedding {
-        x = x.broadcast_add(&p.get("encoder.image_type_embedding")?)?;
-    }
-    let mut tokens = vec![p.get("cls_token")?.broadcast_as((b, 1, d))?, x];
-    let mut pad = vec![Tensor::zeros((b, 1 + li), DType::F32, &dev)?];
-    if let (Some((ids, padding)), LoadedModel::M3ae(_)) = (text, model) {
-        let t = ids.dim(1)?;
-        let table = p.get("text_embedding.weight")?;
-        let mut y = table
-            .index_select(&ids.flatten_all()?.to_dtype(DType::U32)?, 0)?
-            .reshape((b, t, d))?;
-        y = y.broadcast_add(&sincos_1d(t, d, &dev)?)?;
-        if cfg.use_type_embedding {
-            y = y.broadcast_add(&p.get("encoder.text_type_embedding")?)?;
-        }
-        tokens.push(y);
-        pad.push(padding.to_dtype(DType::F32)?);
-    }
-    Ok((Tensor::cat(&tokens, 1)?, Tensor::cat(&pad, 1)?))
-}
-
 /// cls-token attention of the last encoder block on the unmasked input (cls, patches, then the
-/// text tokens): `[1 + Li + T]`, averaged over heads. Computed with the reference ops from the
-/// block's `norm1` and `attn.qkv` weights.
+/// text tokens for M3AE): `[1 + Li + T]`, averaged over heads, for the first sample. The model
+/// computes it with its own blocks ([`m3ae_model::M3ae::cls_attention`]).
 pub fn cls_attention(
     model: &LoadedModel,
     patches: &Tensor,
     text: Option<(&Tensor, &Tensor)>,
 ) -> Result<Vec<f32>> {
-    let cfg = model.config().clone();
-    let p = model.params();
-    let kp = cfg.kernels;
-    let d = cfg.emb_dim;
-    let patches = patches.narrow(0, 0, 1)?;
-    let (mut x, pad) = encoder_tokens(model, &patches, text)?;
-    let key_padding = matches!(model, LoadedModel::M3ae(_)).then_some(&pad);
-    let last = cfg.depth - 1;
-    for i in 0..last {
-        x = Block::new(p, &format!("encoder.blocks.{i}"), cfg.num_heads, kp)?
-            .forward(&x, key_padding)?;
-    }
-    let h = LayerNorm::new(p, &format!("encoder.blocks.{last}.norm1"), kp)?.forward(&x)?;
-    let qkv = Dense::new(p, &format!("encoder.blocks.{last}.attn.qkv"), kp)?.forward(&h)?;
-    let (heads, l) = (cfg.num_heads, x.dim(1)?);
-    let hd = d / heads;
-    let split = |i: usize| -> Result<Tensor> {
-        Ok(qkv
-            .narrow(2, i * d, d)?
-            .reshape((1, l, heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    };
-    let (q, k) = (split(0)?, split(1)?);
-    let q0 = q.narrow(2, 0, 1)?; // the cls query, [1, H, 1, hd]
-    let mut s = (q0.matmul(&k.transpose(2, 3)?.contiguous()?)? / (hd as f64).sqrt())?;
-    s = s.broadcast_add(&(pad.reshape((1, 1, 1, l))? * -1e9)?)?;
-    let m = s.max_keepdim(D::Minus1)?;
-    let e = s.broadcast_sub(&m)?.exp()?;
-    let a = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-    Ok(a.mean(1)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(match model {
+        LoadedModel::M3ae(m) => m.cls_attention(patches, text)?,
+        LoadedModel::Mae(m) => m.cls_attention(patches)?,
+    })
 }
 
 /// Masks an image (and caption) with `seed`, runs the model and assembles the panels, the
@@ -2312,6 +2247,7 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use m3ae_data::Record;
+    use m3ae_model::TraceLayers;
 
     #[test]
     fn data_specs_parse_and_reject() {
@@ -2384,7 +2320,7 @@ mod tests {
     }
 
     #[test]
-    fn manual_encoder_matches_the_model_and_attention_sums_to_one() -> anyhow::Result<()> {
+    fn traced_encoder_matches_the_model_and_attention_sums_to_one() -> anyhow::Result<()> {
         {
             let model = load_model(&ModelSource::RandomInit {
                 preset: "tiny".into(),
@@ -2398,24 +2334,23 @@ mod tests {
                 (2, cfg.num_patches(), cfg.patch_dim()),
                 &Device::Cpu,
             )?;
-            let (mut x, _) = encoder_tokens(&model, &patches, None)?;
-            let p = model.params();
-            for i in 0..cfg.depth {
-                x = Block::new(
-                    p,
-                    &format!("encoder.blocks.{i}"),
-                    cfg.num_heads,
-                    cfg.kernels,
-                )?
-                .forward(&x, None)?;
-            }
-            let x = LayerNorm::new(p, "encoder.norm", cfg.kernels)?.forward(&x)?;
+            let LoadedModel::M3ae(m) = &model else {
+                unreachable!("a random M3AE")
+            };
+            let input = ModelInput {
+                image_patches: Some(patches.clone()),
+                ..Default::default()
+            };
+            let trace = m.forward_representation_traced(&input, &TraceLayers::All)?;
+            assert_eq!(trace.attention.len(), cfg.depth);
             let want = model.represent().represent(&patches)?;
-            let err = (x - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let err = (trace.representation - want)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert!(err < 1e-4, "{err}");
         }
-        // the attention path recomputes the encoder from the weights: check that its blocks
-        // reproduce the model's representation up to the final norm
+        // the attention comes from a traced pass of the model's own blocks
         let model = load_model(&ModelSource::RandomInit {
             preset: "tiny".into(),
             seed: 3,

@@ -1,96 +1,11 @@
-//! The official linear-probe head (`LinearCLS`): BatchNorm without scale or bias (momentum 0.9,
-//! eps 1e-5, biased batch variance in training) followed by a dense layer.
+//! Training of the official linear probe (`LinearCLS`: BatchNorm without scale or bias, then a
+//! dense layer) on cached features: LARS, warmup + cosine learning rate scaled by batch/256. The
+//! head itself, [`LinearProbeHead`], lives in `m3ae-model` (re-exported here).
 
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// BatchNorm epsilon of the official probe.
-pub const BN_EPS: f64 = 1e-5;
-/// What [`LinearProbeHead::predict`] gives for a row without a finite best logit.
-pub const NO_CLASS: u32 = u32::MAX;
-/// Running-statistics momentum of the official probe (`new = 0.9 old + 0.1 batch`).
-pub const BN_MOMENTUM: f64 = 0.9;
-
-/// Non-affine BatchNorm + linear classifier on pooled features `[B, D]`.
-#[derive(Debug, Clone)]
-pub struct LinearProbeHead {
-    /// `[C, D]` classifier weight.
-    pub weight: Tensor,
-    /// `[C]` classifier bias.
-    pub bias: Tensor,
-    /// `[D]` running mean.
-    pub running_mean: Tensor,
-    /// `[D]` running (biased) variance.
-    pub running_var: Tensor,
-}
-
-impl LinearProbeHead {
-    /// A head from its weights; `weight` is `[C, D]`, statistics `[D]`.
-    pub fn new(
-        weight: Tensor,
-        bias: Tensor,
-        running_mean: Tensor,
-        running_var: Tensor,
-    ) -> Result<Self> {
-        let (c, d) = weight.dims2()?;
-        if bias.dims() != [c] || running_mean.dims() != [d] || running_var.dims() != [d] {
-            return Err(Error::Shape(format!(
-                "probe head: weight {:?}, bias {:?}, mean {:?}, var {:?} do not agree",
-                weight.dims(),
-                bias.dims(),
-                running_mean.dims(),
-                running_var.dims()
-            )));
-        }
-        Ok(Self {
-            weight,
-            bias,
-            running_mean,
-            running_var,
-        })
-    }
-
-    fn normalize(x: &Tensor, mean: &Tensor, var: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_sub(mean)?
-            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?)
-    }
-
-    fn classify(&self, z: &Tensor) -> Result<Tensor> {
-        Ok(z.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
-    }
-
-    /// Training-mode forward on features `[B, D]`: normalises with the batch statistics, updates
-    /// the running statistics, returns `(logits [B, C], normalised features [B, D])`.
-    pub fn forward_train(&mut self, features: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mean = features.mean_keepdim(0)?;
-        let var = features.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
-        let z = Self::normalize(features, &mean, &var)?;
-        let (mean, var) = (mean.squeeze(0)?.detach(), var.squeeze(0)?.detach());
-        self.running_mean = ((&self.running_mean * BN_MOMENTUM)? + (mean * (1.0 - BN_MOMENTUM))?)?;
-        self.running_var = ((&self.running_var * BN_MOMENTUM)? + (var * (1.0 - BN_MOMENTUM))?)?;
-        Ok((self.classify(&z)?, z))
-    }
-
-    /// Evaluation-mode forward (running statistics): logits `[B, C]`.
-    pub fn forward_eval(&self, features: &Tensor) -> Result<Tensor> {
-        let z = Self::normalize(features, &self.running_mean, &self.running_var)?;
-        self.classify(&z)
-    }
-
-    /// Predicted classes `[B]` (u32), by [`crate::metrics::argmax_rows`]: ties go to the lower
-    /// class, a NaN logit never wins, and a row whose best logit is not finite predicts
-    /// [`NO_CLASS`].
-    pub fn predict(&self, features: &Tensor) -> Result<Tensor> {
-        let logits = self.forward_eval(features)?;
-        let (b, c) = logits.dims2()?;
-        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
-        let pred: Vec<u32> = crate::metrics::argmax_rows(&flat, c)?
-            .into_iter()
-            .map(|p| p.unwrap_or(NO_CLASS))
-            .collect();
-        Ok(Tensor::from_vec(pred, b, features.device())?)
-    }
-}
+pub use m3ae_model::probe_head::{LinearProbeHead, BN_EPS, BN_MOMENTUM, NO_CLASS};
 
 /// Settings of the linear probe (official recipe; defaults sized for CPU runs on cached features).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -286,7 +201,7 @@ pub fn train_probe(
         Tensor::ones(d, candle_core::DType::F32, &dev)?,
     )?;
     let steps_per_epoch = n.div_ceil(cfg.batch_size).max(1);
-    let schedule = m3ae_train::WarmupCosine {
+    let schedule = m3ae_model::WarmupCosine {
         init: 0.0,
         peak: cfg.lr_peak,
         end: 0.0,

@@ -83,8 +83,9 @@ impl ModelType {
 
 /// Configuration of the M3AE model (and of the image-only MAE, which ignores the text fields).
 ///
-/// The first fifteen fields are the official model config (spec §1) with its defaults. The rest
-/// are the constructor arguments and loss settings the official main scripts pass in.
+/// The first fifteen fields are the official model config (`get_default_config`) with its
+/// defaults. The rest are the constructor arguments and loss settings the official main scripts
+/// pass in.
 ///
 /// ```
 /// use m3ae_model::M3aeConfig;

@@ -89,14 +89,70 @@ impl Attention {
 
     /// `x`: `[B, L, C]`; `key_padding`: `[B, L]` (1 = padding key) -> `[B, L, C]`.
     pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.forward_inner(x, key_padding, false)?.0)
+    }
+
+    /// [`Attention::forward`] plus the attention probabilities `[B, heads, L, L]` (row `q` is
+    /// query `q`'s distribution over the keys). The output is the untraced one (same kernel
+    /// path); the probabilities come from the same qkv projection through reference ops, with
+    /// probability 0 on padding keys.
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        key_padding: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (y, probs) = self.forward_inner(x, key_padding, true)?;
+        Ok((y, probs.expect("probabilities were asked for")))
+    }
+
+    fn forward_inner(
+        &self,
+        x: &Tensor,
+        key_padding: Option<&Tensor>,
+        trace: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let c = x.dim(2)?;
         let scale = 1.0 / ((c / self.heads) as f64).sqrt();
         let qkv = self.qkv.forward(x)?;
+        let probs = if trace {
+            Some(attention_probabilities(&qkv, self.heads, key_padding)?)
+        } else {
+            None
+        };
         let y = self
             .path
             .qkv_attention(&qkv, self.heads, key_padding, scale)?;
-        self.proj.forward(&y)
+        Ok((self.proj.forward(&y)?, probs))
     }
+}
+
+/// Softmax attention probabilities `[B, heads, L, L]` of a packed qkv projection `[B, L, 3 C]`
+/// (columns `[q | k | v]`, each head-contiguous), from reference ops: scores
+/// `q k^T / sqrt(C / heads)`, padding keys pushed down by `1e9` (probability 0 in f32), then a
+/// max-subtracted softmax over the keys.
+fn attention_probabilities(
+    qkv: &Tensor,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, l, c3) = qkv.dims3()?;
+    let c = c3 / 3;
+    let hd = c / heads;
+    let split = |i: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(2, i * c, c)?
+            .reshape((b, l, heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (q, k) = (split(0)?, split(1)?);
+    let mut s = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? / (hd as f64).sqrt())?;
+    if let Some(pad) = key_padding {
+        s = s.broadcast_add(&(pad.to_dtype(s.dtype())?.reshape((b, 1, 1, l))? * -1e9)?)?;
+    }
+    let m = s.max_keepdim(D::Minus1)?;
+    let e = s.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// Pre-norm transformer block: `x + Attn(LN(x))`, then `x + MLP(LN(x))` with tanh-GELU.
@@ -125,11 +181,34 @@ impl Block {
 
     /// `x`: `[B, L, C]` -> `[B, L, C]`.
     pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?, key_padding)?)?;
+        Ok(self.forward_inner(x, key_padding, false)?.0)
+    }
+
+    /// [`Block::forward`] plus the attention probabilities `[B, heads, L, L]` of its attention
+    /// layer (see [`Attention::forward_traced`]); the output is the untraced one.
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        key_padding: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (y, probs) = self.forward_inner(x, key_padding, true)?;
+        Ok((y, probs.expect("probabilities were asked for")))
+    }
+
+    fn forward_inner(
+        &self,
+        x: &Tensor,
+        key_padding: Option<&Tensor>,
+        trace: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (a, probs) = self
+            .attn
+            .forward_inner(&self.norm1.forward(x)?, key_padding, trace)?;
+        let x = (x + a)?;
         let h = self
             .path
             .gelu_tanh(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
-        Ok((&x + self.fc2.forward(&h)?)?)
+        Ok(((&x + self.fc2.forward(&h)?)?, probs))
     }
 }
 
@@ -160,11 +239,33 @@ impl Transformer {
 
     /// `x`: `[B, L, C]` -> `[B, L, C]` (post final LayerNorm).
     pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.forward_traced(x, key_padding, |_| false)?.0)
+    }
+
+    /// [`Transformer::forward`] that also returns the attention probabilities
+    /// `[B, heads, L, L]` of every block `i` with `record(i)`, as `(i, probabilities)` in block
+    /// order. The output is the untraced one.
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        key_padding: Option<&Tensor>,
+        record: impl Fn(usize) -> bool,
+    ) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
         let mut x = x.clone();
-        for b in &self.blocks {
-            x = b.forward(&x, key_padding)?;
+        let mut maps = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let (y, probs) = b.forward_inner(&x, key_padding, record(i))?;
+            x = y;
+            if let Some(p) = probs {
+                maps.push((i, p));
+            }
         }
-        self.norm.forward(&x)
+        Ok((self.norm.forward(&x)?, maps))
+    }
+
+    /// Number of blocks.
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
     }
 }
 

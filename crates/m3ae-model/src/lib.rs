@@ -4,7 +4,11 @@
 //! * [`M3aeConfig`]: every field of the official model config, the official presets and ours.
 //! * [`patchify`] / [`unpatchify`], [`posemb`]: patches and fixed sin-cos position embeddings.
 //! * [`Masking`] built from explicit [`Noise`] (batch-shared as the official code, or per sample).
-//! * [`M3ae`] and [`Mae`]: masked forward, losses, unmasked representation ([`Represent`]).
+//! * [`M3ae`] and [`Mae`]: masked forward, losses, unmasked representation ([`Represent`]),
+//!   optionally with the encoder's attention maps ([`AttentionTrace`]); [`AnyModel`] holds either.
+//! * [`LinearProbeHead`]: the official linear-probe head on pooled features; [`ranking`]: its
+//!   argmax rule (NaN never wins), shared with the evaluation metrics.
+//! * [`WarmupCosine`]: the official learning-rate schedule.
 //! * [`params`]: weight specs, seeded initialisation, safetensors I/O, the official name mapping.
 //! * [`flops`]: parameter and FLOP counts.
 //!
@@ -30,6 +34,8 @@
 //! # Ok::<(), m3ae_model::Error>(())
 //! ```
 
+pub mod any;
+pub mod attention;
 pub mod config;
 pub mod flops;
 pub mod fsio;
@@ -41,14 +47,21 @@ pub mod params;
 pub mod patch;
 pub mod pickle;
 pub mod posemb;
+pub mod probe_head;
+pub mod ranking;
 pub mod resources;
+pub mod schedule;
 
+pub use any::AnyModel;
+pub use attention::{AttentionTrace, TraceLayers};
 pub use config::{M3aeConfig, ModelType};
 pub use loss::{cross_entropy_loss_and_accuracy, patch_mse_loss};
 pub use masking::{keep_len, Masking, Noise};
 pub use model::{pool, Losses, M3ae, Mae, ModelInput, Output, Pooling, Represent, Trace};
 pub use params::{param_count, param_specs, ParamSpec, ParamStore, Unexpected, Variant};
 pub use patch::{patchify, unpatchify};
+pub use probe_head::LinearProbeHead;
+pub use schedule::WarmupCosine;
 
 use std::path::PathBuf;
 

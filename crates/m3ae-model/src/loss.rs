@@ -1,4 +1,5 @@
-//! Losses and accuracies exactly as the official code computes them (spec §6).
+//! Losses and accuracies exactly as the official code computes them: per-sample means over the
+//! valid positions (patch MSE, text cross-entropy and accuracy), then the batch mean.
 
 use crate::layers::mean_sq_err_last;
 use crate::{Error, Result};

@@ -1,4 +1,4 @@
-//! Random masking from explicit noise (spec §4).
+//! Random masking from explicit noise, as the official `random_masking`.
 //!
 //! The official code draws ONE uniform noise vector of shape `(L,)` per modality and shares it by
 //! every sample of the batch; the original MAE draws per-sample noise `(B, L)`. Both are

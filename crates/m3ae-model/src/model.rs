@@ -4,6 +4,7 @@
 //! set ([`Variant::Mae`]). The encoder sees only kept tokens plus cls; the decoder restores the
 //! full sequence with mask embeddings and predicts every position; losses select.
 
+use crate::attention::{AttentionTrace, TraceLayers};
 use crate::config::M3aeConfig;
 use crate::layers::{Dense, Head, Transformer};
 use crate::loss::{cross_entropy_loss_and_accuracy, patch_mse_loss};
@@ -375,6 +376,27 @@ impl Core {
     }
 
     fn represent(&self, input: &ModelInput) -> Result<Tensor> {
+        let (x, pad) = self.encoder_input(input)?;
+        self.encoder.forward(&x, pad.as_ref())
+    }
+
+    /// [`Core::represent`] recording the attention of the blocks `layers` names.
+    fn represent_traced(&self, input: &ModelInput, layers: &TraceLayers) -> Result<AttentionTrace> {
+        let (x, pad) = self.encoder_input(input)?;
+        let depth = self.encoder.depth();
+        let (representation, attention) = self
+            .encoder
+            .forward_traced(&x, pad.as_ref(), |i| layers.records(i, depth))?;
+        Ok(AttentionTrace {
+            representation,
+            key_padding: pad,
+            attention,
+        })
+    }
+
+    /// The unmasked encoder input `[B, 1+Li+T, D]` (cls, embedded patches, embedded text) and
+    /// its key padding `[B, 1+Li+T]` (`None` without text).
+    fn encoder_input(&self, input: &ModelInput) -> Result<(Tensor, Option<Tensor>)> {
         let b = Self::batch_of(input)?;
         let dev = self.device().clone();
         let d = self.cfg.emb_dim;
@@ -397,7 +419,7 @@ impl Core {
         } else {
             None
         };
-        self.encoder.forward(&x, pad.as_ref())
+        Ok((x, pad))
     }
 
     fn losses(&self, input: &ModelInput, out: &Output) -> Result<Losses> {
@@ -621,6 +643,36 @@ impl M3ae {
     pub fn forward_representation(&self, input: &ModelInput) -> Result<Tensor> {
         self.0.represent(input)
     }
+
+    /// [`M3ae::forward_representation`] that also records the attention probabilities of the
+    /// encoder blocks `layers` names (see [`AttentionTrace`]); the representation is the
+    /// untraced one.
+    pub fn forward_representation_traced(
+        &self,
+        input: &ModelInput,
+        layers: &TraceLayers,
+    ) -> Result<AttentionTrace> {
+        self.0.represent_traced(input, layers)
+    }
+
+    /// Attention of the cls token in the last encoder block, averaged over heads, for the first
+    /// sample of the unmasked input: `[1 + Li]`, or `[1 + Li + T]` over (cls, patches, text
+    /// tokens) with `text` = `(ids [B, T], padding [B, T])` (padding tokens get 0). See
+    /// [`AttentionTrace::cls_attention`].
+    pub fn cls_attention(
+        &self,
+        image_patches: &Tensor,
+        text: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Vec<f32>> {
+        let first = |t: &Tensor| t.narrow(0, 0, 1);
+        let input = ModelInput {
+            image_patches: Some(first(image_patches)?),
+            text_ids: text.map(|(ids, _)| first(ids)).transpose()?,
+            text_padding: text.map(|(_, pad)| first(pad)).transpose()?,
+        };
+        let trace = self.forward_representation_traced(&input, &TraceLayers::Last)?;
+        trace.cls_attention(self.0.cfg.depth - 1, 0)
+    }
 }
 
 /// The image-only masked autoencoder baseline (`MaskedAutoencoder`).
@@ -657,5 +709,30 @@ impl Mae {
     /// Unmasked representation `[B, 1+Li, D]` after the encoder's final LayerNorm.
     pub fn forward_representation(&self, image_patches: &Tensor) -> Result<Tensor> {
         self.represent(image_patches)
+    }
+
+    /// [`Mae::forward_representation`] that also records the attention probabilities of the
+    /// encoder blocks `layers` names (see [`AttentionTrace`]); the representation is the
+    /// untraced one.
+    pub fn forward_representation_traced(
+        &self,
+        image_patches: &Tensor,
+        layers: &TraceLayers,
+    ) -> Result<AttentionTrace> {
+        self.0.represent_traced(
+            &ModelInput {
+                image_patches: Some(image_patches.clone()),
+                ..Default::default()
+            },
+            layers,
+        )
+    }
+
+    /// Attention of the cls token in the last encoder block, averaged over heads, for the first
+    /// sample: `[1 + Li]` over (cls, patches). See [`AttentionTrace::cls_attention`].
+    pub fn cls_attention(&self, image_patches: &Tensor) -> Result<Vec<f32>> {
+        let trace = self
+            .forward_representation_traced(&image_patches.narrow(0, 0, 1)?, &TraceLayers::Last)?;
+        trace.cls_attention(self.0.cfg.depth - 1, 0)
     }
 }

@@ -8,7 +8,6 @@ pub mod checkpoint;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
-pub mod schedule;
 pub mod sync;
 pub mod tensorboard;
 pub mod trainer;
@@ -16,7 +15,10 @@ pub mod trainer;
 pub use metrics::{JsonlSink, MetricSink};
 pub use objective::{LossReport, Objective, TrainBatch};
 pub use optim::{AdamW, AdamWConfig};
-pub use schedule::WarmupCosine;
+// The learning-rate schedule lives in the model crate (the probe of `m3ae-eval` uses it too); it
+// stays reachable here as `m3ae_train::schedule` and `m3ae_train::WarmupCosine`.
+pub use m3ae_model::schedule;
+pub use m3ae_model::schedule::WarmupCosine;
 pub use sync::{GradSync, SingleProcess};
 pub use trainer::{BatchSource, StepReport, TrainConfig, Trainer, TrainerState};
 

@@ -51,10 +51,9 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`) has as many threads as the current rayon pool, the
 /// tasks run there: in a training step the kernels sit between candle ops, whose worker has just
 /// finished and is still spinning, while rayon's workers have gone to sleep; two pools of busy
-/// threads on the same cores also compete. Measured (2 threads, heap kept, attention fwd+bwd
-/// alternating the two pools): base encoder 18.3-19.6 vs 22.1-25.4 ms, small encoder 9.5-12.6 vs
-/// 11.7-12.4 ms, decoder no difference (docs/performance.md). Otherwise (for example inside a
-/// smaller rayon pool) they run on rayon.
+/// threads on the same cores also compete, so staying on candle's pool saves the wake-up and the
+/// contention (docs/performance.md has the timings). Otherwise (for example inside a smaller
+/// rayon pool) they run on rayon.
 pub(crate) fn for_each_index(n: usize, f: impl Fn(usize) + Sync + Send) {
     use rayon::prelude::*;
     let pool = candle_core::utils::barrier_pool();

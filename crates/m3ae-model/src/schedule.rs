@@ -23,7 +23,7 @@ impl WarmupCosine {
     /// The learning rate at optimiser step `step` (0-based), multiplied by `scale`.
     ///
     /// ```
-    /// use m3ae_train::schedule::WarmupCosine;
+    /// use m3ae_model::schedule::WarmupCosine;
     /// let s = WarmupCosine { init: 0.0, peak: 1.0, end: 0.0, warmup_steps: 10, decay_steps: 110 };
     /// assert_eq!(s.at(0, 1.0), 0.0);
     /// assert!((s.at(5, 1.0) - 0.5).abs() < 1e-12);
