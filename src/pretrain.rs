@@ -16,12 +16,11 @@ use m3ae_data::{
 };
 use m3ae_model::{M3ae, M3aeConfig, Mae, Pooling, Represent};
 use m3ae_train::tensorboard::TensorBoardSink;
-use m3ae_train::{BatchSource, JsonlSink, MetricSink, Objective, StepReport, TrainConfig, Trainer};
+use m3ae_train::{Fitted, Hook, JsonlSink, Learner, Objective, TrainConfig, Trainer, Window};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Which model to pre-train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -1087,7 +1086,7 @@ pub fn run_with_sync(
         (None, true) => bail!("model.unpaired_text_loss_weight > 0 needs data.unpaired_text"),
         _ => None,
     };
-    let mut source = Streams::new(streams, rank, world, masks, with_text, |s| {
+    let source = Streams::new(streams, rank, world, masks, with_text, |s| {
         let lc = LoaderConfig {
             rank: s,
             ..lc.clone()
@@ -1107,7 +1106,7 @@ pub fn run_with_sync(
                 &cfg,
                 &opts,
                 Trainer::new(m, cfg.train.clone())?.with_sync(sync),
-                &mut source,
+                source,
                 latest,
                 &run_dir,
                 |t, path| {
@@ -1128,7 +1127,7 @@ pub fn run_with_sync(
                 &cfg,
                 &opts,
                 Trainer::new(m, cfg.train.clone())?.with_sync(sync),
-                &mut source,
+                source,
                 latest,
                 &run_dir,
                 |t, path| {
@@ -1213,85 +1212,24 @@ impl IntoTrained for Mae {
     }
 }
 
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+/// The pre-training job's progress: a progress bar on rank 0 (or plain lines with `--plain`)
+/// showing the window's losses, throughput and data wait.
+struct JobProgress {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
 }
 
-/// Gathers every rank's data position at rank 0, which writes the checkpoint (`None` elsewhere).
-fn save_checkpoint<O: Objective>(
-    trainer: &mut Trainer<O>,
-    source: &Streams,
-    ck_dir: &Path,
-    extra: serde_json::Value,
-    cfg: &PretrainConfig,
-) -> Result<Option<PathBuf>> {
-    let local = serde_json::to_vec(&source.position())?;
-    let Some(all) = trainer.sync_mut().gather(&local)? else {
-        return Ok(None);
-    };
-    let locals = all
-        .iter()
-        .map(|b| serde_json::from_slice(b))
-        .collect::<std::result::Result<Vec<serde_json::Value>, _>>()?;
-    let position = Streams::merge(&locals)?;
-    Ok(Some(trainer.save_checkpoint(
-        ck_dir,
-        position,
-        extra,
-        cfg.keep_checkpoints,
-    )?))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn train_loop<O: Objective + Clone + IntoTrained>(
-    cfg: &PretrainConfig,
-    opts: &RunOptions,
-    mut trainer: Trainer<O>,
-    source: &mut Streams,
-    latest: Option<PathBuf>,
-    run_dir: &Path,
-    mut draw: impl FnMut(&Trainer<O>, &Path) -> Result<()>,
-) -> Result<(RunSummary, Trained)> {
-    let ck_dir = run_dir.join("checkpoints");
-    let mut first_window: Option<(f64, f64)> = None;
-    let mut history = serde_json::json!({});
-    if let Some(dir) = &latest {
-        let (pos, extra) = trainer
-            .restore(dir)
-            .with_context(|| format!("resuming from {}", dir.display()))?;
-        source.restore(&pos)?;
-        history = extra;
-        if let (Some(a), Some(b)) = (
-            history["first_image_loss"].as_f64(),
-            history["first_text_loss"].as_f64(),
-        ) {
-            first_window = Some((a, b));
-        }
-        eprintln!("resumed from {} at step {}", dir.display(), trainer.step());
-        if trainer.step() >= cfg.train.steps {
-            eprintln!(
-                "nothing to train: the run is already at step {} and train.steps = {} \
-                 (pass a larger --steps to train further)",
-                trainer.step(),
-                cfg.train.steps
-            );
-        }
+impl JobProgress {
+    fn new(plain: bool) -> Self {
+        Self { bar: None, plain }
     }
-    let (rank, world) = trainer.rank_and_world();
-    let lead = rank == 0;
-    // rank 0 writes the metrics; the others only train
-    let mut sinks = if lead {
-        Some((
-            JsonlSink::open(&run_dir.join("metrics.jsonl"))?,
-            TensorBoardSink::create(&run_dir.join("tb"))?,
-        ))
-    } else {
-        None
-    };
-    let total = cfg.train.steps;
-    let bar = if opts.plain || !lead {
-        None
-    } else {
+}
+
+impl m3ae_train::Progress for JobProgress {
+    fn start(&mut self, step: u64, total: u64) {
+        if self.plain {
+            return;
+        }
         let b = indicatif::ProgressBar::new(total);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -1299,171 +1237,105 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        b.set_position(trainer.step());
-        Some(b)
-    };
-    let start = Instant::now();
-    let start_step = trainer.step();
-    let mut window: Vec<StepReport> = Vec::new();
-    let mut last_window = (f64::NAN, f64::NAN);
-    let mut checkpoint = latest.clone();
-    // the same on every rank (`checkpoint` is only set on rank 0)
-    let mut have_checkpoint = latest.is_some();
-    let mut interrupted = false;
-    let mut window_start = Instant::now();
-    let mut data_wait = 0f64;
-    // What the checkpoint carried (e.g. an official run's provenance) is kept.
-    let carried = history.clone();
-    let extra = |first: Option<(f64, f64)>| {
-        let mut e = match &carried {
-            serde_json::Value::Object(m) => m.clone(),
-            _ => serde_json::Map::new(),
-        };
-        e.insert("first_image_loss".into(), first.map(|f| f.0).into());
-        e.insert("first_text_loss".into(), first.map(|f| f.1).into());
-        serde_json::Value::Object(e)
-    };
-    while trainer.step() < total {
-        let mut stop = [f64::from(u8::from(opts.stop.load(Ordering::SeqCst)))];
-        if world > 1 {
-            // stop together: a rank that left alone would leave the others waiting
-            trainer.sync_mut().all_reduce_sum(&mut stop)?;
-        }
-        if stop[0] > 0.0 {
-            interrupted = true;
-            break;
-        }
-        let t_data = Instant::now();
-        let batch = source.next_batch()?;
-        data_wait += t_data.elapsed().as_secs_f64();
-        let r = trainer.train_step(&batch)?;
-        if !r.updated {
-            if r.skipped {
-                eprintln!(
-                    "step {}: non-finite loss or gradient, batch skipped",
-                    trainer.step()
-                );
-            }
-            continue;
-        }
-        let step = trainer.step();
-        window.push(r);
-        if step.is_multiple_of(cfg.log_every) || step == total {
-            let avg = |k: &str| {
-                mean(
-                    &window
-                        .iter()
-                        .filter_map(|r| r.scalars.get(k).copied())
-                        .collect::<Vec<_>>(),
-                )
-            };
-            let secs = window_start.elapsed().as_secs_f64();
-            let sps = (window.len() * cfg.train.batch_size) as f64 / secs.max(1e-9);
-            let mut rec = serde_json::Map::new();
-            for k in [
-                "loss",
-                "image_loss",
-                "text_loss",
-                "text_accuracy",
-                "unpaired_text_loss",
-            ] {
-                if window.iter().any(|r| r.scalars.contains_key(k)) {
-                    rec.insert(k.into(), avg(k).into());
-                }
-            }
-            let last = window.last().expect("window has a step");
-            rec.insert("lr".into(), last.lr.into());
-            rec.insert(
-                "grad_norm".into(),
-                last.grad_norm.unwrap_or(f64::NAN).into(),
-            );
-            rec.insert("samples_per_s".into(), sps.into());
-            let tokens = source.loader().config().text_len.unwrap_or(0) + cfg.model.num_patches();
-            rec.insert("tokens_per_s".into(), (sps * tokens as f64).into());
-            rec.insert("skipped_steps".into(), trainer.skipped_steps().into());
-            rec.insert(
-                "data_wait_fraction".into(),
-                (data_wait / secs.max(1e-9)).into(),
-            );
-            rec.insert("bad_samples".into(), serde_json::to_value(source.stats())?);
-            let rec = serde_json::Value::Object(rec);
-            if let Some((jsonl, tb)) = &mut sinks {
-                jsonl.record(step, &rec)?;
-                tb.record(step, &rec)?;
-            }
-            let il = avg("image_loss");
-            let tl = avg("text_loss");
-            if first_window.is_none() {
-                first_window = Some((il, tl));
-            }
-            last_window = (il, tl);
-            let msg = format!(
-                "loss {:.4} image {:.4} text {:.3} acc {:.2} | {:.0} samples/s, data wait {:.0}%",
-                avg("loss"),
-                il,
-                tl,
-                avg("text_accuracy"),
-                sps,
-                100.0 * data_wait / secs.max(1e-9)
-            );
-            match &bar {
-                Some(b) => b.set_message(msg),
-                None if lead => eprintln!("step {step}/{total} {msg}"),
-                None => {}
-            }
-            window.clear();
-            window_start = Instant::now();
-            data_wait = 0.0;
-        }
-        if let Some(b) = &bar {
+        b.set_position(step);
+        self.bar = Some(b);
+    }
+    fn advance(&mut self, step: u64) {
+        if let Some(b) = &self.bar {
             b.set_position(step);
         }
-        if lead && cfg.image_every > 0 && step.is_multiple_of(cfg.image_every) {
-            draw(
-                &trainer,
-                &run_dir.join("recon").join(format!("step-{step:08}.png")),
-            )?;
+    }
+    fn window(&mut self, w: &Window) {
+        let msg = format!(
+            "loss {:.4} image {:.4} text {:.3} acc {:.2} | {:.0} samples/s, data wait {:.0}%",
+            w.mean("loss"),
+            w.mean("image_loss"),
+            w.mean("text_loss"),
+            w.mean("text_accuracy"),
+            w.samples_per_s,
+            100.0 * w.data_wait_fraction
+        );
+        match &self.bar {
+            Some(b) => b.set_message(msg),
+            None => eprintln!("step {}/{} {msg}", w.step, w.total),
         }
-        if step.is_multiple_of(cfg.save_every) && step < total {
-            let saved = save_checkpoint(&mut trainer, source, &ck_dir, extra(first_window), cfg)?;
-            checkpoint = saved.or(checkpoint);
-            have_checkpoint = true;
+    }
+    fn finish(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish();
         }
     }
-    if let Some(b) = &bar {
-        b.finish();
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_loop<O: Objective + Clone + IntoTrained>(
+    cfg: &PretrainConfig,
+    opts: &RunOptions,
+    trainer: Trainer<O>,
+    source: Streams,
+    latest: Option<PathBuf>,
+    run_dir: &Path,
+    mut draw: impl FnMut(&Trainer<O>, &Path) -> Result<()>,
+) -> Result<(RunSummary, Trained)> {
+    let lead = trainer.rank_and_world().0 == 0;
+    let tokens = source.loader().config().text_len.unwrap_or(0) + cfg.model.num_patches();
+    let recon = run_dir.join("recon");
+    let draw = |t: &Trainer<O>, step: u64| -> std::result::Result<(), m3ae_train::HookError> {
+        Ok(draw(t, &recon.join(format!("step-{step:08}.png")))?)
+    };
+    let mut learner = Learner::new(trainer, source)
+        .checkpoints(
+            run_dir.join("checkpoints"),
+            cfg.save_every,
+            cfg.keep_checkpoints,
+        )
+        .log_every(cfg.log_every)
+        .progress(Box::new(JobProgress::new(opts.plain)))
+        .interrupt(opts.stop.clone())
+        .tokens_per_sample(tokens)
+        .hook(Hook::new(
+            "reconstruction image",
+            cfg.image_every,
+            true,
+            draw,
+        ));
+    if let Some(dir) = latest {
+        learner = learner.resume_from(dir);
     }
-    let train_seconds = start.elapsed().as_secs_f64();
-    let done = trainer.step() - start_step;
-    if done > 0 || !have_checkpoint {
-        let saved = save_checkpoint(&mut trainer, source, &ck_dir, extra(first_window), cfg)?;
-        checkpoint = saved.or(checkpoint);
-    }
+    // rank 0 writes the metrics; the others only train
     if lead {
-        draw(
-            &trainer,
-            &run_dir
-                .join("recon")
-                .join(format!("step-{:08}.png", trainer.step())),
-        )?;
+        learner = learner
+            .sink(Box::new(JsonlSink::open(&run_dir.join("metrics.jsonl"))?))
+            .sink(Box::new(TensorBoardSink::create(&run_dir.join("tb"))?));
     }
+    let Fitted {
+        trainer,
+        source,
+        report,
+    } = learner.fit()?;
+    let window = |w: &Option<std::collections::BTreeMap<String, f64>>, k: &str| {
+        w.as_ref().map(|m| m.get(k).copied().unwrap_or(0.0))
+    };
+    let pair = |k: &str| match (
+        window(&report.first_window, k),
+        window(&report.last_window, k),
+    ) {
+        (Some(a), Some(b)) if a.is_finite() && b.is_finite() => Some((a, b)),
+        _ => None,
+    };
     let summary = RunSummary {
         run_dir: run_dir.to_path_buf(),
-        steps: trainer.step(),
-        interrupted,
-        image_loss: first_window
-            .map(|f| (f.0, last_window.0))
-            .filter(|p| p.0.is_finite() && p.1.is_finite()),
-        text_loss: first_window
-            .map(|f| (f.1, last_window.1))
-            .filter(|p| p.0.is_finite() && p.1.is_finite()),
+        steps: report.steps,
+        interrupted: report.interrupted,
+        image_loss: pair("image_loss"),
+        text_loss: pair("text_loss"),
         masked_word_accuracy: None,
         frequency_baseline: None,
-        samples_per_s: (done as usize * cfg.train.batch_size) as f64 / train_seconds.max(1e-9),
-        train_seconds,
+        samples_per_s: report.samples_per_s,
+        train_seconds: report.train_seconds,
         probe: None,
-        skipped_steps: trainer.skipped_steps(),
-        checkpoint,
+        skipped_steps: report.skipped_steps,
+        checkpoint: report.checkpoint,
         held_out: match cfg.data.source.as_str() {
             "scenes" => "held-out scenes".into(),
             _ => "held-out data".into(),

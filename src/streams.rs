@@ -363,6 +363,14 @@ impl m3ae_train::BatchSource for Streams {
         self.restore_all(position)
             .map_err(|e| m3ae_train::Error::State(format!("{e:#}")))
     }
+
+    fn merge_positions(&self, positions: &[Value]) -> m3ae_train::Result<Value> {
+        Streams::merge(positions).map_err(|e| m3ae_train::Error::State(format!("{e:#}")))
+    }
+
+    fn stats(&self) -> Option<Value> {
+        serde_json::to_value(Streams::stats(self)).ok()
+    }
 }
 
 #[cfg(test)]

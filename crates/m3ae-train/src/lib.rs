@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod learner;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
@@ -12,6 +13,7 @@ pub mod sync;
 pub mod tensorboard;
 pub mod trainer;
 
+pub use learner::{FitReport, Fitted, Hook, HookError, Learner, LogLines, Progress, Window};
 pub use metrics::{JsonlSink, MetricSink};
 pub use objective::{LossReport, Objective, TrainBatch};
 pub use optim::{AdamW, AdamWConfig};
@@ -63,6 +65,24 @@ pub enum Error {
         path: PathBuf,
         /// The I/O error.
         error: std::io::Error,
+    },
+    /// Restoring a checkpoint failed.
+    #[error("resuming from {}: {error}", dir.display())]
+    Resume {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// Why.
+        error: Box<Error>,
+    },
+    /// A [`learner::Hook`] failed.
+    #[error("{name} at step {step}: {error}")]
+    Hook {
+        /// The hook's name.
+        name: String,
+        /// The step it ran at.
+        step: u64,
+        /// Its error.
+        error: learner::HookError,
     },
     /// A file could not be parsed.
     #[error("{}: {msg}", path.display())]

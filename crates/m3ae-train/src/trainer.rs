@@ -18,6 +18,21 @@ pub trait BatchSource {
     fn position(&self) -> serde_json::Value;
     /// Moves to a position written by [`BatchSource::position`].
     fn restore(&mut self, position: &serde_json::Value) -> Result<()>;
+    /// The position of the whole job from every rank's [`BatchSource::position`] (in rank
+    /// order), for the checkpoint rank 0 writes. The default accepts one process only.
+    fn merge_positions(&self, positions: &[serde_json::Value]) -> Result<serde_json::Value> {
+        match positions {
+            [one] => Ok(one.clone()),
+            _ => Err(Error::State(format!(
+                "this batch source cannot merge the data positions of {} ranks",
+                positions.len()
+            ))),
+        }
+    }
+    /// Counts of bad samples met so far, logged with the metrics (`None`: not tracked).
+    fn stats(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Optimisation settings (official pre-training defaults).
