@@ -161,14 +161,8 @@ fn probe_tasks(args: &Args, cfg: &PretrainConfig) -> Result<Vec<ProbeTask>> {
                 let (ntr, nte) = cfg.probe_samples;
                 ProbeTask {
                     name,
-                    train: DataSpec::Scenes {
-                        split: SceneSplit::Train,
-                        len: Some(ntr),
-                    },
-                    test: DataSpec::Scenes {
-                        split: SceneSplit::Test,
-                        len: Some(nte),
-                    },
+                    train: DataSpec::scenes(SceneSplit::Train, Some(ntr)),
+                    test: DataSpec::scenes(SceneSplit::Test, Some(nte)),
                     opts: DataOptions::default(),
                     probe: scene_probe_config(1),
                 }
@@ -176,7 +170,7 @@ fn probe_tasks(args: &Args, cfg: &PretrainConfig) -> Result<Vec<ProbeTask>> {
             "tuxpaint" => {
                 let shard = |s: &str| -> Result<DataSpec> {
                     let p = need(d.join(format!("tuxpaint_captions/{s}-00000.tar")))?;
-                    Ok(DataSpec::WebDataset(p.display().to_string()))
+                    Ok(DataSpec::webdataset(p.display().to_string()))
                 };
                 let (train, test) = (shard("train")?, shard("test")?);
                 let label = evaluate::json_label("category", Some(1), &[&train, &test])?;
@@ -199,8 +193,8 @@ fn probe_tasks(args: &Args, cfg: &PretrainConfig) -> Result<Vec<ProbeTask>> {
                 let f = |s: &str| need(d.join(format!("fashion_mnist/{s}.safetensors")));
                 ProbeTask {
                     name,
-                    train: DataSpec::U8(f("train")?),
-                    test: DataSpec::U8(f("test")?),
+                    train: DataSpec::arrays(f("train")?),
+                    test: DataSpec::arrays(f("test")?),
                     opts: DataOptions::default(),
                     probe: ProbeConfig {
                         epochs: 90,

@@ -30,9 +30,8 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use m3ae_data::{
-    BadStats, CaptionedScenes, ImageConfig, ImageFolder, JsonLabel, LabelKind, Loader,
-    LoaderConfig, Normalization, Partition, RecordIter, RgbImage, SceneSplit, ScenesConfig, Source,
-    Tokenizer, Transform, U8Arrays, WebDataset,
+    BadStats, ImageConfig, JsonLabel, LabelKind, Loader, LoaderConfig, Normalization, RgbImage,
+    Tokenizer, Transform, WebDataset,
 };
 use m3ae_eval::metrics::{ood_metrics, top_k_accuracy, OodMetrics};
 use m3ae_eval::probe::{probe_logits, train_probe, LinearProbeHead, ProbeConfig};
@@ -40,7 +39,6 @@ use m3ae_model::params::{read_safetensors, write_safetensors};
 use m3ae_model::{M3ae, M3aeConfig, Mae, Masking, ModelInput, Noise, Pooling, Represent, Variant};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Errors of the evaluation front end; each names the file, flag or value at fault.
@@ -316,264 +314,7 @@ fn model_identity(source: &ModelSource) -> Result<String> {
 // ---------------------------------------------------------------------------------------------
 // Data
 
-/// A data set named on the command line.
-#[derive(Debug, Clone, PartialEq)]
-pub enum DataSpec {
-    /// uint8 arrays in safetensors (`images` `[N,H,W(,C)]`, optional `labels`).
-    U8(PathBuf),
-    /// The built-in captioned scenes.
-    Scenes {
-        /// The split.
-        split: SceneSplit,
-        /// Number of scenes (`None`: `--limit`, else 1,000).
-        len: Option<usize>,
-    },
-    /// An image folder (one sub-folder per class).
-    Folder(PathBuf),
-    /// WebDataset tar shards: a path, a `::` list, a glob or a brace range.
-    WebDataset(String),
-}
-
-impl std::str::FromStr for DataSpec {
-    type Err = Error;
-
-    /// Parses `u8:<file>`, `fashion_mnist:<file>`, `mnist:<file>`, `<file>.safetensors`,
-    /// `scenes[:train|test|ood[:N]]`, `folder:<dir>`, `wds:<shards>` (also `webdataset:`),
-    /// `<file>.tar` or an existing directory.
-    fn from_str(s: &str) -> Result<Self> {
-        let bad = |msg: &str| arg_err("--data", s, msg);
-        if let Some(rest) = s.strip_prefix("scenes") {
-            let mut parts = rest.split(':').skip(1);
-            if !rest.is_empty() && !rest.starts_with(':') {
-                return Err(bad(
-                    "expected scenes, scenes:<split> or scenes:<split>:<count>",
-                ));
-            }
-            let split = match parts.next() {
-                None | Some("train") => SceneSplit::Train,
-                Some("test") => SceneSplit::Test,
-                Some("ood") => SceneSplit::Ood,
-                Some(_) => return Err(bad("the scenes split must be train, test or ood")),
-            };
-            let len = match parts.next() {
-                None => None,
-                Some(n) => Some(
-                    n.parse::<usize>()
-                        .ok()
-                        .filter(|&n| n > 0)
-                        .ok_or_else(|| bad("the scene count must be a positive integer"))?,
-                ),
-            };
-            if parts.next().is_some() {
-                return Err(bad("too many `:` fields"));
-            }
-            return Ok(DataSpec::Scenes { split, len });
-        }
-        for prefix in ["u8:", "fashion_mnist:", "mnist:", "arrays:"] {
-            if let Some(p) = s.strip_prefix(prefix) {
-                return Ok(DataSpec::U8(PathBuf::from(p)));
-            }
-        }
-        if let Some(p) = s.strip_prefix("folder:") {
-            return Ok(DataSpec::Folder(PathBuf::from(p)));
-        }
-        for prefix in ["wds:", "webdataset:"] {
-            if let Some(p) = s.strip_prefix(prefix) {
-                if p.is_empty() {
-                    return Err(bad("expected wds:<shards>"));
-                }
-                return Ok(DataSpec::WebDataset(p.to_string()));
-            }
-        }
-        let p = PathBuf::from(s);
-        if p.extension().is_some_and(|e| e == "safetensors") {
-            return Ok(DataSpec::U8(p));
-        }
-        if p.extension().is_some_and(|e| e == "tar") {
-            return Ok(DataSpec::WebDataset(s.to_string()));
-        }
-        if p.is_dir() {
-            return Ok(DataSpec::Folder(p));
-        }
-        Err(bad(
-            "expected u8:<file>, fashion_mnist:<file>, mnist:<file>, scenes[:train|test|ood[:N]], \
-             folder:<dir> or wds:<shards>",
-        ))
-    }
-}
-
-impl std::fmt::Display for DataSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DataSpec::U8(p) => write!(f, "u8:{}", p.display()),
-            DataSpec::Folder(p) => write!(f, "folder:{}", p.display()),
-            DataSpec::WebDataset(p) => write!(f, "wds:{p}"),
-            DataSpec::Scenes { split, len } => {
-                let s = match split {
-                    SceneSplit::Train => "train",
-                    SceneSplit::Test => "test",
-                    SceneSplit::Ood => "ood",
-                };
-                match len {
-                    Some(n) => write!(f, "scenes:{s}:{n}"),
-                    None => write!(f, "scenes:{s}"),
-                }
-            }
-        }
-    }
-}
-
-/// How images are read and features pooled.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DataOptions {
-    /// Label of the captioned scenes.
-    pub label: LabelKind,
-    /// At most this many images (an evenly strided subset; `None`: all).
-    pub limit: Option<usize>,
-    /// Images per forward pass.
-    pub batch_size: usize,
-    /// Pixel normalisation.
-    pub normalization: Normalization,
-    /// cls token or mean of the patch tokens.
-    pub pooling: Pooling,
-    /// Print a progress line on stderr every this many batches (0: never).
-    pub progress_every: usize,
-    /// Labels of WebDataset data from a field of each sample's `.json` (see [`json_label`]);
-    /// `None`: the `.cls` members.
-    pub json_label: Option<JsonLabel>,
-    /// Largest tolerated fraction of bad samples (undecodable or missing image, ...) in [0, 1]:
-    /// they are skipped and counted; above it, extraction stops with [`Error::TooManyBad`].
-    pub max_bad_fraction: f64,
-}
-
-impl Default for DataOptions {
-    fn default() -> Self {
-        Self {
-            json_label: None,
-            label: LabelKind::Shape,
-            limit: None,
-            batch_size: 256,
-            normalization: Normalization::Cc12m,
-            pooling: Pooling::Cls,
-            progress_every: 0,
-            max_bad_fraction: 0.1,
-        }
-    }
-}
-
-/// An evenly strided subset of a source: `take` of its `n` records.
-struct Strided {
-    inner: Arc<dyn Source>,
-    n: usize,
-    take: usize,
-}
-
-impl Source for Strided {
-    fn open(&self, partition: &Partition) -> m3ae_data::Result<RecordIter> {
-        let it = self
-            .inner
-            .open(&Partition::whole(partition.seed, partition.epoch))?;
-        let (n, take) = (self.n as u128, self.take as u128);
-        let p = *partition;
-        let mut next_pick = 0u128;
-        let mut j = 0usize;
-        Ok(Box::new(it.enumerate().filter_map(move |(i, r)| {
-            if next_pick >= take || (i as u128) != next_pick * n / take {
-                return None;
-            }
-            next_pick += 1;
-            let mine = p.owns(j);
-            j += 1;
-            mine.then_some(r)
-        })))
-    }
-    fn len_hint(&self) -> Option<usize> {
-        Some(self.take)
-    }
-    fn describe(&self) -> String {
-        format!("{} of {}", self.take, self.inner.describe())
-    }
-}
-
-/// An opened data set: its source and number of classes (0 when unlabelled).
-pub struct OpenedData {
-    /// The samples.
-    pub source: Arc<dyn Source>,
-    /// Number of classes the labels range over (from the metadata or the labels).
-    pub classes: usize,
-}
-
-/// Opens a data set; a path that does not exist is an error naming it.
-pub fn open_data(spec: &DataSpec, opts: &DataOptions) -> Result<OpenedData> {
-    let (source, n, classes): (Arc<dyn Source>, usize, usize) = match spec {
-        DataSpec::U8(p) => {
-            if !p.is_file() {
-                return Err(path_err(p, "no such data file"));
-            }
-            let a = U8Arrays::from_file(p)?;
-            let from_labels = a
-                .labels()
-                .map(|l| l.iter().copied().max().unwrap_or(-1) + 1)
-                .unwrap_or(0)
-                .max(0) as usize;
-            let classes = a.classes().len().max(from_labels);
-            let n = a.len();
-            (Arc::new(a), n, classes)
-        }
-        DataSpec::Folder(p) => {
-            if !p.is_dir() {
-                return Err(path_err(p, "no such image folder"));
-            }
-            let f = ImageFolder::new(p)?;
-            let (n, c) = (f.len(), f.classes().len());
-            (Arc::new(f), n, c)
-        }
-        DataSpec::Scenes { split, len } => {
-            // `scenes:<split>:<N>` is a set of N scenes, of which `--limit` takes an evenly
-            // strided subset like of any data set; without N the set is `--limit` scenes.
-            let len = len.or(opts.limit).unwrap_or(1000);
-            let s = CaptionedScenes::new(ScenesConfig {
-                len,
-                split: *split,
-                label: opts.label,
-                ..Default::default()
-            })?;
-            let c = s.num_classes();
-            (Arc::new(s), len, c)
-        }
-        DataSpec::WebDataset(shards) => {
-            if let Some(n) = opts.limit {
-                return Err(arg_err(
-                    "--limit",
-                    n,
-                    format!("is not supported for webdataset data ({spec})"),
-                ));
-            }
-            let mut w = WebDataset::from_spec(shards)?;
-            let mut classes = 0;
-            if let Some(l) = &opts.json_label {
-                classes = l.classes.len();
-                w = w.with_json_label(l.clone());
-            }
-            return Ok(OpenedData {
-                source: Arc::new(w),
-                classes,
-            });
-        }
-    };
-    if n == 0 {
-        return Err(arg_err("--data", spec, "the data set is empty"));
-    }
-    let source = match opts.limit {
-        Some(take) if take > 0 && take < n => Arc::new(Strided {
-            inner: source,
-            n,
-            take,
-        }) as Arc<dyn Source>,
-        _ => source,
-    };
-    Ok(OpenedData { source, classes })
-}
+pub use m3ae_data::spec::{DataOptions, DataSpec, OpenedData};
 
 /// The [`JsonLabel`] rule that labels WebDataset samples by the json field `field` (cut to its
 /// first `depth` `/`-separated parts): its classes are the sorted union of the field's values over
@@ -587,9 +328,10 @@ pub fn json_label(field: &str, depth: Option<usize>, specs: &[&DataSpec]) -> Res
     let mut classes = std::collections::BTreeSet::new();
     let mut any = false;
     for spec in specs {
-        let DataSpec::WebDataset(shards) = spec else {
+        if spec.kind() != "wds" {
             continue;
-        };
+        }
+        let shards = spec.arg();
         any = true;
         let (values, missing) = WebDataset::from_spec(shards)?.json_values(field, depth)?;
         if values.is_empty() {
@@ -777,7 +519,7 @@ pub fn extract(
         m3ae_model::resources::inference_bytes(&cfg, opts.batch_size),
         "--batch-size",
     )?;
-    let data = open_data(spec, opts)?;
+    let data = spec.open(opts)?;
     let total = data.source.len_hint();
     // images only: captions are not requested, so a caption fault does not make a sample bad
     let mut lc = LoaderConfig::eval(opts.batch_size.max(1), cfg.image_size, cfg.patch_size);
@@ -893,6 +635,10 @@ pub fn extract_cached(
         serde_json::to_string(model.config()).unwrap_or_default(),
     )
         .hash(&mut h);
+    // (hashed only when changed, so that the default keeps the cache files it always had)
+    if opts.scenes != m3ae_data::ScenesConfig::default() {
+        format!("{:?}", opts.scenes).hash(&mut h);
+    }
     std::fs::create_dir_all(dir).map_err(|e| path_err(dir, e.to_string()))?;
     let file = dir.join(format!("feats-{:016x}.safetensors", h.finish()));
     if file.is_file() {
@@ -1758,6 +1504,7 @@ impl DataArgs {
             progress_every: self.progress_every,
             json_label: None,
             max_bad_fraction: self.max_bad_fraction,
+            scenes: Default::default(),
         })
     }
 
@@ -2246,78 +1993,7 @@ pub fn run_cli(cmd: EvalCommand) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use m3ae_data::Record;
     use m3ae_model::TraceLayers;
-
-    #[test]
-    fn data_specs_parse_and_reject() {
-        assert_eq!(
-            "u8:/a/b.safetensors".parse::<DataSpec>().unwrap(),
-            DataSpec::U8("/a/b.safetensors".into())
-        );
-        assert_eq!(
-            "fashion_mnist:x.safetensors".parse::<DataSpec>().unwrap(),
-            DataSpec::U8("x.safetensors".into())
-        );
-        assert_eq!(
-            "scenes:ood:12".parse::<DataSpec>().unwrap(),
-            DataSpec::Scenes {
-                split: SceneSplit::Ood,
-                len: Some(12)
-            }
-        );
-        assert_eq!(
-            "scenes".parse::<DataSpec>().unwrap(),
-            DataSpec::Scenes {
-                split: SceneSplit::Train,
-                len: None
-            }
-        );
-        assert_eq!(
-            "wds:/d/train-{00000..00001}.tar"
-                .parse::<DataSpec>()
-                .unwrap(),
-            DataSpec::WebDataset("/d/train-{00000..00001}.tar".into())
-        );
-        let tar = "/d/test-00000.tar".parse::<DataSpec>().unwrap();
-        assert_eq!(tar, DataSpec::WebDataset("/d/test-00000.tar".into()));
-        assert_eq!(tar.to_string(), "wds:/d/test-00000.tar");
-        for bad in [
-            "scenes:val",
-            "scenes:test:0",
-            "scenesx",
-            "nothing-here",
-            "wds:",
-        ] {
-            let e = bad.parse::<DataSpec>().unwrap_err().to_string();
-            assert!(e.contains(bad), "{e}");
-        }
-    }
-
-    #[test]
-    fn strided_subset_is_even_and_exact() {
-        let s = CaptionedScenes::new(ScenesConfig {
-            len: 10,
-            image_size: 16,
-            ..Default::default()
-        })
-        .unwrap();
-        let st = Strided {
-            inner: Arc::new(s),
-            n: 10,
-            take: 4,
-        };
-        let keys: Vec<String> = st
-            .open(&Partition::whole(0, 0))
-            .unwrap()
-            .map(|r| match r.unwrap() {
-                Record::Sample(s) => s.key,
-                Record::Bad(_) => unreachable!(),
-            })
-            .collect();
-        let idx: Vec<&str> = keys.iter().map(|k| k.rsplit('/').next().unwrap()).collect();
-        assert_eq!(idx, vec!["0", "2", "5", "7"]);
-    }
 
     #[test]
     fn traced_encoder_matches_the_model_and_attention_sums_to_one() -> anyhow::Result<()> {

@@ -22,6 +22,7 @@ pub mod evaluate;
 pub mod parity;
 pub mod pretrain;
 pub mod pretrained;
-pub mod streams;
+/// The data streams of a pre-training run (moved to [`m3ae_data::streams`]).
+pub use m3ae_data::streams;
 
 pub use pretrained::{FromPretrained, HubOptions};

@@ -7,12 +7,11 @@
 //! preset on the built-in captioned scenes, then probes the learned image representation on the
 //! scenes' shape labels next to a randomly initialised model.
 
-use crate::streams::Streams;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use m3ae_data::{
-    Batch, CaptionedScenes, LabelKind, Loader, LoaderConfig, MaskConfig, Position, SceneSplit,
-    ScenesConfig, Source, Tokenizer, Transform,
+    Batch, CaptionedScenes, DataOptions, DataSpec, LabelKind, Loader, LoaderConfig, MaskConfig,
+    Position, SceneSplit, ScenesConfig, Source, Streams, Tokenizer, Transform,
 };
 use m3ae_model::{M3ae, M3aeConfig, Mae, Pooling, Represent};
 use m3ae_train::tensorboard::TensorBoardSink;
@@ -80,6 +79,54 @@ impl Default for DataConfig {
             num_threads: 1,
             noise: m3ae_data::NoiseKind::Shared,
             max_bad_fraction: 0.1,
+        }
+    }
+}
+
+impl DataConfig {
+    /// Whether the data are the built-in scenes.
+    fn is_scenes(&self) -> bool {
+        self.source == "scenes"
+    }
+
+    /// The training data: `source` with its `shards` (or the training split of the scenes).
+    pub fn spec(&self) -> Result<DataSpec> {
+        self.spec_of(self.shards.as_deref(), SceneSplit::Train, self.scenes.len)
+    }
+
+    /// The held-out data: `eval_shards` (else `shards`), or `n` test scenes.
+    pub fn eval_spec(&self, n: usize) -> Result<DataSpec> {
+        let shards = self.eval_shards.as_deref().or(self.shards.as_deref());
+        self.spec_of(shards, SceneSplit::Test, n)
+    }
+
+    fn spec_of(&self, shards: Option<&str>, split: SceneSplit, n: usize) -> Result<DataSpec> {
+        let kind = self.source.as_str();
+        let shards = || {
+            shards.with_context(|| format!("data.shards is required for data.source = {kind:?}"))
+        };
+        Ok(match kind {
+            "scenes" => DataSpec::scenes(split, Some(n)),
+            "webdataset" => DataSpec::webdataset(shards()?),
+            #[cfg(feature = "hdf5")]
+            "hdf5" => DataSpec::hdf5(shards()?),
+            #[cfg(not(feature = "hdf5"))]
+            "hdf5" => bail!(
+                "data.source = \"hdf5\" ({}): this m3ae was built without HDF5; rebuild with `--features hdf5`",
+                shards()?
+            ),
+            other => {
+                bail!("data.source = {other:?}: expected \"scenes\", \"webdataset\" or \"hdf5\"")
+            }
+        })
+    }
+
+    /// How [`DataConfig::spec`] is opened: the scenes with `label` and these settings.
+    pub fn options(&self, label: LabelKind) -> DataOptions {
+        DataOptions {
+            label,
+            scenes: self.scenes.clone(),
+            ..Default::default()
         }
     }
 }
@@ -247,7 +294,7 @@ impl PretrainConfig {
     pub fn validate(&mut self) -> Result<()> {
         self.train.validate()?;
         self.model.validate(self.objective == ObjectiveKind::M3ae)?;
-        if self.model.image_size != self.data.scenes.image_size && self.data.source == "scenes" {
+        if self.model.image_size != self.data.scenes.image_size && self.data.is_scenes() {
             bail!(
                 "model.image_size = {} but data.scenes.image_size = {}: they must agree",
                 self.model.image_size,
@@ -261,7 +308,7 @@ impl PretrainConfig {
         if !(0.0..=1.0).contains(&fraction) {
             bail!("data.max_bad_fraction = {fraction} must be in [0, 1]");
         }
-        if self.data.source == "scenes" && self.data.scenes.len < self.train.batch_size {
+        if self.data.is_scenes() && self.data.scenes.len < self.train.batch_size {
             bail!(
                 "data.scenes.len = {} scenes is fewer than one batch (train.batch_size = {}): \
                  the loader drops incomplete batches, so no step could be made",
@@ -593,25 +640,8 @@ fn loader_config(cfg: &PretrainConfig, model: &M3aeConfig) -> LoaderConfig {
     lc.num_threads = cfg.data.num_threads;
     lc.max_bad_fraction = cfg.data.max_bad_fraction;
     lc.text_len = Some(model.text_length);
-    lc.masks = Some(MaskConfig {
-        image_ratio: model.image_mask_ratio,
-        text_ratio: model.text_mask_ratio,
-        noise: cfg.data.noise,
-    });
+    lc.masks = Some(MaskConfig::from_model(model, cfg.data.noise));
     lc
-}
-
-/// The paired image-caption files of `data.shards`: WebDataset tar shards, or (feature `hdf5`)
-/// an official HDF5 file with `jpg` and `caption` datasets.
-fn file_source(kind: &str, spec: &str) -> Result<Arc<dyn Source>> {
-    Ok(match kind {
-        "webdataset" => Arc::new(m3ae_data::WebDataset::from_spec(spec)?),
-        #[cfg(feature = "hdf5")]
-        "hdf5" => Arc::new(m3ae_data::hdf5::Hdf5::paired(spec)?),
-        #[cfg(not(feature = "hdf5"))]
-        "hdf5" => bail!("data.source = \"hdf5\" ({spec}): this m3ae was built without HDF5; rebuild with `--features hdf5`"),
-        other => bail!("data.source = {other:?}: not a file source"),
-    })
 }
 
 /// A fixed held-out batch with masks: for reconstruction images and masked-word accuracy.
@@ -621,17 +651,11 @@ fn eval_batch(
     tok: &Arc<Tokenizer>,
     n: usize,
 ) -> Result<Batch> {
-    let test: Arc<dyn Source> = match cfg.data.source.as_str() {
-        kind @ ("webdataset" | "hdf5") => file_source(
-            kind,
-            cfg.data
-                .eval_shards
-                .as_deref()
-                .or(cfg.data.shards.as_deref())
-                .with_context(|| format!("data.shards is required for data.source = {kind:?}"))?,
-        )?,
-        _ => Arc::new(scenes(cfg, SceneSplit::Test, n)?),
-    };
+    let test = cfg
+        .data
+        .eval_spec(n)?
+        .open(&cfg.data.options(LabelKind::Shape))?
+        .source;
     let mut lc = loader_config(cfg, model);
     lc.batch_size = n;
     lc.shuffle_buffer = 0;
@@ -932,7 +956,7 @@ pub fn adopt_checkpoint(cfg: &mut PretrainConfig, dir: &Path) -> Result<PathBuf>
         } else {
             ObjectiveKind::Mae
         };
-    if cfg.data.source == "scenes" {
+    if cfg.data.is_scenes() {
         cfg.data.scenes.image_size = cfg.model.image_size;
         if cfg.data.tokenizer.is_none() {
             cfg.data.vocab_size = cfg.data.vocab_size.min(cfg.model.text_vocab_size);
@@ -1006,29 +1030,27 @@ pub fn run_with_sync(
     if opts.resume && latest.is_none() {
         bail!("--resume: no checkpoint under {}", ck_dir.display());
     }
-    let (train_source, tok): (Arc<dyn Source>, Arc<Tokenizer>) = match cfg.data.source.as_str() {
-        "scenes" => {
-            let train_scenes = CaptionedScenes::new(ScenesConfig {
-                split: SceneSplit::Train,
-                ..cfg.data.scenes.clone()
-            })?;
-            let tok = Arc::new(tokenizer(&cfg, &run_dir, &train_scenes, lead)?);
-            (Arc::new(train_scenes), tok)
-        }
-        kind @ ("webdataset" | "hdf5") => {
-            let spec =
-                cfg.data.shards.as_deref().with_context(|| {
-                    format!("data.shards is required for data.source = {kind:?}")
-                })?;
-            let path = cfg.data.tokenizer.as_ref().with_context(|| {
-                format!("data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for {kind}")
-            })?;
-            let tok = load_tokenizer(path)?;
-            cfg.probe = false;
-            (file_source(kind, spec)?, Arc::new(tok))
-        }
-        other => bail!("data.source = {other:?}: expected \"scenes\", \"webdataset\" or \"hdf5\""),
+    let train_spec = cfg.data.spec()?;
+    let tok = if cfg.data.is_scenes() {
+        let train_scenes = CaptionedScenes::new(ScenesConfig {
+            split: SceneSplit::Train,
+            ..cfg.data.scenes.clone()
+        })?;
+        Arc::new(tokenizer(&cfg, &run_dir, &train_scenes, lead)?)
+    } else {
+        let kind = &cfg.data.source;
+        let path = cfg.data.tokenizer.as_ref().with_context(|| {
+            format!(
+                "data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for {kind}"
+            )
+        })?;
+        let tok = load_tokenizer(path)?;
+        cfg.probe = false;
+        Arc::new(tok)
     };
+    let train_source = train_spec
+        .open(&cfg.data.options(cfg.data.scenes.label))?
+        .source;
     // A checkpoint being continued fixes the vocabulary (an official one may be larger than
     // the tokenizer's); the tokenizer's ids must fit in it. (An unreadable trainer.json is
     // reported by the restore below.)
@@ -1057,7 +1079,7 @@ pub fn run_with_sync(
     }
     cfg.check_memory()?;
     let model_cfg = cfg.model.resolved();
-    if lead && cfg.data.source != "scenes" {
+    if lead && !cfg.data.is_scenes() {
         save_tokenizer(&tok, &run_dir.join("tokenizer.json"))?;
     }
     // the resolved configuration, as run
@@ -1070,9 +1092,8 @@ pub fn run_with_sync(
 
     let with_text = cfg.objective == ObjectiveKind::M3ae;
     let mut lc = loader_config(&cfg, &model_cfg);
-    // every stream holds `batch / streams` samples of the global batch; masks are drawn for the
-    // global batch by `Streams`
-    let masks = lc.masks.take().map(|m| (m, lc.seed));
+    // every stream holds `batch / streams` samples of the global batch; `Streams` takes the
+    // loaders' masks and draws them for the global batch
     lc.batch_size = cfg.train.batch_size / streams;
     lc.world_size = streams;
     let unpaired = match (
@@ -1086,7 +1107,7 @@ pub fn run_with_sync(
         (None, true) => bail!("model.unpaired_text_loss_weight > 0 needs data.unpaired_text"),
         _ => None,
     };
-    let source = Streams::new(streams, rank, world, masks, with_text, |s| {
+    let source = Streams::new(streams, rank, world, with_text, |s| {
         let lc = LoaderConfig {
             rank: s,
             ..lc.clone()
@@ -1152,9 +1173,10 @@ pub fn run_with_sync(
         // training: it is reported in the summary instead.
         let held_out = || -> Result<(f64, f64)> {
             let held_out = eval_batch(&cfg, &model_cfg, &tok, 256)?;
-            let most_frequent = match cfg.data.source.as_str() {
-                "scenes" => most_frequent_token(&tok, &scenes(&cfg, SceneSplit::Train, 2000)?)?,
-                _ => most_frequent_in_batch(&held_out)?,
+            let most_frequent = if cfg.data.is_scenes() {
+                most_frequent_token(&tok, &scenes(&cfg, SceneSplit::Train, 2000)?)?
+            } else {
+                most_frequent_in_batch(&held_out)?
             };
             masked_word_accuracy(m, &held_out, most_frequent)
         };
@@ -1336,9 +1358,10 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
         probe: None,
         skipped_steps: report.skipped_steps,
         checkpoint: report.checkpoint,
-        held_out: match cfg.data.source.as_str() {
-            "scenes" => "held-out scenes".into(),
-            _ => "held-out data".into(),
+        held_out: if cfg.data.is_scenes() {
+            "held-out scenes".into()
+        } else {
+            "held-out data".into()
         },
         held_out_error: None,
         bad_samples: source.stats(),

@@ -136,6 +136,37 @@ pub enum Error {
     /// The loader's producer thread stopped unexpectedly.
     #[error("loader thread failed: {0}")]
     Loader(String),
+    /// A data set named on the command line ([`crate::DataSpec`]) or an option of it that
+    /// cannot be used.
+    #[error("{flag} {value:?}: {msg}")]
+    Arg {
+        /// The flag (`--data`, `--limit`).
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A path named by a data set that does not exist or is not what it should be.
+    #[error("{}: {msg}", path.display())]
+    Path {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// The data streams of a run ([`crate::streams::Streams`]) cannot be set up, or their
+    /// positions do not fit together.
+    #[error("{0}")]
+    Streams(String),
+    /// A data stream of a run failed.
+    #[error("data stream {index}: {source}")]
+    Stream {
+        /// The stream.
+        index: usize,
+        /// Why.
+        source: Box<Error>,
+    },
 }
 
 fn not_enough_data(

@@ -1,4 +1,4 @@
-//! The official HDF5 data files (spec §8), read through the HDF5 C library (crate feature
+//! The official HDF5 data files, read through the HDF5 C library (crate feature
 //! `hdf5`; see docs/data.md for installing the library).
 //!
 //! Three layouts, each of 1-D datasets of equal length (one row per sample):

@@ -1,4 +1,4 @@
-//! Image decoding and the official transforms (spec §8).
+//! Image decoding and the official transforms.
 //!
 //! * [`decode_rgb`]: JPEG / PNG / WebP to 8-bit RGB; grey becomes RGB and alpha is composited on
 //!   white, as the official skimage-based loader does. Image size and memory are limited, so no

@@ -4,16 +4,22 @@
 //!   size, worker, epoch seed). Sources: [`WebDataset`] tar shards (img2dataset layout),
 //!   [`Manifest`] (JSONL / CSV), [`ImageFolder`], [`TextCorpus`], [`U8Arrays`] (safetensors) and
 //!   the built-in [`CaptionedScenes`]; with the feature `hdf5`, `hdf5::Hdf5` over the official
-//!   HDF5 files (spec §8).
+//!   HDF5 files.
+//! * [`DataSpec`] ([`spec`]): a data set by name (`scenes:test:500`, `wds:<shards>`,
+//!   `u8:<file>`, ...), parsed from a flag or a configuration string and opened through a
+//!   [`Registry`] of [`SourceKind`]s, to which a user adds kinds of their own.
 //! * [`tarstream`]: the bounded streaming tar reader under [`WebDataset`] (no size from a header
 //!   is trusted for an allocation; extension headers are capped at 64 KiB).
 //! * [`image`](mod@image): decoding (grey / alpha to RGB on white) and the official transforms and
-//!   normalisations (spec §8).
+//!   normalisations.
 //! * [`Tokenizer`]: BERT WordPiece over the `tokenizers` crate with the official behaviour, from a
 //!   file or (feature `hub`) a Hugging Face repository id through the local cache ([`hub`]).
 //! * [`MaskSampler`]: batch-shared or per-sample noise from (seed, step) into
-//!   [`m3ae_model::Masking`].
+//!   [`m3ae_model::Masking`]; [`BatchMasks`], the one place a batch's masks are drawn (for the
+//!   rows of the global batch it holds), with ratios from the model ([`MaskConfig::from_model`]).
 //! * [`Loader`]: parallel, bounded, deterministic batches with a resumable [`Position`].
+//! * [`Streams`] ([`streams`]): the data of a (data-parallel) pre-training run as `S` streams,
+//!   independent of the number of processes.
 //!
 //! ```
 //! use m3ae_data::{CaptionedScenes, Loader, LoaderConfig, ScenesConfig, Tokenizer};
@@ -32,6 +38,7 @@
 //! ```
 
 pub mod arrays;
+pub mod batch;
 pub mod error;
 pub mod folder;
 #[cfg(feature = "hdf5")]
@@ -45,6 +52,8 @@ pub mod sample;
 pub mod scenes;
 pub mod seed;
 pub mod shards;
+pub mod spec;
+pub mod streams;
 pub mod tarstream;
 pub mod text;
 pub mod tokenize;
@@ -57,12 +66,14 @@ pub use folder::ImageFolder;
 pub use hdf5::{Hdf5, Hdf5Layout};
 pub use hub::HubOptions;
 pub use image::{decode_rgb, ImageConfig, Normalization, RgbImage, Transform};
-pub use loader::{collate, Batch, Loader, LoaderConfig, MaskConfig, Position, TextBatch};
+pub use loader::{collate, Batch, Loader, LoaderConfig, Position, TextBatch};
 pub use manifest::Manifest;
-pub use masks::{MaskSampler, NoiseKind};
+pub use masks::{BatchMasks, BatchRows, MaskConfig, MaskSampler, NoiseKind};
 pub use sample::{ImageData, PartFault, Partition, Record, RecordIter, Sample, Source};
 pub use scenes::{CaptionedScenes, LabelKind, SceneSplit, ScenesConfig};
 pub use shards::expand_shards;
+pub use spec::{DataOptions, DataSpec, OpenedData, Registry, SourceKind};
+pub use streams::Streams;
 pub use text::TextCorpus;
 pub use tokenize::{Tokenized, Tokenizer};
 pub use webdataset::{JsonLabel, WebDataset};

@@ -1,4 +1,4 @@
-//! Tokenization with the official behaviour (spec §8) over the `tokenizers` crate.
+//! Tokenization with the official behaviour over the `tokenizers` crate.
 //!
 //! bert-base-uncased WordPiece, **no special tokens** (`[CLS]` / `[SEP]` are not added), truncation to
 //! `max_len` (64 for image-text, 256 for unpaired text), padding with id 0, padding mask

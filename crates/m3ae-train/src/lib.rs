@@ -1,10 +1,12 @@
 //! Pre-training of M3AE and MAE: the official AdamW (decay masks, restorable state), the
 //! warmup-cosine schedule with batch scaling, global-norm clipping, gradient accumulation, NaN
 //! guards, atomic checkpoints and exact resume, behind the narrow [`Objective`] and
-//! [`BatchSource`] traits.
+//! [`BatchSource`] traits. The data crate's [`m3ae_data::Streams`] are a [`BatchSource`]
+//! ([`data`]).
 
 pub mod bench;
 pub mod checkpoint;
+pub mod data;
 pub mod learner;
 pub mod metrics;
 pub mod objective;

@@ -5,21 +5,24 @@
 //! of every stream; stream `s` is partition `s` of `S` of the source (its own shards or samples,
 //! its own shuffle and augmentation seeds). Rank `r` of `W` reads the streams `s` with
 //! `s % W == r`. The masks are drawn for the global batch from (seed, step) and each rank keeps
-//! its rows: with batch-shared noise (official) every rank uses the same noise vector, exactly as
-//! one process holding the whole global batch would.
+//! its rows ([`BatchMasks`]): with batch-shared noise (official) every rank uses the same noise
+//! vector, exactly as one process holding the whole global batch would.
 //!
 //! So with `S` fixed, the run does not depend on the number of processes: 1, 2 or any `W`
 //! dividing `S` see the same samples with the same augmentations and masks at every step, and a
 //! checkpoint (whose data position holds every stream's position) resumes under any such `W`.
+//! (The training crate makes [`Streams`] a batch source of its trainer.)
 
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
-use m3ae_data::loader::BatchIter;
-use m3ae_data::masks::Stream;
-use m3ae_data::{Batch, Loader, MaskConfig, MaskSampler, NoiseKind, Position};
-use m3ae_model::{keep_len, Masking, ModelInput, Noise};
-use m3ae_train::TrainBatch;
+use crate::loader::{BatchIter, TextBatch};
+use crate::masks::{BatchMasks, BatchRows};
+use crate::{BadStats, Batch, Error, Loader, Position, Result};
+use candle_core::Tensor;
+use m3ae_model::ModelInput;
 use serde_json::{json, Value};
+
+fn fail(msg: impl Into<String>) -> Error {
+    Error::Streams(msg.into())
+}
 
 /// One stream read by this process.
 struct Part {
@@ -29,19 +32,20 @@ struct Part {
     position: Position,
 }
 
-/// The streams of one rank, as a [`m3ae_train::BatchSource`] of its share of the global batch.
+/// The streams of one rank: its share of every step's global batch.
 pub struct Streams {
     parts: Vec<Part>,
     total: usize,
-    masks: Option<(MaskConfig, MaskSampler)>,
+    rows: BatchRows,
+    masks: Option<BatchMasks>,
     text: bool,
 }
 
 /// The streams rank `rank` of `world` reads when the data is split into `total` streams.
 ///
 /// ```
-/// assert_eq!(m3ae::streams::streams_of(1, 2, 4), vec![1, 3]);
-/// assert_eq!(m3ae::streams::streams_of(0, 1, 2), vec![0, 1]);
+/// assert_eq!(m3ae_data::streams::streams_of(1, 2, 4), vec![1, 3]);
+/// assert_eq!(m3ae_data::streams::streams_of(0, 1, 2), vec![0, 1]);
 /// ```
 pub fn streams_of(rank: usize, world: usize, total: usize) -> Vec<usize> {
     (0..total).filter(|s| s % world == rank).collect()
@@ -49,58 +53,84 @@ pub fn streams_of(rank: usize, world: usize, total: usize) -> Vec<usize> {
 
 impl Streams {
     /// Opens this rank's streams; `make(s)` builds the loader of stream `s` (partition `s` of
-    /// `total`, without masks: they are drawn here for the global batch).
+    /// `total`, with `B / S` samples per batch). The loaders' masks (the same for every stream:
+    /// one configuration and seed) are taken out of them ([`Loader::take_masks`]) and drawn
+    /// here for the global batch. `text`: keep the captions in the batches (M3AE); without, they
+    /// are still read, so the samples and the bad-sample counts do not depend on it, but left
+    /// out of the batches (MAE).
     pub fn new(
         total: usize,
         rank: usize,
         world: usize,
-        masks: Option<(MaskConfig, u64)>,
         text: bool,
         mut make: impl FnMut(usize) -> Result<Loader>,
     ) -> Result<Self> {
-        ensure!(
-            world > 0 && rank < world,
-            "rank {rank} of world size {world}"
-        );
-        ensure!(
-            total >= world && total.is_multiple_of(world),
-            "distributed.streams = {total} cannot be shared by {world} ranks: it must be a multiple of the world size"
-        );
-        let parts = streams_of(rank, world, total)
-            .into_iter()
-            .map(|index| {
-                Ok(Part {
-                    index,
-                    loader: make(index)?,
-                    iter: None,
-                    position: Position::default(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        if world == 0 || rank >= world {
+            return Err(fail(format!("rank {rank} of world size {world}")));
+        }
+        if total < world || !total.is_multiple_of(world) {
+            return Err(fail(format!(
+                "distributed.streams = {total} cannot be shared by {world} ranks: it must be a multiple of the world size"
+            )));
+        }
+        let mut masks = None;
+        let mut parts = Vec::new();
+        for index in streams_of(rank, world, total) {
+            let mut loader = make(index)?;
+            let m = loader.take_masks();
+            if parts.is_empty() {
+                masks = m;
+            } else if m != masks {
+                return Err(fail(format!(
+                    "the loaders of data streams {} and {index} draw different masks",
+                    streams_of(rank, world, total)[0]
+                )));
+            }
+            parts.push(Part {
+                index,
+                loader,
+                iter: None,
+                position: Position::default(),
+            });
+        }
+        let rows = BatchRows::new(parts.iter().map(|p| p.index).collect(), total)?;
         Ok(Self {
             parts,
             total,
-            masks: masks.map(|(m, seed)| (m, MaskSampler::new(seed, m.noise))),
+            rows,
+            masks,
             text,
         })
     }
 
-    /// The loader of this rank's first stream (its configuration is every stream's).
+    /// The loader of this rank's first stream (its configuration is every stream's, masks
+    /// aside).
     pub fn loader(&self) -> &Loader {
         &self.parts[0].loader
     }
 
+    /// The masks drawn for the global batch (`None`: the batches have none).
+    pub fn masks(&self) -> Option<&BatchMasks> {
+        self.masks.as_ref()
+    }
+
+    /// Whether the batches keep their captions.
+    pub fn text(&self) -> bool {
+        self.text
+    }
+
     /// Good and bad samples of this rank's streams so far.
-    pub fn stats(&self) -> m3ae_data::BadStats {
-        let mut s = m3ae_data::BadStats::default();
+    pub fn stats(&self) -> BadStats {
+        let mut s = BadStats::default();
         for p in &self.parts {
             s.merge(&p.position.stats);
         }
         s
     }
 
-    /// The positions of this rank's streams: `{"streams": S, "positions": {"<s>": position}}`.
-    fn local_position(&self) -> Value {
+    /// The positions of this rank's streams: `{"streams": S, "positions": {"<s>": position}}`
+    /// (what [`Streams::merge`] takes from every rank).
+    pub fn local_position(&self) -> Value {
         let positions: serde_json::Map<String, Value> = self
             .parts
             .iter()
@@ -122,26 +152,32 @@ impl Streams {
         for (rank, v) in locals.iter().enumerate() {
             let s = v["streams"]
                 .as_u64()
-                .with_context(|| format!("data position of rank {rank} has no stream count"))?
+                .ok_or_else(|| fail(format!("data position of rank {rank} has no stream count")))?
                 as usize;
             if *total.get_or_insert(s) != s {
-                bail!("ranks disagree on the number of data streams ({s} at rank {rank})");
+                return Err(fail(format!(
+                    "ranks disagree on the number of data streams ({s} at rank {rank})"
+                )));
             }
             all.resize(s, None);
             let map = v["positions"]
                 .as_object()
-                .with_context(|| format!("data position of rank {rank} has no positions"))?;
+                .ok_or_else(|| fail(format!("data position of rank {rank} has no positions")))?;
             for (k, p) in map {
-                let i: usize = k.parse().context("stream index")?;
-                ensure!(i < s, "stream {i} of {s} at rank {rank}");
-                ensure!(all[i].is_none(), "stream {i} is read by two ranks");
+                let i: usize = k.parse().map_err(|e| fail(format!("stream index: {e}")))?;
+                if i >= s {
+                    return Err(fail(format!("stream {i} of {s} at rank {rank}")));
+                }
+                if all[i].is_some() {
+                    return Err(fail(format!("stream {i} is read by two ranks")));
+                }
                 all[i] = Some(p.clone());
             }
         }
         let positions: Vec<Value> = all
             .into_iter()
             .enumerate()
-            .map(|(i, p)| p.with_context(|| format!("no rank reported stream {i}")))
+            .map(|(i, p)| p.ok_or_else(|| fail(format!("no rank reported stream {i}"))))
             .collect::<Result<_>>()?;
         Ok(json!({ "streams": total.unwrap_or(0), "positions": positions }))
     }
@@ -158,28 +194,28 @@ impl Streams {
             Value::Object(o) if o.contains_key("positions") => {
                 let s = v["streams"].as_u64().unwrap_or(0) as usize;
                 if s != self.total {
-                    bail!(
+                    return Err(fail(format!(
                         "the checkpoint's data position is for {s} data streams but this run reads {} \
                          (distributed.streams = 0 means one per rank): set distributed.streams = {s} \
                          and use a number of ranks that divides it",
                         self.total
-                    );
+                    )));
                 }
                 v["positions"]
                     .as_array()
-                    .context("data position: `positions` is not a list")?
+                    .ok_or_else(|| fail("data position: `positions` is not a list"))?
                     .clone()
             }
             _ => {
                 // one position: a one-stream checkpoint, or one converted from an official run
                 // (fresh data at the official step, so the mask noise follows the step)
-                let p: Position =
-                    serde_json::from_value(v.clone()).context("the checkpoint's data position")?;
+                let p: Position = serde_json::from_value(v.clone())
+                    .map_err(|e| fail(format!("the checkpoint's data position: {e}")))?;
                 if self.total != 1 && (p.consumed > 0 || p.epoch > 0) {
-                    bail!(
+                    return Err(fail(format!(
                         "the checkpoint holds one data stream's position but this run reads {}: set distributed.streams = 1",
                         self.total
-                    );
+                    )));
                 }
                 vec![v.clone(); self.total]
             }
@@ -187,12 +223,12 @@ impl Streams {
         for p in &mut self.parts {
             let pv = positions
                 .get(p.index)
-                .with_context(|| format!("data position: no stream {}", p.index))?;
+                .ok_or_else(|| fail(format!("data position: no stream {}", p.index)))?;
             p.position = if pv.is_null() {
                 Position::default()
             } else {
                 serde_json::from_value(pv.clone())
-                    .with_context(|| format!("data position of stream {}", p.index))?
+                    .map_err(|e| fail(format!("data position of stream {}: {e}", p.index)))?
             };
             p.iter = None;
         }
@@ -209,64 +245,23 @@ impl Streams {
             let it = p.iter.as_mut().expect("iterator set above");
             let b = it
                 .next()
-                .with_context(|| format!("data stream {} ended", p.index))?
-                .with_context(|| format!("data stream {}", p.index))?;
+                .ok_or_else(|| fail(format!("data stream {} ended", p.index)))?
+                .map_err(|e| Error::Stream {
+                    index: p.index,
+                    source: Box::new(e),
+                })?;
             p.position = b.position.clone();
             batches.push(b);
         }
         let mut b = concat(batches)?;
-        self.attach_masks(&mut b)?;
+        if !self.text {
+            b.input.text_ids = None;
+            b.input.text_padding = None;
+        }
+        if let Some(m) = &self.masks {
+            m.attach(&mut b, &self.rows)?;
+        }
         Ok(b)
-    }
-
-    /// Draws the masks of `b` (this rank's rows of the global batch of step `b.step`).
-    fn attach_masks(&self, b: &mut Batch) -> Result<()> {
-        let Some((mc, sampler)) = &self.masks else {
-            return Ok(());
-        };
-        let local = b.keys.len();
-        let per_stream = local / self.parts.len();
-        let rows: Vec<usize> = self.parts.iter().map(|p| p.index).collect();
-        let draw = |stream: Stream, rows_per_stream: usize, len: usize, ratio: f64| {
-            let n = rows_per_stream * rows.len();
-            let noise = match sampler.kind {
-                NoiseKind::Shared => sampler.noise(b.step, stream, n, len),
-                NoiseKind::PerSample => {
-                    let global = rows_per_stream * self.total;
-                    let Noise::PerSample { values, .. } =
-                        sampler.noise(b.step, stream, global, len)
-                    else {
-                        unreachable!("per-sample noise")
-                    };
-                    let mut mine = Vec::with_capacity(n * len);
-                    for &s in &rows {
-                        let at = s * rows_per_stream * len;
-                        mine.extend_from_slice(&values[at..at + rows_per_stream * len]);
-                    }
-                    Noise::PerSample {
-                        batch: n,
-                        values: mine,
-                    }
-                }
-            };
-            Masking::new(&noise, n, keep_len(len, ratio), &Device::Cpu)
-        };
-        if let Some(p) = &b.input.image_patches {
-            b.image_masking = Some(draw(Stream::Image, per_stream, p.dim(1)?, mc.image_ratio)?);
-        }
-        if let Some(t) = &b.input.text_ids {
-            b.text_masking = Some(draw(Stream::Text, per_stream, t.dim(1)?, mc.text_ratio)?);
-        }
-        if let Some(u) = &mut b.unpaired {
-            let (n, len) = u.ids.dims2()?;
-            u.masking = Some(draw(
-                Stream::UnpairedText,
-                n / self.parts.len(),
-                len,
-                mc.text_ratio,
-            )?);
-        }
-        Ok(())
     }
 }
 
@@ -278,13 +273,14 @@ fn concat(mut batches: Vec<Batch>) -> Result<Batch> {
     let first = &batches[0];
     let n = first.keys.len();
     for b in &batches {
-        ensure!(
-            b.step == first.step && b.keys.len() == n,
-            "data streams out of step: step {} with {} samples vs step {} with {n}",
-            b.step,
-            b.keys.len(),
-            first.step
-        );
+        if b.step != first.step || b.keys.len() != n {
+            return Err(fail(format!(
+                "data streams out of step: step {} with {} samples vs step {} with {n}",
+                b.step,
+                b.keys.len(),
+                first.step
+            )));
+        }
     }
     let cat = |f: &dyn Fn(&Batch) -> Option<&Tensor>| -> Result<Option<Tensor>> {
         let parts: Option<Vec<&Tensor>> = batches.iter().map(f).collect();
@@ -302,7 +298,7 @@ fn concat(mut batches: Vec<Batch>) -> Result<Batch> {
         cat(&|b| b.unpaired.as_ref().map(|u| &u.ids))?,
         cat(&|b| b.unpaired.as_ref().map(|u| &u.padding))?,
     ) {
-        (Some(ids), Some(padding)) => Some(m3ae_data::loader::TextBatch {
+        (Some(ids), Some(padding)) => Some(TextBatch {
             ids,
             padding,
             masking: None,
@@ -321,62 +317,13 @@ fn concat(mut batches: Vec<Batch>) -> Result<Batch> {
     Ok(out)
 }
 
-/// A data-loader batch as the trainer's batch (`text`: keep the captions, for M3AE).
-pub fn to_train_batch(b: Batch, text: bool) -> TrainBatch {
-    let mut input = b.input;
-    let text_masking = if text { b.text_masking } else { None };
-    if !text {
-        input.text_ids = None;
-        input.text_padding = None;
-    }
-    TrainBatch {
-        input,
-        image_masking: b.image_masking,
-        text_masking,
-        unpaired: b.unpaired.and_then(|u| {
-            let m = u.masking?;
-            Some((
-                ModelInput {
-                    image_patches: None,
-                    text_ids: Some(u.ids),
-                    text_padding: Some(u.padding),
-                },
-                m,
-            ))
-        }),
-    }
-}
-
-impl m3ae_train::BatchSource for Streams {
-    fn next_batch(&mut self) -> m3ae_train::Result<TrainBatch> {
-        let b = self
-            .next_local()
-            .map_err(|e| m3ae_train::Error::State(format!("data: {e:#}")))?;
-        Ok(to_train_batch(b, self.text))
-    }
-
-    fn position(&self) -> Value {
-        self.local_position()
-    }
-
-    fn restore(&mut self, position: &Value) -> m3ae_train::Result<()> {
-        self.restore_all(position)
-            .map_err(|e| m3ae_train::Error::State(format!("{e:#}")))
-    }
-
-    fn merge_positions(&self, positions: &[Value]) -> m3ae_train::Result<Value> {
-        Streams::merge(positions).map_err(|e| m3ae_train::Error::State(format!("{e:#}")))
-    }
-
-    fn stats(&self) -> Option<Value> {
-        serde_json::to_value(Streams::stats(self)).ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use m3ae_data::{CaptionedScenes, LoaderConfig, ScenesConfig, Source, Tokenizer};
+    use crate::{
+        CaptionedScenes, LoaderConfig, MaskConfig, NoiseKind, ScenesConfig, Source, Tokenizer,
+    };
+    use m3ae_model::Masking;
     use std::sync::Arc;
 
     /// Streams of `total` over 32-px scenes for rank `rank` of `world`, global batch 8.
@@ -401,16 +348,16 @@ mod tests {
             noise,
             ..MaskConfig::default()
         };
-        lc.masks = None;
-        Streams::new(total, rank, world, Some((masks, 5)), true, |s| {
-            Ok(Loader::new(
+        lc.masks = Some(masks);
+        Streams::new(total, rank, world, true, |s| {
+            Loader::new(
                 src.clone(),
                 Some(tok.clone()),
                 LoaderConfig {
                     rank: s,
                     ..lc.clone()
                 },
-            )?)
+            )
         })
         .unwrap()
     }
@@ -509,7 +456,7 @@ mod tests {
         assert!(e(&[p(2, &[0]), p(2, &[0])]).contains("read by two ranks"));
         assert!(e(&[p(2, &[0])]).contains("no rank reported stream 1"));
         assert!(e(&[p(2, &[0]), p(4, &[1])]).contains("disagree"));
-        assert!(Streams::new(3, 0, 2, None, true, |_| unreachable!())
+        assert!(Streams::new(3, 0, 2, true, |_| unreachable!())
             .err()
             .unwrap()
             .to_string()
