@@ -39,7 +39,6 @@ pub mod masking;
 pub mod model;
 pub mod params;
 pub mod patch;
-pub mod pickle;
 pub mod posemb;
 pub mod resources;
 
