@@ -7,8 +7,8 @@
 //! Without arguments it uses the tiny fixture checkpoint of the repository.
 
 use candle_core::{DType, Device, Tensor};
-use m3ae::convert;
 use m3ae::model::{patchify, pool, ModelInput, Pooling};
+use m3ae::official;
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("m3ae-load-official"));
 
-    let converted = convert::convert_official(&pkl, &out, false)?;
+    let converted = official::convert_official(&pkl, &out, false)?;
     println!(
         "converted {} ({} checkpoint, {} weights) into {}",
         pkl.display(),
@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         out.display()
     );
     let dev = Device::Cpu;
-    let model = convert::load_m3ae(&out, &dev)?;
+    let model = official::load_m3ae(&out, &dev)?;
     let cfg = model.config().clone();
 
     // A synthetic image (NHWC, normalised values) and a caption given as token ids (tokenize

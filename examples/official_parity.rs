@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
         Some("reference") => m3ae::kernels::KernelPath::Reference,
         Some(other) => anyhow::bail!("unknown kernel path {other:?}: expected fused or reference"),
     };
-    let checks = m3ae::parity::run_with(std::path::Path::new(&dir), kernels)?;
+    let checks = m3ae::official::parity::run_with(std::path::Path::new(&dir), kernels)?;
     for c in &checks {
         println!("{c}");
     }

@@ -1,10 +1,11 @@
 //! m3ae: the M3AE multimodal masked autoencoder in Rust, on candle.
 //!
 //! This facade re-exports the workspace crates under short names and holds what spans them:
-//! the comparison against the official JAX fixtures ([`parity`]) and the conversion of official
-//! checkpoints ([`convert`]), and the evaluation front end of `m3ae embed | probe | ood |
-//! reconstruct` ([`evaluate`]).
+//! the evaluation front end of `m3ae embed | probe | ood | reconstruct` ([`evaluate`]) and the
+//! subcommands of the `m3ae` tool ([`cli`]).
 //!
+//! * [`official`]: the official (JAX) format: the safe pickle reader, official checkpoints,
+//!   conversion and export, the parity harness against the official code.
 //! * [`pretrained`]: models by name: local checkpoints, runs, converted folders, official
 //!   `model.pkl` files and (feature `hub`) Hugging Face repository ids ([`FromPretrained`]).
 //! * [`kernels`]: differentiable tensor kernels (LayerNorm, masked attention, GELU).
@@ -15,14 +16,23 @@ pub use m3ae_data as data;
 pub use m3ae_eval as eval;
 pub use m3ae_kernels as kernels;
 pub use m3ae_model as model;
+pub use m3ae_official as official;
 pub use m3ae_train as train;
 
-pub mod convert;
+pub mod cli;
 pub mod evaluate;
-pub mod parity;
 pub mod pretrain;
 pub mod pretrained;
 /// The data streams of a pre-training run (moved to [`m3ae_data::streams`]).
 pub use m3ae_data::streams;
 
 pub use pretrained::{FromPretrained, HubOptions};
+
+/// The former path of the official-format API (checkpoint reading, conversion, export, native
+/// loading and their [`Error`](m3ae_official::Error)); new code uses [`official`].
+pub mod convert {
+    pub use m3ae_official::checkpoint::*;
+    pub use m3ae_official::convert::*;
+    pub use m3ae_official::native::*;
+    pub use m3ae_official::{Error, Result};
+}

@@ -31,9 +31,9 @@ fn cli(args: &[&str], hf_home: &Path, env: &[(&str, &str)]) -> (bool, String) {
 mod with_hub {
     use super::*;
     use candle_core::Device;
-    use m3ae::convert;
     use m3ae::evaluate::LoadedModel;
     use m3ae::model::{M3ae, Mae};
+    use m3ae::official;
     use m3ae::{FromPretrained, HubOptions};
 
     const HASH: &str = "89abcdef0123456789abcdef0123456789abcdef";
@@ -55,7 +55,7 @@ mod with_hub {
     fn fake_cache(hf_home: &Path) -> PathBuf {
         let cache = hf_home.join("hub");
         let snap = snapshot(&cache, "m3ae-test/m3ae-tiny");
-        convert::convert_official(&fixtures().join("m3ae_model.pkl"), &snap, false).unwrap();
+        official::convert_official(&fixtures().join("m3ae_model.pkl"), &snap, false).unwrap();
         let scenes = m3ae::data::CaptionedScenes::new(Default::default()).unwrap();
         let corpus = scenes.corpus(300);
         m3ae::data::Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), 150)
@@ -86,12 +86,12 @@ mod with_hub {
         let opts = HubOptions::offline().with_cache_dir(&cache);
         // converted repository: model.safetensors + config.json
         let m = M3ae::from_pretrained("m3ae-test/m3ae-tiny", &opts, &dev).unwrap();
-        let want = convert::load_m3ae(&fixtures().join("m3ae_model.pkl"), &dev).unwrap();
+        let want = official::load_m3ae(&fixtures().join("m3ae_model.pkl"), &dev).unwrap();
         same_weights(m.params(), want.params());
         assert_eq!(m.config(), want.config());
         // official pickle only: converted on the fly
         let mae = Mae::from_pretrained("m3ae-test/official-mae", &opts, &dev).unwrap();
-        let want = convert::load_mae(&fixtures().join("mae_model.pkl"), &dev).unwrap();
+        let want = official::load_mae(&fixtures().join("mae_model.pkl"), &dev).unwrap();
         same_weights(mae.params(), want.params());
         // the variant follows the weights
         let any = LoadedModel::from_pretrained("m3ae-test/official-mae", &opts, &dev).unwrap();

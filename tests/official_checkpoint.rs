@@ -3,11 +3,11 @@
 //! official round trip, the optimizer and probe outputs, and the CLI.
 
 use candle_core::{DType, Device, Tensor};
-use m3ae::convert::{self, CheckpointKind, OfficialCheckpoint};
 use m3ae::model::{param_specs, patchify, M3ae, Masking, ModelInput, Noise, Unexpected, Variant};
+use m3ae::official::{self, CheckpointKind, OfficialCheckpoint};
 mod common;
 use common::{ckpt_dir, f32_bits, fixtures};
-use m3ae::parity::FixtureConfig;
+use m3ae::official::parity::FixtureConfig;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
@@ -111,9 +111,9 @@ fn converted_m3ae_runs_like_the_parity_model_and_round_trips_losslessly() -> any
     let dev = Device::Cpu;
     let pkl = ckpt_dir().join("m3ae_model.pkl");
     let out = tmp("acc2");
-    let c = convert::convert_official(&pkl, &out, false)?;
+    let c = official::convert_official(&pkl, &out, false)?;
     assert_eq!(c.kind, CheckpointKind::M3ae);
-    let converted = convert::load_m3ae(&out, &dev)?;
+    let converted = official::load_m3ae(&out, &dev)?;
 
     let ckpt = OfficialCheckpoint::read(&pkl)?;
     let tiny = FixtureConfig::read(&fixtures().join("official_tiny"))?;
@@ -137,7 +137,7 @@ fn converted_m3ae_runs_like_the_parity_model_and_round_trips_losslessly() -> any
     }
     // The export command writes the same bytes.
     let exported = out.join("exported.safetensors");
-    convert::export_official(&out, &exported)?;
+    official::export_official(&out, &exported)?;
     let bytes = std::fs::read(&exported)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     assert_eq!(st.len(), ckpt.params.len());
@@ -189,7 +189,7 @@ fn converted_m3ae_runs_like_the_parity_model_and_round_trips_losslessly() -> any
         f32_bits(&reference.forward_representation(&input)?)
     );
     // Loading straight from the pickle gives the same model.
-    let direct = convert::load_m3ae(&pkl, &dev)?;
+    let direct = official::load_m3ae(&pkl, &dev)?;
     let d = direct.forward(&input, Some(&im), Some(&tm))?;
     assert_eq!(
         f32_bits(d.image.as_ref().unwrap()),
@@ -205,7 +205,7 @@ fn optimizer_state_converts_to_our_adamw_format() -> anyhow::Result<()> {
     for kind in ["m3ae", "mae"] {
         let pkl = ckpt_dir().join(format!("modern/{kind}_model.pkl"));
         let out = tmp(&format!("opt-{kind}"));
-        let c = convert::convert_official(&pkl, &out, true)?;
+        let c = official::convert_official(&pkl, &out, true)?;
         let variant = if kind == "m3ae" {
             Variant::M3ae
         } else {
@@ -240,9 +240,9 @@ fn linear_probe_converts_to_backbone_and_head() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let pkl = ckpt_dir().join("linear_model.pkl");
     let out = tmp("linear");
-    let c = convert::convert_official(&pkl, &out, false)?;
+    let c = official::convert_official(&pkl, &out, false)?;
     assert_eq!(c.kind, CheckpointKind::Linear);
-    let backbone = convert::load_mae(&out, &dev)?;
+    let backbone = official::load_mae(&out, &dev)?;
     assert!(backbone.config().use_type_embedding);
     let (t, _) = m3ae::model::params::read_safetensors(&out.join("probe.safetensors"), &dev)?;
     assert_eq!(t["weight"].dims(), &[10, 64]);
@@ -257,7 +257,7 @@ fn linear_probe_converts_to_backbone_and_head() -> anyhow::Result<()> {
     let feats = Tensor::randn(0f32, 1.0, (3, 64), &dev)?;
     assert_eq!(head.predict(&feats)?.dims(), &[3]);
     // LARS state is not AdamW.
-    let e = convert::convert_official(&pkl, &out, true)
+    let e = official::convert_official(&pkl, &out, true)
         .unwrap_err()
         .to_string();
     assert!(e.contains("LARS"), "{e}");
@@ -341,10 +341,10 @@ fn cli_converts_and_exports() -> anyhow::Result<()> {
 }
 
 /// A fixture tensor as the converter holds pickled arrays (raw little-endian f32 bytes).
-fn raw_f32(t: &Tensor) -> convert::RawTensor {
+fn raw_f32(t: &Tensor) -> official::RawTensor {
     let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    convert::RawTensor {
-        dtype: convert::RawDtype::F32,
+    official::RawTensor {
+        dtype: official::RawDtype::F32,
         shape: t.dims().to_vec(),
         data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
@@ -424,7 +424,7 @@ fn converted_probe_head_reproduces_the_official_logits() -> anyhow::Result<()> {
 
     // The head converted from the pickled probe: the eval formula on its own tensors.
     let conv = out.join("linear");
-    convert::convert_official(&ckpt_dir().join("linear_model.pkl"), &conv, false)?;
+    official::convert_official(&ckpt_dir().join("linear_model.pkl"), &conv, false)?;
     let head = m3ae::evaluate::load_probe_head(&conv.join("probe.safetensors"))?;
     let (exp, _) = m3ae::model::params::read_safetensors(
         &ckpt_dir().join("linear_expected.safetensors"),

@@ -4,8 +4,8 @@
 //! synthetic data; and the same through the CLI (`m3ae pretrain --resume <dir>`).
 
 use candle_core::{Device, Tensor};
-use m3ae::convert::{self, OfficialCheckpoint};
 use m3ae::model::{param_specs, M3ae, M3aeConfig, Mae, Masking, ModelInput, Noise, Variant};
+use m3ae::official::{self, OfficialCheckpoint};
 use m3ae::train::{Objective, TrainBatch, Trainer, TrainerState};
 mod common;
 use common::{ckpt_dir, f32_bits as bits};
@@ -116,7 +116,7 @@ fn official_runs_convert_to_resumable_checkpoints_and_train_on() -> anyhow::Resu
     for kind in ["m3ae", "mae"] {
         let pkl = ckpt_dir().join(format!("{kind}_model.pkl"));
         let out = tmp(kind);
-        let c = convert::convert_official_resumable(&pkl, &out, None)?;
+        let c = official::convert_official_resumable(&pkl, &out, None)?;
         let dir = out.join("checkpoints/step-00000002");
         for f in ["model.safetensors", "optimizer.safetensors", "trainer.json"] {
             assert!(dir.join(f).is_file(), "{kind}: {f}");
@@ -133,12 +133,12 @@ fn official_runs_convert_to_resumable_checkpoints_and_train_on() -> anyhow::Resu
         assert_eq!(state.train.clip_gradient, 1e9);
         // `--total-steps` overrides the derived schedule length
         let longer = tmp(&format!("{kind}-longer"));
-        convert::convert_official_resumable(&pkl, &longer, Some(500))?;
+        official::convert_official_resumable(&pkl, &longer, Some(500))?;
         let s = TrainerState::read(&longer.join("checkpoints/step-00000002"))?;
         assert_eq!(s.train.steps, 500);
         std::fs::remove_dir_all(&longer)?;
         // evaluation commands read the folder as a run directory
-        let resolved = m3ae::pretrained::resolve(&out, &m3ae::HubOptions::offline())?;
+        let resolved = m3ae::official::pretrained::resolve(&out, &m3ae::HubOptions::offline())?;
         assert_eq!(resolved, dir);
         if kind == "m3ae" {
             let model = M3ae::init(&state.model, 7, &dev)?;
@@ -151,7 +151,7 @@ fn official_runs_convert_to_resumable_checkpoints_and_train_on() -> anyhow::Resu
     }
     // a probe checkpoint is not a pre-training run
     let out = tmp("linear");
-    let e = convert::convert_official_resumable(&ckpt_dir().join("linear_model.pkl"), &out, None)
+    let e = official::convert_official_resumable(&ckpt_dir().join("linear_model.pkl"), &out, None)
         .unwrap_err()
         .to_string();
     assert!(

@@ -1,9 +1,9 @@
-//! The safe pickle reader (`m3ae_model::pickle`) on arbitrary bytes, and a walk over every value
+//! The safe pickle reader (`m3ae_official::pickle`) on arbitrary bytes, and a walk over every value
 //! of what it accepts with the accessors the checkpoint converter uses.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use m3ae_model::pickle::{Pickle, Value};
+use m3ae_official::pickle::{Pickle, Value};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(p) = Pickle::parse(data) else {

@@ -2,7 +2,7 @@
 //!
 //! Subcommands: `info` (a configuration, its parameter count and FLOPs), `pretrain`, `bench`,
 //! `convert`, and the evaluation commands `embed`, `probe`, `ood`, `reconstruct`. The work is
-//! done by the library (`m3ae::pretrain`, `m3ae::evaluate`, `m3ae::convert`); this file parses
+//! done by the library (`m3ae::pretrain`, `m3ae::evaluate`, `m3ae::official`); this file parses
 //! arguments, installs the logger and the signal handler, and prints errors as one line.
 //!
 //! Log output (per-sample data warnings, ...) goes to stderr at level `warn` unless `RUST_LOG`
@@ -78,7 +78,7 @@ enum Command {
     /// Convert official checkpoints (`official <model.pkl> <out-dir>`) or export ours with the
     /// official Flax names (`export <model.safetensors> <out.safetensors>`).
     #[command(subcommand)]
-    Convert(m3ae::convert::ConvertCommand),
+    Convert(m3ae::cli::convert::ConvertCommand),
     /// Evaluation: `embed`, `probe`, `ood`, `reconstruct` (see `m3ae::evaluate`).
     #[command(flatten)]
     Eval(m3ae::evaluate::EvalCommand),
@@ -423,7 +423,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{report}");
             println!("threads: RAYON_NUM_THREADS={threads}");
         }
-        Command::Convert(cmd) => m3ae::convert::run_cli(cmd)?,
+        Command::Convert(cmd) => m3ae::cli::convert::run_cli(cmd)?,
         Command::Eval(cmd) => m3ae::evaluate::run_cli(cmd)?,
     }
     Ok(())

@@ -45,7 +45,6 @@ pub mod masking;
 pub mod model;
 pub mod params;
 pub mod patch;
-pub mod pickle;
 pub mod posemb;
 pub mod probe_head;
 pub mod ranking;

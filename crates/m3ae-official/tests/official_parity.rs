@@ -2,12 +2,12 @@
 //! checks that the harness really fails when the numbers are off.
 
 use candle_core::Device;
-use m3ae::kernels::KernelPath;
-use m3ae::parity::{compare, run, run_with, Tolerance};
+use m3ae_kernels::KernelPath;
+use m3ae_official::parity::{compare, run, run_with, Tolerance};
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/official_tiny")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/official_tiny")
 }
 
 #[test]
@@ -57,11 +57,11 @@ fn a_small_weight_perturbation_is_caught() -> anyhow::Result<()> {
         std::fs::copy(e.path(), dir.join(e.file_name()))?;
     }
     let path = dir.join("m3ae_params.safetensors");
-    let (mut t, meta) = m3ae::model::params::read_safetensors(&path, &Device::Cpu)?;
+    let (mut t, meta) = m3ae_model::params::read_safetensors(&path, &Device::Cpu)?;
     let key = "decoder.LayerNorm_0.scale";
     let scaled = (t[key].clone() * 1.001)?;
     t.insert(key.into(), scaled);
-    m3ae::model::params::write_safetensors(&path, &t, meta)?;
+    m3ae_model::params::write_safetensors(&path, &t, meta)?;
     let checks = run(&dir)?;
     let bad: Vec<&str> = checks
         .iter()
@@ -98,7 +98,7 @@ fn the_probe_backbone_takes_use_type_embedding_from_config_json() -> anyhow::Res
     // params have none): the linear-probe backbone must follow config.json instead of
     // forcing type embeddings on (which fails on the missing parameters).
     use candle_core::Tensor;
-    use m3ae::model::{M3ae, ModelInput, Unexpected};
+    use m3ae_model::{M3ae, ModelInput, Unexpected};
     let dir = std::env::temp_dir().join(format!("m3ae-parity-notype-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -112,14 +112,14 @@ fn the_probe_backbone_takes_use_type_embedding_from_config_json() -> anyhow::Res
     std::fs::write(&cfg_path, serde_json::to_string(&cfg)?)?;
     let dev = Device::Cpu;
     let params_path = dir.join("m3ae_params.safetensors");
-    let (mut params, meta) = m3ae::model::params::read_safetensors(&params_path, &dev)?;
+    let (mut params, meta) = m3ae_model::params::read_safetensors(&params_path, &dev)?;
     params.retain(|k, _| !k.contains("type_embedding"));
-    m3ae::model::params::write_safetensors(&params_path, &params, meta)?;
+    m3ae_model::params::write_safetensors(&params_path, &params, meta)?;
     // golden probe features of this model: the M3AE's own image-only representation
-    let fc = m3ae::parity::FixtureConfig::read(&dir)?;
+    let fc = m3ae_official::parity::FixtureConfig::read(&dir)?;
     let model = M3ae::from_official(&fc.m3ae, params, Unexpected::Error, "params", &dev)?;
     let lp_path = dir.join("linear_probe.safetensors");
-    let (mut lp, meta) = m3ae::model::params::read_safetensors(&lp_path, &dev)?;
+    let (mut lp, meta) = m3ae_model::params::read_safetensors(&lp_path, &dev)?;
     let rep = model.forward_representation(&ModelInput {
         image_patches: Some(lp["linear.input_image_patches"].clone()),
         ..Default::default()
@@ -132,7 +132,7 @@ fn the_probe_backbone_takes_use_type_embedding_from_config_json() -> anyhow::Res
     );
     let mean: Tensor = rep.narrow(1, 1, li)?.mean(1)?;
     lp.insert("linear.feature_meanpool".into(), mean);
-    m3ae::model::params::write_safetensors(&lp_path, &lp, meta)?;
+    m3ae_model::params::write_safetensors(&lp_path, &lp, meta)?;
     let checks = run(&dir)?;
     for key in [
         "linear_probe:linear.representation",

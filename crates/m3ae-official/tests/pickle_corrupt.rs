@@ -2,8 +2,8 @@
 //! declared lengths. Each must return an error (or, for a flip that keeps the stream valid, a
 //! value); none may panic, recurse without bound or allocate without bound.
 
-use m3ae::convert::OfficialCheckpoint;
-use m3ae::model::pickle::{Error, Limits, Pickle};
+use m3ae_official::pickle::{Error, Limits, Pickle};
+use m3ae_official::OfficialCheckpoint;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -203,7 +203,7 @@ fn flipped_bytes_never_panic() {
 #[test]
 fn real_checkpoint_truncated_and_flipped_never_panics() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/official_checkpoint/linear_model.pkl");
+        .join("../../tests/fixtures/official_checkpoint/linear_model.pkl");
     let data = std::fs::read(path).expect("fixture");
     let mut x: u64 = 0x9e3779b97f4a7c15;
     let mut next = || {
