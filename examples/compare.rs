@@ -30,7 +30,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use m3ae::evaluate::{self, DataOptions, DataSpec, KnnConfig, LoadedModel, ModelSource};
+use m3ae::eval::{self, DataOptions, DataSpec, KnnConfig, ModelSource};
+use m3ae::model::AnyModel;
 use m3ae::pretrain::{run, scene_probe_config, ObjectiveKind, PretrainConfig, RunOptions};
 use m3ae_data::{SceneSplit, ScenesConfig};
 use m3ae_eval::ProbeConfig;
@@ -149,7 +150,7 @@ fn probe_tasks(args: &Args, cfg: &PretrainConfig) -> Result<Vec<ProbeTask>> {
     for name in names {
         let task = match name.as_str() {
             "scenes" => {
-                // `m3ae::evaluate` reads the default scene generator: the run's must be it
+                // `m3ae::eval` reads the default scene generator: the run's must be it
                 let norm = |s: &ScenesConfig| ScenesConfig {
                     split: SceneSplit::Train,
                     len: 0,
@@ -173,7 +174,7 @@ fn probe_tasks(args: &Args, cfg: &PretrainConfig) -> Result<Vec<ProbeTask>> {
                     Ok(DataSpec::webdataset(p.display().to_string()))
                 };
                 let (train, test) = (shard("train")?, shard("test")?);
-                let label = evaluate::json_label("category", Some(1), &[&train, &test])?;
+                let label = eval::json_label("category", Some(1), &[&train, &test])?;
                 ProbeTask {
                     name,
                     train,
@@ -226,13 +227,13 @@ fn describe_tasks(tasks: &[ProbeTask]) -> String {
         .join("\n")
 }
 
-fn probe_model(model: &LoadedModel, tasks: &[ProbeTask]) -> Result<BTreeMap<String, ProbeResult>> {
+fn probe_model(model: &AnyModel, tasks: &[ProbeTask]) -> Result<BTreeMap<String, ProbeResult>> {
     let mut out = BTreeMap::new();
     for t in tasks {
         let t0 = Instant::now();
-        let train = evaluate::extract(model.represent(), &t.train, &t.opts, None)?;
-        let test = evaluate::extract(model.represent(), &t.test, &t.opts, None)?;
-        let (r, _) = evaluate::probe_report(&train, &test, &t.probe, KnnConfig::default())?;
+        let train = eval::extract(model, &t.train, &t.opts, None)?;
+        let test = eval::extract(model, &t.test, &t.opts, None)?;
+        let (r, _) = eval::probe_report(&train, &test, &t.probe, KnnConfig::default())?;
         let seconds = t0.elapsed().as_secs_f64();
         eprintln!(
             "  {}: probe top-1 {:.2}%, kNN top-1 {:.2}% ({seconds:.0} s)",
@@ -285,7 +286,7 @@ fn train_and_probe(cfg: &PretrainConfig, model: &str, tasks: &[ProbeTask]) -> Re
         ..Default::default()
     };
     let s = run(cfg.clone(), opts)?;
-    let trained = evaluate::load_model(&ModelSource::Checkpoint(dir.clone()))?;
+    let trained = eval::load_model(&ModelSource::Checkpoint(dir.clone()))?;
     let probes = probe_model(&trained, tasks)?;
     let r = RunRecord {
         request,
@@ -307,7 +308,7 @@ fn train_and_probe(cfg: &PretrainConfig, model: &str, tasks: &[ProbeTask]) -> Re
 /// Probes a randomly initialised MAE encoder with the configuration of `like` (or reuses it).
 fn random_baseline(
     base: &PretrainConfig,
-    like: &LoadedModel,
+    like: &AnyModel,
     seed: u64,
     tasks: &[ProbeTask],
 ) -> Result<RunRecord> {
@@ -326,7 +327,7 @@ fn random_baseline(
     }
     let (t0, load0) = (Instant::now(), load_average());
     eprintln!("random init seed {seed}");
-    let model = LoadedModel::Mae(m3ae_model::Mae::init(
+    let model = AnyModel::Mae(m3ae_model::Mae::init(
         like.config(),
         init_seed,
         &candle_core::Device::Cpu,
@@ -473,7 +474,7 @@ fn main() -> Result<()> {
         cfg.name = format!("compare-{}-mae-s{seed}-n{steps}", base.name);
         let r = train_and_probe(&cfg, "MAE", &tasks)?;
         if seed < random_seeds {
-            let like = evaluate::load_model(&ModelSource::Checkpoint(cfg.run_dir()))?;
+            let like = eval::load_model(&ModelSource::Checkpoint(cfg.run_dir()))?;
             random.push(random_baseline(&base, &like, seed, &tasks)?);
         }
         mae.push(r);

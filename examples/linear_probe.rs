@@ -8,7 +8,7 @@
 //! ```
 
 use m3ae::eval::ProbeConfig;
-use m3ae::evaluate::{
+use m3ae::eval::{
     extract, load_model, probe_report, DataOptions, DataSpec, KnnConfig, ModelSource,
 };
 
@@ -26,8 +26,8 @@ fn main() -> anyhow::Result<()> {
     let train_spec: DataSpec = "scenes:train:2000".parse()?;
     let test_spec: DataSpec = "scenes:test:500".parse()?;
     let t0 = std::time::Instant::now();
-    let train = extract(model.represent(), &train_spec, &opts, None)?;
-    let test = extract(model.represent(), &test_spec, &opts, None)?;
+    let train = extract(&model, &train_spec, &opts, None)?;
+    let test = extract(&model, &test_spec, &opts, None)?;
     println!(
         "features: train {:?}, test {:?} ({:.1}s)",
         train.features.dims(),

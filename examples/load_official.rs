@@ -1,13 +1,15 @@
-//! Converts an official M3AE `model.pkl` (no Python needed), loads the converted model and prints
-//! the features of an image and a caption.
+//! Converts an official M3AE `model.pkl` (no Python needed), loads the converted model through
+//! the inference pipeline and prints the joint features of an image and a caption.
 //!
 //! ```text
-//! cargo run --release --example load_official -- [model.pkl] [out-dir]
+//! cargo run --release --example load_official -- [model.pkl] [out-dir] [tokenizer]
 //! ```
-//! Without arguments it uses the tiny fixture checkpoint of the repository.
+//! Without arguments it uses the tiny fixture checkpoint of the repository. The released weights
+//! take the `bert-base-uncased` tokenizer (a `tokenizer.json`, or the repository id with the
+//! `hub` feature); the fixture's 300-token vocabulary gets a small WordPiece trained here.
 
-use candle_core::{DType, Device, Tensor};
-use m3ae::model::{patchify, pool, ModelInput, Pooling};
+use m3ae::data::{CaptionedScenes, RgbImage, Tokenizer};
+use m3ae::eval::{Pipeline, PipelineOptions};
 use m3ae::official;
 use std::path::PathBuf;
 
@@ -21,6 +23,7 @@ fn main() -> anyhow::Result<()> {
         .next()
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("m3ae-load-official"));
+    let tokenizer = args.next().map(PathBuf::from);
 
     let converted = official::convert_official(&pkl, &out, false)?;
     println!(
@@ -30,42 +33,33 @@ fn main() -> anyhow::Result<()> {
         converted.weights.0,
         out.display()
     );
-    let dev = Device::Cpu;
-    let model = official::load_m3ae(&out, &dev)?;
-    let cfg = model.config().clone();
-
-    // A synthetic image (NHWC, normalised values) and a caption given as token ids (tokenize
-    // with the bert-base-uncased tokenizer for the released weights; the fixture uses vocab 300).
-    let s = cfg.image_size;
-    let pixels: Vec<f32> = (0..s * s * 3)
-        .map(|i| ((i % 97) as f32 / 48.0) - 1.0)
-        .collect();
-    let image = Tensor::from_vec(pixels, (1, s, s, 3), &dev)?;
-    let ids: Vec<u32> = (0..cfg.text_length)
-        .map(|i| {
-            if i < 6 {
-                (i as u32 * 37 + 5) % cfg.text_vocab_size as u32
-            } else {
-                0
-            }
-        })
-        .collect();
-    let pad: Vec<f32> = (0..cfg.text_length)
-        .map(|i| if i < 6 { 0.0 } else { 1.0 })
-        .collect();
-    let input = ModelInput {
-        image_patches: Some(patchify(&image, cfg.patch_size)?),
-        text_ids: Some(Tensor::from_vec(ids, (1, cfg.text_length), &dev)?),
-        text_padding: Some(Tensor::from_vec(pad, (1, cfg.text_length), &dev)?),
+    let opts = PipelineOptions {
+        tokenizer: tokenizer.clone(),
+        ..Default::default()
     };
-    let repr = model.forward_representation(&input)?;
-    let cls = pool(&repr, Pooling::Cls)?;
+    let mut pipe = Pipeline::from_pretrained(&out, &opts)?;
+    if tokenizer.is_none() {
+        let corpus = CaptionedScenes::new(Default::default())?.corpus(300);
+        let vocab = pipe.config().text_vocab_size.min(150);
+        let tok = Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), vocab)?;
+        pipe = pipe.with_tokenizer(tok)?;
+    }
+
+    // A synthetic image: any size, the pipeline resizes and normalises it.
+    let image = RgbImage {
+        width: 48,
+        height: 48,
+        data: (0..48 * 48 * 3).map(|i| (i % 251) as u8).collect(),
+    };
+    let caption = "a red circle on a blue background";
+    let joint = pipe.embed_pairs(&[image.clone()], &[caption])?;
+    let image_only = pipe.embed_images(&[image])?;
     println!(
-        "representation {:?}, cls feature {:?}",
-        repr.dims(),
-        cls.dims()
+        "cls feature of the pair {:?}, of the image alone {:?}",
+        joint.dims(),
+        image_only.dims()
     );
-    let v = cls.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let v = joint.to_vec2::<f32>()?.remove(0);
     let shown: Vec<String> = v.iter().take(8).map(|x| format!("{x:+.4}")).collect();
     println!("cls feature [0..8]: {}", shown.join(" "));
     Ok(())

@@ -1,16 +1,16 @@
-//! Reconstruction through the library API: masks a captioned scene and its caption, runs the
-//! model, writes the four-panel PNG (original | masked | prediction | prediction + visible) and
-//! the cls attention overlay, and prints the predicted masked words.
+//! Reconstruction through the inference pipeline: masks a captioned scene and its caption, runs
+//! the model, writes the four-panel PNG (original | masked | prediction | prediction + visible)
+//! and the cls attention overlay, and prints the predicted masked words.
 //!
 //! ```text
 //! cargo run --release --example reconstruct                       # random-init tiny model
+//! cargo run --release --example reconstruct -- runs/x             # its tokenizer.json is found
 //! cargo run --release --example reconstruct -- runs/x tok.json    # a checkpoint + tokenizer
 //! ```
 
-use m3ae::data::{CaptionedScenes, Normalization, RgbImage, ScenesConfig, Tokenizer};
-use m3ae::evaluate::{
-    load_model, reconstruct, write_attention_png, write_reconstruction_png, ModelSource,
-};
+use m3ae::data::{CaptionedScenes, RgbImage, ScenesConfig, Tokenizer};
+use m3ae::eval::panels::{write_attention_png, write_reconstruction_png};
+use m3ae::eval::{Pipeline, PipelineOptions};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -19,22 +19,19 @@ fn main() -> anyhow::Result<()> {
         split: m3ae::data::SceneSplit::Test,
         ..Default::default()
     })?;
-    let (source, tokenizer) = match args.as_slice() {
-        [ckpt, tok, ..] => (
-            ModelSource::Checkpoint(ckpt.into()),
-            Tokenizer::from_file(tok)?,
-        ),
-        _ => (
-            ModelSource::RandomInit {
-                preset: "tiny".into(),
-                seed: 0,
-                mae: false,
-            },
-            // the tiny preset has a 1,000-token vocabulary: train a small WordPiece
+    let pipe = match args.as_slice() {
+        [ckpt, rest @ ..] => {
+            let opts = PipelineOptions {
+                tokenizer: rest.first().map(Into::into),
+                ..Default::default()
+            };
+            Pipeline::from_pretrained(ckpt, &opts)?
+        }
+        // the tiny preset has a 1,000-token vocabulary: train a small WordPiece
+        [] => Pipeline::random_init("tiny", 0, false)?.with_tokenizer(
             Tokenizer::train_wordpiece(scenes.corpus(2000).iter().map(String::as_str), 400)?,
-        ),
+        )?,
     };
-    let model = load_model(&source)?;
     let scene = scenes.scene(0);
     let size = scenes.config().image_size;
     let image = RgbImage {
@@ -43,13 +40,7 @@ fn main() -> anyhow::Result<()> {
         data: scene.pixels.clone(),
     };
     println!("caption: {}", scene.caption);
-    let r = reconstruct(
-        &model,
-        &image,
-        Some((&scene.caption, &tokenizer)),
-        0,
-        Normalization::Cc12m,
-    )?;
+    let r = pipe.reconstruct(&image, Some(&scene.caption))?;
     let dir = std::env::temp_dir();
     let (out, att) = (
         dir.join("m3ae-recon.png"),

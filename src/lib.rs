@@ -1,8 +1,8 @@
 //! m3ae: the M3AE multimodal masked autoencoder in Rust, on candle.
 //!
 //! This facade re-exports the workspace crates under short names and holds what spans them:
-//! the evaluation front end of `m3ae embed | probe | ood | reconstruct` ([`evaluate`]) and the
-//! subcommands of the `m3ae` tool ([`cli`]).
+//! the pre-training recipe of `m3ae pretrain` ([`pretrain`]) and the subcommands of the `m3ae`
+//! tool ([`cli`]).
 //!
 //! * [`official`]: the official (JAX) format: the safe pickle reader, official checkpoints,
 //!   conversion and export, the parity harness against the official code.
@@ -10,7 +10,9 @@
 //!   `model.pkl` files and (feature `hub`) Hugging Face repository ids ([`FromPretrained`]).
 //! * [`kernels`]: differentiable tensor kernels (LayerNorm, masked attention, GELU).
 //! * [`model`]: configuration, the M3AE and MAE models, losses, weights.
-//! * [`data`], [`train`], [`eval`]: data pipeline, training, evaluation.
+//! * [`data`], [`train`]: data pipeline, training.
+//! * [`eval`]: evaluation: feature extraction, probe / kNN / OOD reports, reconstruction panels
+//!   and the high-level inference API ([`eval::Pipeline`]).
 
 pub use m3ae_data as data;
 pub use m3ae_eval as eval;
@@ -20,7 +22,6 @@ pub use m3ae_official as official;
 pub use m3ae_train as train;
 
 pub mod cli;
-pub mod evaluate;
 pub mod pretrain;
 pub mod pretrained;
 /// The data streams of a pre-training run (moved to [`m3ae_data::streams`]).

@@ -8,12 +8,12 @@
 //! scenes' shape labels next to a randomly initialised model.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use m3ae_data::{
     Batch, CaptionedScenes, DataOptions, DataSpec, LabelKind, Loader, LoaderConfig, MaskConfig,
     Position, SceneSplit, ScenesConfig, Source, Streams, Tokenizer, Transform,
 };
-use m3ae_model::{M3ae, M3aeConfig, Mae, Pooling, Represent};
+use m3ae_model::{M3ae, M3aeConfig, Mae, Represent};
 use m3ae_train::tensorboard::TensorBoardSink;
 use m3ae_train::{Fitted, Hook, JsonlSink, Learner, Objective, TrainConfig, Trainer, Window};
 use serde::{Deserialize, Serialize};
@@ -755,110 +755,6 @@ fn most_frequent_in_batch(b: &Batch) -> Result<u32> {
     most_frequent(counts).context("the held-out batch has no text")
 }
 
-/// Writes the reconstruction panel of a held-out batch: per sample a row of
-/// original | masked input | prediction | prediction with the visible patches pasted back.
-pub fn write_reconstruction(
-    cfg: &M3aeConfig,
-    out: &m3ae_model::Output,
-    batch: &Batch,
-    tok: Option<&Tokenizer>,
-    normalization: m3ae_data::Normalization,
-    png: &Path,
-) -> Result<()> {
-    let patches = batch.input.image_patches.as_ref().context("no image")?;
-    let pred = out.image.clone().context("no image output")?;
-    let mask = out.image_mask.clone().context("no image mask")?;
-    let m3 = mask.unsqueeze(2)?.broadcast_as(pred.shape())?;
-    let grey = patches.zeros_like()?;
-    let masked_in = ((patches * (1.0 - &m3)?)? + (&grey * &m3)?)?;
-    let pasted = ((&pred * &m3)? + (patches * (1.0 - &m3)?)?)?;
-    let panels = [patches.clone(), masked_in, pred, pasted];
-    let (b, s) = (patches.dim(0)?, cfg.image_size);
-    let scale = (192 / s).max(1);
-    let gap = 4;
-    let (w, h) = (4 * s * scale + 5 * gap, b * s * scale + (b + 1) * gap);
-    let mut img = image::RgbImage::from_pixel(w as u32, h as u32, image::Rgb([255, 255, 255]));
-    let (mean, std) = normalization.mean_std();
-    for (col, p) in panels.iter().enumerate() {
-        let pix = m3ae_model::unpatchify(p, cfg.patch_size, 3)?.to_dtype(DType::F32)?;
-        let v = pix.flatten_all()?.to_vec1::<f32>()?;
-        for i in 0..b {
-            for y in 0..s {
-                for x in 0..s {
-                    let o = ((i * s + y) * s + x) * 3;
-                    let mut rgb = [0u8; 3];
-                    for c in 0..3 {
-                        rgb[c] = ((v[o + c] * std[c] + mean[c]) * 255.0)
-                            .round()
-                            .clamp(0.0, 255.0) as u8;
-                    }
-                    for dy in 0..scale {
-                        for dx in 0..scale {
-                            let px = gap + col * (s * scale + gap) + x * scale + dx;
-                            let py = gap + i * (s * scale + gap) + y * scale + dy;
-                            img.put_pixel(px as u32, py as u32, image::Rgb(rgb));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    if let Some(parent) = png.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    write_png(&img, png)?;
-    // Captions, masked words and predicted words.
-    if let (Some(tok), Some(logits), Some(tmask), Some(ids)) = (
-        tok,
-        out.text_logits.as_ref(),
-        out.text_mask.as_ref(),
-        batch.input.text_ids.as_ref(),
-    ) {
-        let pred = logits.argmax(candle_core::D::Minus1)?.to_vec2::<u32>()?;
-        let ids = ids.to_vec2::<u32>()?;
-        let pad = batch
-            .input
-            .text_padding
-            .as_ref()
-            .context("no padding")?
-            .to_vec2::<f32>()?;
-        let tmask = tmask.to_vec2::<f32>()?;
-        let mut text = String::new();
-        for i in 0..ids.len() {
-            let valid: Vec<u32> = ids[i]
-                .iter()
-                .zip(&pad[i])
-                .filter(|(_, &p)| p == 0.0)
-                .map(|(&t, _)| t)
-                .collect();
-            text.push_str(&format!("sample {i}: {}\n", tok.decode(&valid)?));
-            let mut masked = Vec::new();
-            let mut predicted = Vec::new();
-            for t in 0..ids[i].len() {
-                if tmask[i][t] > 0.0 && pad[i][t] == 0.0 {
-                    masked.push(tok.decode(&[ids[i][t]])?);
-                    predicted.push(tok.decode(&[pred[i][t]])?);
-                }
-            }
-            text.push_str(&format!("  masked words:    {}\n", masked.join(" ")));
-            text.push_str(&format!("  predicted words: {}\n", predicted.join(" ")));
-        }
-        let txt = png.with_extension("txt");
-        m3ae_model::fsio::atomic_write(&txt, text.as_bytes())
-            .with_context(|| format!("writing {}", txt.display()))?;
-    }
-    Ok(())
-}
-
-/// Writes a PNG atomically.
-fn write_png(img: &image::RgbImage, png: &Path) -> Result<()> {
-    m3ae_model::fsio::atomic_write_with(png, |w| {
-        img.write_to(w, image::ImageFormat::Png)
-            .map_err(|e| anyhow::anyhow!(e))
-    })
-    .with_context(|| format!("writing {}", png.display()))
-}
-
 /// The probe recipe of the run's final scene probe ([`probe_scenes`]): LARS as in the official
 /// recipe, but 40 epochs at a peak learning rate of 2.0 (batch 256, 4 warmup epochs), which
 /// converges on the few thousand scene features.
@@ -875,21 +771,18 @@ pub fn scene_probe_config(seed: u64) -> m3ae_eval::ProbeConfig {
 
 /// Linear-probe top-1 of a representation on the scenes' shape labels (train/test splits).
 pub fn probe_scenes(model: &dyn Represent, cfg: &PretrainConfig, seed: u64) -> Result<f64> {
-    let mc = model.config().clone();
     let feats = |split: SceneSplit, n: usize| -> Result<(Tensor, Vec<u32>)> {
-        let src = scenes(cfg, split, n)?;
-        let mut lc = LoaderConfig::eval(256, mc.image_size, mc.patch_size);
-        lc.num_threads = cfg.data.num_threads;
-        let loader = Loader::new(Arc::new(src), None, lc)?;
-        let mut labels = Vec::new();
-        let mut parts = Vec::new();
-        for b in loader.iter(Position::default()) {
-            let b = b?;
-            labels.extend(b.labels.iter().map(|l| l.unwrap_or(0) as u32));
-            let patches = b.input.image_patches.as_ref().context("no image")?;
-            parts.push(m3ae_model::pool(&model.represent(patches)?, Pooling::Cls)?.detach());
-        }
-        Ok((Tensor::cat(&parts, 0)?, labels))
+        let settings = m3ae_eval::ExtractSettings {
+            num_threads: cfg.data.num_threads,
+            ..Default::default()
+        };
+        let opts = cfg.data.options(LabelKind::Shape);
+        let set =
+            m3ae_eval::extract_with(model, &DataSpec::scenes(split, Some(n)), &opts, &settings)?;
+        Ok((
+            set.features,
+            set.labels.iter().map(|&l| l.max(0) as u32).collect(),
+        ))
     };
     let (ntr, nte) = cfg.probe_samples;
     let (xtr, ytr) = feats(SceneSplit::Train, ntr)?;
@@ -1137,7 +1030,14 @@ pub fn run_with_sync(
                         eval.image_masking.as_ref(),
                         eval.text_masking.as_ref(),
                     )?;
-                    write_reconstruction(m.config(), &out, &eval, Some(&tok), norm, path)
+                    Ok(m3ae_eval::panels::write_batch_reconstruction(
+                        m.config(),
+                        &out,
+                        &eval,
+                        Some(&tok),
+                        norm,
+                        path,
+                    )?)
                 },
             )?
         }
@@ -1160,7 +1060,14 @@ pub fn run_with_sync(
                         .context("no image")?;
                     let masking = image_only.image_masking.as_ref().context("no masking")?;
                     let out = m.forward(patches, masking)?;
-                    write_reconstruction(m.config(), &out, &image_only, None, norm, path)
+                    Ok(m3ae_eval::panels::write_batch_reconstruction(
+                        m.config(),
+                        &out,
+                        &image_only,
+                        None,
+                        norm,
+                        path,
+                    )?)
                 },
             )?
         }

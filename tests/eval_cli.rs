@@ -102,7 +102,7 @@ fn embed_writes_features_labels_and_keys() {
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("30 x 128 features"), "{stdout}");
-    let f = m3ae::evaluate::FeatureSet::load(&out).unwrap();
+    let f = m3ae::eval::FeatureSet::load(&out).unwrap();
     assert_eq!(f.features.dims(), &[30, 128]);
     assert_eq!(f.classes, 6);
     assert_eq!(f.keys.len(), 30);
@@ -165,7 +165,7 @@ fn probe_on_scenes_trains_saves_evaluates_and_caches() {
 fn probe_separates_easy_u8_classes_with_a_saved_checkpoint_run_dir() {
     // a run directory with checkpoints/step-*/model.safetensors (config in the metadata)
     let d = tmp("rundir");
-    let model = m3ae::evaluate::load_model(&m3ae::evaluate::ModelSource::RandomInit {
+    let model = m3ae::eval::load_model(&m3ae::eval::ModelSource::RandomInit {
         preset: "tiny".into(),
         seed: 1,
         mae: false,
@@ -263,7 +263,7 @@ fn reconstruct_writes_panels_attention_and_masked_words() {
     let tok =
         Tokenizer::train_wordpiece(scenes.corpus(300).iter().map(String::as_str), 400).unwrap();
     tok.save(run_dir.join("tokenizer.json")).unwrap();
-    let model = m3ae::evaluate::load_model(&m3ae::evaluate::ModelSource::RandomInit {
+    let model = m3ae::eval::load_model(&m3ae::eval::ModelSource::RandomInit {
         preset: "tiny".into(),
         seed: 2,
         mae: false,
@@ -409,7 +409,7 @@ fn probe_labels_webdataset_samples_by_a_json_field() {
         s(&out),
     ]);
     assert!(ok, "{stderr}");
-    let f = m3ae::evaluate::FeatureSet::load(&out).unwrap();
+    let f = m3ae::eval::FeatureSet::load(&out).unwrap();
     assert_eq!(f.classes, 2);
     for (k, l) in f.keys.iter().zip(&f.labels) {
         assert_eq!(*l, (k.parse::<usize>().unwrap() % 2 == 0) as i64, "{k}");
@@ -611,7 +611,7 @@ fn tuxpaint_category_probe_with_m3ae_data_dir() {
 
 /// A checkpoint folder `dir/step-00000001` holding `model` with every weight replaced by
 /// NaN (`nan`) or as is; returns the folder.
-fn save_checkpoint(dir: &Path, model: &m3ae::evaluate::LoadedModel, nan: bool) -> PathBuf {
+fn save_checkpoint(dir: &Path, model: &m3ae::model::AnyModel, nan: bool) -> PathBuf {
     let ckpt = dir.join("step-00000001");
     std::fs::create_dir_all(&ckpt).unwrap();
     let mut tensors = model.params().tensors();
@@ -632,8 +632,8 @@ fn save_checkpoint(dir: &Path, model: &m3ae::evaluate::LoadedModel, nan: bool) -
     ckpt
 }
 
-fn random_m3ae(cfg: &m3ae::model::M3aeConfig, seed: u64) -> m3ae::evaluate::LoadedModel {
-    m3ae::evaluate::LoadedModel::M3ae(
+fn random_m3ae(cfg: &m3ae::model::M3aeConfig, seed: u64) -> m3ae::model::AnyModel {
+    m3ae::model::AnyModel::M3ae(
         m3ae::model::M3ae::init(cfg, seed, &candle_core::Device::Cpu).unwrap(),
     )
 }
@@ -825,7 +825,7 @@ fn embed_limit_takes_a_subset_of_a_counted_scenes_set() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("10 x 128 features"), "{stdout}");
     // an evenly strided 10 of the 40 scenes
-    let f = m3ae::evaluate::FeatureSet::load(&out).unwrap();
+    let f = m3ae::eval::FeatureSet::load(&out).unwrap();
     let idx: Vec<usize> = f
         .keys
         .iter()
@@ -906,7 +906,7 @@ fn embed_skips_counts_and_reports_bad_samples_of_a_hostile_shard() {
     };
     let (ok, stdout, stderr) = embed(&wds, &["--max-bad-fraction", "1"]);
     assert!(ok, "{stderr}");
-    let f = m3ae::evaluate::FeatureSet::load(&out).unwrap();
+    let f = m3ae::eval::FeatureSet::load(&out).unwrap();
     let mut keys = f.keys.clone();
     keys.sort();
     let mut want_keys = good.clone();

@@ -31,7 +31,7 @@ fn cli(args: &[&str], hf_home: &Path, env: &[(&str, &str)]) -> (bool, String) {
 mod with_hub {
     use super::*;
     use candle_core::Device;
-    use m3ae::evaluate::LoadedModel;
+    use m3ae::model::AnyModel;
     use m3ae::model::{M3ae, Mae};
     use m3ae::official;
     use m3ae::{FromPretrained, HubOptions};
@@ -94,8 +94,8 @@ mod with_hub {
         let want = official::load_mae(&fixtures().join("mae_model.pkl"), &dev).unwrap();
         same_weights(mae.params(), want.params());
         // the variant follows the weights
-        let any = LoadedModel::from_pretrained("m3ae-test/official-mae", &opts, &dev).unwrap();
-        assert!(matches!(any, LoadedModel::Mae(_)));
+        let any = AnyModel::from_pretrained("m3ae-test/official-mae", &opts, &dev).unwrap();
+        assert!(matches!(any, AnyModel::Mae(_)));
         // the wrong model type is an error naming the right loader
         let e = Mae::from_pretrained("m3ae-test/m3ae-tiny", &opts, &dev)
             .unwrap_err()

@@ -386,8 +386,8 @@ fn converted_probe_head_reproduces_the_official_logits() -> anyhow::Result<()> {
     .collect();
     let out = tmp("probe-eval");
     let file = out.join("probe.safetensors");
-    m3ae::evaluate::save_probe_head(&ckpt.probe_head(&dev)?, &file)?;
-    let head = m3ae::evaluate::load_probe_head(&file)?;
+    m3ae::eval::save_probe_head(&ckpt.probe_head(&dev)?, &file)?;
+    let head = m3ae::eval::load_probe_head(&file)?;
     let ours = m3ae::eval::probe::probe_logits(&head, &features)?;
     let classes = official[0].len();
     let mut worst = 0f32;
@@ -411,7 +411,7 @@ fn converted_probe_head_reproduces_the_official_logits() -> anyhow::Result<()> {
     };
     let official_pred: Vec<u32> = official.iter().map(|r| argmax(r)).collect();
     assert_eq!(head.predict(&features)?.to_vec1::<u32>()?, official_pred);
-    let set = m3ae::evaluate::FeatureSet {
+    let set = m3ae::eval::FeatureSet {
         features: features.clone(),
         labels: official_pred.iter().map(|&p| p as i64).collect(),
         keys: (0..official.len()).map(|i| i.to_string()).collect(),
@@ -419,13 +419,13 @@ fn converted_probe_head_reproduces_the_official_logits() -> anyhow::Result<()> {
         data: "official probe features".into(),
         stats: None,
     };
-    let (top1, _, _) = m3ae::evaluate::evaluate_head(&head, &set, classes)?;
+    let (top1, _, _) = m3ae::eval::evaluate_head(&head, &set, classes)?;
     assert_eq!(top1, 1.0);
 
     // The head converted from the pickled probe: the eval formula on its own tensors.
     let conv = out.join("linear");
     official::convert_official(&ckpt_dir().join("linear_model.pkl"), &conv, false)?;
-    let head = m3ae::evaluate::load_probe_head(&conv.join("probe.safetensors"))?;
+    let head = m3ae::eval::load_probe_head(&conv.join("probe.safetensors"))?;
     let (exp, _) = m3ae::model::params::read_safetensors(
         &ckpt_dir().join("linear_expected.safetensors"),
         &dev,

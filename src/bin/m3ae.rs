@@ -2,7 +2,7 @@
 //!
 //! Subcommands: `info` (a configuration, its parameter count and FLOPs), `pretrain`, `bench`,
 //! `convert`, and the evaluation commands `embed`, `probe`, `ood`, `reconstruct`. The work is
-//! done by the library (`m3ae::pretrain`, `m3ae::evaluate`, `m3ae::official`); this file parses
+//! done by the library (`m3ae::pretrain`, `m3ae::eval`, `m3ae::official`); this file parses
 //! arguments, installs the logger and the signal handler, and prints errors as one line.
 //!
 //! Log output (per-sample data warnings, ...) goes to stderr at level `warn` unless `RUST_LOG`
@@ -79,9 +79,9 @@ enum Command {
     /// official Flax names (`export <model.safetensors> <out.safetensors>`).
     #[command(subcommand)]
     Convert(m3ae::cli::convert::ConvertCommand),
-    /// Evaluation: `embed`, `probe`, `ood`, `reconstruct` (see `m3ae::evaluate`).
+    /// Evaluation: `embed`, `probe`, `ood`, `reconstruct` (see `m3ae::cli::eval`).
     #[command(flatten)]
-    Eval(m3ae::evaluate::EvalCommand),
+    Eval(m3ae::cli::eval::EvalCommand),
 }
 
 /// Arguments of `m3ae pretrain`.
@@ -339,7 +339,7 @@ fn one_line(e: &anyhow::Error) -> String {
         }
         line.push_str(&text);
     }
-    m3ae::evaluate::escape_control(&line)
+    m3ae::eval::escape_control(&line)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -424,7 +424,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("threads: RAYON_NUM_THREADS={threads}");
         }
         Command::Convert(cmd) => m3ae::cli::convert::run_cli(cmd)?,
-        Command::Eval(cmd) => m3ae::evaluate::run_cli(cmd)?,
+        Command::Eval(cmd) => m3ae::cli::eval::run_cli(cmd)?,
     }
     Ok(())
 }

@@ -2,3 +2,4 @@
 //! library and prints what it did.
 
 pub mod convert;
+pub mod eval;

@@ -29,7 +29,7 @@ use crate::native;
 use crate::{Error, Result};
 use candle_core::Device;
 pub use m3ae_data::hub::{is_repo_id, HubOptions};
-use m3ae_model::{M3ae, M3aeConfig, Mae, ParamStore, Variant};
+use m3ae_model::{AnyModel, M3ae, M3aeConfig, Mae, ParamStore, Variant};
 use std::path::{Path, PathBuf};
 
 fn not_found(name: &Path, msg: impl Into<String>) -> Error {
@@ -179,6 +179,18 @@ impl FromPretrained for Mae {
         device: &Device,
     ) -> Result<Self> {
         native::load_mae(&resolve(name_or_path, opts)?, device)
+    }
+}
+
+/// The model the weights hold: M3AE or MAE.
+impl FromPretrained for AnyModel {
+    fn from_pretrained(
+        name_or_path: impl AsRef<Path>,
+        opts: &HubOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let (cfg, variant, store) = load_pretrained(name_or_path, opts, device)?;
+        Ok(AnyModel::new(variant, &cfg, store)?)
     }
 }
 
