@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         data: (0..48 * 48 * 3).map(|i| (i % 251) as u8).collect(),
     };
     let caption = "a red circle on a blue background";
-    let joint = pipe.embed_pairs(&[image.clone()], &[caption])?;
+    let joint = pipe.embed_pairs(std::slice::from_ref(&image), &[caption])?;
     let image_only = pipe.embed_images(&[image])?;
     println!(
         "cls feature of the pair {:?}, of the image alone {:?}",

@@ -31,7 +31,7 @@ fn the_embed_example_embeds_images_and_pairs_with_random_init_and_a_checkpoint()
     std::fs::write(folder.join("notes.txt"), "x").unwrap();
     let captions: Vec<String> = (0..2).map(|i| scenes.scene(i).caption.clone()).collect();
     let cfg = M3aeConfig::preset("tiny").unwrap();
-    let (images, pairs) = embed::run(&folder, &captions, None).unwrap();
+    let [images, pairs] = embed::run(&folder, &captions, None).unwrap();
     assert_eq!(images.len(), 3);
     assert_eq!(pairs.len(), 2);
     assert!(images.iter().chain(&pairs).all(|f| f.len() == cfg.emb_dim));
@@ -47,7 +47,7 @@ fn the_embed_example_embeds_images_and_pairs_with_random_init_and_a_checkpoint()
         .unwrap()
         .save(ckpt.join("tokenizer.json"))
         .unwrap();
-    let (images2, pairs2) = embed::run(&folder, &captions, Some(&ckpt)).unwrap();
+    let [images2, pairs2] = embed::run(&folder, &captions, Some(&ckpt)).unwrap();
     assert_eq!((images2.len(), pairs2.len()), (3, 2));
     // other weights, other features
     assert_ne!(images2[0], images[0]);

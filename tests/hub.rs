@@ -108,6 +108,35 @@ mod with_hub {
     }
 
     #[test]
+    fn the_pipeline_takes_a_repository_id_with_its_tokenizer() {
+        use m3ae::eval::{Pipeline, PipelineOptions};
+        let home = tmp("pipeline");
+        let cache = fake_cache(&home);
+        let opts = PipelineOptions {
+            hub: HubOptions::offline().with_cache_dir(&cache),
+            ..Default::default()
+        };
+        let pipe = Pipeline::from_pretrained("m3ae-test/m3ae-tiny", &opts).unwrap();
+        assert!(pipe.resolved().unwrap().to_string_lossy().contains(HASH));
+        let image = m3ae::data::RgbImage {
+            width: 32,
+            height: 32,
+            data: [200, 40, 40].repeat(32 * 32),
+        };
+        // the tokenizer of the snapshot, found next to the weights
+        let words = pipe.predict_masked_words(&image, "a red ring").unwrap();
+        assert!(!words.is_empty());
+        let (_, from) = pipe.tokenizer_and_source().unwrap();
+        assert!(
+            from.ends_with("tokenizer.json") && from.contains(HASH),
+            "{from}"
+        );
+        let feats = pipe.embed_pairs(&[image], &["a red ring"]).unwrap();
+        assert_eq!(feats.dims(), &[1, pipe.config().emb_dim]);
+        std::fs::remove_dir_all(&home).ok();
+    }
+
+    #[test]
     fn uncached_model_offline_is_an_error_naming_repo_and_file() {
         let home = tmp("missing");
         let cache = fake_cache(&home);

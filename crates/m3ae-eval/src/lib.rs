@@ -11,7 +11,7 @@
 //!   [`cache`], its feature cache ([`extract_cached`]).
 //! * [`report`]: the probe, kNN and OOD reports (`m3ae probe`, `m3ae ood`) over the primitives
 //!   below.
-//! * [`reconstruct`] and [`panels`]: reconstructions with predicted masked words and the cls
+//! * [`mod@reconstruct`] and [`panels`]: reconstructions with predicted masked words and the cls
 //!   attention, and the one PNG panel writer for them (the CLI and the pre-training run's
 //!   periodic reconstructions alike).
 //! * [`probe`]: the official linear probe (non-affine BatchNorm + linear head, LARS, warmup +
