@@ -321,7 +321,7 @@ impl OfficialCheckpoint {
     }
 
     /// The probe head (`weight [C, D]`, `bias [C]`, `running_mean [D]`, `running_var [D]`).
-    pub fn probe_head(&self, device: &Device) -> Result<m3ae_eval::LinearProbeHead> {
+    pub fn probe_head(&self, device: &Device) -> Result<m3ae_model::LinearProbeHead> {
         let get = |m: &BTreeMap<String, RawTensor>, k: &str| -> Result<Tensor> {
             match m.get(k) {
                 Some(t) => t.to_tensor(device),
@@ -336,7 +336,7 @@ impl OfficialCheckpoint {
         let b = get(&self.params, "Dense_0.bias")?;
         let mean = get(&self.batch_stats, "bn.mean")?;
         let var = get(&self.batch_stats, "bn.var")?;
-        m3ae_eval::LinearProbeHead::new(w, b, mean, var).map_err(|e| Error::Structure {
+        m3ae_model::LinearProbeHead::new(w, b, mean, var).map_err(|e| Error::Structure {
             origin: self.origin.clone(),
             key: "probe".into(),
             msg: e.to_string(),

@@ -46,7 +46,7 @@ pub(super) fn linear_probe(
     let mean = pool(&rep, Pooling::Mean)?;
     lp.check(out, "linear.feature_cls", &cls, Tolerance::FORWARD);
     lp.check(out, "linear.feature_meanpool", &mean, Tolerance::FORWARD);
-    let head = m3ae_eval::LinearProbeHead::new(
+    let head = m3ae_model::LinearProbeHead::new(
         lp.get("linear.head.Dense_0.kernel")?.t()?.contiguous()?,
         lp.get("linear.head.Dense_0.bias")?,
         lp.get("linear.bn.init_mean")?,
