@@ -52,7 +52,8 @@ pub struct PretrainArgs {
 
 /// Runs (or resumes) the pre-training job and prints its summary.
 pub fn run(a: PretrainArgs) -> Result<()> {
-    use crate::pretrain::{ObjectiveKind, PretrainConfig, RunOptions};
+    use crate::pretrain::{PretrainConfig, RunOptions};
+    use m3ae_model::Variant;
     use std::io::IsTerminal;
     let mut cfg = match &a.config {
         Some(p) => PretrainConfig::from_file(p)?,
@@ -88,8 +89,8 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     }
     if let Some(v) = a.objective {
         cfg.objective = match v.as_str() {
-            "m3ae" => ObjectiveKind::M3ae,
-            "mae" => ObjectiveKind::Mae,
+            "m3ae" => Variant::M3ae,
+            "mae" => Variant::Mae,
             other => anyhow::bail!("--objective {other:?}: expected m3ae or mae"),
         };
     }
