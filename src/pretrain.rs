@@ -891,13 +891,7 @@ pub fn probe_scenes(model: &dyn Represent, cfg: &PretrainConfig, seed: u64) -> R
 /// The checkpoint folder a `--resume <DIR>` value stands for: `DIR` itself when it holds
 /// `trainer.json`, else the newest `DIR/checkpoints/step-*`, else the newest `DIR/step-*`.
 pub fn resolve_resume_dir(dir: &Path) -> Result<PathBuf> {
-    if dir.join("trainer.json").is_file() {
-        return Ok(dir.to_path_buf());
-    }
-    if let Some(p) = m3ae_train::checkpoint::latest(&dir.join("checkpoints"))? {
-        return Ok(p);
-    }
-    if let Some(p) = m3ae_train::checkpoint::latest(dir)? {
+    if let Some(p) = m3ae_train::checkpoint::resolve(dir, "trainer.json")? {
         return Ok(p);
     }
     bail!(
