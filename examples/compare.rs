@@ -31,8 +31,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use m3ae::eval::{self, DataOptions, DataSpec, KnnConfig, ModelSource};
-use m3ae::model::AnyModel;
-use m3ae::pretrain::{run, scene_probe_config, ObjectiveKind, PretrainConfig, RunOptions};
+use m3ae::model::{AnyModel, Variant};
+use m3ae::pretrain::{run, scene_probe_config, PretrainConfig, RunOptions};
 use m3ae_data::{SceneSplit, ScenesConfig};
 use m3ae_eval::ProbeConfig;
 use serde::{Deserialize, Serialize};
@@ -470,7 +470,7 @@ fn main() -> Result<()> {
     for seed in 0..args.seeds {
         let mut cfg = base.clone();
         cfg.seed = seed;
-        cfg.objective = ObjectiveKind::Mae;
+        cfg.objective = Variant::Mae;
         cfg.name = format!("compare-{}-mae-s{seed}-n{steps}", base.name);
         let r = train_and_probe(&cfg, "MAE", &tasks)?;
         if seed < random_seeds {
@@ -481,7 +481,7 @@ fn main() -> Result<()> {
         for (i, &ratio) in args.ratios.iter().enumerate() {
             let mut cfg = base.clone();
             cfg.seed = seed;
-            cfg.objective = ObjectiveKind::M3ae;
+            cfg.objective = Variant::M3ae;
             cfg.model.text_mask_ratio = ratio;
             cfg.name = format!("compare-{}-m3ae-t{ratio}-s{seed}-n{steps}", base.name);
             m3ae[i].push(train_and_probe(&cfg, "M3AE", &tasks)?);

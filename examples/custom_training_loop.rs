@@ -1,66 +1,67 @@
-//! Drives the trainer from the library API: M3AE `tiny` on the built-in captioned scenes.
+//! Pre-trains M3AE `tiny` on the built-in captioned scenes with the library crates only: the
+//! data streams of m3ae-data, the model of m3ae-model, the loop of m3ae-train (`Learner`) with
+//! checkpoints every 20 steps; run it again and it resumes from the newest one.
 //!
 //! ```text
-//! cargo run --release --example custom_training_loop
+//! cargo run --release --example custom_training_loop -- [RUN_DIR] [STEPS]
 //! ```
 
 use anyhow::Result;
-use candle_core::Device;
-use m3ae::data::{CaptionedScenes, Loader, LoaderConfig, Position, ScenesConfig, Tokenizer};
-use m3ae::model::{M3ae, M3aeConfig};
-use m3ae::train::{TrainBatch, TrainConfig, Trainer};
-use std::sync::Arc;
+use m3ae_data::{CaptionedScenes as Scenes, Loader, LoaderConfig, MaskConfig, NoiseKind, Streams};
+use m3ae_model::{M3ae, M3aeConfig};
+use m3ae_train::{FitReport, JsonlSink, Learner, TrainConfig, Trainer};
+use std::{path::Path, sync::Arc};
 
 fn main() -> Result<()> {
-    // As the `m3ae` binary does: keep freed tensor buffers in the heap (fewer page faults).
-    m3ae_kernels::alloc::keep_freed_memory();
-    // Data: 2,000 generated scenes, a WordPiece vocabulary trained on their captions.
-    let scenes = CaptionedScenes::new(ScenesConfig {
+    let mut args = std::env::args().skip(1);
+    let run = args.next().unwrap_or_else(|| "runs/custom-loop".into());
+    m3ae_kernels::alloc::keep_freed_memory(); // fewer page faults, as the `m3ae` binary does
+    let r = train(Path::new(&run), args.next().map_or(Ok(60), |s| s.parse())?)?;
+    println!(
+        "steps {}..{}, checkpoint {:?}",
+        r.start_step, r.steps, r.checkpoint
+    );
+    Ok(())
+}
+
+/// Trains (or continues) the run in `run` up to `steps` optimiser steps.
+pub fn train(run: &Path, steps: u64) -> Result<FitReport> {
+    // 2,000 generated 32 px scenes and a WordPiece vocabulary trained on their captions
+    let scenes = Scenes::new(m3ae_data::ScenesConfig {
         len: 2000,
         image_size: 32,
         ..Default::default()
     })?;
-    let corpus = scenes.corpus(2000);
-    let tokenizer = Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), 500)?;
-
-    // Model: the tiny preset (32 px images, patch 8) with the tokenizer's vocabulary.
+    let captions = scenes.corpus(2000);
+    let tokenizer =
+        m3ae_data::Tokenizer::train_wordpiece(captions.iter().map(String::as_str), 500)?;
     let mut cfg = M3aeConfig::preset("tiny")?;
-    cfg.text_vocab_size = tokenizer.vocab_size();
-    cfg.text_length = 24;
-    let model = M3ae::init(&cfg, 0, &Device::Cpu)?;
+    (cfg.text_vocab_size, cfg.text_length) = (tokenizer.vocab_size(), 24);
 
-    // Loader: the official augmentation, batch-shared masks at the model's ratios.
+    // the official augmentation and batch-shared masks at the model's ratios, as one stream
     let mut lc = LoaderConfig::pretrain(32, cfg.image_size, cfg.patch_size);
     lc.text_len = Some(cfg.text_length);
-    let loader = Loader::new(Arc::new(scenes), Some(Arc::new(tokenizer)), lc)?;
+    lc.masks = Some(MaskConfig::from_model(&cfg, NoiseKind::Shared));
+    let (scenes, tokenizer) = (Arc::new(scenes), Some(Arc::new(tokenizer)));
+    let source = Streams::new(1, 0, 1, true, |_| {
+        Loader::new(scenes.clone(), tokenizer.clone(), lc.clone())
+    })?;
 
-    // Trainer: AdamW with the official decay mask, warmup + cosine.
+    // AdamW with the official decay mask and warmup + cosine, in the library's loop
     let tc = TrainConfig {
-        steps: 60,
+        steps,
         batch_size: 32,
         lr_peak: 4e-3,
         warmup_steps: 10,
         ..Default::default()
     };
-    let mut trainer = Trainer::new(model, tc)?;
-
-    for batch in loader.iter(Position::default()).take(60) {
-        let b = batch?;
-        let report = trainer.train_step(&TrainBatch {
-            input: b.input,
-            image_masking: b.image_masking,
-            text_masking: b.text_masking,
-            unpaired: None,
-        })?;
-        if report.step % 10 == 0 {
-            println!(
-                "step {:>3}  image loss {:.4}  text loss {:.3}  lr {:.2e}",
-                report.step, report.scalars["image_loss"], report.scalars["text_loss"], report.lr
-            );
-        }
-    }
-    let dir = std::env::temp_dir().join("m3ae-custom-loop");
-    let ck = trainer.save_checkpoint(&dir, serde_json::Value::Null, serde_json::Value::Null, 1)?;
-    println!("checkpoint: {}", ck.display());
-    Ok(())
+    let trainer = Trainer::new(M3ae::init(&cfg, 0, &candle_core::Device::Cpu)?, tc)?;
+    std::fs::create_dir_all(run)?;
+    let fitted = Learner::new(trainer, source)
+        .checkpoints(run.join("checkpoints"), 20, 2)
+        .resume_latest()?
+        .log_every(10)
+        .sink(Box::new(JsonlSink::open(&run.join("metrics.jsonl"))?))
+        .fit()?;
+    Ok(fitted.report)
 }

@@ -13,24 +13,13 @@ use m3ae_data::{
     Batch, CaptionedScenes, DataOptions, DataSpec, LabelKind, Loader, LoaderConfig, MaskConfig,
     Position, SceneSplit, ScenesConfig, Source, Streams, Tokenizer, Transform,
 };
-use m3ae_model::{M3ae, M3aeConfig, Mae, Represent};
+use m3ae_model::{AnyModel, M3ae, M3aeConfig, Mae, Represent, Variant};
 use m3ae_train::tensorboard::TensorBoardSink;
 use m3ae_train::{Fitted, Hook, JsonlSink, Learner, Objective, TrainConfig, Trainer, Window};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-
-/// Which model to pre-train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ObjectiveKind {
-    /// The multimodal M3AE (image + text).
-    #[default]
-    M3ae,
-    /// The image-only MAE baseline (captions ignored).
-    Mae,
-}
 
 /// Where the training data comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,7 +151,7 @@ pub struct PretrainConfig {
     /// Parent of run directories.
     pub output_dir: PathBuf,
     /// M3AE or MAE.
-    pub objective: ObjectiveKind,
+    pub objective: Variant,
     /// Seed of initialisation, data order, augmentation and masks.
     pub seed: u64,
     /// The model.
@@ -203,7 +192,7 @@ impl Default for PretrainConfig {
         Self {
             name: "tiny-scenes".into(),
             output_dir: PathBuf::from("runs"),
-            objective: ObjectiveKind::M3ae,
+            objective: Variant::M3ae,
             seed: 42,
             model,
             train: TrainConfig {
@@ -293,7 +282,7 @@ impl PretrainConfig {
     /// with a warning.
     pub fn validate(&mut self) -> Result<()> {
         self.train.validate()?;
-        self.model.validate(self.objective == ObjectiveKind::M3ae)?;
+        self.model.validate(self.objective == Variant::M3ae)?;
         if self.model.image_size != self.data.scenes.image_size && self.data.is_scenes() {
             bail!(
                 "model.image_size = {} but data.scenes.image_size = {}: they must agree",
@@ -334,10 +323,7 @@ impl PretrainConfig {
     /// Refuses a configuration whose training step would not fit in this machine's available
     /// memory (an estimate from the configuration alone, see [`m3ae_model::resources`]).
     pub fn check_memory(&self) -> Result<()> {
-        let variant = match self.objective {
-            ObjectiveKind::M3ae => m3ae_model::Variant::M3ae,
-            ObjectiveKind::Mae => m3ae_model::Variant::Mae,
-        };
+        let variant = self.objective;
         m3ae_model::resources::check_training_step(
             &self.model,
             variant,
@@ -798,13 +784,7 @@ pub fn probe_scenes(model: &dyn Represent, cfg: &PretrainConfig, seed: u64) -> R
 /// The checkpoint folder a `--resume <DIR>` value stands for: `DIR` itself when it holds
 /// `trainer.json`, else the newest `DIR/checkpoints/step-*`, else the newest `DIR/step-*`.
 pub fn resolve_resume_dir(dir: &Path) -> Result<PathBuf> {
-    if dir.join("trainer.json").is_file() {
-        return Ok(dir.to_path_buf());
-    }
-    if let Some(p) = m3ae_train::checkpoint::latest(&dir.join("checkpoints"))? {
-        return Ok(p);
-    }
-    if let Some(p) = m3ae_train::checkpoint::latest(dir)? {
+    if let Some(p) = m3ae_train::checkpoint::resolve(dir, "trainer.json")? {
         return Ok(p);
     }
     bail!(
@@ -845,9 +825,9 @@ pub fn adopt_checkpoint(cfg: &mut PretrainConfig, dir: &Path) -> Result<PathBuf>
     cfg.train = state.train;
     cfg.objective =
         if safetensors_has(&step_dir.join("model.safetensors"), "text_embedding.weight")? {
-            ObjectiveKind::M3ae
+            Variant::M3ae
         } else {
-            ObjectiveKind::Mae
+            Variant::Mae
         };
     if cfg.data.is_scenes() {
         cfg.data.scenes.image_size = cfg.model.image_size;
@@ -952,7 +932,7 @@ pub fn run_with_sync(
         .and_then(|d| m3ae_train::TrainerState::read(d).ok())
         .map(|s| s.model.text_vocab_size);
     match ckpt_vocab {
-        Some(v) if cfg.objective == ObjectiveKind::M3ae => {
+        Some(v) if cfg.objective == Variant::M3ae => {
             if tok.vocab_size() > v {
                 bail!(
                     "the tokenizer has {} tokens but the checkpoint's model has a vocabulary of {v}: use the run's tokenizer (data.tokenizer)",
@@ -983,7 +963,7 @@ pub fn run_with_sync(
             .with_context(|| format!("writing {}", cfg_path.display()))?;
     }
 
-    let with_text = cfg.objective == ObjectiveKind::M3ae;
+    let with_text = cfg.objective == Variant::M3ae;
     let mut lc = loader_config(&cfg, &model_cfg);
     // every stream holds `batch / streams` samples of the global batch; `Streams` takes the
     // loaders' masks and draws them for the global batch
@@ -1014,7 +994,7 @@ pub fn run_with_sync(
     let eval = eval_batch(&cfg, &model_cfg, &tok, 8)?;
     let norm = m3ae_data::Normalization::Cc12m;
     let (mut summary, final_model) = match cfg.objective {
-        ObjectiveKind::M3ae => {
+        Variant::M3ae => {
             let m = M3ae::init(&model_cfg, cfg.seed, &dev)?;
             train_loop(
                 &cfg,
@@ -1041,7 +1021,7 @@ pub fn run_with_sync(
                 },
             )?
         }
-        ObjectiveKind::Mae => {
+        Variant::Mae => {
             let m = Mae::init(&model_cfg, cfg.seed, &dev)?;
             let image_only = eval_image_only(&eval);
             train_loop(
@@ -1075,7 +1055,7 @@ pub fn run_with_sync(
     if !lead {
         return Ok(summary);
     }
-    if let Trained::M3ae(m) = &final_model {
+    if let AnyModel::M3ae(m) = &final_model {
         // A failure here (e.g. too many bad held-out samples) must not hide the finished
         // training: it is reported in the summary instead.
         let held_out = || -> Result<(f64, f64)> {
@@ -1096,10 +1076,7 @@ pub fn run_with_sync(
         }
     }
     if cfg.probe && !summary.interrupted {
-        let trained = match &final_model {
-            Trained::M3ae(m) => probe_scenes(m, &cfg, 1)?,
-            Trained::Mae(m) => probe_scenes(m, &cfg, 1)?,
-        };
+        let trained = probe_scenes(final_model.as_represent(), &cfg, 1)?;
         let random = Mae::init(&model_cfg, cfg.seed.wrapping_add(1000), &dev)?;
         let baseline = probe_scenes(&random, &cfg, 1)?;
         summary.probe = Some((trained, baseline));
@@ -1113,32 +1090,12 @@ pub fn run_with_sync(
     Ok(summary)
 }
 
-/// The trained model handed back by the loop.
-enum Trained {
-    M3ae(M3ae),
-    Mae(Mae),
-}
-
 fn eval_image_only(b: &Batch) -> Batch {
     let mut b = b.clone();
     b.input.text_ids = None;
     b.input.text_padding = None;
     b.text_masking = None;
     b
-}
-
-trait IntoTrained {
-    fn into_trained(self) -> Trained;
-}
-impl IntoTrained for M3ae {
-    fn into_trained(self) -> Trained {
-        Trained::M3ae(self)
-    }
-}
-impl IntoTrained for Mae {
-    fn into_trained(self) -> Trained {
-        Trained::Mae(self)
-    }
 }
 
 /// The pre-training job's progress: a progress bar on rank 0 (or plain lines with `--plain`)
@@ -1197,7 +1154,7 @@ impl m3ae_train::Progress for JobProgress {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train_loop<O: Objective + Clone + IntoTrained>(
+fn train_loop<O: Objective + Clone + Into<AnyModel>>(
     cfg: &PretrainConfig,
     opts: &RunOptions,
     trainer: Trainer<O>,
@@ -1205,7 +1162,7 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
     latest: Option<PathBuf>,
     run_dir: &Path,
     mut draw: impl FnMut(&Trainer<O>, &Path) -> Result<()>,
-) -> Result<(RunSummary, Trained)> {
+) -> Result<(RunSummary, AnyModel)> {
     let lead = trainer.rank_and_world().0 == 0;
     let tokens = source.loader().config().text_len.unwrap_or(0) + cfg.model.num_patches();
     let recon = run_dir.join("recon");
@@ -1273,5 +1230,5 @@ fn train_loop<O: Objective + Clone + IntoTrained>(
         held_out_error: None,
         bad_samples: source.stats(),
     };
-    Ok((summary, trainer.objective().clone().into_trained()))
+    Ok((summary, trainer.objective().clone().into()))
 }

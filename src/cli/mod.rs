@@ -1,5 +1,75 @@
 //! The subcommands of the `m3ae` tool: their arguments (clap) and the code that runs them on the
-//! library and prints what it did.
+//! library and prints what it did. `src/bin/m3ae.rs` only parses, sets up logging and prints
+//! errors.
 
+pub mod bench;
 pub mod convert;
 pub mod eval;
+pub mod info;
+pub mod pretrain;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// The command line of `m3ae`.
+#[derive(Parser)]
+#[command(
+    name = "m3ae",
+    version,
+    about = "Multimodal masked autoencoders (M3AE) in Rust"
+)]
+pub struct Cli {
+    /// Never use the network for Hugging Face repository ids (feature `hub`): only the local
+    /// cache; the same as `HF_HUB_OFFLINE=1`.
+    #[arg(long, global = true)]
+    pub offline: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// A subcommand.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print a model configuration, its parameter count and its training FLOPs per sample.
+    Info(info::InfoArgs),
+    /// Pre-train M3AE (or MAE) — by default the `tiny` preset on the built-in captioned scenes.
+    Pretrain(pretrain::PretrainArgs),
+    /// Time training steps (forward, backward, AdamW) on generated input, without data loading.
+    Bench(bench::BenchArgs),
+    /// Convert official checkpoints (`official <model.pkl> <out-dir>`) or export ours with the
+    /// official Flax names (`export <model.safetensors> <out.safetensors>`).
+    #[command(subcommand)]
+    Convert(convert::ConvertCommand),
+    /// Evaluation: `embed`, `probe`, `ood`, `reconstruct` (see [`eval`]).
+    #[command(flatten)]
+    Eval(eval::EvalCommand),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Pretrain(a) => pretrain::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Convert(cmd) => convert::run_cli(cmd),
+        Command::Eval(cmd) => eval::run_cli(cmd),
+    }
+}
+
+/// An error and its causes on one line, joined with ": ", leaving out a cause whose text the
+/// line already ends with (an I/O error shown by its wrapper and chained as its source too),
+/// with control characters escaped (a message may quote bytes from a corrupt file).
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    m3ae_eval::escape_control(&line)
+}

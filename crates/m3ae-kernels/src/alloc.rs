@@ -3,11 +3,10 @@
 //! candle allocates a fresh buffer for every op result and every gradient. By default glibc hands
 //! blocks of a few MiB back to the kernel when they are freed (its mmap threshold adapts upwards,
 //! and the top of the heap is trimmed above twice that), so each training step page-faults much
-//! of its working set in again. On the 2-core VM of `docs/performance.md` a fresh 4 KiB page costs
-//! about 2.8 us, and under the attention benchmark's `sum_all().backward()` harness a zero-compute
-//! stand-in with attention's inputs and outputs (the `floor` of `benches/kernels.rs`) took
-//! 29-30 ms at the base-encoder shape and 60-61 ms at the decoder shape with glibc's defaults,
-//! against 3.4-3.8 ms and 11.6-11.8 ms with the heap kept (two runs each).
+//! of its working set in again. Page faults then dominate ops that compute little: the `floor` of
+//! `benches/kernels.rs` (a zero-compute stand-in with attention's inputs and outputs under the
+//! same autograd harness) is several times slower with glibc's defaults than with the heap kept
+//! (docs/performance.md, "Heap kept").
 //!
 //! [`keep_freed_memory`] is what the `m3ae` binary calls first thing; a program that embeds the
 //! trainer can call it too. It is a process-wide setting, which is why the library never calls it
@@ -22,9 +21,8 @@
 /// trainer runs candle's ops, every size then comes from the heap; another thread's arena holds
 /// up to 64 MiB, and larger blocks allocated there are still mapped. glibc also still maps
 /// memory where its heap cannot grow, so no allocation fails because of the setting (test
-/// `tests/alloc.rs`). On the `small` preset at batch 16
-/// (`m3ae bench --workload preset --preset small --batch 16`), whose activations exceed 32 MiB,
-/// that cut the page faults of the run from about 5.0 million to 0.91 million (docs/performance.md).
+/// `tests/alloc.rs`). This matters for models whose activations exceed 32 MiB, such as the `small`
+/// preset at batch 16, whose page faults it cuts several-fold (docs/performance.md).
 ///
 /// Does nothing, and returns `false`, where the user already tunes malloc through the
 /// environment (`GLIBC_TUNABLES`, `MALLOC_*_`) or the C library is not glibc. Call it before

@@ -15,10 +15,13 @@ use rand_distr::{Distribution, Normal, Uniform};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-/// Which parameter set: the multimodal M3AE or the image-only MAE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which model: the multimodal M3AE or the image-only MAE (in configurations `"m3ae"` /
+/// `"mae"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Variant {
     /// Image + text (`MaskedMultimodalAutoencoder`).
+    #[default]
     M3ae,
     /// Image only (`MaskedAutoencoder`).
     Mae,

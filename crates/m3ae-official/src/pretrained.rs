@@ -39,22 +39,6 @@ fn not_found(name: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-/// The newest `step-*` folder directly inside `dir` that holds `model.safetensors`.
-pub(crate) fn newest_step_dir(dir: &Path) -> Option<PathBuf> {
-    let rd = std::fs::read_dir(dir).ok()?;
-    rd.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let n = name.strip_prefix("step-")?.parse::<u64>().ok()?;
-            e.path()
-                .join("model.safetensors")
-                .is_file()
-                .then(|| (n, e.path()))
-        })
-        .max()
-        .map(|(_, p)| p)
-}
-
 /// The model file or folder an existing local path stands for (rules 1 and 2 of the module
 /// documentation).
 pub fn resolve_local(path: &Path) -> Result<PathBuf> {
@@ -64,13 +48,8 @@ pub fn resolve_local(path: &Path) -> Result<PathBuf> {
     if !path.is_dir() {
         return Err(not_found(path, "no such checkpoint file or directory"));
     }
-    if path.join("model.safetensors").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    if let Some(p) = newest_step_dir(&path.join("checkpoints")) {
-        return Ok(p);
-    }
-    if let Some(p) = newest_step_dir(path) {
+    // an unreadable folder is reported below as holding no model
+    if let Ok(Some(p)) = m3ae_train::checkpoint::resolve(path, "model.safetensors") {
         return Ok(p);
     }
     if path.join("model.pkl").is_file() {

@@ -85,6 +85,11 @@ pub fn save(
 
 /// Checkpoint directories under `root`, oldest first (temporary directories are ignored).
 pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    list_holding(root, "trainer.json")
+}
+
+/// The `step-*` directories directly under `root` that hold `file`, oldest first.
+fn list_holding(root: &Path, file: &str) -> Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     let rd = match std::fs::read_dir(root) {
         Ok(rd) => rd,
@@ -98,7 +103,7 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
             .strip_prefix("step-")
             .and_then(|s| s.parse::<u64>().ok())
         {
-            if e.path().join("trainer.json").is_file() {
+            if e.path().join(file).is_file() {
                 out.push((n, e.path()));
             }
         }
@@ -110,6 +115,36 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
 /// The newest checkpoint under `root`, if any.
 pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
     Ok(list(root)?.pop().map(|(_, p)| p))
+}
+
+/// The checkpoint folder that `dir` stands for, as every command resolves it: `dir` itself when
+/// it holds `file`, else the newest `dir/checkpoints/step-*` holding it (a run folder), else the
+/// newest `dir/step-*` holding it (a checkpoints folder). `file` is `trainer.json` for a
+/// checkpoint to resume, `model.safetensors` for weights.
+///
+/// ```
+/// let run = std::env::temp_dir().join(format!("m3ae-resolve-doc-{}", std::process::id()));
+/// for step in ["step-00000010", "step-00000020"] {
+///     let d = run.join("checkpoints").join(step);
+///     std::fs::create_dir_all(&d).unwrap();
+///     std::fs::write(d.join("trainer.json"), "{}").unwrap();
+/// }
+/// let newest = run.join("checkpoints/step-00000020");
+/// let resolve = |d: &std::path::Path| m3ae_train::checkpoint::resolve(d, "trainer.json").unwrap();
+/// assert_eq!(resolve(&run), Some(newest.clone()));
+/// assert_eq!(resolve(&run.join("checkpoints")), Some(newest.clone()));
+/// assert_eq!(resolve(&newest), Some(newest.clone()));
+/// assert_eq!(m3ae_train::checkpoint::resolve(&run, "model.safetensors").unwrap(), None);
+/// std::fs::remove_dir_all(&run).unwrap();
+/// ```
+pub fn resolve(dir: &Path, file: &str) -> Result<Option<PathBuf>> {
+    if dir.join(file).is_file() {
+        return Ok(Some(dir.to_path_buf()));
+    }
+    if let Some((_, p)) = list_holding(&dir.join("checkpoints"), file)?.pop() {
+        return Ok(Some(p));
+    }
+    Ok(list_holding(dir, file)?.pop().map(|(_, p)| p))
 }
 
 /// Deletes all but the newest `keep` checkpoints (and stale temporary directories).

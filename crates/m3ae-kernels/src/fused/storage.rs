@@ -2,11 +2,12 @@
 //! output buffers.
 //!
 //! Output buffers of at least [`HUGE_PAGE_MIN_BYTES`] are advised (Linux `MADV_HUGEPAGE`) to be
-//! backed by transparent huge pages before they are first written. A fresh 4 KiB page costs a
-//! page fault on first touch; on the 2-core VM of `docs/performance.md` faulting in a fresh 17 MB
-//! buffer took 11.9 ms against 0.75 ms to write it once faulted, and 3.1 ms with huge pages (the
-//! decoder-shape attention writes four such buffers per forward + backward). Where the kernel
-//! or its settings give no huge pages (`enabled = never`), the advice has no effect.
+//! backed by transparent huge pages before they are first written: a fresh 4 KiB page costs a
+//! page fault on first touch, so faulting in a large fresh buffer takes many times longer than
+//! writing it once faulted, and huge pages cut the number of faults 512-fold (the decoder-shape
+//! attention writes four such buffers per forward + backward; docs/performance.md has the
+//! figures). Where the kernel or its settings give no huge pages (`enabled = never`), the advice
+//! has no effect.
 
 use candle_core::{CpuStorage, Device, Layout, Result, Shape, Storage, Tensor};
 

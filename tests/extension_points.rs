@@ -1,11 +1,13 @@
-//! A kind of data set added from outside the crate: a user implements [`SourceKind`] over their
-//! own [`Source`], registers it, and its specs parse, open (with `limit`) and load like the
-//! built-in ones.
+//! The library's extension points, used from outside the crates as a user's project would:
+//! a new kind of data set (a [`SourceKind`] over the user's own [`Source`], registered so that its
+//! specs parse, open with `limit` and load like the built-in ones), and a new metric sink and
+//! progress display in the training loop ([`MetricSink`], [`Progress`]).
 
 use m3ae_data::sample::{ImageData, Partition, Record, RecordIter, Sample};
 use m3ae_data::spec::{OpenedData, Registry, SourceKind};
 use m3ae_data::{DataOptions, Loader, LoaderConfig, Source};
-use std::sync::Arc;
+use m3ae_train::{Learner, MetricSink, Progress, TrainConfig, Trainer, Window};
+use std::sync::{Arc, Mutex};
 
 /// `n` grey squares of brightness `i`, labelled `i % 3`.
 struct Squares {
@@ -92,5 +94,67 @@ fn a_user_kind_parses_opens_and_loads() -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?
         .concat();
     assert_eq!(keys, ["square/0", "square/2", "square/5", "square/7"]);
+    Ok(())
+}
+
+/// Keeps every record in memory (e.g. to forward them to an experiment tracker).
+#[derive(Clone, Default)]
+struct Memory(Arc<Mutex<Vec<(u64, serde_json::Value)>>>);
+
+impl MetricSink for Memory {
+    fn record(&mut self, step: u64, values: &serde_json::Value) -> m3ae_train::Result<()> {
+        self.0.lock().unwrap().push((step, values.clone()));
+        Ok(())
+    }
+}
+
+/// Counts the windows and the steps it was told about.
+#[derive(Clone, Default)]
+struct Counter(Arc<Mutex<(usize, u64)>>);
+
+impl Progress for Counter {
+    fn advance(&mut self, step: u64) {
+        self.0.lock().unwrap().1 = step;
+    }
+    fn window(&mut self, _: &Window) {
+        self.0.lock().unwrap().0 += 1;
+    }
+}
+
+#[test]
+fn a_user_sink_and_progress_receive_the_training_loops_windows() -> anyhow::Result<()> {
+    let mut cfg = m3ae_model::M3aeConfig::preset("tiny")?;
+    cfg.image_size = 16;
+    let mut registry = Registry::default();
+    registry.register(Box::new(SquaresKind));
+    let opened = registry.parse("squares:64")?.open(&Default::default())?;
+    let mut lc = LoaderConfig::pretrain(8, cfg.image_size, cfg.patch_size);
+    lc.text_len = None;
+    lc.masks = Some(m3ae_data::MaskConfig::from_model(&cfg, Default::default()));
+    let source = m3ae_data::Streams::new(1, 0, 1, false, |_| {
+        Loader::new(opened.source.clone(), None, lc.clone())
+    })?;
+    let tc = TrainConfig {
+        steps: 10,
+        batch_size: 8,
+        ..Default::default()
+    };
+    let model = m3ae_model::Mae::init(&cfg, 0, &candle_core::Device::Cpu)?;
+    let (sink, progress) = (Memory::default(), Counter::default());
+    Learner::new(Trainer::new(model, tc)?, source)
+        .log_every(4)
+        .sink(Box::new(sink.clone()))
+        .progress(Box::new(progress.clone()))
+        .fit()?;
+    let records = sink.0.lock().unwrap().clone();
+    let steps: Vec<u64> = records.iter().map(|r| r.0).collect();
+    assert_eq!(steps, [4, 8, 10], "every 4 steps and at the last one");
+    for (_, r) in &records {
+        for key in ["loss", "image_loss", "lr", "samples_per_s", "bad_samples"] {
+            assert!(r.get(key).is_some(), "{key} missing from {r}");
+        }
+        assert!(r["image_loss"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!(*progress.0.lock().unwrap(), (3, 10));
     Ok(())
 }
