@@ -1,3 +1,7 @@
+//! Tests of the pipeline: files and decoded images embed alike and like the data-set path,
+//! pairs need a tokenizer (found next to a checkpoint or given), reconstructions match the
+//! function.
+
 use super::*;
 use m3ae_data::{CaptionedScenes, ScenesConfig};
 
