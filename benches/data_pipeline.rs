@@ -5,12 +5,12 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use m3ae::data::{
-    CaptionedScenes, Loader, LoaderConfig, Position, ScenesConfig, Source, Tokenizer,
+    CaptionedScenes, InMemory, Loader, LoaderConfig, Position, ScenesConfig, Source, Tokenizer,
 };
 use std::sync::Arc;
 
 mod common;
-use common::{samples, InMemory};
+use common::samples;
 
 fn tokenizer() -> Tokenizer {
     if let Some(d) = std::env::var_os("M3AE_DATA_DIR") {
@@ -26,7 +26,7 @@ fn tokenizer() -> Tokenizer {
 
 fn bench(c: &mut Criterion) {
     let n = 256;
-    let src: Arc<dyn Source> = Arc::new(InMemory(samples(n)));
+    let src: Arc<dyn Source> = Arc::new(InMemory::new(samples(n)));
     let tok = Arc::new(tokenizer());
     let mut g = c.benchmark_group("data_pipeline");
     g.throughput(Throughput::Elements(n as u64));

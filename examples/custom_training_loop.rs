@@ -7,7 +7,7 @@
 //! ```
 
 use anyhow::Result;
-use m3ae_data::{CaptionedScenes as Scenes, Loader, LoaderConfig, MaskConfig, NoiseKind, Streams};
+use m3ae_data::{CaptionedScenes as Scenes, LoaderConfig, MaskConfig, NoiseKind, Streams};
 use m3ae_model::{M3ae, M3aeConfig};
 use m3ae_train::{FitReport, JsonlSink, Learner, TrainConfig, Trainer};
 use std::{path::Path, sync::Arc};
@@ -32,9 +32,7 @@ pub fn train(run: &Path, steps: u64) -> Result<FitReport> {
         image_size: 32,
         ..Default::default()
     })?;
-    let captions = scenes.corpus(2000);
-    let tokenizer =
-        m3ae_data::Tokenizer::train_wordpiece(captions.iter().map(String::as_str), 500)?;
+    let tokenizer = scenes.train_tokenizer(2000, 500)?;
     let mut cfg = M3aeConfig::preset("tiny")?;
     (cfg.text_vocab_size, cfg.text_length) = (tokenizer.vocab_size(), 24);
 
@@ -42,10 +40,8 @@ pub fn train(run: &Path, steps: u64) -> Result<FitReport> {
     let mut lc = LoaderConfig::pretrain(32, cfg.image_size, cfg.patch_size);
     lc.text_len = Some(cfg.text_length);
     lc.masks = Some(MaskConfig::from_model(&cfg, NoiseKind::Shared));
-    let (scenes, tokenizer) = (Arc::new(scenes), Some(Arc::new(tokenizer)));
-    let source = Streams::new(1, 0, 1, true, |_| {
-        Loader::new(scenes.clone(), tokenizer.clone(), lc.clone())
-    })?;
+    let tokenizer = Some(Arc::new(tokenizer));
+    let source = Streams::from_source(1, 0, 1, true, Arc::new(scenes), tokenizer, &lc)?;
 
     // AdamW with the official decay mask and warmup + cosine, in the library's loop
     let tc = TrainConfig {

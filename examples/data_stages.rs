@@ -10,7 +10,7 @@
 
 use m3ae::data::{
     image::{resample, Layout},
-    CaptionedScenes, ImageConfig, ImageData, Loader, LoaderConfig, Position, RgbImage,
+    CaptionedScenes, ImageConfig, ImageData, InMemory, Loader, LoaderConfig, Position, RgbImage,
     ScenesConfig, Source, Tokenizer,
 };
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use std::time::Instant;
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{samples, InMemory};
+use common::samples;
 
 /// CPU seconds (user + system) of this process so far, from /proc (Linux).
 fn cpu_seconds() -> f64 {
@@ -106,7 +106,7 @@ fn main() -> anyhow::Result<()> {
             dec.0, dec.1, fast.0, fast.1, reference.0, reference.1, tk.0, tk.1
         );
     }
-    let src: Arc<dyn Source> = Arc::new(InMemory(data));
+    let src: Arc<dyn Source> = Arc::new(InMemory::new(data));
     let tok = Arc::new(tok);
     for threads in [1usize, 2, 1, 2] {
         let mut c = LoaderConfig::pretrain(64, 224, 16);

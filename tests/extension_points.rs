@@ -131,9 +131,7 @@ fn a_user_sink_and_progress_receive_the_training_loops_windows() -> anyhow::Resu
     let mut lc = LoaderConfig::pretrain(8, cfg.image_size, cfg.patch_size);
     lc.text_len = None;
     lc.masks = Some(m3ae_data::MaskConfig::from_model(&cfg, Default::default()));
-    let source = m3ae_data::Streams::new(1, 0, 1, false, |_| {
-        Loader::new(opened.source.clone(), None, lc.clone())
-    })?;
+    let source = m3ae_data::Streams::from_source(1, 0, 1, false, opened.source, None, &lc)?;
     let tc = TrainConfig {
         steps: 10,
         batch_size: 8,

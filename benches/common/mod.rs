@@ -1,29 +1,9 @@
-//! Fixtures shared by `benches/data_pipeline.rs` and `examples/data_stages.rs`: in-memory
-//! samples of photo-like 256x256 JPEGs with scene captions.
+//! Fixtures shared by `benches/data_pipeline.rs` and `examples/data_stages.rs`: samples of
+//! photo-like 256x256 JPEGs with scene captions, to hold in memory (`m3ae::data::InMemory`, so
+//! the bench measures processing, not disk).
 
-use m3ae::data::{
-    CaptionedScenes, ImageData, Partition, Record, RecordIter, Sample, ScenesConfig, Source,
-};
+use m3ae::data::{CaptionedScenes, ImageData, Sample, ScenesConfig};
 use std::sync::Arc;
-
-/// Samples held in memory (so the bench measures processing, not disk).
-pub struct InMemory(pub Vec<Sample>);
-
-impl Source for InMemory {
-    fn open(&self, p: &Partition) -> m3ae::data::Result<RecordIter> {
-        let v: Vec<_> = self
-            .0
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| p.owns(*i))
-            .map(|(_, s)| Ok(Record::Sample(s.clone())))
-            .collect();
-        Ok(Box::new(v.into_iter()))
-    }
-    fn describe(&self) -> String {
-        "in-memory".into()
-    }
-}
 
 pub fn samples(n: usize) -> Vec<Sample> {
     // photo-like 256x256 JPEGs (quality 90): smooth gradients plus texture

@@ -2,9 +2,9 @@
 //!
 //! * [`Sample`], [`Record`] and the [`Source`] trait: the samples of one partition (rank, world
 //!   size, worker, epoch seed). Sources: [`WebDataset`] tar shards (img2dataset layout),
-//!   [`Manifest`] (JSONL / CSV), [`ImageFolder`], [`TextCorpus`], [`U8Arrays`] (safetensors) and
-//!   the built-in [`CaptionedScenes`]; with the feature `hdf5`, `hdf5::Hdf5` over the official
-//!   HDF5 files.
+//!   [`Manifest`] (JSONL / CSV), [`ImageFolder`], [`TextCorpus`], [`U8Arrays`] (safetensors),
+//!   the built-in [`CaptionedScenes`] and [`InMemory`] (samples built in code); with the feature
+//!   `hdf5`, `hdf5::Hdf5` over the official HDF5 files.
 //! * [`DataSpec`] ([`spec`]): a data set by name (`scenes:test:500`, `wds:<shards>`,
 //!   `u8:<file>`, ...), parsed from a flag or a configuration string and opened through a
 //!   [`Registry`] of [`SourceKind`]s, to which a user adds kinds of their own.
@@ -22,9 +22,9 @@
 //!   independent of the number of processes.
 //!
 //! ```
-//! use m3ae_data::{CaptionedScenes, Loader, LoaderConfig, ScenesConfig, Tokenizer};
+//! use m3ae_data::{CaptionedScenes, Loader, LoaderConfig, ScenesConfig};
 //! let scenes = CaptionedScenes::new(ScenesConfig { len: 8, ..Default::default() })?;
-//! let tok = Tokenizer::train_wordpiece(scenes.corpus(200).iter().map(String::as_str), 500)?;
+//! let tok = scenes.train_tokenizer(200, 500)?;
 //! let mut cfg = LoaderConfig::pretrain(4, 64, 16);
 //! cfg.epochs = Some(1);
 //! let loader = Loader::new(std::sync::Arc::new(scenes), Some(std::sync::Arc::new(tok)), cfg)?;
@@ -48,6 +48,7 @@ pub mod image;
 pub mod loader;
 pub mod manifest;
 pub mod masks;
+pub mod memory;
 pub mod sample;
 pub mod scenes;
 pub mod seed;
@@ -69,6 +70,7 @@ pub use image::{decode_rgb, ImageConfig, Normalization, RgbImage, Transform};
 pub use loader::{collate, Batch, Loader, LoaderConfig, Position, TextBatch};
 pub use manifest::Manifest;
 pub use masks::{BatchMasks, BatchRows, MaskConfig, MaskSampler, NoiseKind};
+pub use memory::InMemory;
 pub use sample::{ImageData, PartFault, Partition, Record, RecordIter, Sample, Source};
 pub use scenes::{CaptionedScenes, LabelKind, SceneSplit, ScenesConfig};
 pub use shards::expand_shards;

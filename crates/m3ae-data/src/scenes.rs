@@ -252,6 +252,23 @@ impl CaptionedScenes {
         (0..n).map(|i| train.caption_only(i)).collect()
     }
 
+    /// A WordPiece tokenizer ([`crate::Tokenizer::train_wordpiece`]) of at most `vocab_size`
+    /// tokens trained on the captions of the first `captions` train scenes ([`Self::corpus`]).
+    ///
+    /// ```
+    /// let scenes = m3ae_data::CaptionedScenes::new(Default::default())?;
+    /// let tok = scenes.train_tokenizer(100, 200)?;
+    /// assert!(tok.vocab_size() <= 200);
+    /// let caption = scenes.corpus(1).remove(0);
+    /// let ids = tok.encode(&caption, 32)?.ids;
+    /// assert_eq!(tok.decode(&ids)?, caption.to_lowercase());
+    /// # Ok::<(), m3ae_data::Error>(())
+    /// ```
+    pub fn train_tokenizer(&self, captions: usize, vocab_size: usize) -> Result<crate::Tokenizer> {
+        let corpus = self.corpus(captions);
+        crate::Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), vocab_size)
+    }
+
     fn rng(&self, index: usize) -> ChaCha8Rng {
         let split = match self.cfg.split {
             SceneSplit::Train => 0,

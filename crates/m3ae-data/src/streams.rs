@@ -15,10 +15,11 @@
 
 use crate::loader::{BatchIter, TextBatch};
 use crate::masks::{BatchMasks, BatchRows};
-use crate::{BadStats, Batch, Error, Loader, Position, Result};
+use crate::{BadStats, Batch, Error, Loader, LoaderConfig, Position, Result, Source, Tokenizer};
 use candle_core::Tensor;
 use m3ae_model::ModelInput;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 fn fail(msg: impl Into<String>) -> Error {
     Error::Streams(msg.into())
@@ -100,6 +101,41 @@ impl Streams {
             rows,
             masks,
             text,
+        })
+    }
+
+    /// Opens this rank's streams over one source: stream `s` is a [`Loader`] of `source` with
+    /// `lc` as partition `s` of `total` (`rank: s, world_size: total`; `lc.batch_size` is the
+    /// stream's `B / S`). See [`Streams::new`] for the rest; build the loaders there to change
+    /// more than the partition (an unpaired text stream, say).
+    ///
+    /// ```
+    /// use m3ae_data::{CaptionedScenes, LoaderConfig, ScenesConfig, Streams};
+    /// let scenes = CaptionedScenes::new(ScenesConfig { len: 16, image_size: 32, ..Default::default() })?;
+    /// let mut lc = LoaderConfig::pretrain(2, 32, 16); // 2 of a global batch of 4 per stream
+    /// lc.text_len = None;
+    /// // rank 1 of 2 reads stream 1 of 2
+    /// let mut streams = Streams::from_source(2, 1, 2, false, std::sync::Arc::new(scenes), None, &lc)?;
+    /// assert_eq!(streams.loader().config().world_size, 2);
+    /// assert_eq!(streams.next_local()?.keys.len(), 2);
+    /// # Ok::<(), m3ae_data::Error>(())
+    /// ```
+    pub fn from_source(
+        total: usize,
+        rank: usize,
+        world: usize,
+        text: bool,
+        source: Arc<dyn Source>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        lc: &LoaderConfig,
+    ) -> Result<Self> {
+        Self::new(total, rank, world, text, |s| {
+            let stream = LoaderConfig {
+                rank: s,
+                world_size: total,
+                ..lc.clone()
+            };
+            Loader::new(source.clone(), tokenizer.clone(), stream)
         })
     }
 
@@ -320,11 +356,8 @@ fn concat(mut batches: Vec<Batch>) -> Result<Batch> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        CaptionedScenes, LoaderConfig, MaskConfig, NoiseKind, ScenesConfig, Source, Tokenizer,
-    };
+    use crate::{CaptionedScenes, MaskConfig, NoiseKind, ScenesConfig};
     use m3ae_model::Masking;
-    use std::sync::Arc;
 
     /// Streams of `total` over 32-px scenes for rank `rank` of `world`, global batch 8.
     fn streams(total: usize, rank: usize, world: usize, noise: NoiseKind) -> Streams {
@@ -334,32 +367,18 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let corpus = scenes.corpus(200);
-        let tok =
-            Arc::new(Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), 200).unwrap());
-        let src: Arc<dyn Source> = Arc::new(scenes);
+        let tok = Arc::new(scenes.train_tokenizer(200, 200).unwrap());
         let mut lc = LoaderConfig::pretrain(8 / total, 32, 8);
         lc.seed = 5;
         lc.num_threads = 1;
         lc.text_len = Some(16);
         lc.shuffle_buffer = 16;
-        lc.world_size = total;
         let masks = MaskConfig {
             noise,
             ..MaskConfig::default()
         };
         lc.masks = Some(masks);
-        Streams::new(total, rank, world, true, |s| {
-            Loader::new(
-                src.clone(),
-                Some(tok.clone()),
-                LoaderConfig {
-                    rank: s,
-                    ..lc.clone()
-                },
-            )
-        })
-        .unwrap()
+        Streams::from_source(total, rank, world, true, Arc::new(scenes), Some(tok), &lc).unwrap()
     }
 
     fn rows(t: &Option<Tensor>) -> Vec<Vec<f32>> {

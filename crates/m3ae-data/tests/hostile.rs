@@ -41,25 +41,6 @@ fn image_only(batch: usize) -> LoaderConfig {
     cfg
 }
 
-/// Samples held in memory (a test source without a length hint).
-struct Memory(Vec<Sample>);
-
-impl Source for Memory {
-    fn open(&self, p: &Partition) -> Result<RecordIter> {
-        let v: Vec<_> = self
-            .0
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| p.owns(*i))
-            .map(|(_, s)| Ok(Record::Sample(s.clone())))
-            .collect();
-        Ok(Box::new(v.into_iter()))
-    }
-    fn describe(&self) -> String {
-        format!("memory ({} samples)", self.0.len())
-    }
-}
-
 /// `n` samples with 8x8 pixel images; those in `bad` have a pixel buffer of the wrong size.
 fn pixel_samples(n: usize, bad: impl Fn(usize) -> bool) -> Vec<Sample> {
     (0..n)
@@ -177,7 +158,7 @@ fn truncated_jpeg_png_and_webp_are_corrupt_not_grey() {
     cfg.epochs = Some(1);
     cfg.drop_last = false;
     cfg.max_bad_fraction = 1.0;
-    let err = Loader::new(Arc::new(Memory(vec![s])), None, cfg)
+    let err = Loader::new(Arc::new(InMemory::new(vec![s])), None, cfg)
         .unwrap()
         .iter(Position::default())
         .find_map(|b| b.err());
@@ -231,7 +212,7 @@ fn drop_last_with_fewer_samples_than_a_batch_is_an_error_not_an_endless_loop() {
         let mut cfg = image_only(4);
         cfg.drop_last = n > 0;
         cfg.epochs = None;
-        let src = Arc::new(Memory(pixel_samples(n, |_| false)));
+        let src = Arc::new(InMemory::new(pixel_samples(n, |_| false)));
         let err = with_deadline(30, move || {
             match Loader::new(src, None, cfg) {
                 Err(e) => Some(e),
@@ -267,7 +248,7 @@ fn drop_last_with_fewer_samples_than_a_batch_is_an_error_not_an_endless_loop() {
 
 #[test]
 fn one_bad_sample_in_a_seven_sample_shard_is_within_the_allowance() {
-    let src = Arc::new(Memory(pixel_samples(7, |i| i == 3)));
+    let src = Arc::new(InMemory::new(pixel_samples(7, |i| i == 3)));
     let mut cfg = image_only(2);
     cfg.epochs = Some(2);
     cfg.drop_last = false;
@@ -285,7 +266,9 @@ fn one_bad_sample_in_a_seven_sample_shard_is_within_the_allowance() {
 fn large_data_is_held_to_the_fraction() {
     // 1000 samples: 12.5 % bad fails with the default 10 %, 8.3 % does not
     for (every, fails) in [(8usize, true), (12, false)] {
-        let src = Arc::new(Memory(pixel_samples(1000, |i| i % every == every - 1)));
+        let src = Arc::new(InMemory::new(pixel_samples(1000, |i| {
+            i % every == every - 1
+        })));
         let mut cfg = image_only(10);
         cfg.epochs = Some(1);
         let res: Result<Vec<Batch>> = Loader::new(src, None, cfg)
@@ -303,7 +286,7 @@ fn large_data_is_held_to_the_fraction() {
         }
     }
     // max_bad_fraction 1 never trips, even when everything but one sample is bad
-    let src = Arc::new(Memory(pixel_samples(300, |i| i != 150)));
+    let src = Arc::new(InMemory::new(pixel_samples(300, |i| i != 150)));
     let mut cfg = image_only(1);
     cfg.epochs = Some(1);
     cfg.max_bad_fraction = 1.0;

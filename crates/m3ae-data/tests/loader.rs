@@ -298,23 +298,10 @@ fn config_errors() {
     assert!(Loader::new(scenes, None, cfg).is_err());
 }
 
-/// Samples held in memory: pixel images, every third one corrupt (a buffer of the wrong size).
-struct Mixed(Vec<Sample>);
-
-impl Source for Mixed {
-    fn open(&self, p: &Partition) -> Result<RecordIter> {
-        let v: Vec<_> = self
-            .0
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| p.owns(*i))
-            .map(|(_, s)| Ok(Record::Sample(s.clone())))
-            .collect();
-        Ok(Box::new(v.into_iter()))
-    }
-    fn describe(&self) -> String {
-        "mixed".into()
-    }
+/// The in-memory source of the tests below (pixel images, every third one corrupt: a buffer of
+/// the wrong size), described as "mixed".
+fn mixed(samples: Vec<Sample>) -> InMemory {
+    InMemory::new(samples).described("mixed")
 }
 
 #[test]
@@ -352,7 +339,7 @@ fn batches_hold_patchified_transforms_even_around_bad_samples() {
     cfg.max_bad_fraction = 0.5;
     cfg.num_threads = 2;
     let ic = cfg.image.unwrap();
-    let src = Arc::new(Mixed(samples.clone()));
+    let src = Arc::new(mixed(samples.clone()));
     let mut seen = 0;
     for b in Loader::new(src, None, cfg.clone())
         .unwrap()
@@ -404,7 +391,7 @@ fn not_enough_data_names_the_data_the_usable_count_and_the_batch() {
     cfg.text_len = None;
     cfg.masks = None;
     cfg.epochs = None;
-    let loader = Loader::new(Arc::new(Mixed(samples)), None, cfg).unwrap();
+    let loader = Loader::new(Arc::new(mixed(samples)), None, cfg).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(loader.iter(Position::default()).find_map(|b| b.err()));
@@ -450,7 +437,7 @@ fn text_only_loading_keeps_samples_whose_image_is_at_fault() {
     cfg.text_len = Some(8);
     cfg.shuffle_buffer = 0;
     cfg.epochs = Some(1);
-    let src = Arc::new(Mixed(samples));
+    let src = Arc::new(mixed(samples));
     let b: Vec<Batch> = Loader::new(src.clone(), Some(tokenizer()), cfg.clone())
         .unwrap()
         .iter(Position::default())

@@ -29,6 +29,7 @@
 pub mod alloc;
 pub mod fused;
 pub mod reference;
+pub mod testing;
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};

@@ -11,6 +11,7 @@ use crate::objective::{Objective, TrainBatch};
 use crate::optim::{named_grads, AdamW, AdamWConfig};
 use crate::Result;
 use candle_core::{Device, Tensor};
+use m3ae_kernels::testing::uniform;
 use m3ae_model::layers::{Dense, Transformer};
 use m3ae_model::params::{Init, ParamSpec};
 use m3ae_model::{flops, M3ae, M3aeConfig, Masking, ModelInput, Noise, ParamStore, Variant};
@@ -80,17 +81,6 @@ impl std::fmt::Display for BenchReport {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-fn lcg(mut s: u64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 struct Timed {
@@ -165,8 +155,8 @@ pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Re
     let params = ParamStore::init(&specs, 0, &dev)?;
     let encoder = Transformer::new(&params, "encoder", depth, heads, cfg_kernels)?;
     let head = Dense::new(&params, "head", cfg_kernels)?;
-    let x = Tensor::from_vec(lcg(1, batch * seq * dim), (batch, seq, dim), &dev)?;
-    let target = Tensor::from_vec(lcg(2, batch * seq * out), (batch, seq, out), &dev)?;
+    let x = Tensor::from_vec(uniform(1, batch * seq * dim), (batch, seq, dim), &dev)?;
+    let target = Tensor::from_vec(uniform(2, batch * seq * out), (batch, seq, out), &dev)?;
     // sample i keeps seq - (i mod 4) * seq / 8 keys
     let pad: Vec<f32> = (0..batch * seq)
         .map(|j| {
@@ -231,12 +221,12 @@ pub fn preset_workload(cfg: &M3aeConfig, batch: usize, steps: usize) -> Result<B
     let (li, t, pd) = (c.num_patches(), c.text_length, c.patch_dim());
     let input = ModelInput {
         image_patches: Some(Tensor::from_vec(
-            lcg(3, batch * li * pd),
+            uniform(3, batch * li * pd),
             (batch, li, pd),
             &dev,
         )?),
         text_ids: Some(Tensor::from_vec(
-            lcg(4, batch * t)
+            uniform(4, batch * t)
                 .iter()
                 .map(|v| ((v + 1.0) * 0.5 * (c.text_vocab_size - 1) as f32) as u32)
                 .collect::<Vec<u32>>(),
@@ -258,7 +248,7 @@ pub fn preset_workload(cfg: &M3aeConfig, batch: usize, steps: usize) -> Result<B
         )?),
     };
     let noise =
-        |s: u64, l: usize| Noise::Shared(lcg(s, l).iter().map(|v| (v + 1.0) * 0.5).collect());
+        |s: u64, l: usize| Noise::Shared(uniform(s, l).iter().map(|v| (v + 1.0) * 0.5).collect());
     let batch_data = TrainBatch {
         input,
         image_masking: Some(Masking::new(&noise(5, li), batch, c.image_keep(li), &dev)?),

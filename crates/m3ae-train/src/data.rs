@@ -64,7 +64,7 @@ impl BatchSource for Streams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use m3ae_data::{CaptionedScenes, Loader, LoaderConfig, ScenesConfig, Tokenizer};
+    use m3ae_data::{CaptionedScenes, LoaderConfig, ScenesConfig};
     use std::sync::Arc;
 
     fn streams(text: bool) -> Streams {
@@ -74,24 +74,11 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let corpus = scenes.corpus(50);
-        let tok = Tokenizer::train_wordpiece(corpus.iter().map(String::as_str), 100).unwrap();
-        let (src, tok) = (Arc::new(scenes), Arc::new(tok));
+        let tok = scenes.train_tokenizer(50, 100).unwrap();
         let mut lc = LoaderConfig::pretrain(4, 32, 8);
         lc.num_threads = 1;
         lc.text_len = Some(8);
-        lc.world_size = 2;
-        Streams::new(2, 0, 1, text, |s| {
-            Loader::new(
-                src.clone(),
-                Some(tok.clone()),
-                LoaderConfig {
-                    rank: s,
-                    ..lc.clone()
-                },
-            )
-        })
-        .unwrap()
+        Streams::from_source(2, 0, 1, text, Arc::new(scenes), Some(Arc::new(tok)), &lc).unwrap()
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! that survive a process killed mid-write.
 
 use candle_core::{Device, Tensor};
+use m3ae_kernels::testing::uniform;
 use m3ae_model::{M3ae, M3aeConfig, Masking, ModelInput, Noise};
 use m3ae_train::checkpoint;
 use m3ae_train::{BatchSource, Objective, TrainBatch, TrainConfig, Trainer};
@@ -14,14 +15,11 @@ struct Synthetic {
     poison_at: Option<u64>,
 }
 
-fn lcg(mut s: u64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        })
+/// `n` deterministic values in [0, 1) from `seed`.
+fn lcg(seed: u64, n: usize) -> Vec<f32> {
+    uniform(seed, n)
+        .into_iter()
+        .map(|v| (v + 1.0) * 0.5)
         .collect()
 }
 

@@ -2,20 +2,12 @@
 #![allow(dead_code)] // each test binary uses a subset
 
 use candle_core::{Device, Tensor};
+use m3ae_kernels::testing::uniform;
 
-/// Deterministic pseudo-random values in [-1, 1).
+/// Deterministic pseudo-random values in [-1, 1): [`uniform`] from `seed` without its first
+/// value (the inputs these tests have always had).
 pub fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    uniform(seed, n + 1).split_off(1)
 }
 
 pub fn tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
