@@ -8,10 +8,11 @@ mod common;
 mod embed;
 
 use m3ae::data::{CaptionedScenes, ScenesConfig, Tokenizer};
+use m3ae::eval::Pipeline;
 use m3ae::model::{AnyModel, M3aeConfig, Variant};
 
 #[test]
-fn the_embed_example_embeds_images_and_pairs_with_random_init_and_a_checkpoint() {
+fn the_embed_example_embeds_images_and_pairs_from_a_checkpoint() {
     let d = common::temp_dir("examples", "embed");
     let scenes = CaptionedScenes::new(ScenesConfig {
         len: 3,
@@ -27,16 +28,9 @@ fn the_embed_example_embeds_images_and_pairs_with_random_init_and_a_checkpoint()
             .save(folder.join(format!("{i}.png")))
             .unwrap();
     }
-    // not an image: skipped
-    std::fs::write(folder.join("notes.txt"), "x").unwrap();
     let captions: Vec<String> = (0..2).map(|i| scenes.scene(i).caption.clone()).collect();
-    let cfg = M3aeConfig::preset("tiny").unwrap();
-    let [images, pairs] = embed::run(&folder, &captions, None).unwrap();
-    assert_eq!(images.len(), 3);
-    assert_eq!(pairs.len(), 2);
-    assert!(images.iter().chain(&pairs).all(|f| f.len() == cfg.emb_dim));
-    assert!(images.iter().flatten().all(|x| x.is_finite()));
     // a checkpoint folder with its tokenizer next to it
+    let cfg = M3aeConfig::preset("tiny").unwrap();
     let ckpt = d.join("ckpt");
     std::fs::create_dir_all(&ckpt).unwrap();
     AnyModel::init(Variant::M3ae, &cfg, 7, &candle_core::Device::Cpu)
@@ -47,12 +41,22 @@ fn the_embed_example_embeds_images_and_pairs_with_random_init_and_a_checkpoint()
         .unwrap()
         .save(ckpt.join("tokenizer.json"))
         .unwrap();
-    let [images2, pairs2] = embed::run(&folder, &captions, Some(&ckpt)).unwrap();
-    assert_eq!((images2.len(), pairs2.len()), (3, 2));
-    // other weights, other features
-    assert_ne!(images2[0], images[0]);
+    let pipe = Pipeline::from_pretrained(&ckpt, &Default::default()).unwrap();
+    let [images, pairs] = embed::embed(&pipe, &folder, &captions).unwrap();
+    assert_eq!(images.dims(), [3, cfg.emb_dim]);
+    assert_eq!(pairs.dims(), [2, cfg.emb_dim]);
+    let v = images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+    // the image alone and with its caption give different features
+    let (a, p) = (images.get(0).unwrap(), pairs.get(0).unwrap());
+    let diff = (a - p).unwrap().abs().unwrap().sum_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() > 0.0);
+    // the same image through the pipeline directly gives the same features
+    let one = pipe.embed_images(&[folder.join("0.png")]).unwrap();
+    let same = (one.get(0).unwrap() - images.get(0).unwrap()).unwrap().abs().unwrap();
+    assert_eq!(same.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     // more captions than images is refused
     let many: Vec<String> = (0..4).map(|i| format!("caption {i}")).collect();
-    assert!(embed::run(&folder, &many, Some(&ckpt)).is_err());
+    assert!(embed::embed(&pipe, &folder, &many).is_err());
     std::fs::remove_dir_all(&d).ok();
 }
