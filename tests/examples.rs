@@ -53,7 +53,10 @@ fn the_embed_example_embeds_images_and_pairs_from_a_checkpoint() {
     assert!(diff.to_scalar::<f32>().unwrap() > 0.0);
     // the same image through the pipeline directly gives the same features
     let one = pipe.embed_images(&[folder.join("0.png")]).unwrap();
-    let same = (one.get(0).unwrap() - images.get(0).unwrap()).unwrap().abs().unwrap();
+    let same = (one.get(0).unwrap() - images.get(0).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap();
     assert_eq!(same.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     // more captions than images is refused
     let many: Vec<String> = (0..4).map(|i| format!("caption {i}")).collect();

@@ -1,0 +1,450 @@
+//! `m3ae pretrain`: the pre-training job, from a TOML config to a run directory.
+//!
+//! A run directory `runs/<name>/` receives `config.toml` (the full resolved configuration),
+//! `tokenizer.json`, `metrics.jsonl`, TensorBoard event files under `tb/`, reconstruction images
+//! `recon/step-NNNNNNNN.png` (+ `.txt` with the captions, masked words and predicted words) and
+//! checkpoints under `checkpoints/step-NNNNNNNN/`. The default configuration trains the `tiny`
+//! preset on the built-in captioned scenes, then probes the learned image representation on the
+//! scenes' shape labels next to a randomly initialised model.
+//!
+//! The modules: [`config`] (the TOML configuration and resume rules), [`data`] (tokenizer,
+//! loader settings, held-out batch), [`eval`] (end-of-run evaluations), [`summary`] (the
+//! report); the run itself (this file) builds the model and the data streams and trains them with
+//! [`m3ae_train::Learner`].
+
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod summary;
+
+pub use config::{
+    adopt_checkpoint, check_resume_changes, resolve_resume_dir, saved_config, DataConfig,
+    DistributedConfig, PretrainConfig, RESUMABLE_SETTINGS,
+};
+pub use eval::{probe_scenes, scene_probe_config};
+pub use summary::RunSummary;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use data::*;
+use eval::*;
+use m3ae_data::{
+    Batch, CaptionedScenes, Loader, LoaderConfig, SceneSplit, ScenesConfig, Source, Streams,
+};
+use m3ae_model::{AnyModel, M3ae, Mae, Variant};
+use m3ae_train::tensorboard::TensorBoardSink;
+use m3ae_train::{Fitted, Hook, JsonlSink, Learner, Objective, Trainer, Window};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Options of a run that are not part of the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the newest checkpoint of the run directory.
+    pub resume: bool,
+    /// Start from this checkpoint instead (a `step-*` folder, or a run or converted folder's
+    /// newest `checkpoints/step-*`), e.g. an official run converted by
+    /// `m3ae convert official --resumable`; the configuration should have been through
+    /// [`adopt_checkpoint`]. The run directory must hold no checkpoint yet (or this one).
+    pub resume_from: Option<PathBuf>,
+    /// Set to stop at the next step boundary (Ctrl-C); a checkpoint is written first.
+    pub stop: Arc<AtomicBool>,
+    /// Plain log lines instead of a progress bar.
+    pub plain: bool,
+}
+
+/// Runs (or resumes) a pre-training job in this process alone.
+pub fn run(cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
+    run_with_sync(cfg, opts, Box::new(m3ae_train::SingleProcess))
+}
+
+/// Runs (or resumes) one rank of a data-parallel pre-training job: `sync` averages the gradients
+/// across the ranks (see `docs/distributed.md`). Every rank reads its own streams of the data;
+/// rank 0 alone writes the run directory (configuration, metrics, images, checkpoints) and runs
+/// the final evaluations. The summary of the other ranks has no evaluations.
+pub fn run_with_sync(
+    mut cfg: PretrainConfig,
+    opts: RunOptions,
+    sync: Box<dyn m3ae_train::GradSync + Send>,
+) -> Result<RunSummary> {
+    let dev = Device::Cpu;
+    let (rank, world) = (sync.rank(), sync.world_size());
+    let lead = rank == 0;
+    let streams = match cfg.distributed.streams {
+        0 => world,
+        s => s,
+    };
+    cfg.distributed.streams = streams;
+    if streams % world != 0 || !cfg.train.batch_size.is_multiple_of(streams) {
+        bail!(
+            "distributed.streams = {streams} must be a multiple of the number of ranks ({world}) \
+             and divide train.batch_size = {} (the global batch)",
+            cfg.train.batch_size
+        );
+    }
+    if cfg.distributed.timeout_s.is_nan() || cfg.distributed.timeout_s <= 0.0 {
+        bail!(
+            "distributed.timeout_s = {} must be > 0",
+            cfg.distributed.timeout_s
+        );
+    }
+    cfg.validate()?;
+    let run_dir = cfg.run_dir();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let ck_dir = run_dir.join("checkpoints");
+    let mut latest = m3ae_train::checkpoint::latest(&ck_dir)?;
+    // A checkpoint from elsewhere (e.g. a converted official run) starts this run.
+    if let Some(dir) = &opts.resume_from {
+        let from = resolve_resume_dir(dir)?;
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let inside = canon(&from).starts_with(canon(&ck_dir));
+        if latest.is_some() && !inside {
+            bail!(
+                "{} already holds checkpoints: --resume {} starts a new run, so choose another \
+                 --name (or continue this run: --resume --config {}/config.toml)",
+                run_dir.display(),
+                dir.display(),
+                run_dir.display()
+            );
+        }
+        latest = Some(from);
+    }
+    if latest.is_some() && !opts.resume && opts.resume_from.is_none() {
+        bail!(
+            "{} already holds checkpoints: pass --resume to continue it, or choose another --name",
+            run_dir.display()
+        );
+    }
+    if opts.resume && latest.is_none() {
+        bail!("--resume: no checkpoint under {}", ck_dir.display());
+    }
+    let train_spec = cfg.data.spec()?;
+    let tok = if cfg.data.is_scenes() {
+        let train_scenes = CaptionedScenes::new(ScenesConfig {
+            split: SceneSplit::Train,
+            ..cfg.data.scenes.clone()
+        })?;
+        Arc::new(tokenizer(&cfg, &run_dir, &train_scenes, lead)?)
+    } else {
+        let kind = &cfg.data.source;
+        let path = cfg.data.tokenizer.as_ref().with_context(|| {
+            format!(
+                "data.tokenizer (a tokenizer.json, e.g. bert-base-uncased) is required for {kind}"
+            )
+        })?;
+        let tok = load_tokenizer(path)?;
+        cfg.probe = false;
+        Arc::new(tok)
+    };
+    let train_source = train_spec
+        .open(&cfg.data.options(cfg.data.scenes.label))?
+        .source;
+    // A checkpoint being continued fixes the vocabulary (an official one may be larger than
+    // the tokenizer's); the tokenizer's ids must fit in it. (An unreadable trainer.json is
+    // reported by the restore below.)
+    let ckpt_vocab = latest
+        .as_deref()
+        .and_then(|d| m3ae_train::TrainerState::read(d).ok())
+        .map(|s| s.model.text_vocab_size);
+    match ckpt_vocab {
+        Some(v) if cfg.objective == Variant::M3ae => {
+            if tok.vocab_size() > v {
+                bail!(
+                    "the tokenizer has {} tokens but the checkpoint's model has a vocabulary of {v}: use the run's tokenizer (data.tokenizer)",
+                    tok.vocab_size()
+                );
+            }
+            cfg.model.text_vocab_size = v;
+        }
+        _ => cfg.model.text_vocab_size = tok.vocab_size(),
+    }
+    cfg.validate()?;
+    // A resumed run keeps the configuration it was started with.
+    if opts.resume {
+        if let Some(saved) = saved_config(&run_dir)? {
+            check_resume_changes(&saved, &cfg)?;
+        }
+    }
+    cfg.check_memory()?;
+    let model_cfg = cfg.model.resolved();
+    if lead && !cfg.data.is_scenes() {
+        save_tokenizer(&tok, &run_dir.join("tokenizer.json"))?;
+    }
+    // the resolved configuration, as run
+    let cfg_path = run_dir.join("config.toml");
+    let text = toml::to_string_pretty(&cfg).context("serialising the configuration")?;
+    if lead {
+        m3ae_model::fsio::atomic_write(&cfg_path, text.as_bytes())
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
+    }
+
+    let with_text = cfg.objective == Variant::M3ae;
+    let mut lc = loader_config(&cfg, &model_cfg);
+    // every stream holds `batch / streams` samples of the global batch; `Streams` takes the
+    // loaders' masks and draws them for the global batch
+    lc.batch_size = cfg.train.batch_size / streams;
+    lc.world_size = streams;
+    let unpaired = match (
+        &cfg.data.unpaired_text,
+        with_text && model_cfg.unpaired_text_loss_weight > 0.0,
+    ) {
+        (Some(p), true) => {
+            lc.unpaired_text_len = model_cfg.text_length;
+            Some(Arc::new(m3ae_data::TextCorpus::from_file(p.clone())?) as Arc<dyn Source>)
+        }
+        (None, true) => bail!("model.unpaired_text_loss_weight > 0 needs data.unpaired_text"),
+        _ => None,
+    };
+    let source = Streams::new(streams, rank, world, with_text, |s| {
+        let lc = LoaderConfig {
+            rank: s,
+            ..lc.clone()
+        };
+        let mut loader = Loader::new(train_source.clone(), Some(tok.clone()), lc)?;
+        if let Some(u) = &unpaired {
+            loader = loader.with_unpaired_text(u.clone())?;
+        }
+        Ok(loader)
+    })?;
+    let eval = eval_batch(&cfg, &model_cfg, &tok, 8)?;
+    let norm = m3ae_data::Normalization::Cc12m;
+    let (mut summary, final_model) = match cfg.objective {
+        Variant::M3ae => {
+            let m = M3ae::init(&model_cfg, cfg.seed, &dev)?;
+            train_loop(
+                &cfg,
+                &opts,
+                Trainer::new(m, cfg.train.clone())?.with_sync(sync),
+                source,
+                latest,
+                &run_dir,
+                |t, path| {
+                    let m = t.objective();
+                    let out = m.forward(
+                        &eval.input,
+                        eval.image_masking.as_ref(),
+                        eval.text_masking.as_ref(),
+                    )?;
+                    Ok(m3ae_eval::panels::write_batch_reconstruction(
+                        m.config(),
+                        &out,
+                        &eval,
+                        Some(&tok),
+                        norm,
+                        path,
+                    )?)
+                },
+            )?
+        }
+        Variant::Mae => {
+            let m = Mae::init(&model_cfg, cfg.seed, &dev)?;
+            let image_only = eval_image_only(&eval);
+            train_loop(
+                &cfg,
+                &opts,
+                Trainer::new(m, cfg.train.clone())?.with_sync(sync),
+                source,
+                latest,
+                &run_dir,
+                |t, path| {
+                    let m = t.objective();
+                    let patches = image_only
+                        .input
+                        .image_patches
+                        .as_ref()
+                        .context("no image")?;
+                    let masking = image_only.image_masking.as_ref().context("no masking")?;
+                    let out = m.forward(patches, masking)?;
+                    Ok(m3ae_eval::panels::write_batch_reconstruction(
+                        m.config(),
+                        &out,
+                        &image_only,
+                        None,
+                        norm,
+                        path,
+                    )?)
+                },
+            )?
+        }
+    };
+    if !lead {
+        return Ok(summary);
+    }
+    if let AnyModel::M3ae(m) = &final_model {
+        // A failure here (e.g. too many bad held-out samples) must not hide the finished
+        // training: it is reported in the summary instead.
+        let held_out = || -> Result<(f64, f64)> {
+            let held_out = eval_batch(&cfg, &model_cfg, &tok, 256)?;
+            let most_frequent = if cfg.data.is_scenes() {
+                most_frequent_token(&tok, &scenes(&cfg, SceneSplit::Train, 2000)?)?
+            } else {
+                most_frequent_in_batch(&held_out)?
+            };
+            masked_word_accuracy(m, &held_out, most_frequent)
+        };
+        match held_out() {
+            Ok((acc, base)) => {
+                summary.masked_word_accuracy = Some(acc);
+                summary.frequency_baseline = Some(base);
+            }
+            Err(e) => summary.held_out_error = Some(format!("{e:#}")),
+        }
+    }
+    if cfg.probe && !summary.interrupted {
+        let trained = probe_scenes(final_model.as_represent(), &cfg, 1)?;
+        let random = Mae::init(&model_cfg, cfg.seed.wrapping_add(1000), &dev)?;
+        let baseline = probe_scenes(&random, &cfg, 1)?;
+        summary.probe = Some((trained, baseline));
+    }
+    let summary_path = run_dir.join("summary.json");
+    m3ae_model::fsio::atomic_write(
+        &summary_path,
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )
+    .with_context(|| format!("writing {}", summary_path.display()))?;
+    Ok(summary)
+}
+
+fn eval_image_only(b: &Batch) -> Batch {
+    let mut b = b.clone();
+    b.input.text_ids = None;
+    b.input.text_padding = None;
+    b.text_masking = None;
+    b
+}
+
+/// The pre-training job's progress: a progress bar on rank 0 (or plain lines with `--plain`)
+/// showing the window's losses, throughput and data wait.
+struct JobProgress {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+}
+
+impl JobProgress {
+    fn new(plain: bool) -> Self {
+        Self { bar: None, plain }
+    }
+}
+
+impl m3ae_train::Progress for JobProgress {
+    fn start(&mut self, step: u64, total: u64) {
+        if self.plain {
+            return;
+        }
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_position(step);
+        self.bar = Some(b);
+    }
+    fn advance(&mut self, step: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(step);
+        }
+    }
+    fn window(&mut self, w: &Window) {
+        let msg = format!(
+            "loss {:.4} image {:.4} text {:.3} acc {:.2} | {:.0} samples/s, data wait {:.0}%",
+            w.mean("loss"),
+            w.mean("image_loss"),
+            w.mean("text_loss"),
+            w.mean("text_accuracy"),
+            w.samples_per_s,
+            100.0 * w.data_wait_fraction
+        );
+        match &self.bar {
+            Some(b) => b.set_message(msg),
+            None => eprintln!("step {}/{} {msg}", w.step, w.total),
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_loop<O: Objective + Clone + Into<AnyModel>>(
+    cfg: &PretrainConfig,
+    opts: &RunOptions,
+    trainer: Trainer<O>,
+    source: Streams,
+    latest: Option<PathBuf>,
+    run_dir: &Path,
+    mut draw: impl FnMut(&Trainer<O>, &Path) -> Result<()>,
+) -> Result<(RunSummary, AnyModel)> {
+    let lead = trainer.rank_and_world().0 == 0;
+    let tokens = source.loader().config().text_len.unwrap_or(0) + cfg.model.num_patches();
+    let recon = run_dir.join("recon");
+    let draw = |t: &Trainer<O>, step: u64| -> std::result::Result<(), m3ae_train::HookError> {
+        Ok(draw(t, &recon.join(format!("step-{step:08}.png")))?)
+    };
+    let mut learner = Learner::new(trainer, source)
+        .checkpoints(
+            run_dir.join("checkpoints"),
+            cfg.save_every,
+            cfg.keep_checkpoints,
+        )
+        .log_every(cfg.log_every)
+        .progress(Box::new(JobProgress::new(opts.plain)))
+        .interrupt(opts.stop.clone())
+        .tokens_per_sample(tokens)
+        .hook(Hook::new(
+            "reconstruction image",
+            cfg.image_every,
+            true,
+            draw,
+        ));
+    if let Some(dir) = latest {
+        learner = learner.resume_from(dir);
+    }
+    // rank 0 writes the metrics; the others only train
+    if lead {
+        learner = learner
+            .sink(Box::new(JsonlSink::open(&run_dir.join("metrics.jsonl"))?))
+            .sink(Box::new(TensorBoardSink::create(&run_dir.join("tb"))?));
+    }
+    let Fitted {
+        trainer,
+        source,
+        report,
+    } = learner.fit()?;
+    let window = |w: &Option<std::collections::BTreeMap<String, f64>>, k: &str| {
+        w.as_ref().map(|m| m.get(k).copied().unwrap_or(0.0))
+    };
+    let pair = |k: &str| match (
+        window(&report.first_window, k),
+        window(&report.last_window, k),
+    ) {
+        (Some(a), Some(b)) if a.is_finite() && b.is_finite() => Some((a, b)),
+        _ => None,
+    };
+    let summary = RunSummary {
+        run_dir: run_dir.to_path_buf(),
+        steps: report.steps,
+        interrupted: report.interrupted,
+        image_loss: pair("image_loss"),
+        text_loss: pair("text_loss"),
+        masked_word_accuracy: None,
+        frequency_baseline: None,
+        samples_per_s: report.samples_per_s,
+        train_seconds: report.train_seconds,
+        probe: None,
+        skipped_steps: report.skipped_steps,
+        checkpoint: report.checkpoint,
+        held_out: if cfg.data.is_scenes() {
+            "held-out scenes".into()
+        } else {
+            "held-out data".into()
+        },
+        held_out_error: None,
+        bad_samples: source.stats(),
+    };
+    Ok((summary, trainer.objective().clone().into()))
+}
