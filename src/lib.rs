@@ -6,13 +6,13 @@
 //!
 //! * [`official`]: the official (JAX) format: the safe pickle reader, official checkpoints,
 //!   conversion and export, the parity harness against the official code.
-//! * [`pretrained`]: models by name: local checkpoints, runs, converted folders, official
-//!   `model.pkl` files and (feature `hub`) Hugging Face repository ids ([`FromPretrained`]).
+//!   Models by name ([`FromPretrained`]): local checkpoints, runs, converted folders, official
+//!   `model.pkl` files and (feature `hub`) Hugging Face repository ids.
 //! * [`kernels`]: differentiable tensor kernels (LayerNorm, masked attention, GELU).
 //! * [`model`]: configuration, the M3AE and MAE models, losses, weights.
 //! * [`data`], [`train`]: data pipeline, training.
 //! * [`eval`]: evaluation: feature extraction, probe / kNN / OOD reports, reconstruction panels
-//!   and the high-level inference API ([`eval::Pipeline`]).
+//!   and the high-level inference API ([`Pipeline`]).
 
 pub use m3ae_data as data;
 pub use m3ae_eval as eval;
@@ -23,17 +23,6 @@ pub use m3ae_train as train;
 
 pub mod cli;
 pub mod pretrain;
-pub mod pretrained;
-/// The data streams of a pre-training run (moved to [`m3ae_data::streams`]).
-pub use m3ae_data::streams;
 
-pub use pretrained::{FromPretrained, HubOptions};
-
-/// The former path of the official-format API (checkpoint reading, conversion, export, native
-/// loading and their [`Error`](m3ae_official::Error)); new code uses [`official`].
-pub mod convert {
-    pub use m3ae_official::checkpoint::*;
-    pub use m3ae_official::convert::*;
-    pub use m3ae_official::native::*;
-    pub use m3ae_official::{Error, Result};
-}
+pub use m3ae_eval::Pipeline;
+pub use m3ae_official::{FromPretrained, HubOptions};
