@@ -40,20 +40,39 @@ fn better(x: f32, y: f32) -> bool {
 /// A row's running top-k list, best first.
 type List = Vec<(u32, f32)>;
 
+/// Logits compared at once when skipping those that cannot enter a full list.
+const SCAN: usize = 16;
+
 /// Offers the logits `row` (ids `id0..`, increasing, all above the ids already in `list`).
 fn offer(list: &mut List, k: usize, row: &[f32], id0: usize) {
-    for (j, &x) in row.iter().enumerate() {
+    let mut j = 0;
+    while j < row.len() {
         if list.len() == k {
-            // a later id enters only when strictly better than the current k-th
-            if !better(x, list[k - 1].1) {
-                continue;
+            let kth = list[k - 1].1;
+            if !kth.is_nan() {
+                // almost no logit beats a full list: skip blocks without a candidate with a
+                // branch-free (vectorised) comparison instead of one branch per logit
+                while j + SCAN <= row.len()
+                    && !row[j..j + SCAN].iter().fold(false, |a, &x| a | (x > kth))
+                {
+                    j += SCAN;
+                }
+                if j == row.len() {
+                    break;
+                }
             }
+        }
+        let (x, id) = (row[j], (id0 + j) as u32);
+        j += 1;
+        if list.len() == k && !better(x, list[k - 1].1) {
+            // a later id enters only when strictly better than the current k-th
+            continue;
         }
         let p = list
             .iter()
             .position(|&(_, y)| better(x, y))
             .unwrap_or(list.len());
-        list.insert(p, ((id0 + j) as u32, x));
+        list.insert(p, (id, x));
         list.truncate(k);
     }
 }
