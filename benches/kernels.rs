@@ -282,5 +282,56 @@ fn text_head(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, attention, layer_norm_and_gelu, linear, text_head);
+/// Predicted words at masked positions (`m3ae reconstruct`, the reconstruction images,
+/// masked-word accuracy): the text head of the CPU-sized workload (2048 rows = batch 64 x text
+/// 32, width 128, BERT's 30,522 words), argmax at the 1,024 requested rows (every other row).
+/// `fused`: [`m3ae_kernels::text_head_top_k`] (only those rows, tiled, no logits tensor);
+/// `composed`: the logits of all rows through the model's dense layer, then `argmax` (what the
+/// commands did before); `composed-rows`: the logits of the requested rows only, then `argmax`.
+/// One element = one FLOP of the requested rows (`2 M V D`).
+fn text_top_k(c: &mut Criterion) {
+    let (n, d, v) = (64 * 32, 128, 30_522);
+    let (h, w, b) = (var(&[n, d], 21), var(&[v, d], 22), var(&[v], 23));
+    let (h, w, b) = (h.as_tensor(), w.as_tensor(), b.as_tensor());
+    let rows: Vec<usize> = (0..n).step_by(2).collect();
+    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), &Device::Cpu).unwrap();
+    let mut g = c.benchmark_group(format!("text_top_k/{n}x{d}->{v}"));
+    g.sample_size(10);
+    g.throughput(Throughput::Elements((2 * rows.len() * v * d) as u64));
+    g.bench_function("fused/argmax", |bch| {
+        bch.iter(|| m3ae_kernels::text_head_top_k(h, w, Some(b), &rows, 1).unwrap())
+    });
+    g.bench_function("fused/top5", |bch| {
+        bch.iter(|| m3ae_kernels::text_head_top_k(h, w, Some(b), &rows, 5).unwrap())
+    });
+    g.bench_function("composed/argmax", |bch| {
+        bch.iter(|| {
+            let logits = m3ae_kernels::linear(h, w, b).unwrap();
+            let a = logits.argmax(candle_core::D::Minus1).unwrap();
+            a.index_select(&idx, 0).unwrap().to_vec1::<u32>().unwrap()
+        })
+    });
+    g.bench_function("composed-rows/argmax", |bch| {
+        bch.iter(|| {
+            let hr = h.index_select(&idx, 0).unwrap();
+            let logits = m3ae_kernels::linear(&hr, w, b).unwrap();
+            logits
+                .argmax(candle_core::D::Minus1)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    attention,
+    layer_norm_and_gelu,
+    linear,
+    text_head,
+    text_top_k
+);
 criterion_main!(benches);

@@ -13,25 +13,33 @@ pub(crate) fn masked_word_accuracy(
     batch: &Batch,
     most_frequent: u32,
 ) -> Result<(f64, f64)> {
-    let out = model.forward(
+    // the forward without the `B x T x V` logits; words are predicted at the counted positions
+    let out = model.forward_train(
         &batch.input,
         batch.image_masking.as_ref(),
         batch.text_masking.as_ref(),
     )?;
-    let logits = out.text_logits.context("no text output")?;
-    let pred = logits.argmax(candle_core::D::Minus1)?.to_vec2::<u32>()?;
     let (ids, pad) = text_rows(batch)?;
-    let mask = out.text_mask.context("no text mask")?.to_vec2::<f32>()?;
-    let (mut n, mut hit, mut base) = (0usize, 0usize, 0usize);
+    let mask = out
+        .text_mask
+        .as_ref()
+        .context("no text mask")?
+        .to_vec2::<f32>()?;
+    let mut positions = Vec::new();
     for i in 0..ids.len() {
         for t in 0..ids[i].len() {
             if mask[i][t] > 0.0 && pad[i][t] == 0.0 {
-                n += 1;
-                hit += (pred[i][t] == ids[i][t]) as usize;
-                base += (ids[i][t] == most_frequent) as usize;
+                positions.push((i, t));
             }
         }
     }
+    let pred = model.predict_text(&out, &positions, 1)?;
+    let (mut hit, mut base) = (0usize, 0usize);
+    for (&(i, t), p) in positions.iter().zip(&pred.ids) {
+        hit += (p.first() == Some(&ids[i][t])) as usize;
+        base += (ids[i][t] == most_frequent) as usize;
+    }
+    let n = positions.len();
     if n == 0 {
         bail!("the held-out batch has no masked words");
     }

@@ -221,7 +221,8 @@ pub fn run_with_sync(
                 &run_dir,
                 |t, path| {
                     let m = t.objective();
-                    let out = m.forward(
+                    // without the `B x T x V` logits: the panels predict the masked words only
+                    let out = m.forward_train(
                         &eval.input,
                         eval.image_masking.as_ref(),
                         eval.text_masking.as_ref(),
@@ -230,7 +231,7 @@ pub fn run_with_sync(
                         m.config(),
                         &out,
                         &eval,
-                        Some(&tok),
+                        Some((m, &tok)),
                         norm,
                         path,
                     )?)

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::reconstruct::Reconstruction;
 use candle_core::DType;
 use m3ae_data::{Batch, Normalization, Tokenizer};
-use m3ae_model::{M3aeConfig, Output};
+use m3ae_model::{M3ae, M3aeConfig, Output};
 use std::path::Path;
 
 /// Normalised HWC values back to RGB bytes (the inverse of `normalization`, rounded and
@@ -164,14 +164,16 @@ pub fn write_attention_png(r: &Reconstruction, path: &Path) -> Result<(usize, us
 
 /// Writes the reconstruction panels of a masked batch and the model's output on it: per sample
 /// a row of original | masked input | prediction | prediction with the visible patches pasted
-/// back (magnified to at least 192 px, 4 px white borders). With a tokenizer and text outputs,
-/// `png` with the extension `.txt` receives each sample's caption with its masked and predicted
-/// words. The folder of `png` is created.
+/// back (magnified to at least 192 px, 4 px white borders). With `text` (the M3AE model that
+/// produced `out`, from [`M3ae::forward_train`] or [`M3ae::forward`], and a tokenizer) and text
+/// outputs, `png` with the extension `.txt` receives each sample's caption with its masked and
+/// predicted words; the words are predicted at the masked positions only
+/// ([`M3ae::predict_text`]), without the `B x T x V` logits. The folder of `png` is created.
 pub fn write_batch_reconstruction(
     cfg: &M3aeConfig,
     out: &Output,
     batch: &Batch,
-    tok: Option<&Tokenizer>,
+    text: Option<(&M3ae, &Tokenizer)>,
     normalization: Normalization,
     png: &Path,
 ) -> Result<()> {
@@ -213,13 +215,9 @@ pub fn write_batch_reconstruction(
     }
     write_png(png, w, h, data)?;
     // Captions, masked words and predicted words.
-    if let (Some(tok), Some(logits), Some(tmask), Some(ids)) = (
-        tok,
-        out.text_logits.as_ref(),
-        out.text_mask.as_ref(),
-        batch.input.text_ids.as_ref(),
-    ) {
-        let pred = logits.argmax(candle_core::D::Minus1)?.to_vec2::<u32>()?;
+    if let (Some((model, tok)), Some(tmask), Some(ids)) =
+        (text, out.text_mask.as_ref(), batch.input.text_ids.as_ref())
+    {
         let ids = ids.to_vec2::<u32>()?;
         let pad = batch
             .input
@@ -228,6 +226,21 @@ pub fn write_batch_reconstruction(
             .ok_or_else(|| missing("no padding"))?
             .to_vec2::<f32>()?;
         let tmask = tmask.to_vec2::<f32>()?;
+        let mut positions = Vec::new();
+        for i in 0..ids.len() {
+            for t in 0..ids[i].len() {
+                if tmask[i][t] > 0.0 && pad[i][t] == 0.0 {
+                    positions.push((i, t));
+                }
+            }
+        }
+        let top = model.predict_text(out, &positions, 1)?;
+        let mut predicted: Vec<Vec<String>> = vec![Vec::new(); ids.len()];
+        let mut masked: Vec<Vec<String>> = vec![Vec::new(); ids.len()];
+        for (&(i, t), p) in positions.iter().zip(&top.ids) {
+            masked[i].push(tok.decode(&[ids[i][t]])?);
+            predicted[i].push(tok.decode(&p[..1])?);
+        }
         let mut text = String::new();
         for i in 0..ids.len() {
             let valid: Vec<u32> = ids[i]
@@ -237,16 +250,8 @@ pub fn write_batch_reconstruction(
                 .map(|(&t, _)| t)
                 .collect();
             text.push_str(&format!("sample {i}: {}\n", tok.decode(&valid)?));
-            let mut masked = Vec::new();
-            let mut predicted = Vec::new();
-            for t in 0..ids[i].len() {
-                if tmask[i][t] > 0.0 && pad[i][t] == 0.0 {
-                    masked.push(tok.decode(&[ids[i][t]])?);
-                    predicted.push(tok.decode(&[pred[i][t]])?);
-                }
-            }
-            text.push_str(&format!("  masked words:    {}\n", masked.join(" ")));
-            text.push_str(&format!("  predicted words: {}\n", predicted.join(" ")));
+            text.push_str(&format!("  masked words:    {}\n", masked[i].join(" ")));
+            text.push_str(&format!("  predicted words: {}\n", predicted[i].join(" ")));
         }
         let txt = png.with_extension("txt");
         m3ae_model::fsio::atomic_write(&txt, text.as_bytes())

@@ -21,7 +21,7 @@
 use crate::error::{Error, Result};
 use crate::features::eval_image_config;
 use crate::panels::to_pixels;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use m3ae_data::{Normalization, RgbImage, Tokenizer};
 use m3ae_model::{AnyModel, Masking, ModelInput, Noise};
 
@@ -100,8 +100,8 @@ pub fn reconstruct(
         let pad = Tensor::from_vec(padv, (1, len), &dev)?;
         text = Some((t, ids, pad));
     }
-    let (pred, text_logits, text_mask) = match model {
-        AnyModel::Mae(m) => (m.forward(&patches, &im)?.image, None, None),
+    let (pred, text_out) = match model {
+        AnyModel::Mae(m) => (m.forward(&patches, &im)?.image, None),
         AnyModel::M3ae(m) => {
             let (input, tm) = match &text {
                 Some((_, ids, pad)) => {
@@ -124,8 +124,9 @@ pub fn reconstruct(
                     None,
                 ),
             };
-            let out = m.forward(&input, Some(&im), tm.as_ref())?;
-            (out.image, out.text_logits, out.text_mask)
+            // without the `T x V` logits: words are predicted at the masked positions only
+            let out = m.forward_train(&input, Some(&im), tm.as_ref())?;
+            (out.image.clone(), Some((m, out)))
         }
     };
     let pred = pred.ok_or_else(|| unusable("the model returned no image".into()))?;
@@ -184,26 +185,37 @@ pub fn reconstruct(
                 word_attention.push((tok.decode(&[id])?, w));
             }
         }
-        if let (Some(logits), Some(tm)) = (&text_logits, &text_mask) {
-            let v = logits.dim(D::Minus1)?;
-            let pred_ids: Vec<u32> =
-                crate::metrics::argmax_rows(&logits.flatten_all()?.to_vec1::<f32>()?, v)?
-                    .into_iter()
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| {
-                        unusable(
+        if let Some((m, out, tm)) = text_out
+            .as_ref()
+            .and_then(|(m, out)| Some((m, out, out.text_mask.as_ref()?)))
+        {
+            let tmask = tm.flatten_all()?.to_vec1::<f32>()?;
+            let masked = |j: usize, p: u8| p == 0 && tmask[j] > 0.5;
+            let positions: Vec<(usize, usize)> = (t.padding.iter().enumerate())
+                .filter(|&(j, &p)| masked(j, p))
+                .map(|(j, _)| (0, j))
+                .collect();
+            let top = m.predict_text(out, &positions, 1)?;
+            let mut pred_ids = vec![0u32; t.ids.len()];
+            for (&(_, j), (ids, logits)) in positions.iter().zip(top.ids.iter().zip(&top.logits)) {
+                // as `argmax_rows`: a best score that is not finite is no prediction
+                pred_ids[j] = match (ids.first(), logits.first()) {
+                    (Some(&id), Some(x)) if x.is_finite() => id,
+                    _ => {
+                        return Err(unusable(
                             "the predicted word scores are not finite (NaN or infinite): the \
                              checkpoint's weights are broken"
                                 .into(),
-                        )
-                    })?;
-            let tmask = tm.flatten_all()?.to_vec1::<f32>()?;
+                        ))
+                    }
+                };
+            }
             let mut filled = Vec::new();
             for (j, (&id, &p)) in t.ids.iter().zip(&t.padding).enumerate() {
                 if p != 0 {
                     continue;
                 }
-                if tmask[j] > 0.5 {
+                if masked(j, p) {
                     let name = |i: u32| -> Result<String> {
                         let w = tok.decode(&[i])?;
                         Ok(if w.is_empty() { format!("[id {i}]") } else { w })

@@ -9,6 +9,8 @@
 //! * [`gelu_tanh`]: the tanh approximation of GELU (flax `nn.gelu`).
 //! * [`text_head_loss`]: weighted cross-entropy (and accuracy) of the text output head without
 //!   materialising the `N x V` logits.
+//! * [`text_head_top_k`]: the best words of the text output head at chosen rows (inference),
+//!   also without the `N x V` logits.
 //!
 //! Each entry point dispatches on a [`KernelPath`]: [`KernelPath::Fused`] (the default) runs the
 //! custom ops of [`fused`] (forward and hand-written backward, rayon-parallel, AVX2+FMA when the
@@ -134,6 +136,21 @@ impl KernelPath {
         }
     }
 
+    /// Text-head top-k on this path. See [`text_head_top_k`].
+    pub fn text_head_top_k(
+        self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        rows: &[usize],
+        k: usize,
+    ) -> Result<TextTopK> {
+        match self {
+            KernelPath::Fused => fused::text_head_top_k(hidden, weight, bias, rows, k),
+            KernelPath::Reference => reference::text_head_top_k(hidden, weight, bias, rows, k),
+        }
+    }
+
     /// tanh-GELU on this path. See [`gelu_tanh`].
     pub fn gelu_tanh(self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -219,6 +236,61 @@ pub fn text_head_loss(
     row_weights: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     KernelPath::default().text_head_loss(hidden, weight, bias, targets, row_weights)
+}
+
+/// The best words of a text head at the requested rows, best first (see [`text_head_top_k`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TextTopK {
+    /// Per requested row, its `min(k, V)` word ids.
+    pub ids: Vec<Vec<u32>>,
+    /// Per requested row, the logits of those words.
+    pub logits: Vec<Vec<f32>>,
+}
+
+impl TextTopK {
+    fn from_lists(lists: Vec<Vec<(u32, f32)>>) -> Self {
+        let (ids, logits) = lists
+            .into_iter()
+            .map(|l| l.into_iter().unzip::<u32, f32, Vec<u32>, Vec<f32>>())
+            .unzip();
+        Self { ids, logits }
+    }
+}
+
+/// Top-k words of a linear output head `h W^T + b` at the requested rows, for inference (no
+/// gradient): `hidden` `[N, D]`, `weight` `[V, D]`, `bias` `[V]` or `None`; `rows` index into
+/// the `N` rows (any order, repeats allowed) and the result has one entry per requested row, in
+/// that order, of `min(k, V)` ids and logits, best first. Order: larger logit first, equal
+/// logits by the lower id (as `Tensor::argmax`, so the first id of each row is exactly the
+/// argmax of the composed logits), a NaN logit after every number (it never wins over one).
+/// The fused path multiplies only the requested rows, tile by tile over the vocabulary, and
+/// never holds the `N x V` (or `rows x V`) logits; off the CPU it composes the logits of the
+/// requested rows. Runs the default ([`KernelPath::Fused`]) path.
+///
+/// ```
+/// use candle_core::{Device, Tensor, D};
+/// let dev = Device::Cpu;
+/// let h = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &dev)?;
+/// let w = Tensor::new(&[[2f32, 0.], [0., 2.], [1., 1.], [0., 0.]], &dev)?;
+/// let b = Tensor::new(&[0f32, 0., 0., 0.5], &dev)?;
+/// let top = m3ae_kernels::text_head_top_k(&h, &w, Some(&b), &[2, 0], 2)?;
+/// // row 2: logits [2, 2, 2, 0.5]: the tie goes to the lower ids
+/// assert_eq!(top.ids, vec![vec![0, 1], vec![0, 2]]);
+/// assert_eq!(top.logits[1], vec![2.0, 1.0]);
+/// // the first id is the argmax of the composed logits
+/// let logits = h.matmul(&w.t()?)?.broadcast_add(&b)?;
+/// let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+/// assert_eq!((top.ids[0][0], top.ids[1][0]), (argmax[2], argmax[0]));
+/// # Ok::<(), m3ae_kernels::Error>(())
+/// ```
+pub fn text_head_top_k(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    rows: &[usize],
+    k: usize,
+) -> Result<TextTopK> {
+    KernelPath::default().text_head_top_k(hidden, weight, bias, rows, k)
 }
 
 /// Runs `f` on the f32 data of a CPU tensor without copying when it is already contiguous f32

@@ -238,6 +238,72 @@ pub fn text_head_loss(
     Ok((loss, acc))
 }
 
+/// Checks the inputs of a text-head top-k: `hidden` `[N, D]`, `weight` `[V, D]`, `bias` `[V]`,
+/// rows below `N`; returns `(N, D, V)`.
+pub(crate) fn text_top_k_shapes(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    rows: &[usize],
+) -> Result<(usize, usize, usize)> {
+    let bad = |msg: String| Error::Shape {
+        op: "text_head_top_k",
+        msg,
+    };
+    let (n, d) = hidden
+        .dims2()
+        .map_err(|_| bad(format!("hidden must be [N, D], got {:?}", hidden.dims())))?;
+    let v = match weight.dims() {
+        &[v, d2] if d2 == d => v,
+        w => {
+            return Err(bad(format!(
+                "hidden is {:?} but weight is {w:?}",
+                hidden.dims()
+            )))
+        }
+    };
+    if let Some(b) = bias.filter(|b| b.dims() != [v]) {
+        return Err(bad(format!(
+            "weight is {:?} but bias is {:?}",
+            weight.dims(),
+            b.dims()
+        )));
+    }
+    if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+        return Err(bad(format!("row {r} is outside the {n} rows of hidden")));
+    }
+    Ok((n, d, v))
+}
+
+/// Top-k words of a linear text head at the requested rows, composed: the logits of those rows
+/// only (`index_select`, `matmul`, bias), then the selection on the CPU with the order of
+/// [`crate::text_head_top_k`]. See there.
+pub fn text_head_top_k(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    rows: &[usize],
+    k: usize,
+) -> Result<crate::TextTopK> {
+    let (_, _, v) = text_top_k_shapes(hidden, weight, bias, rows)?;
+    if rows.is_empty() || k == 0 || v == 0 {
+        return Ok(crate::TextTopK::from_lists(vec![Vec::new(); rows.len()]));
+    }
+    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), hidden.device())?;
+    let h = hidden.detach().index_select(&idx, 0)?;
+    let mut logits = h.matmul(&weight.detach().t()?)?;
+    if let Some(b) = bias {
+        logits = logits.broadcast_add(&b.detach())?;
+    }
+    let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let lists = logits
+        .iter()
+        .map(|row| crate::fused::text_top_k::top_k_of_row(row, k))
+        .collect();
+    Ok(crate::TextTopK::from_lists(lists))
+}
+
 /// tanh-approximated GELU (candle's `Tensor::gelu` is this form and has a backward).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu()?)

@@ -55,6 +55,7 @@ pub use any::AnyModel;
 pub use attention::{AttentionTrace, TraceLayers};
 pub use config::{M3aeConfig, ModelType};
 pub use loss::{cross_entropy_loss_and_accuracy, patch_mse_loss};
+pub use m3ae_kernels::TextTopK;
 pub use masking::{keep_len, Masking, Noise};
 pub use model::{pool, Losses, M3ae, Mae, ModelInput, Output, Pooling, Represent, Trace};
 pub use params::{param_count, param_specs, ParamSpec, ParamStore, Unexpected, Variant};

@@ -510,6 +510,42 @@ impl Core {
     }
 }
 
+impl Core {
+    /// See [`M3ae::predict_text`].
+    fn predict_text(
+        &self,
+        out: &Output,
+        positions: &[(usize, usize)],
+        k: usize,
+    ) -> Result<m3ae_kernels::TextTopK> {
+        let hidden = out
+            .text_hidden
+            .as_ref()
+            .ok_or_else(|| Error::Shape("predict_text: the forward pass had no text".into()))?;
+        let (b, t, dh) = hidden.dims3()?;
+        let rows = positions
+            .iter()
+            .map(|&(i, j)| {
+                if i < b && j < t {
+                    Ok(i * t + j)
+                } else {
+                    Err(Error::Shape(format!(
+                        "predict_text: position ({i}, {j}) is outside the text of {b} x {t}"
+                    )))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = self.text_head.as_ref().expect("M3AE has a text head");
+        Ok(self.cfg.kernels.text_head_top_k(
+            &hidden.reshape((b * t, dh))?,
+            head.out().weight(),
+            Some(head.out().bias()),
+            &rows,
+            k,
+        )?)
+    }
+}
+
 fn check_store(specs: &[ParamSpec], store: &ParamStore) -> Result<()> {
     for s in specs {
         let t = store.get(&s.name)?;
@@ -636,6 +672,21 @@ impl M3ae {
     /// otherwise from `out.text_hidden` through the fused text-head op ([`M3ae::forward_train`]).
     pub fn losses(&self, input: &ModelInput, out: &Output) -> Result<Losses> {
         self.0.losses(input, out)
+    }
+
+    /// The `k` best words (ids and logits, best first) at the text `positions` `(sample, index)`
+    /// of a forward pass, from its `text_hidden` ([`M3ae::forward_train`] or [`M3ae::forward`]),
+    /// one list per position in order. Only those positions are multiplied by the text head's
+    /// last projection ([`m3ae_kernels::text_head_top_k`] on the config's kernel path), so the
+    /// `B x T x V` logits are never built; the first id is the argmax the logits of
+    /// [`M3ae::forward`] give (ties to the lower id; a NaN logit never wins over a number).
+    pub fn predict_text(
+        &self,
+        out: &Output,
+        positions: &[(usize, usize)],
+        k: usize,
+    ) -> Result<m3ae_kernels::TextTopK> {
+        self.0.predict_text(out, positions, k)
     }
 
     /// Unmasked representation `[B, 1+Li+T, D]` after the encoder's final LayerNorm; text padding

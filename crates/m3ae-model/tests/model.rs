@@ -259,3 +259,49 @@ fn training_forward_uses_the_fused_text_loss_without_logits() -> anyhow::Result<
         .is_some());
     Ok(())
 }
+
+#[test]
+fn predicted_words_are_the_argmax_of_the_logits_at_the_requested_positions() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    for (head_depth, kernels) in [
+        (0, m3ae_kernels::KernelPath::Fused),
+        (2, m3ae_kernels::KernelPath::Fused),
+        (0, m3ae_kernels::KernelPath::Reference),
+    ] {
+        let mut cfg = M3aeConfig::preset("tiny")?;
+        cfg.output_head_depth = head_depth;
+        cfg.kernels = kernels;
+        let ctx = format!("head depth {head_depth}, {kernels:?}");
+        let model = M3ae::init(&cfg, 5, &dev)?;
+        let input = batch(&cfg, 3, &dev)?;
+        let (li, t) = (cfg.num_patches(), cfg.text_length);
+        let im = Masking::new(&noise(li, 1), 3, cfg.image_keep(li), &dev)?;
+        let tm = Masking::new(&noise(t, 2), 3, cfg.text_keep(t), &dev)?;
+        let full = model.forward(&input, Some(&im), Some(&tm))?;
+        let argmax = full
+            .text_logits
+            .as_ref()
+            .unwrap()
+            .argmax(candle_core::D::Minus1)?
+            .to_vec2::<u32>()?;
+        let mask = full.text_mask.as_ref().unwrap().to_vec2::<f32>()?;
+        let positions: Vec<(usize, usize)> = (0..3)
+            .flat_map(|i| (0..t).map(move |j| (i, j)))
+            .filter(|&(i, j)| mask[i][j] > 0.0)
+            .collect();
+        assert!(!positions.is_empty());
+        let train = model.forward_train(&input, Some(&im), Some(&tm))?;
+        for out in [&full, &train] {
+            let top = model.predict_text(out, &positions, 3)?;
+            assert_eq!(top.ids.len(), positions.len());
+            for (&(i, j), (ids, logits)) in positions.iter().zip(top.ids.iter().zip(&top.logits)) {
+                assert_eq!(ids[0], argmax[i][j], "{ctx}: ({i}, {j})");
+                assert_eq!(ids.len(), 3);
+                assert!(logits[0] >= logits[1] && logits[1] >= logits[2], "{ctx}");
+            }
+        }
+        assert!(model.predict_text(&train, &[(3, 0)], 1).is_err(), "{ctx}");
+        assert!(model.predict_text(&train, &[], 1)?.ids.is_empty());
+    }
+    Ok(())
+}

@@ -16,6 +16,7 @@ pub mod math;
 mod rows;
 mod storage;
 mod text_head;
+pub(crate) mod text_top_k;
 mod tile;
 pub(crate) use storage::storage_slice;
 
@@ -275,4 +276,41 @@ pub fn text_head_loss(
     let loss = out.get(0)?.to_dtype(hidden.dtype())?;
     let acc = out.get(1)?.detach().to_dtype(hidden.dtype())?;
     Ok((loss, acc))
+}
+
+/// Top-k words of a linear text head at the requested rows; same contract as
+/// [`crate::text_head_top_k`]. Only the requested rows are multiplied, tile by tile over the
+/// vocabulary, keeping a running top-k per row (module docs of `text_top_k`); no `N x V` tensor
+/// exists. Tensors on other devices use the reference path (logits of the requested rows only).
+pub fn text_head_top_k(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    rows: &[usize],
+    k: usize,
+) -> Result<crate::TextTopK> {
+    if !hidden.device().is_cpu() {
+        return crate::reference::text_head_top_k(hidden, weight, bias, rows, k);
+    }
+    let (n, d, v) = crate::reference::text_top_k_shapes(hidden, weight, bias, rows)?;
+    let hidden = f32_contiguous(&hidden.detach())?;
+    let weight = f32_contiguous(&weight.detach())?;
+    let bias = match bias {
+        Some(b) => f32_contiguous(&b.detach())?,
+        None => Tensor::zeros(v, DType::F32, hidden.device())?,
+    };
+    let (hs, hl) = hidden.storage_and_layout();
+    let (ws, wl) = weight.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let (h, w, b) = (
+        storage_slice(&hs, hl)?,
+        storage_slice(&ws, wl)?,
+        storage_slice(&bs, bl)?,
+    );
+    let mut g = Vec::with_capacity(rows.len() * d);
+    for &r in rows {
+        g.extend_from_slice(&h[r * d..(r + 1) * d]);
+    }
+    let lists = text_top_k::top_k(&g, w, b, (n, rows.len(), d, v), k);
+    Ok(crate::TextTopK::from_lists(lists))
 }

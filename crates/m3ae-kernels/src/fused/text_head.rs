@@ -45,7 +45,7 @@ pub const ROW_TILE: usize = 256;
 pub const MAX_TASKS: usize = 16;
 
 /// [`super::linear::gemm_strided`] single-threaded: the callers run inside parallel tasks.
-fn gemm_serial(
+pub(super) fn gemm_serial(
     dims: (usize, usize, usize),
     dst: (&mut [f32], usize),
     accumulate: bool,
@@ -58,13 +58,13 @@ fn gemm_serial(
 /// Runs the `n` vocabulary tasks on rayon, one task per work item: each task is long (tens of
 /// ms at BERT's vocabulary), so work stealing evens out threads slowed by other processes, where
 /// a static split would wait for the slowest thread.
-fn run_tasks(n: usize, f: impl Fn(usize) + Sync + Send) {
+pub(super) fn run_tasks(n: usize, f: impl Fn(usize) + Sync + Send) {
     use rayon::prelude::*;
     (0..n).into_par_iter().with_max_len(1).for_each(f);
 }
 
 /// The contiguous ranges of vocabulary tiles, one per task.
-fn task_ranges(v: usize) -> Vec<std::ops::Range<usize>> {
+pub(super) fn task_ranges(v: usize) -> Vec<std::ops::Range<usize>> {
     let tiles = v.div_ceil(VOCAB_TILE);
     let n = tiles.clamp(1, MAX_TASKS);
     (0..n).map(|k| k * tiles / n..(k + 1) * tiles / n).collect()
