@@ -3,7 +3,7 @@
 //! samples/s and samples per CPU-second of this process (less sensitive to a shared machine).
 //!
 //! ```sh
-//! M3AE_DATA_DIR=/work/shared/data cargo run --release --example data_stages
+//! M3AE_DATA_DIR=../shared/data cargo run --release --example data_stages
 //! ```
 //!
 //! The samples are the ones of `benches/data_pipeline.rs`: 256x256 quality-90 JPEGs.

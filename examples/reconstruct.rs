@@ -8,7 +8,7 @@
 //! cargo run --release --example reconstruct -- runs/x tok.json    # a checkpoint + tokenizer
 //! ```
 
-use m3ae::data::{CaptionedScenes, RgbImage, ScenesConfig, Tokenizer};
+use m3ae::data::{CaptionedScenes, RgbImage, ScenesConfig};
 use m3ae::eval::panels::{write_attention_png, write_reconstruction_png};
 use m3ae::eval::{Pipeline, PipelineOptions};
 
@@ -28,9 +28,8 @@ fn main() -> anyhow::Result<()> {
             Pipeline::from_pretrained(ckpt, &opts)?
         }
         // the tiny preset has a 1,000-token vocabulary: train a small WordPiece
-        [] => Pipeline::random_init("tiny", 0, false)?.with_tokenizer(
-            Tokenizer::train_wordpiece(scenes.corpus(2000).iter().map(String::as_str), 400)?,
-        )?,
+        [] => Pipeline::random_init("tiny", 0, false)?
+            .with_tokenizer(scenes.train_tokenizer(2000, 400)?)?,
     };
     let scene = scenes.scene(0);
     let size = scenes.config().image_size;

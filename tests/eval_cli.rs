@@ -185,7 +185,7 @@ fn ood_prints_a_table_for_three_scores() {
 
 #[test]
 fn reconstruct_writes_panels_attention_and_masked_words() {
-    use m3ae::data::{CaptionedScenes, ScenesConfig, Tokenizer};
+    use m3ae::data::{CaptionedScenes, ScenesConfig};
     let d = tmp("recon");
     let scenes = CaptionedScenes::new(ScenesConfig {
         len: 4,
@@ -202,8 +202,7 @@ fn reconstruct_writes_panels_attention_and_masked_words() {
     let run_dir = d.join("run");
     let ckpt = run_dir.join("checkpoints/step-00000001");
     std::fs::create_dir_all(&ckpt).unwrap();
-    let tok =
-        Tokenizer::train_wordpiece(scenes.corpus(300).iter().map(String::as_str), 400).unwrap();
+    let tok = scenes.train_tokenizer(300, 400).unwrap();
     tok.save(run_dir.join("tokenizer.json")).unwrap();
     let model = m3ae::eval::load_model(&m3ae::eval::ModelSource::RandomInit {
         preset: "tiny".into(),
@@ -503,14 +502,13 @@ fn models_without_type_embeddings_embed_probe_and_reconstruct() {
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("probe: top-1 "), "{stdout}");
-    use m3ae::data::{CaptionedScenes, ScenesConfig, Tokenizer};
+    use m3ae::data::{CaptionedScenes, ScenesConfig};
     let scenes = CaptionedScenes::new(ScenesConfig {
         len: 4,
         ..Default::default()
     })
     .unwrap();
-    let tok =
-        Tokenizer::train_wordpiece(scenes.corpus(300).iter().map(String::as_str), 400).unwrap();
+    let tok = scenes.train_tokenizer(300, 400).unwrap();
     tok.save(d.join("tokenizer.json")).unwrap();
     let sc = scenes.scene(1);
     let img = d.join("scene.png");

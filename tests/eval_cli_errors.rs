@@ -254,25 +254,10 @@ fn float_and_knn_flags_are_checked_with_one_line_naming_flag_and_value() {
         );
     }
 }
-fn tar_member(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
-    let mut h = tar::Header::new_ustar();
-    h.set_size(data.len() as u64);
-    h.set_mode(0o644);
-    h.set_cksum();
-    b.append_data(&mut h, name, data).unwrap();
-}
 fn jpeg_bytes(seed: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(32, 32, |x, y| {
+    common::jpeg(image::RgbImage::from_fn(32, 32, |x, y| {
         image::Rgb([(x * 7 + seed) as u8, (y * 5) as u8, (seed * 40) as u8])
-    });
-    let mut jpg = Vec::new();
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(
-            &mut std::io::Cursor::new(&mut jpg),
-            image::ImageFormat::Jpeg,
-        )
-        .unwrap();
-    jpg
+    }))
 }
 #[test]
 fn embed_skips_counts_and_reports_bad_samples_of_a_hostile_shard() {
@@ -281,23 +266,23 @@ fn embed_skips_counts_and_reports_bad_samples_of_a_hostile_shard() {
     let mut good = Vec::new();
     for i in 0..4 {
         let key = format!("good{i}");
-        tar_member(&mut b, &format!("{key}.jpg"), &jpeg_bytes(i));
-        tar_member(&mut b, &format!("{key}.txt"), b"a picture");
+        common::member(&mut b, &format!("{key}.jpg"), &jpeg_bytes(i));
+        common::member(&mut b, &format!("{key}.txt"), b"a picture");
         good.push(key);
     }
     // image faults: bad samples
-    tar_member(&mut b, "corrupt.jpg", b"\xff\xd8 this is not a jpeg at all");
-    tar_member(&mut b, "corrupt.txt", b"a caption");
+    common::member(&mut b, "corrupt.jpg", b"\xff\xd8 this is not a jpeg at all");
+    common::member(&mut b, "corrupt.txt", b"a caption");
     let jpg = jpeg_bytes(9);
-    tar_member(&mut b, "truncjpg.jpg", &jpg[..jpg.len() * 2 / 5]);
-    tar_member(&mut b, "truncjpg.txt", b"a caption");
-    tar_member(&mut b, "noimage.txt", b"a caption without an image");
+    common::member(&mut b, "truncjpg.jpg", &jpg[..jpg.len() * 2 / 5]);
+    common::member(&mut b, "truncjpg.txt", b"a caption");
+    common::member(&mut b, "noimage.txt", b"a caption without an image");
     // caption faults: good samples for embed, which reads images only
-    tar_member(&mut b, "nocaption.jpg", &jpeg_bytes(5));
-    tar_member(&mut b, "emptycaption.jpg", &jpeg_bytes(6));
-    tar_member(&mut b, "emptycaption.txt", b"");
-    tar_member(&mut b, "nonutf8.jpg", &jpeg_bytes(7));
-    tar_member(&mut b, "nonutf8.txt", b"caf\xe9 \xff\xfe");
+    common::member(&mut b, "nocaption.jpg", &jpeg_bytes(5));
+    common::member(&mut b, "emptycaption.jpg", &jpeg_bytes(6));
+    common::member(&mut b, "emptycaption.txt", b"");
+    common::member(&mut b, "nonutf8.jpg", &jpeg_bytes(7));
+    common::member(&mut b, "nonutf8.txt", b"caf\xe9 \xff\xfe");
     good.extend(["nocaption", "emptycaption", "nonutf8"].map(String::from));
     let shard = d.join("hostile-00000.tar");
     let bytes = b.into_inner().unwrap();
@@ -407,8 +392,8 @@ fn probe_and_ood_report_bad_samples_of_each_data_set() {
     let mut bytes = std::fs::read(&test).unwrap();
     bytes.truncate(bytes.len() - 1024); // drop the end-of-archive blocks
     let mut b = tar::Builder::new(Vec::new());
-    tar_member(&mut b, "zzz.jpg", b"garbage");
-    tar_member(&mut b, "zzz.json", br#"{"category": "warm"}"#);
+    common::member(&mut b, "zzz.jpg", b"garbage");
+    common::member(&mut b, "zzz.json", br#"{"category": "warm"}"#);
     bytes.extend(b.into_inner().unwrap());
     std::fs::write(&test, bytes).unwrap();
     let (train_wds, test_wds) = (format!("wds:{}", s(&train)), format!("wds:{}", s(&test)));
@@ -476,14 +461,13 @@ fn errors_name_the_argument_show_os_errors_once_and_escape_file_bytes() {
     );
     assert!(line.contains("1 class"), "{line}");
     // a tokenizer larger than the model's vocabulary: the message names the tokenizer file
-    use m3ae::data::{CaptionedScenes, ScenesConfig, Tokenizer};
+    use m3ae::data::{CaptionedScenes, ScenesConfig};
     let scenes = CaptionedScenes::new(ScenesConfig {
         len: 4,
         ..Default::default()
     })
     .unwrap();
-    let tok =
-        Tokenizer::train_wordpiece(scenes.corpus(300).iter().map(String::as_str), 400).unwrap();
+    let tok = scenes.train_tokenizer(300, 400).unwrap();
     let tok_file = d.join("tokenizer.json");
     tok.save(&tok_file).unwrap();
     let mut cfg = m3ae::model::M3aeConfig::preset("tiny").unwrap();
@@ -526,7 +510,7 @@ fn errors_name_the_argument_show_os_errors_once_and_escape_file_bytes() {
     // a sample key with terminal escapes and a newline comes out escaped, on one line
     let shard = d.join("keys-00000.tar");
     let mut b = tar::Builder::new(Vec::new());
-    tar_member(&mut b, "evil\x1b[31m\nkey.jpg", b"not an image");
+    common::member(&mut b, "evil\x1b[31m\nkey.jpg", b"not an image");
     std::fs::write(&shard, b.into_inner().unwrap()).unwrap();
     let (ok, _, stderr) = run(&[
         "embed",

@@ -7,7 +7,7 @@ mod common;
 #[path = "../examples/embed.rs"]
 mod embed;
 
-use m3ae::data::{CaptionedScenes, ScenesConfig, Tokenizer};
+use m3ae::data::{CaptionedScenes, ScenesConfig};
 use m3ae::eval::Pipeline;
 use m3ae::model::{AnyModel, M3aeConfig, Variant};
 
@@ -37,7 +37,8 @@ fn the_embed_example_embeds_images_and_pairs_from_a_checkpoint() {
         .unwrap()
         .save(&ckpt.join("model.safetensors"))
         .unwrap();
-    Tokenizer::train_wordpiece(scenes.corpus(200).iter().map(String::as_str), 300)
+    scenes
+        .train_tokenizer(200, 300)
         .unwrap()
         .save(ckpt.join("tokenizer.json"))
         .unwrap();

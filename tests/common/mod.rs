@@ -97,14 +97,28 @@ fn serde_json_list(items: impl Iterator<Item = String>) -> String {
 }
 /// A WebDataset shard of `n` samples: a JPEG that is red for category `warm/...` and blue for
 /// `cold/...` (with a little variation), a caption and a json whose `category` names the class.
+/// Appends a file member to a tar shard being built.
+pub fn member(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, name, data).unwrap();
+}
+
+/// `img` encoded as a JPEG file.
+pub fn jpeg(img: image::RgbImage) -> Vec<u8> {
+    let mut jpg = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    jpg
+}
+
 pub fn write_category_shard(path: &Path, n: usize, offset: usize) {
-    fn member(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
-        let mut h = tar::Header::new_ustar();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, data).unwrap();
-    }
     let mut b = tar::Builder::new(Vec::new());
     for i in 0..n {
         let j = i + offset;
@@ -117,13 +131,7 @@ pub fn write_category_shard(path: &Path, n: usize, offset: usize) {
                 image::Rgb([30, 60, 200 + v])
             }
         });
-        let mut jpg = Vec::new();
-        image::DynamicImage::ImageRgb8(img)
-            .write_to(
-                &mut std::io::Cursor::new(&mut jpg),
-                image::ImageFormat::Jpeg,
-            )
-            .unwrap();
+        let jpg = jpeg(img);
         let key = format!("{j:09}");
         let category = if warm { "warm/fire" } else { "cold/ice/deep" };
         member(&mut b, &format!("{key}.jpg"), &jpg);

@@ -139,8 +139,7 @@ fn bad_samples_are_counted_per_reason_and_logged_with_key_and_file() {
     std::fs::write(&empty, tar::Builder::new(Vec::new()).into_inner().unwrap()).unwrap();
     let ds = Arc::new(WebDataset::new(vec![shard, empty]).unwrap());
     let scenes = CaptionedScenes::new(ScenesConfig::default()).unwrap();
-    let tok =
-        Tokenizer::train_wordpiece(scenes.corpus(50).iter().map(String::as_str), 200).unwrap();
+    let tok = scenes.train_tokenizer(50, 200).unwrap();
     let mut cfg = LoaderConfig::pretrain(8, 16, 8);
     cfg.shuffle_buffer = 0;
     cfg.epochs = Some(1);
