@@ -46,6 +46,7 @@ fn synthetic_batch(cfg: &M3aeConfig, with_text: bool, dev: &Device) -> anyhow::R
         image_masking: Some(image_masking),
         text_masking,
         unpaired: None,
+        targets: None,
     })
 }
 

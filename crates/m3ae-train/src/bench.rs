@@ -254,6 +254,7 @@ pub fn preset_workload(cfg: &M3aeConfig, batch: usize, steps: usize) -> Result<B
         image_masking: Some(Masking::new(&noise(5, li), batch, c.image_keep(li), &dev)?),
         text_masking: Some(Masking::new(&noise(6, t), batch, c.text_keep(t), &dev)?),
         unpaired: None,
+        targets: None,
     };
     let specs = M3ae::specs(&c);
     let mut opt = AdamW::new(AdamWConfig::default(), &specs, Variant::M3ae);

@@ -30,6 +30,7 @@ pub fn to_train_batch(b: Batch, text: bool) -> TrainBatch {
                 m,
             ))
         }),
+        targets: None,
     }
 }
 

@@ -1,10 +1,12 @@
 //! The `Objective` trait: what the trainer needs from a model (a loss on a batch and its
-//! weights). M3AE and the image-only MAE implement it; the trainer knows nothing else about models.
+//! weights). M3AE and the image-only MAE implement it, and so does the fine-tuning classifier
+//! ([`crate::finetune`]); the trainer knows nothing else about models.
 
+use crate::optim::{is_decayed, ParamGroup};
 use crate::Result;
 use candle_core::Tensor;
 use m3ae_model::{M3ae, M3aeConfig, Mae, Masking, ModelInput, ParamSpec, ParamStore, Variant};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One training batch: the paired (or image-only) input with its maskings, and optionally an
 /// unpaired text batch with its masking (weighted by `unpaired_text_loss_weight`).
@@ -18,6 +20,8 @@ pub struct TrainBatch {
     pub text_masking: Option<Masking>,
     /// Unpaired text: ids, padding and masking (M3AE only).
     pub unpaired: Option<(ModelInput, Masking)>,
+    /// Soft class targets `[B, classes]` (rows sum to 1) of a classification objective.
+    pub targets: Option<Tensor>,
 }
 
 /// The differentiable total loss of a batch, and scalar metrics for logging.
@@ -41,6 +45,31 @@ pub trait Objective {
     fn variant(&self) -> Variant;
     /// The model configuration (saved in checkpoints).
     fn model_config(&self) -> &M3aeConfig;
+    /// How the optimiser treats each weight, by native name. The default is pre-training's:
+    /// the official decay mask of [`Objective::variant`], learning-rate scale 1, one clipping
+    /// group.
+    fn param_groups(&self) -> BTreeMap<String, ParamGroup> {
+        let variant = self.variant();
+        self.specs()
+            .into_iter()
+            .map(|s| {
+                let g = ParamGroup {
+                    lr_scale: 1.0,
+                    decayed: is_decayed(&s.official, variant),
+                    clip_group: 0,
+                };
+                (s.name, g)
+            })
+            .collect()
+    }
+    /// Metadata written with the weights of a checkpoint (`model.safetensors`). The default
+    /// holds the model configuration under `m3ae_config`, which every model loader reads.
+    fn checkpoint_metadata(&self) -> Result<HashMap<String, String>> {
+        Ok(HashMap::from([(
+            "m3ae_config".to_string(),
+            serde_json::to_string(self.model_config())?,
+        )]))
+    }
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {

@@ -5,6 +5,11 @@
 //! Update of a parameter `p` with gradient `g` at step `t` (1-based):
 //! `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g^2`, `u = m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps)`,
 //! plus `wd * p` when `p` is decayed, then `p -= lr * u` — one pass over each tensor.
+//!
+//! Fine-tuning gives each weight its own [`ParamGroup`]: a learning-rate scale (layer-wise decay),
+//! whether it is decayed, and the clipping group whose global norm clips it (the official
+//! fine-tuning chains `clip_by_global_norm` and `adamw` per layer group). Pre-training has one
+//! group, scale 1 and the official decay mask ([`AdamW::new`]).
 
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
@@ -80,9 +85,22 @@ pub fn is_decayed(official_name: &str, variant: Variant) -> bool {
 /// Weights updated per rayon task by [`AdamW::step`].
 const UPDATE_CHUNK: usize = 1 << 14;
 
+/// How the optimiser treats one weight.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ParamGroup {
+    /// Multiplies the scheduled learning rate (layer-wise lr decay; 1 in pre-training).
+    pub lr_scale: f64,
+    /// Whether decoupled weight decay applies.
+    pub decayed: bool,
+    /// Weights with the same clipping group are clipped by their joint global norm
+    /// ([`clip_group_norms`]).
+    pub clip_group: usize,
+}
+
 #[derive(Debug, Clone)]
 struct Slot {
     decayed: bool,
+    lr_scale: f64,
     m: Vec<f32>,
     v: Vec<f32>,
 }
@@ -98,14 +116,37 @@ pub struct AdamW {
 impl AdamW {
     /// Zero state for every weight of `specs` (native names), with the official decay mask.
     pub fn new(cfg: AdamWConfig, specs: &[ParamSpec], variant: Variant) -> Self {
+        let groups = specs
+            .iter()
+            .map(|s| {
+                let g = ParamGroup {
+                    lr_scale: 1.0,
+                    decayed: is_decayed(&s.official, variant),
+                    clip_group: 0,
+                };
+                (s.name.clone(), g)
+            })
+            .collect();
+        Self::with_groups(cfg, specs, &groups)
+    }
+
+    /// Zero state for every weight of `specs`, each treated as its entry of `groups` says
+    /// (a weight without one: scale 1, not decayed).
+    pub fn with_groups(
+        cfg: AdamWConfig,
+        specs: &[ParamSpec],
+        groups: &BTreeMap<String, ParamGroup>,
+    ) -> Self {
         let slots = specs
             .iter()
             .map(|s| {
                 let n = s.numel();
+                let g = groups.get(&s.name);
                 (
                     s.name.clone(),
                     Slot {
-                        decayed: is_decayed(&s.official, variant),
+                        decayed: g.is_some_and(|g| g.decayed),
+                        lr_scale: g.map_or(1.0, |g| g.lr_scale),
                         m: vec![0.0; n],
                         v: vec![0.0; n],
                     },
@@ -137,16 +178,16 @@ impl AdamW {
             .map(|(k, _)| k.as_str())
     }
 
-    /// Applies one update with learning rate `lr` to every weight of `params` from `grads`
-    /// (gradients by native weight name; a weight without gradient is an error: it would silently
-    /// never train).
+    /// Applies one update with learning rate `lr` (times each weight's [`ParamGroup::lr_scale`])
+    /// to every weight of `params` from `grads` (gradients by native weight name; a weight
+    /// without gradient is an error: it would silently never train).
     pub fn step(&mut self, params: &ParamStore, grads: &NamedGrads, lr: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.cfg.b1 as f32, self.cfg.b2 as f32);
         let bc1 = 1.0 - self.cfg.b1.powi(t);
         let bc2 = 1.0 - self.cfg.b2.powi(t);
-        let (eps, wd, lr) = (self.cfg.eps as f32, self.cfg.weight_decay as f32, lr as f32);
+        let (eps, wd) = (self.cfg.eps as f32, self.cfg.weight_decay as f32);
         let (inv_bc1, inv_bc2) = ((1.0 / bc1) as f32, (1.0 / bc2) as f32);
         for (name, var) in params.vars() {
             let slot = self.slots.get_mut(name).ok_or_else(|| {
@@ -156,6 +197,7 @@ impl AdamW {
                 .get(name)
                 .ok_or_else(|| Error::State(format!("no gradient for weight `{name}`")))?;
             let decay = if slot.decayed { wd } else { 0.0 };
+            let lr = (lr * slot.lr_scale) as f32;
             let new = m3ae_kernels::with_f32_slice(var.as_tensor(), |p| {
                 m3ae_kernels::with_f32_slice(g, |g| {
                     let mut out = vec![0f32; p.len()];
@@ -262,6 +304,32 @@ pub fn global_norm(grads: &NamedGrads) -> Result<f64> {
         sq += m3ae_kernels::with_f32_slice(g, |g| {
             g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
         })?;
+    }
+    Ok(sq.sqrt())
+}
+
+/// `clip_by_global_norm` per clipping group: each group whose joint norm exceeds `max_norm` is
+/// scaled by `max_norm / norm` (weights missing from `groups` form group 0). Returns the global
+/// norm of all gradients before clipping. With one group this is [`clip_global_norm`].
+pub fn clip_group_norms(
+    grads: &mut NamedGrads,
+    groups: &BTreeMap<String, ParamGroup>,
+    max_norm: f64,
+) -> Result<f64> {
+    let group_of = |name: &str| groups.get(name).map_or(0, |g| g.clip_group);
+    let first = grads.keys().next().map_or(0, |n| group_of(n));
+    if grads.keys().all(|n| group_of(n) == first) {
+        return clip_global_norm(grads, max_norm);
+    }
+    let mut by_group: BTreeMap<usize, NamedGrads> = BTreeMap::new();
+    for (name, g) in std::mem::take(grads) {
+        by_group.entry(group_of(&name)).or_default().insert(name, g);
+    }
+    let mut sq = 0f64;
+    for mut part in by_group.into_values() {
+        let n = clip_global_norm(&mut part, max_norm)?;
+        sq += n * n;
+        grads.extend(part);
     }
     Ok(sq.sqrt())
 }
@@ -373,6 +441,51 @@ mod tests {
             for i in 0..n {
                 assert_eq!(got[i].to_bits(), p[i].to_bits(), "step {t}, element {i}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn groups_scale_the_learning_rate_and_clip_apart() -> anyhow::Result<()> {
+        // two weights: the bias at lr scale 0.25 moves a quarter as far as at scale 1 (step 1
+        // of Adam moves every element by lr * scale); clipping groups are clipped apart
+        let dev = Device::Cpu;
+        let specs: Vec<ParamSpec> = param_specs(&M3aeConfig::preset("tiny")?, Variant::Mae)
+            .into_iter()
+            .filter(|s| s.name == "encoder.norm.weight" || s.name == "encoder.norm.bias")
+            .collect();
+        let group = |lr_scale, clip_group| ParamGroup {
+            lr_scale,
+            decayed: false,
+            clip_group,
+        };
+        let groups = BTreeMap::from([
+            ("encoder.norm.weight".to_string(), group(1.0, 0)),
+            ("encoder.norm.bias".to_string(), group(0.25, 1)),
+        ]);
+        let store = ParamStore::init(&specs, 0, &dev)?;
+        let (w, b) = (
+            store.var("encoder.norm.weight")?.clone(),
+            store.var("encoder.norm.bias")?.clone(),
+        );
+        let mut opt = AdamW::with_groups(AdamWConfig::default(), &specs, &groups);
+        assert_eq!(opt.decayed().count(), 0);
+        let loss = ((w.as_tensor() * 3.0)?.sum_all()? + (b.as_tensor() * 2.0)?.sum_all()?)?;
+        let mut grads = named_grads(&store, &loss.backward()?);
+        opt.step(&store, &grads, 0.1)?;
+        let (w1, b1) = (
+            w.as_tensor().to_vec1::<f32>()?[0],
+            b.as_tensor().to_vec1::<f32>()?[0],
+        );
+        assert!((w1 as f64 - (1.0 - 0.1)).abs() < 1e-6, "{w1}");
+        assert!((b1 as f64 + 0.025).abs() < 1e-6, "{b1}");
+        // grads: 3 per element of the weight (128), 2 per element of the bias (128)
+        let n = clip_group_norms(&mut grads, &groups, 1.0)?;
+        let expect = (128.0f64 * (9.0 + 4.0)).sqrt();
+        assert!((n - expect).abs() < 1e-3, "{n} vs {expect}");
+        for name in ["encoder.norm.weight", "encoder.norm.bias"] {
+            let one = BTreeMap::from([(name.to_string(), grads[name].clone())]);
+            assert!((global_norm(&one)? - 1.0).abs() < 1e-5, "{name}");
         }
         Ok(())
     }

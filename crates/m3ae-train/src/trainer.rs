@@ -3,11 +3,11 @@
 
 use crate::checkpoint;
 use crate::objective::{Objective, TrainBatch};
-use crate::optim::{clip_global_norm, named_grads, AdamW, AdamWConfig, NamedGrads};
+use crate::optim::{clip_group_norms, named_grads, AdamW, AdamWConfig, NamedGrads, ParamGroup};
 use crate::schedule::WarmupCosine;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Where batches come from. The position must restore the exact stream (epoch, offset, RNG).
@@ -199,6 +199,7 @@ pub struct Trainer<O: Objective> {
     objective: O,
     sync: Box<dyn crate::sync::GradSync + Send>,
     opt: AdamW,
+    groups: BTreeMap<String, ParamGroup>,
     cfg: TrainConfig,
     micro_step: u64,
     accum: Option<NamedGrads>,
@@ -210,11 +211,13 @@ impl<O: Objective> Trainer<O> {
     /// A trainer with fresh optimiser state.
     pub fn new(objective: O, cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
-        let opt = AdamW::new(cfg.adamw, &objective.specs(), objective.variant());
+        let groups = objective.param_groups();
+        let opt = AdamW::with_groups(cfg.adamw, &objective.specs(), &groups);
         Ok(Self {
             objective,
             sync: Box::new(crate::sync::SingleProcess),
             opt,
+            groups,
             cfg,
             micro_step: 0,
             accum: None,
@@ -345,9 +348,10 @@ impl<O: Objective> Trainer<O> {
                     *g = (&*g / k)?;
                 }
             }
-            // pmean across processes, then clipping on the global gradient (official order)
+            // pmean across processes, then clipping on the global gradient of each clipping
+            // group (official order)
             self.sync.all_reduce_mean(&mut grads)?;
-            let norm = clip_global_norm(&mut grads, self.cfg.clip_gradient)?;
+            let norm = clip_group_norms(&mut grads, &self.groups, self.cfg.clip_gradient)?;
             let lr = self.cfg.schedule().at(self.step(), self.cfg.lr_scale());
             self.opt.step(self.objective.params(), &grads, lr)?;
             out.lr = lr;
@@ -369,8 +373,7 @@ impl<O: Objective> Trainer<O> {
     ) -> Result<std::path::PathBuf> {
         let params = self.objective.params();
         let model_cfg = self.objective.model_config();
-        let model_meta =
-            HashMap::from([("m3ae_config".to_string(), serde_json::to_string(model_cfg)?)]);
+        let model_meta = self.objective.checkpoint_metadata()?;
         let (opt_t, opt_meta) = self.opt.state(params.device())?;
         let saved = TrainerState {
             step: self.step(),

@@ -70,6 +70,7 @@ impl BatchSource for Synthetic {
             image_masking: Some(im),
             text_masking: Some(tm),
             unpaired: None,
+            targets: None,
         })
     }
     fn position(&self) -> serde_json::Value {
