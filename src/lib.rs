@@ -23,6 +23,7 @@ pub use m3ae_train as train;
 
 pub mod cli;
 pub mod pretrain;
+mod progress;
 
 pub use m3ae_eval::Pipeline;
 pub use m3ae_official::{FromPretrained, HubOptions};

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod convert;
 pub mod eval;
+pub mod finetune;
 pub mod info;
 pub mod pretrain;
 
@@ -40,6 +41,11 @@ pub enum Command {
     /// official Flax names (`export <model.safetensors> <out.safetensors>`).
     #[command(subcommand)]
     Convert(convert::ConvertCommand),
+    /// Fine-tune a pre-trained (or randomly initialised) encoder as an image classifier: the
+    /// official recipe (layer decay, mixup / CutMix, label smoothing, drop path).
+    Finetune(Box<finetune::FinetuneArgs>),
+    /// Class predictions of a fine-tuned classifier on a data set (accuracy when labelled).
+    Predict(finetune::PredictArgs),
     /// Evaluation: `embed`, `probe`, `ood`, `reconstruct` (see [`eval`]).
     #[command(flatten)]
     Eval(eval::EvalCommand),
@@ -51,6 +57,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Finetune(a) => finetune::run(*a),
+        Command::Predict(a) => finetune::run_predict(a),
         Command::Convert(cmd) => convert::run_cli(cmd),
         Command::Eval(cmd) => eval::run_cli(cmd),
     }

@@ -33,7 +33,8 @@ use m3ae_data::{
 };
 use m3ae_model::{AnyModel, M3ae, Mae, Variant};
 use m3ae_train::tensorboard::TensorBoardSink;
-use m3ae_train::{Fitted, Hook, JsonlSink, Learner, Objective, Trainer, Window};
+use crate::progress::JobProgress;
+use m3ae_train::{Fitted, Hook, JsonlSink, Learner, Objective, Trainer};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -315,61 +316,6 @@ fn eval_image_only(b: &Batch) -> Batch {
     b
 }
 
-/// The pre-training job's progress: a progress bar on rank 0 (or plain lines with `--plain`)
-/// showing the window's losses, throughput and data wait.
-struct JobProgress {
-    bar: Option<indicatif::ProgressBar>,
-    plain: bool,
-}
-
-impl JobProgress {
-    fn new(plain: bool) -> Self {
-        Self { bar: None, plain }
-    }
-}
-
-impl m3ae_train::Progress for JobProgress {
-    fn start(&mut self, step: u64, total: u64) {
-        if self.plain {
-            return;
-        }
-        let b = indicatif::ProgressBar::new(total);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_position(step);
-        self.bar = Some(b);
-    }
-    fn advance(&mut self, step: u64) {
-        if let Some(b) = &self.bar {
-            b.set_position(step);
-        }
-    }
-    fn window(&mut self, w: &Window) {
-        let msg = format!(
-            "loss {:.4} image {:.4} text {:.3} acc {:.2} | {:.0} samples/s, data wait {:.0}%",
-            w.mean("loss"),
-            w.mean("image_loss"),
-            w.mean("text_loss"),
-            w.mean("text_accuracy"),
-            w.samples_per_s,
-            100.0 * w.data_wait_fraction
-        );
-        match &self.bar {
-            Some(b) => b.set_message(msg),
-            None => eprintln!("step {}/{} {msg}", w.step, w.total),
-        }
-    }
-    fn finish(&mut self) {
-        if let Some(b) = &self.bar {
-            b.finish();
-        }
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn train_loop<O: Objective + Clone + Into<AnyModel>>(
     cfg: &PretrainConfig,
@@ -393,7 +339,15 @@ fn train_loop<O: Objective + Clone + Into<AnyModel>>(
             cfg.keep_checkpoints,
         )
         .log_every(cfg.log_every)
-        .progress(Box::new(JobProgress::new(opts.plain)))
+        .progress(Box::new(JobProgress::new(
+            opts.plain,
+            &[
+                ("loss", "loss", 4),
+                ("image", "image_loss", 4),
+                ("text", "text_loss", 3),
+                ("acc", "text_accuracy", 2),
+            ],
+        )))
         .interrupt(opts.stop.clone())
         .tokens_per_sample(tokens)
         .hook(Hook::new(

@@ -19,6 +19,12 @@ pub enum Error {
     /// Finding or loading a checkpoint failed.
     #[error(transparent)]
     Official(#[from] m3ae_official::Error),
+    /// Training (fine-tuning) failed.
+    #[error(transparent)]
+    Train(#[from] m3ae_train::Error),
+    /// JSON (de)serialisation failed.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
     /// Inputs of the wrong shape.
     #[error("{0}")]
     Shape(String),

@@ -14,6 +14,8 @@
 //! * [`mod@reconstruct`] and [`panels`]: reconstructions with predicted masked words and the cls
 //!   attention, and the one PNG panel writer for them (the CLI and the pre-training run's
 //!   periodic reconstructions alike).
+//! * [`finetune`]: fine-tuning the encoder as an image classifier (the official recipe: layer
+//!   decay, mixup / CutMix, drop path), its evaluation and predictions.
 //! * [`probe`]: the official linear probe (non-affine BatchNorm + linear head, LARS, warmup +
 //!   cosine, lr scaled by batch/256) trained on cached features.
 //! * [`knn`]: cosine kNN classifier and kNN-distance OOD score.
@@ -22,6 +24,7 @@
 
 pub mod cache;
 pub mod features;
+pub mod finetune;
 pub mod knn;
 pub mod metrics;
 pub mod ood;
