@@ -6,6 +6,10 @@
 //! * [`Masking`] built from explicit [`Noise`] (batch-shared as the official code, or per sample).
 //! * [`M3ae`] and [`Mae`]: masked forward, losses, unmasked representation ([`Represent`]),
 //!   optionally with the encoder's attention maps ([`AttentionTrace`]); [`AnyModel`] holds either.
+//! * [`Classifier`] ([`classifier`]): the official fine-tuning classifier (`ViTClassifier`) on
+//!   the image encoder of a pre-trained model; [`layer_decay`]: its layer-wise learning-rate
+//!   decay (official and MAE rules) and weight-decay mask; [`loss`]: label smoothing,
+//!   soft-target cross-entropy and top-1 accuracy next to the pre-training losses.
 //! * [`LinearProbeHead`]: the official linear-probe head on pooled features; [`ranking`]: its
 //!   argmax rule (NaN never wins), shared with the evaluation metrics.
 //! * [`WarmupCosine`]: the official learning-rate schedule.
@@ -36,9 +40,11 @@
 
 pub mod any;
 pub mod attention;
+pub mod classifier;
 pub mod config;
 pub mod flops;
 pub mod fsio;
+pub mod layer_decay;
 pub mod layers;
 pub mod loss;
 pub mod masking;
@@ -53,8 +59,13 @@ pub mod schedule;
 
 pub use any::AnyModel;
 pub use attention::{AttentionTrace, TraceLayers};
+pub use classifier::{classifier_specs, Classifier, ClassifierConfig};
 pub use config::{M3aeConfig, ModelType};
-pub use loss::{cross_entropy_loss_and_accuracy, patch_mse_loss};
+pub use layer_decay::{layer_decay_table, LayerDecayRule, LayerScale};
+pub use loss::{
+    cross_entropy_loss_and_accuracy, patch_mse_loss, smooth_labels, soft_cross_entropy,
+    top1_accuracy,
+};
 pub use m3ae_kernels::TextTopK;
 pub use masking::{keep_len, Masking, Noise};
 pub use model::{pool, Losses, M3ae, Mae, ModelInput, Output, Pooling, Represent, Trace};

@@ -546,7 +546,7 @@ impl Core {
     }
 }
 
-fn check_store(specs: &[ParamSpec], store: &ParamStore) -> Result<()> {
+pub(crate) fn check_store(specs: &[ParamSpec], store: &ParamStore) -> Result<()> {
     for s in specs {
         let t = store.get(&s.name)?;
         if t.dims() != s.shape.as_slice() {

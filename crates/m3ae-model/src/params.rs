@@ -10,7 +10,7 @@
 use crate::config::M3aeConfig;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal, Uniform};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -42,6 +42,12 @@ pub enum Init {
         fan_in: usize,
         /// Output width of the dense layer.
         fan_out: usize,
+    },
+    /// Flax's default dense-kernel initialiser `lecun_normal`: a normal truncated to two
+    /// standard deviations, rescaled so that the variance is `1 / fan_in`.
+    LecunNormal {
+        /// Input width of the dense layer.
+        fan_in: usize,
     },
 }
 
@@ -289,6 +295,41 @@ pub fn param_count(cfg: &M3aeConfig, variant: Variant) -> usize {
     param_specs(cfg, variant).iter().map(|s| s.numel()).sum()
 }
 
+/// The official no-decay list of `variant` (`no_decay_list()` of the Flax model): a weight is
+/// decayed in pre-training unless a component of its official path is in it. The lists differ:
+/// MAE's leaves `decoder_image_type_embedding` decayed.
+///
+/// ```
+/// use m3ae_model::{params::no_decay_list, Variant};
+/// assert!(no_decay_list(Variant::M3ae).contains(&"decoder_image_type_embedding"));
+/// assert!(!no_decay_list(Variant::Mae).contains(&"decoder_image_type_embedding"));
+/// assert!(no_decay_list(Variant::Mae).contains(&"bias"));
+/// ```
+pub fn no_decay_list(variant: Variant) -> &'static [&'static str] {
+    const M3AE: [&str; 10] = [
+        "cls_token",
+        "encoder_image_type_embedding",
+        "encoder_text_type_embedding",
+        "decoder_image_type_embedding",
+        "decoder_text_type_embedding",
+        "image_mask_embedding",
+        "text_mask_embedding",
+        "text_embedding",
+        "bias",
+        "embedding",
+    ];
+    const MAE: [&str; 4] = [
+        "cls_token",
+        "encoder_image_type_embedding",
+        "image_mask_embedding",
+        "bias",
+    ];
+    match variant {
+        Variant::M3ae => &M3AE,
+        Variant::Mae => &MAE,
+    }
+}
+
 /// Official name -> native name, for a model's specs.
 pub fn official_to_native(specs: &[ParamSpec], official: &str) -> Option<String> {
     specs
@@ -340,6 +381,19 @@ impl ParamStore {
                     let a = (6.0 / (fan_in + fan_out) as f64).sqrt();
                     let dist = Uniform::new(-a, a).map_err(|e| Error::Shape(e.to_string()))?;
                     (0..n).map(|_| dist.sample(&mut rng) as f32).collect()
+                }
+                Init::LecunNormal { fan_in } => {
+                    // jax's `truncated_normal(-2, 2)` has standard deviation 0.8796...;
+                    // flax divides it out so the kernel's variance is exactly 1 / fan_in.
+                    let std = (1.0 / fan_in.max(1) as f64).sqrt() / 0.879_625_661_034_239_8;
+                    (0..n)
+                        .map(|_| loop {
+                            let z: f64 = rng.sample(rand_distr::StandardNormal);
+                            if z.abs() < 2.0 {
+                                break (z * std) as f32;
+                            }
+                        })
+                        .collect()
                 }
             };
             let t = Tensor::from_vec(values, s.shape.as_slice(), device)?;

@@ -57,28 +57,7 @@ impl Default for AdamWConfig {
 /// assert!(is_decayed("decoder_image_type_embedding", Variant::Mae));
 /// ```
 pub fn is_decayed(official_name: &str, variant: Variant) -> bool {
-    const M3AE: [&str; 10] = [
-        "cls_token",
-        "encoder_image_type_embedding",
-        "encoder_text_type_embedding",
-        "decoder_image_type_embedding",
-        "decoder_text_type_embedding",
-        "image_mask_embedding",
-        "text_mask_embedding",
-        "text_embedding",
-        "bias",
-        "embedding",
-    ];
-    const MAE: [&str; 4] = [
-        "cls_token",
-        "encoder_image_type_embedding",
-        "image_mask_embedding",
-        "bias",
-    ];
-    let list: &[&str] = match variant {
-        Variant::M3ae => &M3AE,
-        Variant::Mae => &MAE,
-    };
+    let list = m3ae_model::params::no_decay_list(variant);
     !official_name.split('.').any(|c| list.contains(&c))
 }
 
