@@ -8,8 +8,7 @@ use anyhow::{Context, Result};
 use m3ae_data::{DataOptions, DataSpec, LabelKind};
 use m3ae_eval::finetune::{load_classifier, predict, Finetune, FinetuneConfig};
 use m3ae_eval::{check_float, escape_control, json_label, Error};
-use m3ae_model::classifier::LayerDecayRule;
-use m3ae_model::Pooling;
+use m3ae_model::{LayerDecayRule, Pooling};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -321,7 +320,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         p.classes
     );
     if let Some(out) = &a.out {
-        let best = p.argmax();
+        let best = p.argmax()?;
         let mut text = String::new();
         for (i, key) in p.keys.iter().enumerate() {
             let line = serde_json::json!({

@@ -4,8 +4,7 @@
 use crate::{Error, Result};
 use m3ae_data::mixup::MixupConfig;
 use m3ae_data::Normalization;
-use m3ae_model::classifier::LayerDecayRule;
-use m3ae_model::Pooling;
+use m3ae_model::{LayerDecayRule, Pooling};
 use m3ae_train::{AdamWConfig, TrainConfig};
 use serde::{Deserialize, Serialize};
 

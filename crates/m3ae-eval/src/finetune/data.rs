@@ -4,15 +4,12 @@
 
 use crate::finetune::FinetuneConfig;
 use crate::{Error, Result};
-use m3ae_data::mixup::mix_batch;
+use m3ae_data::mixup::mixup_cutmix;
 use m3ae_data::{ImageConfig, LoaderConfig, Source, Streams, Transform};
 use m3ae_model::{patchify, unpatchify, M3aeConfig, ModelInput};
 use m3ae_train::{BatchSource, TrainBatch};
 use serde_json::Value;
 use std::sync::Arc;
-
-/// Seed purpose of the per-step mixup draws (distinct from the data crate's purposes).
-const MIXUP: u64 = 101;
 
 /// Records held by the training shuffle buffer: a whole epoch of the small sets this runs on,
 /// a well-mixed window of larger ones.
@@ -92,17 +89,23 @@ impl LabelledBatches {
             .image_patches
             .ok_or_else(|| Error::Shape("a training batch without images".into()))?;
         let images = unpatchify(&patches, self.patch, 3)?;
-        let mut rng = m3ae_data::seed::rng(self.cfg.seed, MIXUP, b.step, 0);
-        let (images, targets) = mix_batch(&images, &labels, self.classes, &self.cfg.mixup, &mut rng)?;
+        let mixed = mixup_cutmix(
+            &images,
+            &labels,
+            self.classes,
+            &self.cfg.mixup,
+            self.cfg.seed,
+            b.step,
+        )?;
         Ok(TrainBatch {
             input: ModelInput {
-                image_patches: Some(patchify(&images, self.patch)?),
+                image_patches: Some(patchify(&mixed.images, self.patch)?),
                 ..Default::default()
             },
             image_masking: None,
             text_masking: None,
             unpaired: None,
-            targets: Some(targets),
+            targets: Some(mixed.labels),
         })
     }
 }

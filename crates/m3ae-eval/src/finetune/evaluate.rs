@@ -43,9 +43,10 @@ pub struct ClassReport {
 }
 
 impl Predictions {
-    /// The arg-max class of each row (ties to the lower index; NaN never wins).
-    pub fn argmax(&self) -> Vec<usize> {
-        m3ae_model::ranking::argmax_rows(&self.logits, self.classes)
+    /// The predicted class of each image: the arg-max of its logits (ties to the lower index;
+    /// NaN never wins; `None` when no logit is finite).
+    pub fn argmax(&self) -> Result<Vec<Option<u32>>> {
+        Ok(m3ae_model::ranking::argmax_rows(&self.logits, self.classes)?)
     }
 
     /// The report over the labelled samples; an error when none is labelled or a label is
@@ -71,13 +72,13 @@ impl Predictions {
         let k = c.min(5);
         let top1 = top_k_accuracy(&rows, c, &labels, 1)?;
         let top5 = top_k_accuracy(&rows, c, &labels, k)?;
-        let best = m3ae_model::ranking::argmax_rows(&rows, c);
+        let best = m3ae_model::ranking::argmax_rows(&rows, c)?;
         let mut per_class = vec![(0usize, 0usize); c];
         let mut loss = 0f64;
         for ((row, &y), &p) in rows.chunks_exact(c).zip(&labels).zip(&best) {
             let y = y as usize;
             per_class[y].1 += 1;
-            if p == y {
+            if p == Some(y as u32) {
                 per_class[y].0 += 1;
             }
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;

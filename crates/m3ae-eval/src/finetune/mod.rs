@@ -35,8 +35,8 @@ pub use objective::ClassifierObjective;
 
 use crate::{Error, Result};
 use m3ae_data::{DataOptions, DataSpec, OpenedData};
-use m3ae_model::classifier::{Classifier, ClassifierConfig};
-use m3ae_model::AnyModel;
+use m3ae_model::{AnyModel, Classifier, ClassifierConfig};
+use std::collections::HashMap;
 use m3ae_train::tensorboard::TensorBoardSink;
 use m3ae_train::{Hook, JsonlSink, Learner, LogLines, Progress, Trainer};
 use serde::{Deserialize, Serialize};
@@ -213,7 +213,9 @@ impl<'h> Finetune<'h> {
             num_classes: classes,
             pooling: cfg.pooling,
         };
-        let classifier = Classifier::from_base(&base, &model, cc, cfg.seed)?;
+        let classifier = Classifier::from_base(&base, cc, cfg.seed)?;
+        // the same weights with the fine-tuning's dropout and drop-path rates
+        let classifier = Classifier::new(&model, cc, classifier.params().clone())?;
         std::fs::create_dir_all(&out).map_err(io(&out))?;
         let model_cfg = classifier.model_config().clone();
         let source = LabelledBatches::new(
@@ -223,8 +225,14 @@ impl<'h> Finetune<'h> {
             &model_cfg,
             opts.max_bad_fraction,
         )?;
-        let objective =
-            ClassifierObjective::new(classifier, cfg.layer_decay, cfg.layer_decay_assignment);
+        let extra = HashMap::from([(FINETUNE_METADATA_KEY.to_string(), serde_json::to_string(&cfg)?)]);
+        let objective = ClassifierObjective::new(
+            classifier,
+            cfg.layer_decay,
+            cfg.layer_decay_assignment,
+            extra,
+        )?;
+        let metadata = objective.metadata().clone();
         let trainer = Trainer::new(objective, cfg.train_config(steps_per_epoch)?)?;
         let eval_opts = data_opts;
 
@@ -267,7 +275,10 @@ impl<'h> Finetune<'h> {
                 let mut h = history.borrow_mut();
                 let best = h.iter().map(|e| e.top1).fold(f64::NEG_INFINITY, f64::max);
                 if e.top1 > best || !best_path.exists() {
-                    c.save_with(&best_path, &[("epoch", e.epoch.to_string()), ("top1", e.top1.to_string())])?;
+                    let mut meta = metadata.clone();
+                    meta.insert("epoch".into(), e.epoch.to_string());
+                    meta.insert("top1".into(), e.top1.to_string());
+                    save_classifier(c, &best_path, meta)?;
                 }
                 h.push(e.clone());
                 append_evaluation(&eval_path, &e)?;
@@ -297,7 +308,11 @@ impl<'h> Finetune<'h> {
         let fitted = learner.fit()?;
         let train_seconds = start.elapsed().as_secs_f64();
         let final_classifier = fitted.trainer.objective().classifier().clone();
-        final_classifier.save_with(&out.join("classifier.safetensors"), &[])?;
+        save_classifier(
+            &final_classifier,
+            &out.join("classifier.safetensors"),
+            fitted.trainer.objective().metadata().clone(),
+        )?;
         let evaluations = history.into_inner();
         // the best classifier (the final one when no evaluation ran)
         let (best_classifier, best_file) = if best_path.exists() {
@@ -328,6 +343,18 @@ impl<'h> Finetune<'h> {
             .map_err(io(&path))?;
         Ok(report)
     }
+}
+
+/// The safetensors metadata key of the [`FinetuneConfig`] (JSON) in a fine-tuned classifier's
+/// files: `m3ae predict` reads the pixel normalisation from it.
+pub const FINETUNE_METADATA_KEY: &str = "m3ae_finetune";
+
+/// Writes a classifier's weights with `metadata` (atomically, creating the folder).
+fn save_classifier(c: &Classifier, path: &Path, metadata: HashMap<String, String>) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    Ok(c.params().save(path, metadata)?)
 }
 
 fn open_labelled(spec: &DataSpec, what: &'static str, opts: &DataOptions) -> Result<OpenedData> {

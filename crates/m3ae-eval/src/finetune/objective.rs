@@ -3,8 +3,9 @@
 //! optimiser's parameter groups (one clipping group per layer, as the official per-layer
 //! `clip_by_global_norm`), and the classifier's configuration in every checkpoint.
 
-use m3ae_model::classifier::{Classifier, LayerDecayRule};
-use m3ae_model::{M3aeConfig, ParamSpec, ParamStore, Variant};
+use m3ae_model::any::CONFIG_METADATA_KEY;
+use m3ae_model::classifier::CLASSIFIER_METADATA_KEY;
+use m3ae_model::{Classifier, LayerDecayRule, M3aeConfig, ParamSpec, ParamStore, Variant};
 use m3ae_train::optim::ParamGroup;
 use m3ae_train::{LossReport, Objective, TrainBatch};
 use std::collections::{BTreeMap, HashMap};
@@ -13,30 +14,62 @@ use std::collections::{BTreeMap, HashMap};
 pub struct ClassifierObjective {
     classifier: Classifier,
     groups: BTreeMap<String, ParamGroup>,
+    metadata: HashMap<String, String>,
 }
 
 impl ClassifierObjective {
-    /// Fine-tunes `classifier` with layer decay `decay` under `rule`.
-    pub fn new(classifier: Classifier, decay: f64, rule: LayerDecayRule) -> Self {
+    /// Fine-tunes `classifier` with layer decay `decay` under `rule`; `extra` metadata (the
+    /// fine-tuning settings) is saved with its weights in every checkpoint, next to its configs.
+    pub fn new(
+        classifier: Classifier,
+        decay: f64,
+        rule: LayerDecayRule,
+        extra: HashMap<String, String>,
+    ) -> m3ae_train::Result<Self> {
         let groups = classifier
             .layer_decay(decay, rule)
             .into_iter()
-            .map(|(name, d)| {
+            .map(|d| {
                 let g = ParamGroup {
                     lr_scale: d.lr_scale,
                     decayed: d.weight_decay,
                     clip_group: d.layer_id,
                 };
-                (name, g)
+                (d.name, g)
             })
             .collect();
-        Self { classifier, groups }
+        let mut metadata = classifier_metadata(&classifier)?;
+        metadata.extend(extra);
+        Ok(Self {
+            classifier,
+            groups,
+            metadata,
+        })
+    }
+
+    /// The metadata saved with the weights.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
     }
 
     /// The classifier (its weights are the trainer's).
     pub fn classifier(&self) -> &Classifier {
         &self.classifier
     }
+}
+
+/// The configs [`Classifier::load`] reads back: the encoder's and the classifier's.
+pub fn classifier_metadata(c: &Classifier) -> m3ae_train::Result<HashMap<String, String>> {
+    Ok(HashMap::from([
+        (
+            CONFIG_METADATA_KEY.to_string(),
+            serde_json::to_string(c.model_config())?,
+        ),
+        (
+            CLASSIFIER_METADATA_KEY.to_string(),
+            serde_json::to_string(c.config())?,
+        ),
+    ]))
 }
 
 fn state(msg: impl Into<String>) -> m3ae_train::Error {
@@ -58,8 +91,8 @@ impl Objective for ClassifierObjective {
             .targets
             .as_ref()
             .ok_or_else(|| state("the classifier objective needs soft targets"))?;
-        let logits = self.classifier.forward_train(patches, batch.dropout_key)?;
-        let loss = m3ae_model::classifier::soft_cross_entropy(&logits, targets)?;
+        let logits = self.classifier.forward(patches)?;
+        let loss = m3ae_model::soft_cross_entropy(&logits, targets)?;
         // training accuracy against the dominant class of each (mixed) target
         let hit = logits
             .argmax(1)?
@@ -80,8 +113,10 @@ impl Objective for ClassifierObjective {
     fn specs(&self) -> Vec<ParamSpec> {
         self.classifier.specs()
     }
+    /// The classifier is image-only; the variant only picks pre-training's decay mask, which
+    /// [`Objective::param_groups`] replaces here.
     fn variant(&self) -> Variant {
-        self.classifier.variant()
+        Variant::Mae
     }
     fn model_config(&self) -> &M3aeConfig {
         self.classifier.model_config()
@@ -90,6 +125,6 @@ impl Objective for ClassifierObjective {
         self.groups.clone()
     }
     fn checkpoint_metadata(&self) -> m3ae_train::Result<HashMap<String, String>> {
-        Ok(self.classifier.metadata()?)
+        Ok(self.metadata.clone())
     }
 }
