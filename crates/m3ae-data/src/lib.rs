@@ -17,6 +17,8 @@
 //! * [`MaskSampler`]: batch-shared or per-sample noise from (seed, step) into
 //!   [`m3ae_model::Masking`]; [`BatchMasks`], the one place a batch's masks are drawn (for the
 //!   rows of the global batch it holds), with ratios from the model ([`MaskConfig::from_model`]).
+//! * [`mixup`]: Mixup / CutMix of a fine-tuning batch with label smoothing
+//!   ([`mixup_cutmix`], [`MixupConfig`]), as the official fine-tuning code.
 //! * [`Loader`]: parallel, bounded, deterministic batches with a resumable [`Position`].
 //! * [`Streams`] ([`streams`]): the data of a (data-parallel) pre-training run as `S` streams,
 //!   independent of the number of processes.
@@ -49,6 +51,7 @@ pub mod loader;
 pub mod manifest;
 pub mod masks;
 pub mod memory;
+pub mod mixup;
 pub mod sample;
 pub mod scenes;
 pub mod seed;
@@ -71,6 +74,7 @@ pub use loader::{collate, Batch, Loader, LoaderConfig, Position, TextBatch};
 pub use manifest::Manifest;
 pub use masks::{BatchMasks, BatchRows, MaskConfig, MaskSampler, NoiseKind};
 pub use memory::InMemory;
+pub use mixup::{mixup_cutmix, MixChoice, Mixed, MixupConfig};
 pub use sample::{ImageData, PartFault, Partition, Record, RecordIter, Sample, Source};
 pub use scenes::{CaptionedScenes, LabelKind, SceneSplit, ScenesConfig};
 pub use shards::expand_shards;

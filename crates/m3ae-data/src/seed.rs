@@ -23,6 +23,8 @@ pub mod purpose {
     pub const TEXT_SHUFFLE: u64 = 7;
     /// Unpaired-text mask noise.
     pub const UNPAIRED_NOISE: u64 = 8;
+    /// Mixup / CutMix of a fine-tuning batch.
+    pub const MIXUP: u64 = 9;
 }
 
 /// A ChaCha8 generator keyed by `seed`, a `purpose` and up to two more words.

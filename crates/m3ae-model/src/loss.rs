@@ -65,8 +65,9 @@ pub fn cross_entropy_loss_and_accuracy(
 ///
 /// ```
 /// use candle_core::Device;
-/// let t = m3ae_model::loss::smooth_labels(&[2, 0], 4, 0.2, &Device::Cpu)?;
-/// assert_eq!(t.to_vec2::<f32>()?, vec![vec![0.05, 0.05, 0.85, 0.05], vec![0.85, 0.05, 0.05, 0.05]]);
+/// let t = m3ae_model::loss::smooth_labels(&[2, 0], 4, 0.2, &Device::Cpu)?.to_vec2::<f32>()?;
+/// assert_eq!(t[0], vec![0.05, 0.05, 0.8 + 0.05, 0.05]);
+/// assert_eq!(t[1], vec![0.8 + 0.05, 0.05, 0.05, 0.05]);
 /// # Ok::<(), m3ae_model::Error>(())
 /// ```
 pub fn smooth_labels(
