@@ -41,9 +41,18 @@ fn main() -> anyhow::Result<()> {
         report.train_seconds
     );
     // the saved classifier, as `m3ae predict` loads it
-    let (classifier, file) = load_classifier(&out)?;
-    let p = predict(&classifier, &"scenes:test:8".parse()?, &DataOptions::default())?;
-    println!("{}: predicted {:?}, labels {:?}", file.display(), p.argmax(), p.labels);
+    let saved = load_classifier(&out)?;
+    let p = predict(
+        &saved.classifier,
+        &"scenes:test:8".parse()?,
+        &DataOptions::default(),
+    )?;
+    println!(
+        "{}: predicted {:?}, labels {:?}",
+        saved.file.display(),
+        p.argmax()?,
+        p.labels
+    );
     std::fs::remove_dir_all(&out)?;
     Ok(())
 }

@@ -26,6 +26,13 @@ fn finetune_args<'a>(train: &'a str, val: &'a str, out: &'a str) -> Vec<&'a str>
     ]
 }
 
+/// `args` with the value after `flag` replaced.
+fn with<'a>(mut args: Vec<&'a str>, flag: &str, value: &'a str) -> Vec<&'a str> {
+    let i = args.iter().position(|a| *a == flag).expect("flag present");
+    args[i + 1] = value;
+    args
+}
+
 #[test]
 fn finetune_then_predict_on_uint8_arrays() {
     let dir = temp_dir("finetune-cli", "run");
@@ -54,7 +61,10 @@ fn finetune_then_predict_on_uint8_arrays() {
 
     // a finished run is not overwritten; --resume has nothing left to do
     let (ok, _, stderr) = run(&finetune_args(&train, &val, s(&out)));
-    assert!(!ok && stderr.contains("--resume") && stderr.contains(s(&out)), "{stderr}");
+    assert!(
+        !ok && stderr.contains("--resume") && stderr.contains(s(&out)),
+        "{stderr}"
+    );
     let mut again = finetune_args(&train, &val, s(&out));
     again.push("--resume");
     let (ok, _, stderr) = run(&again);
@@ -72,7 +82,10 @@ fn finetune_then_predict_on_uint8_arrays() {
         s(&preds),
     ]);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("top-1") && stdout.contains("(24 samples)"), "{stdout}");
+    assert!(
+        stdout.contains("top-1") && stdout.contains("(24 samples)"),
+        "{stdout}"
+    );
     let lines = std::fs::read_to_string(&preds).unwrap();
     assert_eq!(lines.lines().count(), 24);
     let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
@@ -93,21 +106,32 @@ fn finetune_errors_are_one_line_naming_the_flag_file_or_field() {
     let out = dir.join("run");
     let missing = "u8:/no/such/val.safetensors";
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (finetune_args(&train, missing, s(&out)), "/no/such/val.safetensors"),
         (
-            [finetune_args(&train, &train, s(&out)), vec!["--layer-decay", "0"]].concat(),
+            finetune_args(&train, missing, s(&out)),
+            "/no/such/val.safetensors",
+        ),
+        (
+            [
+                finetune_args(&train, &train, s(&out)),
+                vec!["--layer-decay", "0"],
+            ]
+            .concat(),
             "finetune.layer_decay",
         ),
         (
-            [finetune_args(&train, &train, s(&out)), vec!["--drop-path", "1.5"]].concat(),
+            [
+                finetune_args(&train, &train, s(&out)),
+                vec!["--drop-path", "1.5"],
+            ]
+            .concat(),
             "finetune.drop_path",
         ),
         (
-            [finetune_args(&train, &train, s(&out)), vec!["--batch-size", "64"]].concat(),
+            with(finetune_args(&train, &train, s(&out)), "--batch-size", "64"),
             "--batch-size",
         ),
         (
-            [finetune_args(&train, &train, s(&out)), vec!["--epochs", "0"]].concat(),
+            with(finetune_args(&train, &train, s(&out)), "--epochs", "0"),
             "finetune.epochs",
         ),
         (

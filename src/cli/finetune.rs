@@ -257,7 +257,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let plain = a.plain || !std::io::stderr().is_terminal();
     let report = Finetune::new(&base, cfg, train, val, &a.out)?
         .data_options(opts)
-        .progress(Box::new(JobProgress::new(plain, &[("loss", "loss", 4), ("acc", "accuracy", 3)])))
+        .progress(Box::new(JobProgress::new(
+            plain,
+            &[("loss", "loss", 4), ("acc", "accuracy", 3)],
+        )))
         .on_eval(|e| {
             eprintln!(
                 "epoch {} (step {}): validation top-1 {:.2}% top-5 {:.2}% loss {:.4}",
@@ -272,7 +275,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         .resume(a.resume)
         .run()?;
     if report.interrupted {
-        println!("interrupted at step {}; continue with --resume", report.steps);
+        println!(
+            "interrupted at step {}; continue with --resume",
+            report.steps
+        );
     }
     println!(
         "fine-tuned the {:?} encoder of {}: best validation top-1 {:.2}% (epoch {}), {} steps \
@@ -310,8 +316,11 @@ pub struct PredictArgs {
 pub fn run_predict(a: PredictArgs) -> Result<()> {
     let spec: DataSpec = a.data.parse()?;
     let mut opts = a.labels.options(&[&spec], false)?;
-    let (classifier, file) = load_classifier(&a.checkpoint)?;
-    opts.normalization = classifier.normalization();
+    let saved = load_classifier(&a.checkpoint)?;
+    if let Some(s) = &saved.settings {
+        opts.normalization = s.normalization;
+    }
+    let (classifier, file) = (saved.classifier, saved.file);
     let p = predict(&classifier, &spec, &opts)?;
     eprintln!(
         "{} images through {} ({} classes)",
@@ -339,7 +348,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     if p.labels.iter().any(|l| l.is_some()) {
         print!("{}", p.report()?.format(None));
     }
-    if p.stats.bad() > 0 {
+    if p.stats.total_bad() > 0 {
         eprintln!("skipped: {}", escape_control(&p.stats.to_string()));
     }
     std::io::stdout().flush()?;

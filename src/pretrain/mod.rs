@@ -24,6 +24,7 @@ pub use config::{
 pub use eval::{probe_scenes, scene_probe_config};
 pub use summary::RunSummary;
 
+use crate::progress::JobProgress;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use data::*;
@@ -33,7 +34,6 @@ use m3ae_data::{
 };
 use m3ae_model::{AnyModel, M3ae, Mae, Variant};
 use m3ae_train::tensorboard::TensorBoardSink;
-use crate::progress::JobProgress;
 use m3ae_train::{Fitted, Hook, JsonlSink, Learner, Objective, Trainer};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

@@ -581,6 +581,40 @@ pub fn write_safetensors(
     crate::fsio::atomic_write(path, &bytes).map_err(io)
 }
 
+/// Reads only the header metadata of a safetensors file (not its tensors).
+pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let io = |e: std::io::Error| Error::Io {
+        path: path.to_path_buf(),
+        error: e,
+    };
+    let st_err = |msg: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| st_err("shorter than a safetensors header".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > file_len.saturating_sub(8) || n > 100 << 20 {
+        return Err(st_err(format!("header length {n} does not fit the file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| st_err(format!("header: {e}")))?;
+    Ok(v.get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Reads every tensor of a safetensors file, plus its header metadata.
 pub fn read_safetensors(
     path: &Path,

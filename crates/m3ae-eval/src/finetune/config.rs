@@ -157,7 +157,10 @@ impl FinetuneConfig {
         }
         for (field, every) in [
             ("finetune.eval_every_epochs", self.eval_every_epochs),
-            ("finetune.checkpoint_every_epochs", self.checkpoint_every_epochs),
+            (
+                "finetune.checkpoint_every_epochs",
+                self.checkpoint_every_epochs,
+            ),
             ("finetune.log_every", self.log_every),
         ] {
             if every == 0 {

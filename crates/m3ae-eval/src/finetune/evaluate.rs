@@ -6,7 +6,7 @@ use crate::features::eval_image_config;
 use crate::metrics::top_k_accuracy;
 use crate::{escape_control, Error, Result};
 use m3ae_data::{BadStats, DataOptions, DataSpec, Loader, LoaderConfig, Source};
-use m3ae_model::classifier::Classifier;
+use m3ae_model::Classifier;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -46,7 +46,10 @@ impl Predictions {
     /// The predicted class of each image: the arg-max of its logits (ties to the lower index;
     /// NaN never wins; `None` when no logit is finite).
     pub fn argmax(&self) -> Result<Vec<Option<u32>>> {
-        Ok(m3ae_model::ranking::argmax_rows(&self.logits, self.classes)?)
+        Ok(m3ae_model::ranking::argmax_rows(
+            &self.logits,
+            self.classes,
+        )?)
     }
 
     /// The report over the labelled samples; an error when none is labelled or a label is
@@ -125,8 +128,7 @@ pub fn predict_source(
             .image_patches
             .ok_or_else(|| Error::Shape("an evaluation batch without images".into()))?;
         let logits = classifier.forward(&patches)?;
-        out.logits
-            .extend(logits.flatten_all()?.to_vec1::<f32>()?);
+        out.logits.extend(logits.flatten_all()?.to_vec1::<f32>()?);
         out.keys.extend(b.keys);
         out.labels.extend(b.labels);
     }
@@ -135,7 +137,11 @@ pub fn predict_source(
 }
 
 /// [`predict_source`] on the data set `spec` names.
-pub fn predict(classifier: &Classifier, spec: &DataSpec, opts: &DataOptions) -> Result<Predictions> {
+pub fn predict(
+    classifier: &Classifier,
+    spec: &DataSpec,
+    opts: &DataOptions,
+) -> Result<Predictions> {
     let data = spec.open(opts)?;
     let p = predict_source(classifier, data.source, opts)?;
     if p.keys.is_empty() {
@@ -184,10 +190,22 @@ impl ClassReport {
     }
 }
 
+/// A saved classifier: the model, the file it came from and the fine-tuning settings saved
+/// with it (absent from classifiers saved by other means).
+#[derive(Debug, Clone)]
+pub struct SavedClassifier {
+    /// The classifier.
+    pub classifier: Classifier,
+    /// The file it was read from.
+    pub file: std::path::PathBuf,
+    /// The settings it was fine-tuned with (the pixel normalisation to evaluate it with).
+    pub settings: Option<crate::finetune::FinetuneConfig>,
+}
+
 /// The classifier a path names: a fine-tuning run folder (its `best/classifier.safetensors`,
 /// else its `classifier.safetensors`), a checkpoint folder `step-*` of one, or a classifier
-/// `.safetensors` file. Returns it with the file it was read from.
-pub fn load_classifier(path: &std::path::Path) -> Result<(Classifier, std::path::PathBuf)> {
+/// `.safetensors` file.
+pub fn load_classifier(path: &std::path::Path) -> Result<SavedClassifier> {
     let candidates = [
         path.join("best").join("classifier.safetensors"),
         path.join("classifier.safetensors"),
@@ -210,6 +228,18 @@ pub fn load_classifier(path: &std::path::Path) -> Result<(Classifier, std::path:
             msg: "does not exist".into(),
         });
     };
-    let c = Classifier::load(&file, &candle_core::Device::Cpu)?;
-    Ok((c, file))
+    let meta = m3ae_model::params::read_safetensors_metadata(&file)?;
+    let settings = match meta.get(crate::finetune::FINETUNE_METADATA_KEY) {
+        Some(json) => Some(serde_json::from_str(json).map_err(|e| Error::Path {
+            path: file.clone(),
+            msg: format!("{}: {e}", crate::finetune::FINETUNE_METADATA_KEY),
+        })?),
+        None => None,
+    };
+    let classifier = Classifier::load(&file, &candle_core::Device::Cpu)?;
+    Ok(SavedClassifier {
+        classifier,
+        file,
+        settings,
+    })
 }

@@ -30,17 +30,19 @@ pub mod objective;
 
 pub use config::FinetuneConfig;
 pub use data::LabelledBatches;
-pub use evaluate::{load_classifier, predict, predict_source, ClassReport, Predictions};
+pub use evaluate::{
+    load_classifier, predict, predict_source, ClassReport, Predictions, SavedClassifier,
+};
 pub use objective::ClassifierObjective;
 
 use crate::{Error, Result};
 use m3ae_data::{DataOptions, DataSpec, OpenedData};
 use m3ae_model::{AnyModel, Classifier, ClassifierConfig};
-use std::collections::HashMap;
 use m3ae_train::tensorboard::TensorBoardSink;
 use m3ae_train::{Hook, JsonlSink, Learner, LogLines, Progress, Trainer};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -225,7 +227,10 @@ impl<'h> Finetune<'h> {
             &model_cfg,
             opts.max_bad_fraction,
         )?;
-        let extra = HashMap::from([(FINETUNE_METADATA_KEY.to_string(), serde_json::to_string(&cfg)?)]);
+        let extra = HashMap::from([(
+            FINETUNE_METADATA_KEY.to_string(),
+            serde_json::to_string(&cfg)?,
+        )]);
         let objective = ClassifierObjective::new(
             classifier,
             cfg.layer_decay,
@@ -262,7 +267,9 @@ impl<'h> Finetune<'h> {
             "validation",
             eval_every,
             false,
-            |t: &Trainer<ClassifierObjective>, step: u64| -> std::result::Result<(), m3ae_train::HookError> {
+            |t: &Trainer<ClassifierObjective>,
+             step: u64|
+             -> std::result::Result<(), m3ae_train::HookError> {
                 let c = t.objective().classifier();
                 let r = predict_source(c, val_source.clone(), &eval_opts)?.report()?;
                 let e = EpochEval {
@@ -316,16 +323,24 @@ impl<'h> Finetune<'h> {
         let evaluations = history.into_inner();
         // the best classifier (the final one when no evaluation ran)
         let (best_classifier, best_file) = if best_path.exists() {
-            (Classifier::load(&best_path, &candle_core::Device::Cpu)?, best_path)
+            (
+                Classifier::load(&best_path, &candle_core::Device::Cpu)?,
+                best_path,
+            )
         } else {
             (final_classifier, out.join("classifier.safetensors"))
         };
         let best = predict_source(&best_classifier, val_data.source, &eval_opts)?.report()?;
-        let (best_top1, best_epoch) = evaluations
-            .iter()
-            .fold((best.top1, fitted.report.steps / steps_per_epoch), |acc, e| {
-                if e.top1 > acc.0 { (e.top1, e.epoch) } else { acc }
-            });
+        let (best_top1, best_epoch) = evaluations.iter().fold(
+            (best.top1, fitted.report.steps / steps_per_epoch),
+            |acc, e| {
+                if e.top1 > acc.0 {
+                    (e.top1, e.epoch)
+                } else {
+                    acc
+                }
+            },
+        );
         let report = FinetuneReport {
             train_samples,
             steps_per_epoch,
