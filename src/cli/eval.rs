@@ -34,7 +34,8 @@ pub struct ModelArgs {
     /// Evaluate a randomly initialised `--preset` instead (the baseline).
     #[arg(long, conflicts_with = "checkpoint")]
     pub random_init: bool,
-    /// Preset of `--random-init`.
+    /// Preset of `--random-init`: a name, or a config file (a model config, or a pre-training
+    /// config such as a run's `config.toml`, whose `[model]` table is used).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// Initialisation seed of `--random-init`.

@@ -30,7 +30,9 @@ pub enum ModelSource {
     Checkpoint(PathBuf),
     /// A freshly initialised preset.
     RandomInit {
-        /// Preset name (`tiny`, `small`, ...).
+        /// Preset name (`tiny`, `small`, ...), or a configuration file: a model config (JSON or
+        /// TOML) or a pre-training config whose `[model]` table is used (a run's
+        /// `config.toml`), for the baseline of exactly a trained model's architecture.
         preset: String,
         /// Initialisation seed.
         seed: u64,
@@ -71,7 +73,7 @@ impl ModelSource {
     pub fn load_resolved(&self, resolved: Option<&Path>, device: &Device) -> Result<AnyModel> {
         match (self, resolved) {
             (ModelSource::RandomInit { preset, seed, mae }, _) => {
-                let cfg = M3aeConfig::preset(preset)?;
+                let cfg = random_init_config(preset)?;
                 let variant = if *mae { Variant::Mae } else { Variant::M3ae };
                 Ok(AnyModel::init(variant, &cfg, *seed, device)?)
             }
@@ -88,7 +90,13 @@ impl ModelSource {
     pub fn identity(&self, resolved: Option<&Path>) -> Result<String> {
         Ok(match (self, resolved) {
             (ModelSource::RandomInit { preset, seed, mae }, _) => {
-                format!("random:{preset}:{seed}:{mae}")
+                // a config file is identified by what it says, not by its name
+                let arch = if Path::new(preset).is_file() {
+                    serde_json::to_string(&random_init_config(preset)?)?
+                } else {
+                    preset.clone()
+                };
+                format!("random:{arch}:{seed}:{mae}")
             }
             (ModelSource::Checkpoint(p), None) => return Err(Error::path(p, "not resolved")),
             (ModelSource::Checkpoint(_), Some(r)) => {
@@ -110,6 +118,28 @@ impl ModelSource {
             }
         })
     }
+}
+
+/// The configuration of a random init: a preset name, or a file holding a model config (JSON or
+/// TOML) or a pre-training config (TOML with a `[model]` table).
+pub fn random_init_config(preset: &str) -> Result<M3aeConfig> {
+    let path = Path::new(preset);
+    if !path.is_file() {
+        return Ok(M3aeConfig::preset(preset)?);
+    }
+    if path.extension().is_some_and(|e| e == "toml") {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::path(path, e.to_string()))?;
+        let value: toml::Value =
+            toml::from_str(&text).map_err(|e| Error::path(path, e.to_string()))?;
+        if let Some(model) = value.get("model") {
+            let cfg: M3aeConfig = model
+                .clone()
+                .try_into()
+                .map_err(|e| Error::path(path, format!("[model]: {e}")))?;
+            return Ok(cfg.resolved());
+        }
+    }
+    Ok(M3aeConfig::from_file(path)?.resolved())
 }
 
 /// The model file or folder a `--checkpoint` value stands for: a file as is, a folder holding
