@@ -3,10 +3,14 @@
 //! ```text
 //! cargo run --release --example official_parity -- tests/fixtures/official_tiny
 //! cargo run --release --example official_parity -- tests/fixtures/official_tiny reference
+//! cargo run --release --example official_parity -- tests/fixtures/official_finetune
 //! ```
 //! The optional second argument picks the kernels: `fused` (default) or `reference`.
-//! The folder needs `config.json` and the `m3ae_*`, `mae_*` and `linear_probe` safetensors files
-//! (see `tests/fixtures/official_tiny/README.md`). Prints one line per tensor and exits non-zero
+//! A pre-training fixture folder needs `config.json` and the `m3ae_*`, `mae_*` and
+//! `linear_probe` safetensors files (see `tests/fixtures/official_tiny/README.md`); a
+//! fine-tuning one (recognised by its `vit_params` / `vit_io` / `vit_grads` safetensors and
+//! `layer_decay.json`) `config.json` and those files, plus `mixup.json` (see
+//! `tests/fixtures/official_finetune/README.md`). Prints one line per check and exits non-zero
 //! if any tensor is out of tolerance, missing, or not checked.
 
 fn main() -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
-//! Parity with the official JAX code on the `official_tiny` fixture (copied into the repo), and
-//! checks that the harness really fails when the numbers are off.
+//! Parity with the official JAX code on the `official_tiny` (pre-training) and
+//! `official_finetune` (fine-tuning) fixtures (copied into the repo), and checks that the
+//! harness really fails when the numbers are off.
 
 use candle_core::Device;
 use m3ae_kernels::KernelPath;
@@ -8,6 +9,10 @@ use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/official_tiny")
+}
+
+fn finetune_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/official_finetune")
 }
 
 #[test]
@@ -145,6 +150,113 @@ fn the_probe_backbone_takes_use_type_embedding_from_config_json() -> anyhow::Res
             .unwrap_or_else(|| panic!("{key} was not checked"));
         assert!(c.ok, "{c}");
     }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn the_finetune_fixture_matches_the_official_code_on_both_kernel_paths() -> anyhow::Result<()> {
+    let dir = finetune_fixture();
+    assert!(m3ae_official::parity::is_finetune_fixture(&dir));
+    assert!(!m3ae_official::parity::is_finetune_fixture(&fixture()));
+    for path in [KernelPath::Reference, KernelPath::Fused] {
+        let checks = run_with(&dir, path)?;
+        let failed: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.to_string())
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{path:?}: out of tolerance:\n{}",
+            failed.join("\n")
+        );
+        // 1 patchify + 1 left-out + 1 repr + 2 x (7 io + 46 + 20 grads) + 2 + 66 layer decay
+        // + mixup (2 + 6 + 2)
+        assert!(
+            checks.len() >= 223,
+            "{path:?}: only {} checks ran",
+            checks.len()
+        );
+        for key in [
+            "vit_io:repr.output",
+            "vit_io:cls.logits",
+            "vit_io:gp.log_probs",
+            "vit_io:gp.loss.smoothing_0.1",
+            "vit_io:cls.loss.soft",
+            "vit_io:gp.accuracy",
+            "vit_grads:grad.params.base_model.encoder.Block_0.Attention_0.Dense_0.kernel",
+            "vit_grads:grad_gp.params.Dense_0.kernel",
+            "vit_grads:grad_gp.params.base_model.decoder.Block_0.LayerNorm_0.scale",
+            "layer_decay:params.base_model.encoder.LayerNorm_0.scale",
+            "layer_decay:params.base_model.decoder_image_type_embedding",
+            "mixup:cutmix.box",
+            "mixup:default_flags.branch",
+        ] {
+            assert!(
+                checks.iter().any(|c| c.name == key),
+                "{key} was not checked"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_fixture_soft_labels_are_smoothed_labels_mixed_with_the_reversed_batch() -> anyhow::Result<()>
+{
+    // README: input.soft_labels = 0.7 s + 0.3 s[::-1], s = one-hot smoothed by 0.1.
+    use m3ae_data::mixup::{mix_with, MixChoice};
+    let (io, _) = m3ae_model::params::read_safetensors(
+        &finetune_fixture().join("vit_io.safetensors"),
+        &Device::Cpu,
+    )?;
+    let labels: Vec<u32> = io["input.labels"]
+        .to_dtype(candle_core::DType::I64)?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .map(|l| l as u32)
+        .collect();
+    let mixed = mix_with(
+        &io["input.image"],
+        &labels,
+        5,
+        0.1,
+        MixChoice::Mixup { lambda: 0.7 },
+    )?;
+    let c = compare(
+        "soft_labels",
+        &mixed.labels,
+        &io["input.soft_labels"],
+        Tolerance::FORWARD,
+    );
+    assert!(c.ok, "{c}");
+    Ok(())
+}
+
+#[test]
+fn a_perturbed_head_fails_the_finetune_checks() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("m3ae-parity-ft-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for e in std::fs::read_dir(finetune_fixture())? {
+        let e = e?;
+        std::fs::copy(e.path(), dir.join(e.file_name()))?;
+    }
+    let path = dir.join("vit_params.safetensors");
+    let (mut t, meta) = m3ae_model::params::read_safetensors(&path, &Device::Cpu)?;
+    let key = "params.LayerNorm_0.scale";
+    let scaled = (t[key].clone() * 1.001)?;
+    t.insert(key.into(), scaled);
+    m3ae_model::params::write_safetensors(&path, &t, meta)?;
+    let checks = run(&dir)?;
+    let bad: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert!(bad.contains(&"vit_io:cls.logits"), "{bad:?}");
+    assert!(bad.contains(&"vit_io:gp.logits"), "{bad:?}");
+    assert!(!bad.contains(&"vit_io:repr.output"), "{bad:?}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

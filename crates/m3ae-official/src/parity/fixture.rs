@@ -90,7 +90,8 @@ pub struct FixtureConfig {
     pub batch: usize,
 }
 
-fn overlay(
+/// `base` with the fields of the JSON object `model` and the non-null `extra` values set.
+pub(crate) fn overlay(
     base: &M3aeConfig,
     model: &serde_json::Value,
     extra: &[(&str, serde_json::Value)],

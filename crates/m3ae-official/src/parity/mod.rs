@@ -10,14 +10,22 @@
 //! Each checked file has its own function: `m3ae_io` (the M3AE forward pass, losses,
 //! text-only path and position tables), `linear_probe` (the probe backbone and head), `mae_io`
 //! (the MAE forward pass and losses) and the gradient files `m3ae_grads` / `mae_grads`.
+//!
+//! A fine-tuning fixture folder (`official_finetune`: `vit_params`, `vit_io`, `vit_grads`
+//! safetensors and `layer_decay.json`, plus `mixup.json` and `config.json`) is recognised by
+//! its files ([`is_finetune_fixture`]) and checked by [`finetune::run`]: the classifier's
+//! forward pass, losses, accuracy and gradients for each pooling, the layer-decay table and
+//! weight-decay mask, and the Mixup / CutMix arithmetic.
 
 mod compare;
+pub mod finetune;
 mod fixture;
 mod m3ae;
 mod mae;
 mod probe;
 
 pub use compare::{compare, Check, Tolerance};
+pub use finetune::{is_finetune_fixture, FinetuneConfig};
 pub use fixture::FixtureConfig;
 
 use crate::Result;
@@ -32,8 +40,12 @@ pub fn run(dir: &Path) -> Result<Vec<Check>> {
     run_with(dir, KernelPath::default())
 }
 
-/// Runs every comparison of a fixture folder on the given kernel path.
+/// Runs every comparison of a fixture folder on the given kernel path: a fine-tuning fixture
+/// ([`is_finetune_fixture`]) or a pre-training one.
 pub fn run_with(dir: &Path, kernels: KernelPath) -> Result<Vec<Check>> {
+    if is_finetune_fixture(dir) {
+        return finetune::run(dir, kernels);
+    }
     let dev = Device::Cpu;
     let mut fc = FixtureConfig::read(dir)?;
     fc.m3ae.kernels = kernels;
