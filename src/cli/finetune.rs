@@ -234,8 +234,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     }
     let train: DataSpec = a.train_data.parse()?;
     let val: DataSpec = a.val_data.parse()?;
-    let opts = a.data.options(&[&train, &val], true)?;
-    a.data.options(&[&train, &val], false)?;
+    let train_opts = a.data.options(&[&train, &val], true)?;
+    let opts = a.data.options(&[&train, &val], false)?;
     let has_checkpoints = m3ae_train::checkpoint::latest(&a.out.join("checkpoints"))?.is_some();
     if has_checkpoints && !a.resume {
         anyhow::bail!(
@@ -257,6 +257,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let plain = a.plain || !std::io::stderr().is_terminal();
     let report = Finetune::new(&base, cfg, train, val, &a.out)?
         .data_options(opts)
+        .train_limit(train_opts.limit)
         .progress(Box::new(JobProgress::new(
             plain,
             &[("loss", "loss", 4), ("acc", "accuracy", 3)],

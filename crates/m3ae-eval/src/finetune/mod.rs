@@ -95,6 +95,7 @@ pub struct Finetune<'h> {
     train: DataSpec,
     val: DataSpec,
     opts: DataOptions,
+    train_limit: Option<usize>,
     out: PathBuf,
     progress: Box<dyn Progress + 'h>,
     on_eval: Box<dyn FnMut(&EpochEval) + 'h>,
@@ -127,6 +128,7 @@ impl<'h> Finetune<'h> {
             train,
             val,
             opts: DataOptions::default(),
+            train_limit: None,
             out: out.into(),
             progress: Box::new(LogLines),
             on_eval: Box::new(|_| {}),
@@ -140,6 +142,13 @@ impl<'h> Finetune<'h> {
     /// [`FinetuneConfig`].
     pub fn data_options(mut self, opts: DataOptions) -> Self {
         self.opts = opts;
+        self
+    }
+
+    /// Uses at most `n` training images (an evenly strided subset; the validation set keeps the
+    /// [`Finetune::data_options`] limit).
+    pub fn train_limit(mut self, n: Option<usize>) -> Self {
+        self.train_limit = n;
         self
     }
 
@@ -176,6 +185,7 @@ impl<'h> Finetune<'h> {
             train,
             val,
             opts,
+            train_limit,
             out,
             mut progress,
             mut on_eval,
@@ -186,7 +196,11 @@ impl<'h> Finetune<'h> {
             normalization: cfg.normalization,
             ..opts.clone()
         };
-        let train_data = open_labelled(&train, "--train-data", &data_opts)?;
+        let train_opts = DataOptions {
+            limit: train_limit.or(data_opts.limit),
+            ..data_opts.clone()
+        };
+        let train_data = open_labelled(&train, "--train-data", &train_opts)?;
         let val_data = open_labelled(&val, "--val-data", &data_opts)?;
         let classes = train_data.classes.max(val_data.classes);
         let train_samples = match train_data.source.len_hint() {
