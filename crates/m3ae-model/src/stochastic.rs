@@ -26,7 +26,7 @@
 //! op at all, so a training forward at rate 0 is bit-identical to the deterministic one.
 //!
 //! The masks cannot reproduce JAX's random bits; they are a pure function of the key, the site
-//! and the element ([`m3ae_kernels::dropout`]), independent of threads and tiling. The key of a
+//! and the element ([`mod@m3ae_kernels::dropout`]), independent of threads and tiling. The key of a
 //! site is the forward's key forked ([`Stochastic::fork`]) by the transformer (encoder
 //! [`site::ENCODER`], decoder [`site::DECODER`]), the block index, and the site in the block
 //! (the constants of [`site`]). The trainer derives the forward's key from the run seed, its

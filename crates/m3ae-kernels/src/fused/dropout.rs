@@ -1,5 +1,5 @@
 //! Fused activation dropout (CPU): `y = x * mask` in one parallel pass, the mask regenerated
-//! from its key row by row (see [`crate::dropout`]); the backward applies the same op to the
+//! from its key row by row (see [`mod@crate::dropout`]); the backward applies the same op to the
 //! output gradient, so no mask tensor is ever stored.
 
 use super::storage::{f32_slice, output, storage_slice, zeroed_buffer};

@@ -37,7 +37,7 @@
 //! row below that runs over all keys instead (the backward repeats the decision from the saved
 //! row maxima, and reuses the forward's list of kept keys).
 //!
-//! Attention dropout (`att_drop` in training, see [`crate::dropout`]): the forward multiplies
+//! Attention dropout (`att_drop` in training, see [`mod@crate::dropout`]): the forward multiplies
 //! each probability row by its mask after the softmax statistics are taken (`O = (P * M) V`;
 //! the row maxima and log-sums saved for the backward are those of the undropped softmax), and
 //! the backward regenerates the same mask from the key: `dV += (P * M)^T dO` and
