@@ -144,7 +144,7 @@ pub struct PretrainConfig {
     pub output_dir: PathBuf,
     /// M3AE or MAE.
     pub objective: Variant,
-    /// Seed of initialisation, data order, augmentation and masks.
+    /// Seed of initialisation, data order, augmentation, masks and dropout.
     pub seed: u64,
     /// The model.
     pub model: M3aeConfig,

@@ -216,7 +216,9 @@ pub fn run_with_sync(
             train_loop(
                 &cfg,
                 &opts,
-                Trainer::new(m, cfg.train.clone())?.with_sync(sync),
+                Trainer::new(m, cfg.train.clone())?
+                    .with_seed(cfg.seed)
+                    .with_sync(sync),
                 source,
                 latest,
                 &run_dir,
@@ -245,7 +247,9 @@ pub fn run_with_sync(
             train_loop(
                 &cfg,
                 &opts,
-                Trainer::new(m, cfg.train.clone())?.with_sync(sync),
+                Trainer::new(m, cfg.train.clone())?
+                    .with_seed(cfg.seed)
+                    .with_sync(sync),
                 source,
                 latest,
                 &run_dir,

@@ -30,6 +30,9 @@ fn config() -> FinetuneConfig {
         warmup_epochs: 1,
         batch_size: 16,
         lr_peak: 1e-3,
+        drop_path: 0.2,
+        drop: 0.1,
+        att_drop: 0.1,
         ..Default::default()
     }
 }
@@ -108,6 +111,40 @@ fn an_interrupted_run_resumes_bit_exactly() {
     for d in [straight, resumed] {
         std::fs::remove_dir_all(d).unwrap();
     }
+}
+
+#[test]
+fn dropout_and_drop_path_act_in_training_only() {
+    let mut cfg = small_model().config().clone();
+    cfg.drop_path = 0.5;
+    cfg.drop = 0.1;
+    let cc = ClassifierConfig {
+        num_classes: 3,
+        pooling: Default::default(),
+    };
+    let c = Classifier::from_base(&small_model(), cc, 0).unwrap();
+    let c = Classifier::new(&cfg, cc, c.params().clone()).unwrap();
+    let n = 2 * cfg.num_patches() * cfg.patch_dim();
+    let patches = candle_core::Tensor::from_vec(
+        (0..n)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect::<Vec<_>>(),
+        (2, cfg.num_patches(), cfg.patch_dim()),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let bits = |t: candle_core::Tensor| -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    let eval = bits(c.forward(&patches).unwrap());
+    assert_eq!(bits(c.forward_train(&patches, None).unwrap()), eval);
+    let key = m3ae_model::Stochastic::new(7);
+    let a = bits(c.forward_train(&patches, Some(&key)).unwrap());
+    assert_ne!(a, eval);
+    assert_eq!(bits(c.forward_train(&patches, Some(&key)).unwrap()), a);
+    let other = m3ae_model::Stochastic::new(8);
+    assert_ne!(bits(c.forward_train(&patches, Some(&other)).unwrap()), a);
 }
 
 #[test]

@@ -11,6 +11,9 @@
 //!   materialising the `N x V` logits.
 //! * [`text_head_top_k`]: the best words of the text output head at chosen rows (inference),
 //!   also without the `N x V` logits.
+//! * [`fn@dropout`], [`drop_path`] and attention dropout ([`qkv_attention_dropout`],
+//!   [`masked_attention_dropout`]): training-time dropout whose masks are a pure function of a
+//!   key and the element's index ([`Dropout`], [`mod@dropout`]), the same on both paths.
 //!
 //! Each entry point dispatches on a [`KernelPath`]: [`KernelPath::Fused`] (the default) runs the
 //! custom ops of [`fused`] (forward and hand-written backward, rayon-parallel, AVX2+FMA when the
@@ -29,12 +32,15 @@
 //! ```
 
 pub mod alloc;
+pub mod dropout;
 pub mod fused;
 pub mod reference;
 pub mod testing;
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+
+pub use dropout::{drop_path, dropout, Dropout};
 
 /// Errors of the kernels crate.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +54,14 @@ pub enum Error {
         /// The kernel that rejected the input.
         op: &'static str,
         /// What was wrong, with the offending shapes.
+        msg: String,
+    },
+    /// A parameter had a value the kernel does not accept (e.g. a dropout rate outside [0, 1)).
+    #[error("{op}: {msg}")]
+    Value {
+        /// The kernel that rejected the value.
+        op: &'static str,
+        /// What was wrong.
         msg: String,
     },
 }
@@ -97,6 +111,27 @@ impl KernelPath {
         }
     }
 
+    /// Masked attention with dropout on the probabilities on this path. See
+    /// [`masked_attention_dropout`].
+    pub fn masked_attention_dropout(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        key_padding: Option<&Tensor>,
+        scale: f64,
+        dropout: Option<&Dropout>,
+    ) -> Result<Tensor> {
+        match self {
+            KernelPath::Fused => {
+                fused::masked_attention_dropout(q, k, v, key_padding, scale, dropout)
+            }
+            KernelPath::Reference => {
+                reference::masked_attention_dropout(q, k, v, key_padding, scale, dropout)
+            }
+        }
+    }
+
     /// Attention on a packed qkv projection on this path. See [`qkv_attention`].
     pub fn qkv_attention(
         self,
@@ -105,9 +140,35 @@ impl KernelPath {
         key_padding: Option<&Tensor>,
         scale: f64,
     ) -> Result<Tensor> {
+        self.qkv_attention_dropout(qkv, heads, key_padding, scale, None)
+    }
+
+    /// Attention on a packed qkv projection with dropout on the probabilities on this path.
+    /// See [`qkv_attention_dropout`].
+    pub fn qkv_attention_dropout(
+        self,
+        qkv: &Tensor,
+        heads: usize,
+        key_padding: Option<&Tensor>,
+        scale: f64,
+        dropout: Option<&Dropout>,
+    ) -> Result<Tensor> {
         match self {
-            KernelPath::Fused => fused::qkv_attention(qkv, heads, key_padding, scale),
-            KernelPath::Reference => reference::qkv_attention(qkv, heads, key_padding, scale),
+            KernelPath::Fused => {
+                fused::qkv_attention_dropout(qkv, heads, key_padding, scale, dropout)
+            }
+            KernelPath::Reference => {
+                reference::qkv_attention_dropout(qkv, heads, key_padding, scale, dropout)
+            }
+        }
+    }
+
+    /// Activation dropout on this path (the fused op on the CPU, or `x * mask`): bit-identical
+    /// values either way. See [`fn@dropout`].
+    pub fn dropout(self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
+        match self {
+            KernelPath::Fused => dropout::dropout(x, dropout),
+            KernelPath::Reference => dropout::dropout_reference(x, dropout),
         }
     }
 
@@ -191,6 +252,37 @@ pub fn qkv_attention(
     scale: f64,
 ) -> Result<Tensor> {
     KernelPath::default().qkv_attention(qkv, heads, key_padding, scale)
+}
+
+/// [`masked_attention`] with dropout on the attention probabilities (flax `nn.Dropout` after
+/// the softmax, official `att_drop`): `O = (P * M) V` where `M` is the mask of `dropout` over
+/// the probabilities `[B, H, L, L]` (row `(b H + h) L + q`, column the key index; values 0 or
+/// `1 / (1 - rate)`, see [`mod@dropout`]). The softmax itself is unchanged. `None` is
+/// [`masked_attention`]. The fused CPU kernel applies the mask to its probability tiles and
+/// regenerates it in the backward; on other devices (CUDA included) the reference composition
+/// runs whenever `dropout` is given. Runs the default ([`KernelPath::Fused`]) path.
+pub fn masked_attention_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
+    KernelPath::default().masked_attention_dropout(q, k, v, key_padding, scale, dropout)
+}
+
+/// [`qkv_attention`] with dropout on the attention probabilities, with the masks of
+/// [`masked_attention_dropout`] (head `h` of sample `b` is `(b, h)` there). Runs the default
+/// ([`KernelPath::Fused`]) path.
+pub fn qkv_attention_dropout(
+    qkv: &Tensor,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
+    KernelPath::default().qkv_attention_dropout(qkv, heads, key_padding, scale, dropout)
 }
 
 /// Dense layer `y = x W^T + b`: `x` `[.., in]`, `weight` `[out, in]`, `bias` `[out]`.

@@ -3,7 +3,7 @@
 //! These are the ground truth for every fused or fast path: readable, f32, and differentiable
 //! through candle's autograd (no `*_no_bwd` op is used anywhere in this module).
 
-use crate::{Error, Result};
+use crate::{Dropout, Error, Result};
 use candle_core::{DType, Tensor, D};
 
 /// Score given to a padding key before the softmax (the official code replaces, not adds, it).
@@ -41,6 +41,19 @@ pub fn masked_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    masked_attention_dropout(q, k, v, key_padding, scale, None)
+}
+
+/// [`masked_attention`] with dropout on the probabilities: `(P * M) V` with the mask `M` of
+/// `dropout` over `[B, H, Lq, Lk]` built on the host (see [`crate::masked_attention_dropout`]).
+pub fn masked_attention_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
     let (b, h, l, dh) = q.dims4()?;
     let (kb, kh, lk, kdh) = k.dims4()?;
     if (kb, kh, kdh) != (b, h, dh) || v.dims() != k.dims() {
@@ -76,6 +89,10 @@ pub fn masked_attention(
     let max = scores.max_keepdim(D::Minus1)?.detach();
     let e = scores.broadcast_sub(&max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let p = match dropout {
+        Some(d) => (p * crate::dropout::attention_mask(d, (b, h, l, lk), q)?)?,
+        None => p,
+    };
     Ok(p.matmul(&v.contiguous()?)?)
 }
 
@@ -141,6 +158,18 @@ pub fn qkv_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    qkv_attention_dropout(qkv, heads, key_padding, scale, None)
+}
+
+/// [`qkv_attention`] with dropout on the probabilities (the masks of
+/// [`masked_attention_dropout`] on the heads split out).
+pub fn qkv_attention_dropout(
+    qkv: &Tensor,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
     let (b, l, dh) = qkv_shapes(qkv, heads)?;
     let x = qkv
         .reshape((b, l, 3, heads, dh))?
@@ -150,7 +179,7 @@ pub fn qkv_attention(
         x.get(1)?.contiguous()?,
         x.get(2)?.contiguous()?,
     );
-    let y = masked_attention(&q, &k, &v, key_padding, scale)?;
+    let y = masked_attention_dropout(&q, &k, &v, key_padding, scale, dropout)?;
     Ok(y.transpose(1, 2)?
         .contiguous()?
         .reshape((b, l, heads * dh))?)

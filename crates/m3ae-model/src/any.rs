@@ -23,6 +23,7 @@ use crate::attention::{AttentionTrace, TraceLayers};
 use crate::config::M3aeConfig;
 use crate::model::{M3ae, Mae, ModelInput, Represent};
 use crate::params::{param_specs, read_safetensors, ParamSpec, ParamStore, Unexpected, Variant};
+use crate::stochastic::Stochastic;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -199,6 +200,30 @@ impl AnyModel {
         match self {
             AnyModel::M3ae(m) => m,
             AnyModel::Mae(m) => m,
+        }
+    }
+
+    /// The unmasked representation `[B, 1+N, D]` after the encoder's final LayerNorm, in
+    /// training mode when `stochastic` is given (see [`M3ae::forward_representation_with`] and
+    /// [`Mae::forward_representation_with`]); `None` is the deterministic representation. Text
+    /// in `input` is an error for MAE.
+    pub fn forward_representation_with(
+        &self,
+        input: &ModelInput,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Tensor> {
+        match self {
+            AnyModel::M3ae(m) => m.forward_representation_with(input, stochastic),
+            AnyModel::Mae(m) => {
+                if input.text_ids.is_some() {
+                    return Err(Error::Shape("the MAE model takes no text".into()));
+                }
+                let patches = input
+                    .image_patches
+                    .as_ref()
+                    .ok_or_else(|| Error::Shape("the input has no image".into()))?;
+                m.forward_representation_with(patches, stochastic)
+            }
         }
     }
 

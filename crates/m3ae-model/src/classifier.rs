@@ -39,6 +39,7 @@ use crate::params::{
     param_specs, read_safetensors, Init, ParamSpec, ParamStore, Unexpected, Variant,
 };
 use crate::posemb::sincos_2d;
+use crate::stochastic::{site, DropRates, Stochastic};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -153,16 +154,16 @@ impl ImageEncoder {
             } else {
                 None
             },
-            encoder: Transformer::new(p, "encoder", cfg.depth, cfg.num_heads, kp)?,
+            encoder: Transformer::new(p, "encoder", cfg.depth, cfg.num_heads, kp)?
+                .with_rates(DropRates::of(cfg)),
             emb_dim: cfg.emb_dim,
             patch_dim: cfg.patch_dim(),
         })
     }
 
-    /// `[B, Li, P*P*3]` -> `[B, 1+Li, D]`.
-    // A training variant (dropout, drop path) passes its per-call randomness down to
-    // `self.encoder` here.
-    fn forward(&self, patches: &Tensor) -> Result<Tensor> {
+    /// `[B, Li, P*P*3]` -> `[B, 1+Li, D]`; with a key, the blocks' dropout and drop path are
+    /// drawn from its encoder fork (as in the models' training forwards).
+    fn forward(&self, patches: &Tensor, st: Option<&Stochastic>) -> Result<Tensor> {
         let (b, li, pd) = patches.dims3()?;
         if pd != self.patch_dim {
             return Err(Error::Shape(format!(
@@ -177,7 +178,9 @@ impl ImageEncoder {
             None => x,
         };
         let cls = self.cls.broadcast_as((b, 1, self.emb_dim))?;
-        self.encoder.forward(&Tensor::cat(&[&cls, &x], 1)?, None)
+        let st = st.map(|s| s.fork(site::ENCODER));
+        self.encoder
+            .forward_with(&Tensor::cat(&[&cls, &x], 1)?, None, st.as_ref())
     }
 }
 
@@ -329,12 +332,22 @@ impl Classifier {
     /// The encoder output `[B, 1+Li, D]` after its final LayerNorm (unmasked; the official
     /// `base_model.forward_representation`).
     pub fn forward_representation(&self, image_patches: &Tensor) -> Result<Tensor> {
-        self.encoder.forward(image_patches)
+        self.encoder.forward(image_patches, None)
     }
 
     /// Logits `[B, num_classes]` of `[B, Li, P*P*3]` patches (evaluation mode).
     pub fn forward(&self, image_patches: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_inner(image_patches)?.1)
+        Ok(self.forward_inner(image_patches, None)?.1)
+    }
+
+    /// Logits in training mode: the model config's dropout, attention dropout and drop path
+    /// drawn from `stochastic` (`None`, or rates of 0: [`Classifier::forward`], bit for bit).
+    pub fn forward_train(
+        &self,
+        image_patches: &Tensor,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Tensor> {
+        Ok(self.forward_inner(image_patches, stochastic)?.1)
     }
 
     /// The pooled representation `z` `[B, D]` (before the head's LayerNorm; the official
@@ -349,13 +362,16 @@ impl Classifier {
     /// `(z, logits)` of one pass: [`Classifier::features`] and [`Classifier::forward`]
     /// together.
     pub fn forward_with_features(&self, image_patches: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.forward_inner(image_patches)
+        self.forward_inner(image_patches, None)
     }
 
-    /// The one forward pass. A training variant (dropout, drop path) adds its per-call
-    /// randomness as a parameter here and passes it to the encoder.
-    fn forward_inner(&self, image_patches: &Tensor) -> Result<(Tensor, Tensor)> {
-        let z = pool(&self.encoder.forward(image_patches)?, self.cfg.pooling)?;
+    /// The one forward pass (training mode with a key).
+    fn forward_inner(
+        &self,
+        image_patches: &Tensor,
+        st: Option<&Stochastic>,
+    ) -> Result<(Tensor, Tensor)> {
+        let z = pool(&self.encoder.forward(image_patches, st)?, self.cfg.pooling)?;
         let logits = self.head.forward(&self.head_norm.forward(&z)?)?;
         Ok((z, logits))
     }

@@ -114,11 +114,14 @@ pub struct M3aeConfig {
     pub mlp_ratio: f64,
     /// Depth of the output heads (0: a single Dense).
     pub output_head_depth: usize,
-    /// Dropout on attention weights (pre-training: 0).
+    /// Dropout on the attention probabilities, in `[0, 1)` (pre-training: 0). Active only in
+    /// training forwards (see [`crate::stochastic`]).
     pub att_drop: f64,
-    /// Dropout after MLP and projections (pre-training: 0).
+    /// Dropout after the attention projection and after both MLP layers, in `[0, 1)`
+    /// (pre-training: 0).
     pub drop: f64,
-    /// Stochastic depth rate (pre-training: 0).
+    /// Drop path (stochastic depth, per sample) of every residual branch, the same rate in every
+    /// encoder and decoder block, in `[0, 1)` (pre-training: 0).
     pub drop_path: f64,
     /// Fraction of image patches removed before the encoder.
     pub image_mask_ratio: f64,
@@ -376,11 +379,8 @@ impl M3aeConfig {
             ("drop", self.drop),
             ("drop_path", self.drop_path),
         ] {
-            if r != 0.0 {
-                return bad(
-                    field,
-                    format!("{r}: dropout and drop-path are not implemented yet (the official pre-training uses 0)"),
-                );
+            if !(0.0..1.0).contains(&r) {
+                return bad(field, format!("{r} is outside [0, 1) (a dropout rate)"));
             }
         }
         if let Some(d) = self.image_output_dim {
@@ -502,9 +502,12 @@ mod tests {
             ("image_mask_ratio", Box::new(|c| c.image_mask_ratio = 1.0)),
             ("image_mask_ratio", Box::new(|c| c.image_mask_ratio = -0.1)),
             ("text_mask_ratio", Box::new(|c| c.text_mask_ratio = 1.5)),
-            ("att_drop", Box::new(|c| c.att_drop = 0.1)),
-            ("drop", Box::new(|c| c.drop = 0.1)),
-            ("drop_path", Box::new(|c| c.drop_path = 0.1)),
+            ("att_drop", Box::new(|c| c.att_drop = 1.0)),
+            ("att_drop", Box::new(|c| c.att_drop = -0.1)),
+            ("drop", Box::new(|c| c.drop = f64::NAN)),
+            ("drop", Box::new(|c| c.drop = 1.5)),
+            ("drop_path", Box::new(|c| c.drop_path = 1.0)),
+            ("drop_path", Box::new(|c| c.drop_path = f64::INFINITY)),
             (
                 "image_output_dim",
                 Box::new(|c| c.image_output_dim = Some(0)),
@@ -544,6 +547,13 @@ mod tests {
             assert_eq!(err_field(&c), field, "{c:?}");
             let msg = c.validate(true).unwrap_err().to_string();
             assert!(msg.contains(field), "{msg}");
+        }
+        // dropout rates in [0, 1) are accepted
+        for r in [0.0, 0.1, 0.5, 0.999] {
+            let mut c = ok.clone();
+            (c.att_drop, c.drop, c.drop_path) = (r, r, r);
+            c.validate(true).unwrap();
+            c.validate(false).unwrap();
         }
         // MAE ignores text fields.
         let mut c = ok.clone();

@@ -1,7 +1,12 @@
 //! Transformer building blocks (pre-norm ViT blocks as in the official code), each built from a
 //! [`ParamStore`] prefix and running its numerics through `m3ae-kernels`.
+//!
+//! Dropout, attention dropout and drop path ([`DropRates`], set with `with_rates`) run in the
+//! `forward_with` methods when they get a [`Stochastic`] key (training); every other forward is
+//! deterministic. The sites and the official facts are in [`crate::stochastic`].
 
 use crate::params::ParamStore;
+use crate::stochastic::{site, DropRates, Stochastic};
 use crate::Result;
 use candle_core::{Tensor, D};
 use m3ae_kernels::KernelPath;
@@ -74,6 +79,7 @@ pub struct Attention {
     proj: Dense,
     heads: usize,
     path: KernelPath,
+    rates: DropRates,
 }
 
 impl Attention {
@@ -84,12 +90,32 @@ impl Attention {
             proj: Dense::new(p, &format!("{prefix}.proj"), path)?,
             heads,
             path,
+            rates: DropRates::default(),
         })
+    }
+
+    /// The layer with dropout rates (`att_drop` on the probabilities, `drop` on the output
+    /// projection; `drop_path` is the block's).
+    pub fn with_rates(mut self, rates: DropRates) -> Self {
+        self.rates = rates;
+        self
     }
 
     /// `x`: `[B, L, C]`; `key_padding`: `[B, L]` (1 = padding key) -> `[B, L, C]`.
     pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
-        Ok(self.forward_inner(x, key_padding, false)?.0)
+        Ok(self.forward_inner(x, key_padding, false, None)?.0)
+    }
+
+    /// [`Attention::forward`] in training mode when `stochastic` is given: dropout on the
+    /// attention probabilities (fork [`site::ATT_PROBS`] of the key) and on the output
+    /// projection ([`site::ATT_PROJ`]). `None`, or rates of 0: [`Attention::forward`].
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        key_padding: Option<&Tensor>,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Tensor> {
+        Ok(self.forward_inner(x, key_padding, false, stochastic)?.0)
     }
 
     /// [`Attention::forward`] plus the attention probabilities `[B, heads, L, L]` (row `q` is
@@ -101,7 +127,7 @@ impl Attention {
         x: &Tensor,
         key_padding: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let (y, probs) = self.forward_inner(x, key_padding, true)?;
+        let (y, probs) = self.forward_inner(x, key_padding, true, None)?;
         Ok((y, probs.expect("probabilities were asked for")))
     }
 
@@ -110,6 +136,7 @@ impl Attention {
         x: &Tensor,
         key_padding: Option<&Tensor>,
         trace: bool,
+        st: Option<&Stochastic>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let c = x.dim(2)?;
         let scale = 1.0 / ((c / self.heads) as f64).sqrt();
@@ -119,10 +146,13 @@ impl Attention {
         } else {
             None
         };
-        let y = self
-            .path
-            .qkv_attention(&qkv, self.heads, key_padding, scale)?;
-        Ok((self.proj.forward(&y)?, probs))
+        let att = Stochastic::site(st, site::ATT_PROBS, self.rates.att_drop)?;
+        let y =
+            self.path
+                .qkv_attention_dropout(&qkv, self.heads, key_padding, scale, att.as_ref())?;
+        let proj = Stochastic::site(st, site::ATT_PROJ, self.rates.drop)?;
+        let y = self.path.dropout(&self.proj.forward(&y)?, proj.as_ref())?;
+        Ok((y, probs))
     }
 }
 
@@ -155,7 +185,9 @@ fn attention_probabilities(
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-/// Pre-norm transformer block: `x + Attn(LN(x))`, then `x + MLP(LN(x))` with tanh-GELU.
+/// Pre-norm transformer block: `x + Attn(LN(x))`, then `x + MLP(LN(x))` with tanh-GELU; in
+/// training ([`Block::forward_with`]) `x + DropPath(Attn(LN(x)))`, then
+/// `x + DropPath(Dropout(fc2(Dropout(GELU(fc1(LN(x)))))))`.
 #[derive(Debug, Clone)]
 pub struct Block {
     norm1: LayerNorm,
@@ -164,6 +196,7 @@ pub struct Block {
     fc1: Dense,
     fc2: Dense,
     path: KernelPath,
+    rates: DropRates,
 }
 
 impl Block {
@@ -176,12 +209,34 @@ impl Block {
             fc1: Dense::new(p, &format!("{prefix}.mlp.fc1"), path)?,
             fc2: Dense::new(p, &format!("{prefix}.mlp.fc2"), path)?,
             path,
+            rates: DropRates::default(),
         })
+    }
+
+    /// The block with dropout rates (see [`DropRates`]).
+    pub fn with_rates(mut self, rates: DropRates) -> Self {
+        self.attn = self.attn.with_rates(rates);
+        self.rates = rates;
+        self
     }
 
     /// `x`: `[B, L, C]` -> `[B, L, C]`.
     pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
-        Ok(self.forward_inner(x, key_padding, false)?.0)
+        Ok(self.forward_inner(x, key_padding, false, None)?.0)
+    }
+
+    /// [`Block::forward`] in training mode when `stochastic` is given: the attention layer gets
+    /// fork [`site::ATTENTION`] of the key ([`Attention::forward_with`]); dropout after the GELU
+    /// ([`site::MLP_HIDDEN`]) and after the second MLP layer ([`site::MLP_OUT`]); drop path of
+    /// the attention ([`site::PATH_ATTENTION`]) and MLP ([`site::PATH_MLP`]) branches, per
+    /// sample. `None`, or rates of 0: [`Block::forward`].
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        key_padding: Option<&Tensor>,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Tensor> {
+        Ok(self.forward_inner(x, key_padding, false, stochastic)?.0)
     }
 
     /// [`Block::forward`] plus the attention probabilities `[B, heads, L, L]` of its attention
@@ -191,7 +246,7 @@ impl Block {
         x: &Tensor,
         key_padding: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let (y, probs) = self.forward_inner(x, key_padding, true)?;
+        let (y, probs) = self.forward_inner(x, key_padding, true, None)?;
         Ok((y, probs.expect("probabilities were asked for")))
     }
 
@@ -200,15 +255,27 @@ impl Block {
         x: &Tensor,
         key_padding: Option<&Tensor>,
         trace: bool,
+        st: Option<&Stochastic>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (a, probs) = self
-            .attn
-            .forward_inner(&self.norm1.forward(x)?, key_padding, trace)?;
-        let x = (x + a)?;
+        let r = self.rates;
+        let attn_st = st.map(|s| s.fork(site::ATTENTION));
+        let (a, probs) = self.attn.forward_inner(
+            &self.norm1.forward(x)?,
+            key_padding,
+            trace,
+            attn_st.as_ref(),
+        )?;
+        let dp = Stochastic::site(st, site::PATH_ATTENTION, r.drop_path)?;
+        let x = (x + m3ae_kernels::drop_path(&a, dp.as_ref())?)?;
         let h = self
             .path
             .gelu_tanh(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
-        Ok(((&x + self.fc2.forward(&h)?)?, probs))
+        let dh = Stochastic::site(st, site::MLP_HIDDEN, r.drop)?;
+        let h = self.path.dropout(&h, dh.as_ref())?;
+        let d_out = Stochastic::site(st, site::MLP_OUT, r.drop)?;
+        let m = self.path.dropout(&self.fc2.forward(&h)?, d_out.as_ref())?;
+        let dp = Stochastic::site(st, site::PATH_MLP, r.drop_path)?;
+        Ok(((&x + m3ae_kernels::drop_path(&m, dp.as_ref())?)?, probs))
     }
 }
 
@@ -237,9 +304,36 @@ impl Transformer {
         })
     }
 
+    /// The transformer with dropout rates, the same in every block (as the official code).
+    pub fn with_rates(mut self, rates: DropRates) -> Self {
+        self.blocks = self
+            .blocks
+            .into_iter()
+            .map(|b| b.with_rates(rates))
+            .collect();
+        self
+    }
+
     /// `x`: `[B, L, C]` -> `[B, L, C]` (post final LayerNorm).
     pub fn forward(&self, x: &Tensor, key_padding: Option<&Tensor>) -> Result<Tensor> {
         Ok(self.forward_traced(x, key_padding, |_| false)?.0)
+    }
+
+    /// [`Transformer::forward`] in training mode when `stochastic` is given: block `i` runs
+    /// [`Block::forward_with`] with fork `i` of the key. `None`, or rates of 0:
+    /// [`Transformer::forward`], bit for bit.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        key_padding: Option<&Tensor>,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let st = stochastic.map(|s| s.fork(i as u64));
+            x = b.forward_inner(&x, key_padding, false, st.as_ref())?.0;
+        }
+        self.norm.forward(&x)
     }
 
     /// [`Transformer::forward`] that also returns the attention probabilities
@@ -254,7 +348,7 @@ impl Transformer {
         let mut x = x.clone();
         let mut maps = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
-            let (y, probs) = b.forward_inner(&x, key_padding, record(i))?;
+            let (y, probs) = b.forward_inner(&x, key_padding, record(i), None)?;
             x = y;
             if let Some(p) = probs {
                 maps.push((i, p));

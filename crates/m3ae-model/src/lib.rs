@@ -13,6 +13,8 @@
 //! * [`LinearProbeHead`]: the official linear-probe head on pooled features; [`ranking`]: its
 //!   argmax rule (NaN never wins), shared with the evaluation metrics.
 //! * [`WarmupCosine`]: the official learning-rate schedule.
+//! * [`Stochastic`] and [`DropRates`]: dropout, attention dropout and drop path in training
+//!   forwards (`*_with` methods), seeded per forward pass ([`stochastic`]).
 //! * [`params`]: weight specs, seeded initialisation, safetensors I/O, the official name mapping.
 //! * [`flops`]: parameter and FLOP counts.
 //!
@@ -56,6 +58,7 @@ pub mod probe_head;
 pub mod ranking;
 pub mod resources;
 pub mod schedule;
+pub mod stochastic;
 
 pub use any::AnyModel;
 pub use attention::{AttentionTrace, TraceLayers};
@@ -73,6 +76,7 @@ pub use params::{param_count, param_specs, ParamSpec, ParamStore, Unexpected, Va
 pub use patch::{patchify, unpatchify};
 pub use probe_head::LinearProbeHead;
 pub use schedule::WarmupCosine;
+pub use stochastic::{DropRates, Stochastic};
 
 use std::path::PathBuf;
 

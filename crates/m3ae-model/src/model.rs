@@ -3,6 +3,11 @@
 //! Both share one private implementation (`Core`): MAE is the image half of M3AE with its own parameter
 //! set ([`Variant::Mae`]). The encoder sees only kept tokens plus cls; the decoder restores the
 //! full sequence with mask embeddings and predicts every position; losses select.
+//!
+//! The `*_with` methods take an `Option<&Stochastic>`: with a key they are training forwards
+//! with the configuration's dropout, attention dropout and drop path (encoder and decoder
+//! blocks; [`crate::stochastic`]); without one, or with rates of 0, they are the deterministic
+//! forwards, bit for bit. Every other method is deterministic.
 
 use crate::attention::{AttentionTrace, TraceLayers};
 use crate::config::M3aeConfig;
@@ -11,6 +16,7 @@ use crate::loss::{cross_entropy_loss_and_accuracy, patch_mse_loss};
 use crate::masking::Masking;
 use crate::params::{param_specs, ParamSpec, ParamStore, Unexpected, Variant};
 use crate::posemb::{sincos_1d, sincos_2d};
+use crate::stochastic::{site, DropRates, Stochastic};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -164,9 +170,11 @@ impl Core {
             dec_text_type: opt("decoder.text_type_embedding", te && text)?,
             image_mask_token: p.get("decoder.image_mask_embedding")?,
             text_mask_token: opt("decoder.text_mask_embedding", text)?,
-            encoder: Transformer::new(p, "encoder", cfg.depth, cfg.num_heads, kp)?,
+            encoder: Transformer::new(p, "encoder", cfg.depth, cfg.num_heads, kp)?
+                .with_rates(DropRates::of(&cfg)),
             input_projection: Dense::new(p, "decoder.input_projection", kp)?,
-            decoder: Transformer::new(p, "decoder", cfg.dec_depth, cfg.dec_num_heads, kp)?,
+            decoder: Transformer::new(p, "decoder", cfg.dec_depth, cfg.dec_num_heads, kp)?
+                .with_rates(DropRates::of(&cfg)),
             image_head: Head::new(p, "decoder.image_head", cfg.output_head_depth, kp)?,
             text_head: if text {
                 Some(Head::new(
@@ -253,6 +261,7 @@ impl Core {
         image_masking: Option<&Masking>,
         text_masking: Option<&Masking>,
         text_logits: bool,
+        st: Option<&Stochastic>,
     ) -> Result<Output> {
         let b = Self::batch_of(input)?;
         let dev = self.device().clone();
@@ -290,7 +299,10 @@ impl Core {
         } else {
             None
         };
-        let enc_output = self.encoder.forward(&enc_input, enc_padding.as_ref())?;
+        let enc_st = st.map(|s| s.fork(site::ENCODER));
+        let enc_output =
+            self.encoder
+                .forward_with(&enc_input, enc_padding.as_ref(), enc_st.as_ref())?;
 
         // Decoder: project everything once, then restore each modality to its original order.
         let dd = self.cfg.dec_emb_dim;
@@ -323,7 +335,10 @@ impl Core {
         } else {
             None
         };
-        let dec_output = self.decoder.forward(&dec_input, dec_padding.as_ref())?;
+        let dec_st = st.map(|s| s.fork(site::DECODER));
+        let dec_output =
+            self.decoder
+                .forward_with(&dec_input, dec_padding.as_ref(), dec_st.as_ref())?;
         let mut offset = 1;
         let image_out = match image {
             Some((_, li)) => {
@@ -375,9 +390,10 @@ impl Core {
         Ok(())
     }
 
-    fn represent(&self, input: &ModelInput) -> Result<Tensor> {
+    fn represent(&self, input: &ModelInput, st: Option<&Stochastic>) -> Result<Tensor> {
         let (x, pad) = self.encoder_input(input)?;
-        self.encoder.forward(&x, pad.as_ref())
+        let st = st.map(|s| s.fork(site::ENCODER));
+        self.encoder.forward_with(&x, pad.as_ref(), st.as_ref())
     }
 
     /// [`Core::represent`] recording the attention of the blocks `layers` names.
@@ -621,10 +637,13 @@ macro_rules! model_common {
 
         impl Represent for $ty {
             fn represent(&self, image_patches: &Tensor) -> Result<Tensor> {
-                self.0.represent(&ModelInput {
-                    image_patches: Some(image_patches.clone()),
-                    ..Default::default()
-                })
+                self.0.represent(
+                    &ModelInput {
+                        image_patches: Some(image_patches.clone()),
+                        ..Default::default()
+                    },
+                    None,
+                )
             }
             fn config(&self) -> &M3aeConfig {
                 &self.0.cfg
@@ -648,7 +667,23 @@ impl M3ae {
         image_masking: Option<&Masking>,
         text_masking: Option<&Masking>,
     ) -> Result<Output> {
-        self.0.forward(input, image_masking, text_masking, true)
+        self.0
+            .forward(input, image_masking, text_masking, true, None)
+    }
+
+    /// [`M3ae::forward`] in training mode when `stochastic` is given: the configuration's
+    /// dropout, attention dropout and drop path in the encoder and decoder blocks, drawn from
+    /// the key (see [`crate::stochastic`]). `None`, or rates of 0: [`M3ae::forward`], bit for
+    /// bit.
+    pub fn forward_with(
+        &self,
+        input: &ModelInput,
+        image_masking: Option<&Masking>,
+        text_masking: Option<&Masking>,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Output> {
+        self.0
+            .forward(input, image_masking, text_masking, true, stochastic)
     }
 
     /// Masked forward pass for training: as [`M3ae::forward`], except that with
@@ -663,8 +698,21 @@ impl M3ae {
         image_masking: Option<&Masking>,
         text_masking: Option<&Masking>,
     ) -> Result<Output> {
+        self.forward_train_with(input, image_masking, text_masking, None)
+    }
+
+    /// [`M3ae::forward_train`] in training mode when `stochastic` is given (dropout, attention
+    /// dropout and drop path as [`M3ae::forward_with`]); what the trainer's objective runs.
+    pub fn forward_train_with(
+        &self,
+        input: &ModelInput,
+        image_masking: Option<&Masking>,
+        text_masking: Option<&Masking>,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Output> {
         let logits = self.0.cfg.kernels != m3ae_kernels::KernelPath::Fused;
-        self.0.forward(input, image_masking, text_masking, logits)
+        self.0
+            .forward(input, image_masking, text_masking, logits, stochastic)
     }
 
     /// Losses of a forward pass (weights and all-token flags from the config). The text loss
@@ -692,7 +740,18 @@ impl M3ae {
     /// Unmasked representation `[B, 1+Li+T, D]` after the encoder's final LayerNorm; text padding
     /// keys are masked.
     pub fn forward_representation(&self, input: &ModelInput) -> Result<Tensor> {
-        self.0.represent(input)
+        self.0.represent(input, None)
+    }
+
+    /// [`M3ae::forward_representation`] in training mode when `stochastic` is given (the
+    /// encoder's dropout, attention dropout and drop path; fine-tuning). `None`, or rates of 0:
+    /// [`M3ae::forward_representation`], bit for bit.
+    pub fn forward_representation_with(
+        &self,
+        input: &ModelInput,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Tensor> {
+        self.0.represent(input, stochastic)
     }
 
     /// [`M3ae::forward_representation`] that also records the attention probabilities of the
@@ -735,6 +794,18 @@ model_common!(Mae, Variant::Mae);
 impl Mae {
     /// Masked forward pass on `[B, Li, P*P*3]` patches.
     pub fn forward(&self, image_patches: &Tensor, masking: &Masking) -> Result<Output> {
+        self.forward_with(image_patches, masking, None)
+    }
+
+    /// [`Mae::forward`] in training mode when `stochastic` is given (dropout, attention dropout
+    /// and drop path as [`M3ae::forward_with`]). `None`, or rates of 0: [`Mae::forward`], bit
+    /// for bit.
+    pub fn forward_with(
+        &self,
+        image_patches: &Tensor,
+        masking: &Masking,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Output> {
         self.0.forward(
             &ModelInput {
                 image_patches: Some(image_patches.clone()),
@@ -743,6 +814,7 @@ impl Mae {
             Some(masking),
             None,
             true,
+            stochastic,
         )
     }
 
@@ -760,6 +832,23 @@ impl Mae {
     /// Unmasked representation `[B, 1+Li, D]` after the encoder's final LayerNorm.
     pub fn forward_representation(&self, image_patches: &Tensor) -> Result<Tensor> {
         self.represent(image_patches)
+    }
+
+    /// [`Mae::forward_representation`] in training mode when `stochastic` is given (the
+    /// encoder's dropout, attention dropout and drop path; fine-tuning). `None`, or rates of 0:
+    /// [`Mae::forward_representation`], bit for bit.
+    pub fn forward_representation_with(
+        &self,
+        image_patches: &Tensor,
+        stochastic: Option<&Stochastic>,
+    ) -> Result<Tensor> {
+        self.0.represent(
+            &ModelInput {
+                image_patches: Some(image_patches.clone()),
+                ..Default::default()
+            },
+            stochastic,
+        )
     }
 
     /// [`Mae::forward_representation`] that also records the attention probabilities of the

@@ -16,9 +16,33 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// Bytes of the activations one sample keeps through a transformer of `depth` blocks over
 /// `tokens` tokens of width `width` with MLP width `mlp` and `heads` heads (f32): inputs and
 /// outputs of the two LayerNorms, q/k/v, attention and projection outputs, residuals, the MLP
-/// hidden state before and after GELU, and one layer of attention scores in flight.
-fn transformer_bytes(tokens: f64, width: f64, mlp: f64, heads: f64, depth: f64) -> f64 {
-    depth * 4.0 * (tokens * width * 10.0 + tokens * mlp * 2.0 + heads * tokens * tokens)
+/// hidden state before and after GELU, and one layer of attention scores in flight. `drops`:
+/// the outputs dropout keeps besides its inputs (in training: after the attention projection
+/// and both MLP layers when `drop > 0`, after both branches when `drop_path > 0`; attention
+/// dropout keeps nothing more in the fused kernel).
+fn transformer_bytes(
+    tokens: f64,
+    width: f64,
+    mlp: f64,
+    heads: f64,
+    depth: f64,
+    drops: Drops,
+) -> f64 {
+    let mut per_block = tokens * width * 10.0 + tokens * mlp * 2.0 + heads * tokens * tokens;
+    if drops.drop {
+        per_block += tokens * (mlp + 2.0 * width);
+    }
+    if drops.drop_path {
+        per_block += tokens * 2.0 * width;
+    }
+    depth * 4.0 * per_block
+}
+
+/// Which dropout sites keep extra activations in a pass.
+#[derive(Clone, Copy)]
+struct Drops {
+    drop: bool,
+    drop_path: bool,
 }
 
 /// Per-sample activation bytes of a forward (and, for training, backward) pass of `cfg`.
@@ -41,12 +65,18 @@ fn sample_bytes(c: &M3aeConfig, variant: Variant, masked: bool) -> f64 {
         (li, t)
     };
     let (d, dd) = (c.emb_dim as f64, c.dec_emb_dim as f64);
+    // dropout runs in training passes only
+    let drops = Drops {
+        drop: masked && c.drop > 0.0,
+        drop_path: masked && c.drop_path > 0.0,
+    };
     let enc = transformer_bytes(
         1.0 + ki + kt,
         d,
         c.mlp_dim(c.emb_dim) as f64,
         c.num_heads as f64,
         c.depth as f64,
+        drops,
     );
     // patches in and out, embeddings
     let mut bytes = enc + 4.0 * li * (c.patch_dim() as f64 * 3.0 + d * 2.0);
@@ -58,6 +88,7 @@ fn sample_bytes(c: &M3aeConfig, variant: Variant, masked: bool) -> f64 {
             c.mlp_dim(c.dec_emb_dim) as f64,
             c.dec_num_heads as f64,
             c.dec_depth as f64,
+            drops,
         );
         // text logits, their softmax and gradient
         bytes += 4.0 * 3.0 * t * c.text_vocab_size as f64;
@@ -75,6 +106,9 @@ fn sample_bytes(c: &M3aeConfig, variant: Variant, masked: bool) -> f64 {
 /// let small = training_step_bytes(&tiny, Variant::M3ae, 8);
 /// assert!(small > 1e6 && small < 1e10);
 /// assert!(training_step_bytes(&tiny, Variant::M3ae, 1 << 40) > 1e15);
+/// // dropout keeps more activations
+/// let drop = M3aeConfig { drop: 0.1, drop_path: 0.1, ..tiny.clone() };
+/// assert!(training_step_bytes(&drop, Variant::M3ae, 8) > small);
 /// ```
 pub fn training_step_bytes(cfg: &M3aeConfig, variant: Variant, batch: usize) -> f64 {
     let c = cfg.resolved();

@@ -2,8 +2,10 @@
 //! official table, and the forward paths agree with each other.
 
 use candle_core::{DType, Device, Tensor};
+use m3ae_kernels::KernelPath;
 use m3ae_model::{
-    param_count, param_specs, M3ae, M3aeConfig, Mae, Masking, ModelInput, Noise, Variant,
+    param_count, param_specs, M3ae, M3aeConfig, Mae, Masking, ModelInput, Noise, Stochastic,
+    Variant,
 };
 
 mod common;
@@ -303,5 +305,198 @@ fn predicted_words_are_the_argmax_of_the_logits_at_the_requested_positions() -> 
         assert!(model.predict_text(&train, &[(3, 0)], 1).is_err(), "{ctx}");
         assert!(model.predict_text(&train, &[], 1)?.ids.is_empty());
     }
+    Ok(())
+}
+
+/// Flattened values of a tensor, for bit-exact comparisons.
+fn bits(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// The tensors of a forward pass that depend on every block: decoder output, predictions.
+fn outputs(o: &m3ae_model::Output) -> Vec<Vec<f32>> {
+    let mut v = vec![bits(&o.trace.enc_output), bits(&o.trace.dec_output)];
+    v.extend(o.image.iter().map(bits));
+    v.extend(o.text_logits.iter().map(bits));
+    v.extend(o.text_hidden.iter().map(bits));
+    v
+}
+
+fn with_rates(cfg: &M3aeConfig, att: f64, drop: f64, path: f64) -> M3aeConfig {
+    let mut c = cfg.clone();
+    (c.att_drop, c.drop, c.drop_path) = (att, drop, path);
+    c
+}
+
+#[test]
+fn training_forwards_at_rate_zero_or_without_a_key_are_the_deterministic_ones() -> anyhow::Result<()>
+{
+    let dev = Device::Cpu;
+    let key = Stochastic::new(99);
+    for kernels in [KernelPath::Fused, KernelPath::Reference] {
+        let mut base = M3aeConfig::preset("tiny")?;
+        base.kernels = kernels;
+        let input = batch(&base, 3, &dev)?;
+        let (li, t) = (base.num_patches(), base.text_length);
+        let im = Masking::new(&noise(li, 1), 3, base.image_keep(li), &dev)?;
+        let tm = Masking::new(&noise(t, 2), 3, base.text_keep(t), &dev)?;
+        let patches = input.image_patches.clone().unwrap();
+        // rate 0 with a key; non-zero rates without a key (evaluation)
+        for (cfg, st) in [
+            (base.clone(), Some(&key)),
+            (with_rates(&base, 0.2, 0.3, 0.4), None),
+        ] {
+            let ctx = format!("{kernels:?}, rates {}, key {st:?}", cfg.drop);
+            let m = M3ae::init(&cfg, 5, &dev)?;
+            let plain = m.forward(&input, Some(&im), Some(&tm))?;
+            let with = m.forward_with(&input, Some(&im), Some(&tm), st)?;
+            assert!(outputs(&plain) == outputs(&with), "{ctx}: forward");
+            let plain = m.forward_train(&input, Some(&im), Some(&tm))?;
+            let with = m.forward_train_with(&input, Some(&im), Some(&tm), st)?;
+            assert!(outputs(&plain) == outputs(&with), "{ctx}: forward_train");
+            let (a, b) = (
+                m.forward_representation(&input)?,
+                m.forward_representation_with(&input, st)?,
+            );
+            assert_eq!(bits(&a), bits(&b), "{ctx}: representation");
+            let any = m3ae_model::AnyModel::M3ae(m);
+            assert_eq!(
+                bits(&any.forward_representation_with(&input, st)?),
+                bits(&a),
+                "{ctx}"
+            );
+            let mae = Mae::init(&cfg, 6, &dev)?;
+            let plain = mae.forward(&patches, &im)?;
+            let with = mae.forward_with(&patches, &im, st)?;
+            assert!(outputs(&plain) == outputs(&with), "{ctx}: MAE forward");
+            assert_eq!(
+                bits(&mae.forward_representation(&patches)?),
+                bits(&mae.forward_representation_with(&patches, st)?),
+                "{ctx}: MAE representation"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn dropout_and_drop_path_are_seeded_and_the_same_on_both_kernel_paths() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let base = with_rates(&M3aeConfig::preset("tiny")?, 0.1, 0.1, 0.2);
+    let input = batch(&base, 4, &dev)?;
+    let (li, t) = (base.num_patches(), base.text_length);
+    let im = Masking::new(&noise(li, 1), 4, base.image_keep(li), &dev)?;
+    let tm = Masking::new(&noise(t, 2), 4, base.text_keep(t), &dev)?;
+    let run = |kernels: KernelPath, key: u64| -> anyhow::Result<_> {
+        let mut cfg = base.clone();
+        cfg.kernels = kernels;
+        let m = M3ae::init(&cfg, 7, &dev)?;
+        let out = m.forward_with(&input, Some(&im), Some(&tm), Some(&Stochastic::new(key)))?;
+        let loss = m.losses(&input, &out)?.total;
+        let grads = loss.backward()?;
+        let mut g = Vec::new();
+        for (name, var) in m.params().vars() {
+            let x = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{kernels:?}: no gradient for {name}"));
+            g.push((name.to_string(), x.clone()));
+        }
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((outputs(&out), out, g))
+    };
+    let (a, out_a, ga) = run(KernelPath::Fused, 1)?;
+    let (again, _, _) = run(KernelPath::Fused, 1)?;
+    let (other, _, _) = run(KernelPath::Fused, 2)?;
+    assert!(a == again, "same key, different outputs");
+    assert!(a != other, "another key, same outputs");
+    // not the deterministic forward
+    let m = M3ae::init(&base, 7, &dev)?;
+    let det = outputs(&m.forward(&input, Some(&im), Some(&tm))?);
+    assert!(a != det, "dropout had no effect");
+    // the reference path draws the same masks: values and gradients agree
+    let (_, out_r, gr) = run(KernelPath::Reference, 1)?;
+    for (x, y, what) in [
+        (
+            &out_a.trace.dec_output,
+            &out_r.trace.dec_output,
+            "decoder output",
+        ),
+        (
+            out_a.image.as_ref().unwrap(),
+            out_r.image.as_ref().unwrap(),
+            "image",
+        ),
+    ] {
+        let e = rel(x, y)?;
+        assert!(e <= 1e-4, "{what}: fused vs reference {e}");
+    }
+    for ((name, x), (_, y)) in ga.iter().zip(&gr) {
+        let e = rel(x, y)?;
+        assert!(e <= 1e-3, "gradient of {name}: fused vs reference {e}");
+    }
+    // bit-identical for any number of threads
+    let in_pool = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| run(KernelPath::Fused, 1).map(|r| r.0).unwrap())
+    };
+    assert!(
+        in_pool(1) == a && in_pool(3) == a,
+        "thread count changed the results"
+    );
+    Ok(())
+}
+
+#[test]
+fn drop_path_passes_a_sample_through_a_block_whose_branches_are_both_dropped() -> anyhow::Result<()>
+{
+    use m3ae_model::layers::Block;
+    use m3ae_model::stochastic::site;
+    let dev = Device::Cpu;
+    let cfg = M3aeConfig::preset("tiny")?;
+    let m = M3ae::init(&cfg, 8, &dev)?;
+    let rate = 0.5;
+    let rates = m3ae_model::DropRates {
+        drop_path: rate,
+        ..Default::default()
+    };
+    let block =
+        Block::new(m.params(), "encoder.blocks.0", cfg.num_heads, cfg.kernels)?.with_rates(rates);
+    let b = 32;
+    let x = Tensor::from_vec(
+        (0..b * 5 * cfg.emb_dim)
+            .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
+            .collect::<Vec<_>>(),
+        (b, 5, cfg.emb_dim),
+        &dev,
+    )?;
+    let key = Stochastic::new(3);
+    let y = block.forward_with(&x, None, Some(&key))?;
+    assert_eq!(
+        bits(&block.forward_with(&x, None, None)?),
+        bits(&block.forward(&x, None)?)
+    );
+    let keeps = |tag: u64, s: usize| {
+        m3ae_kernels::Dropout::new(rate, key.fork(tag).seed)
+            .unwrap()
+            .keeps(s as u64, 0)
+    };
+    let (mut passed, mut changed) = (0, 0);
+    for s in 0..b {
+        let (xs, ys) = (bits(&x.get(s)?), bits(&y.get(s)?));
+        if !keeps(site::PATH_ATTENTION, s) && !keeps(site::PATH_MLP, s) {
+            assert_eq!(xs, ys, "sample {s}: both branches dropped");
+            passed += 1;
+        } else {
+            assert_ne!(xs, ys, "sample {s}: a branch kept");
+            changed += 1;
+        }
+    }
+    assert!(
+        passed > 0 && changed > 0,
+        "{passed} passed, {changed} changed"
+    );
     Ok(())
 }

@@ -261,7 +261,11 @@ pub fn preset_workload(cfg: &M3aeConfig, batch: usize, steps: usize) -> Result<B
     let timed = time_steps(
         2,
         steps,
-        || Ok(model.loss(&batch_data)?.total),
+        // a training forward: the configuration's dropout rates (if any) are timed too
+        || {
+            let key = m3ae_model::Stochastic::new(0);
+            Ok(model.loss_with(&batch_data, Some(&key))?.total)
+        },
         |loss| {
             let t0 = Instant::now();
             let grads = named_grads(model.params(), &loss.backward()?);

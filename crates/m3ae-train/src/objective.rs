@@ -1,12 +1,24 @@
 //! The `Objective` trait: what the trainer needs from a model (a loss on a batch and its
 //! weights). M3AE and the image-only MAE implement it, and so does the fine-tuning classifier
-//! ([`crate::finetune`]); the trainer knows nothing else about models.
+//! (`m3ae_eval::finetune`); the trainer knows nothing else about models.
+//!
+//! The trainer calls [`Objective::loss_with`] with the [`Stochastic`] key of the micro-batch
+//! (see [`crate::Trainer::micro_batch_key`]): M3AE and MAE run their training forwards with the
+//! configuration's dropout, attention dropout and drop path drawn from it (with rates of 0 the
+//! forward is the deterministic one, bit for bit). [`Objective::loss`] is the same loss without
+//! a key (deterministic).
 
 use crate::optim::{is_decayed, ParamGroup};
 use crate::Result;
 use candle_core::Tensor;
-use m3ae_model::{M3ae, M3aeConfig, Mae, Masking, ModelInput, ParamSpec, ParamStore, Variant};
+use m3ae_model::{
+    M3ae, M3aeConfig, Mae, Masking, ModelInput, ParamSpec, ParamStore, Stochastic, Variant,
+};
 use std::collections::{BTreeMap, HashMap};
+
+/// The fork of a micro-batch's key that the unpaired-text forward of M3AE uses (the paired
+/// forward uses the key itself).
+pub const UNPAIRED_TEXT_FORK: u64 = 0x554e_5041_4952_4544;
 
 /// One training batch: the paired (or image-only) input with its maskings, and optionally an
 /// unpaired text batch with its masking (weighted by `unpaired_text_loss_weight`).
@@ -35,8 +47,15 @@ pub struct LossReport {
 
 /// A model the trainer can optimise.
 pub trait Objective {
-    /// Loss of one batch (forward pass with gradients recorded).
+    /// Loss of one batch (forward pass with gradients recorded), deterministic (no dropout).
     fn loss(&self, batch: &TrainBatch) -> Result<LossReport>;
+    /// Loss of one batch in training mode: `stochastic` is the key of the micro-batch's random
+    /// choices (dropout, drop path); `None` is [`Objective::loss`]. The default ignores the key
+    /// (a model without random layers); M3AE and MAE use it.
+    fn loss_with(&self, batch: &TrainBatch, stochastic: Option<&Stochastic>) -> Result<LossReport> {
+        let _ = stochastic;
+        self.loss(batch)
+    }
     /// The trainable weights.
     fn params(&self) -> &ParamStore;
     /// Weight specs (names, official names, shapes).
@@ -78,11 +97,15 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 impl Objective for M3ae {
     fn loss(&self, batch: &TrainBatch) -> Result<LossReport> {
+        self.loss_with(batch, None)
+    }
+    fn loss_with(&self, batch: &TrainBatch, stochastic: Option<&Stochastic>) -> Result<LossReport> {
         // the training forward: with fused kernels the text loss never materialises the logits
-        let out = self.forward_train(
+        let out = self.forward_train_with(
             &batch.input,
             batch.image_masking.as_ref(),
             batch.text_masking.as_ref(),
+            stochastic,
         )?;
         let l = self.losses(&batch.input, &out)?;
         let mut scalars = BTreeMap::new();
@@ -98,7 +121,8 @@ impl Objective for M3ae {
         }
         let w = self.config().unpaired_text_loss_weight;
         if let (Some((input, masking)), true) = (&batch.unpaired, w > 0.0) {
-            let uo = self.forward_train(input, None, Some(masking))?;
+            let st = stochastic.map(|s| s.fork(UNPAIRED_TEXT_FORK));
+            let uo = self.forward_train_with(input, None, Some(masking), st.as_ref())?;
             let ul = self.losses(input, &uo)?;
             if let Some(t) = &ul.text_loss {
                 scalars.insert("unpaired_text_loss".into(), scalar(t)?);
@@ -127,6 +151,9 @@ impl Objective for M3ae {
 
 impl Objective for Mae {
     fn loss(&self, batch: &TrainBatch) -> Result<LossReport> {
+        self.loss_with(batch, None)
+    }
+    fn loss_with(&self, batch: &TrainBatch, stochastic: Option<&Stochastic>) -> Result<LossReport> {
         let patches =
             batch.input.image_patches.as_ref().ok_or_else(|| {
                 crate::Error::State("the MAE objective needs image patches".into())
@@ -134,7 +161,7 @@ impl Objective for Mae {
         let masking = batch.image_masking.as_ref().ok_or_else(|| {
             crate::Error::State("the MAE objective needs an image masking".into())
         })?;
-        let out = self.forward(patches, masking)?;
+        let out = self.forward_with(patches, masking, stochastic)?;
         let l = self.losses(patches, &out)?;
         let mut scalars = BTreeMap::new();
         scalars.insert("loss".into(), scalar(&l.total)?);

@@ -6,6 +6,7 @@ use crate::objective::{Objective, TrainBatch};
 use crate::optim::{clip_group_norms, named_grads, AdamW, AdamWConfig, NamedGrads, ParamGroup};
 use crate::schedule::WarmupCosine;
 use crate::{Error, Result};
+use m3ae_model::Stochastic;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -205,6 +206,7 @@ pub struct Trainer<O: Objective> {
     accum: Option<NamedGrads>,
     bad_in_row: u32,
     skipped_steps: u64,
+    seed: u64,
 }
 
 impl<O: Objective> Trainer<O> {
@@ -223,7 +225,33 @@ impl<O: Objective> Trainer<O> {
             accum: None,
             bad_in_row: 0,
             skipped_steps: 0,
+            seed: 0,
         })
+    }
+
+    /// Sets the run seed the micro-batches' dropout keys derive from (default 0; see
+    /// [`Trainer::micro_batch_key`]). The pre-training recipe passes its `seed`.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The run seed of the dropout keys.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The key of the random choices (dropout, attention dropout, drop path) of the next
+    /// micro-batch: derived from the run seed ([`Trainer::with_seed`]), the number of
+    /// micro-batches run so far (applied or skipped: `micro_step + skipped_steps`, so with
+    /// gradient accumulation each micro-batch of a step gets its own, and a skipped one is
+    /// never reused) and this process's rank. The counters are saved in checkpoints, so a
+    /// resumed run draws the same masks as an uninterrupted one. (A data-parallel run with
+    /// dropout is reproducible for its number of processes; unlike the data and the masking
+    /// noise, the dropout masks of a sample depend on the rank that holds it.)
+    pub fn micro_batch_key(&self) -> Stochastic {
+        let counter = self.micro_step + self.skipped_steps;
+        Stochastic::derive(self.seed, &[counter, self.sync.rank() as u64])
     }
 
     /// Replaces the gradient synchronisation (default: [`crate::SingleProcess`]).
@@ -267,11 +295,13 @@ impl<O: Objective> Trainer<O> {
         &self.cfg
     }
 
-    /// One micro-batch: forward, backward, accumulate; every `accumulate_grad_steps` micro-batches
+    /// One micro-batch: forward (in training mode, with [`Trainer::micro_batch_key`]), backward,
+    /// accumulate; every `accumulate_grad_steps` micro-batches
     /// the averaged gradients are clipped and applied. A non-finite loss or gradient skips the
     /// micro-batch; `max_bad_steps` in a row is an error.
     pub fn train_step(&mut self, batch: &TrainBatch) -> Result<StepReport> {
-        let report = self.objective.loss(batch)?;
+        let key = self.micro_batch_key();
+        let report = self.objective.loss_with(batch, Some(&key))?;
         let loss = report.scalars.get("loss").copied().unwrap_or(f64::NAN);
         let mut out = StepReport {
             step: self.step(),

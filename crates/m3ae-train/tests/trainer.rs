@@ -83,10 +83,16 @@ impl BatchSource for Synthetic {
 }
 
 fn setup(poison_at: Option<u64>) -> (Trainer<M3ae>, Synthetic) {
+    setup_with(poison_at, 0.0, 0)
+}
+
+/// [`setup`] with every dropout rate `rate` and the trainer's seed `seed`.
+fn setup_with(poison_at: Option<u64>, rate: f64, seed: u64) -> (Trainer<M3ae>, Synthetic) {
     let mut cfg = M3aeConfig::preset("tiny").unwrap();
     cfg.model_type = None;
     cfg.depth = 1;
     cfg.text_vocab_size = 20;
+    (cfg.att_drop, cfg.drop, cfg.drop_path) = (rate, rate, rate);
     let model = M3ae::init(&cfg, 3, &Device::Cpu).unwrap();
     let tc = TrainConfig {
         steps: 40,
@@ -97,7 +103,7 @@ fn setup(poison_at: Option<u64>) -> (Trainer<M3ae>, Synthetic) {
         ..Default::default()
     };
     (
-        Trainer::new(model, tc).unwrap(),
+        Trainer::new(model, tc).unwrap().with_seed(seed),
         Synthetic {
             cfg: M3aeConfig::preset("tiny").unwrap(),
             batch: 4,
@@ -161,6 +167,45 @@ fn resume_reproduces_an_uninterrupted_run_bit_for_bit() {
     let resumed: Vec<String> = first.into_iter().chain(second).collect();
     assert_eq!(straight, resumed);
     assert_eq!(weights(&a), weights(&c));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn dropout_training_is_seeded_and_resumes_bit_for_bit() {
+    let n = 3;
+    let (mut a, mut sa) = setup_with(None, 0.2, 11);
+    let straight = run(&mut a, &mut sa, 2 * n);
+    // the same seed again: the same run; another seed: other losses
+    let (mut b, mut sb) = setup_with(None, 0.2, 11);
+    assert_eq!(run(&mut b, &mut sb, 2 * n), straight);
+    let (mut c, mut sc) = setup_with(None, 0.2, 12);
+    assert_ne!(run(&mut c, &mut sc, 2 * n), straight);
+    // dropout is on: the run differs from one without
+    let (mut d, mut sd) = setup_with(None, 0.0, 11);
+    assert_ne!(run(&mut d, &mut sd, 2 * n), straight);
+    // at rate 0 the seed changes nothing
+    let (mut e, mut se) = setup_with(None, 0.0, 99);
+    let (mut f, mut sf) = setup_with(None, 0.0, 11);
+    assert_eq!(run(&mut e, &mut se, n), run(&mut f, &mut sf, n));
+    // every micro-batch has its own key
+    let k0 = f.micro_batch_key();
+    run(&mut f, &mut sf, 1);
+    assert_ne!(f.micro_batch_key(), k0);
+
+    let dir = tmpdir("resume-dropout");
+    let (mut g, mut sg) = setup_with(None, 0.2, 11);
+    let first = run(&mut g, &mut sg, n);
+    g.save_checkpoint(&dir, sg.position(), serde_json::Value::Null, 2)
+        .unwrap();
+    drop(g);
+    let (mut h, mut sh) = setup_with(None, 0.2, 11);
+    let latest = checkpoint::latest(&dir).unwrap().expect("a checkpoint");
+    let (pos, _) = h.restore(&latest).unwrap();
+    sh.restore(&pos).unwrap();
+    let second = run(&mut h, &mut sh, n);
+    let resumed: Vec<String> = first.into_iter().chain(second).collect();
+    assert_eq!(straight, resumed);
+    assert_eq!(weights(&a), weights(&h));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -252,7 +252,8 @@ impl<'h> Finetune<'h> {
             extra,
         )?;
         let metadata = objective.metadata().clone();
-        let trainer = Trainer::new(objective, cfg.train_config(steps_per_epoch)?)?;
+        let trainer =
+            Trainer::new(objective, cfg.train_config(steps_per_epoch)?)?.with_seed(cfg.seed);
         let eval_opts = data_opts;
 
         // evaluations so far (a resumed run keeps those up to its checkpoint)

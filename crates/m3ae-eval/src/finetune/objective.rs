@@ -5,7 +5,9 @@
 
 use m3ae_model::any::CONFIG_METADATA_KEY;
 use m3ae_model::classifier::CLASSIFIER_METADATA_KEY;
-use m3ae_model::{Classifier, LayerDecayRule, M3aeConfig, ParamSpec, ParamStore, Variant};
+use m3ae_model::{
+    Classifier, LayerDecayRule, M3aeConfig, ParamSpec, ParamStore, Stochastic, Variant,
+};
 use m3ae_train::optim::ParamGroup;
 use m3ae_train::{LossReport, Objective, TrainBatch};
 use std::collections::{BTreeMap, HashMap};
@@ -82,6 +84,13 @@ fn scalar(t: &candle_core::Tensor) -> m3ae_train::Result<f64> {
 
 impl Objective for ClassifierObjective {
     fn loss(&self, batch: &TrainBatch) -> m3ae_train::Result<LossReport> {
+        self.loss_with(batch, None)
+    }
+    fn loss_with(
+        &self,
+        batch: &TrainBatch,
+        stochastic: Option<&Stochastic>,
+    ) -> m3ae_train::Result<LossReport> {
         let patches = batch
             .input
             .image_patches
@@ -91,7 +100,7 @@ impl Objective for ClassifierObjective {
             .targets
             .as_ref()
             .ok_or_else(|| state("the classifier objective needs soft targets"))?;
-        let logits = self.classifier.forward(patches)?;
+        let logits = self.classifier.forward_train(patches, stochastic)?;
         let loss = m3ae_model::soft_cross_entropy(&logits, targets)?;
         // training accuracy against the dominant class of each (mixed) target
         let hit = logits

@@ -4,11 +4,14 @@
 //! and computed in f32 (other dtypes are converted and converted back). Tensors on a CUDA device
 //! run the kernels of the `cuda` module when the crate is built with the `cuda` feature (the
 //! dense layer, and attention longer than `cuda::attention_fits` allows, use the reference path
-//! there); without the feature, and on other devices, they use the reference path.
+//! there); without the feature, and on other devices, they use the reference path. Attention
+//! dropout runs inside the CPU attention kernel; the CUDA kernels have none, so attention with
+//! dropout on a CUDA device uses the reference path.
 
 mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub(crate) mod dropout;
 mod gelu;
 mod layer_norm;
 mod linear;
@@ -20,7 +23,7 @@ pub(crate) mod text_top_k;
 mod tile;
 pub(crate) use storage::storage_slice;
 
-use crate::{Error, Result};
+use crate::{Dropout, Error, Result};
 use candle_core::{DType, Tensor};
 use std::sync::OnceLock;
 
@@ -134,6 +137,20 @@ pub fn masked_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    masked_attention_dropout(q, k, v, key_padding, scale, None)
+}
+
+/// Fused masked attention with dropout on the probabilities; same contract as
+/// [`crate::masked_attention_dropout`]. With `dropout` on a non-CPU device the reference path
+/// runs (the CUDA kernels have no dropout).
+pub fn masked_attention_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
     let (b, _, l, _) = q.dims4()?;
     if k.dims() != q.dims() || v.dims() != q.dims() {
         return Err(Error::Shape {
@@ -149,14 +166,14 @@ pub fn masked_attention(
     check_padding("masked_attention", key_padding, b, l)?;
     if !q.device().is_cpu() {
         #[cfg(feature = "cuda")]
-        if q.device().is_cuda() && cuda::attention_fits(l, q.dim(3)?) {
+        if dropout.is_none() && q.device().is_cuda() && cuda::attention_fits(l, q.dim(3)?) {
             let op = cuda::CudaAttention::new(scale, device_padding(key_padding)?);
             let y = f32_contiguous(q)?.apply_op3(&f32_contiguous(k)?, &f32_contiguous(v)?, op)?;
             return Ok(y.to_dtype(q.dtype())?);
         }
-        return crate::reference::masked_attention(q, k, v, key_padding, scale);
+        return crate::reference::masked_attention_dropout(q, k, v, key_padding, scale, dropout);
     }
-    let op = attention::FusedAttention::new(scale, host_padding(key_padding)?);
+    let op = attention::FusedAttention::new(scale, host_padding(key_padding)?, dropout.copied());
     let y = f32_contiguous(q)?.apply_op3(&f32_contiguous(k)?, &f32_contiguous(v)?, op)?;
     Ok(y.to_dtype(q.dtype())?)
 }
@@ -168,17 +185,38 @@ pub fn qkv_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    qkv_attention_dropout(qkv, heads, key_padding, scale, None)
+}
+
+/// Fused attention on the packed qkv projection with dropout on the probabilities; same
+/// contract as [`crate::qkv_attention_dropout`]. With `dropout` on a non-CPU device the
+/// reference path runs (the CUDA kernels have no dropout).
+pub fn qkv_attention_dropout(
+    qkv: &Tensor,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
     let (b, l, _) = crate::reference::qkv_shapes(qkv, heads)?;
     check_padding("qkv_attention", key_padding, b, l)?;
     if !qkv.device().is_cpu() {
         #[cfg(feature = "cuda")]
-        if qkv.device().is_cuda() && cuda::attention_fits(l, qkv.dim(2)? / (3 * heads)) {
+        if dropout.is_none()
+            && qkv.device().is_cuda()
+            && cuda::attention_fits(l, qkv.dim(2)? / (3 * heads))
+        {
             let op = cuda::CudaQkvAttention::new(heads, scale, device_padding(key_padding)?);
             return Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?);
         }
-        return crate::reference::qkv_attention(qkv, heads, key_padding, scale);
+        return crate::reference::qkv_attention_dropout(qkv, heads, key_padding, scale, dropout);
     }
-    let op = attention::FusedQkvAttention::new(heads, scale, host_padding(key_padding)?);
+    let op = attention::FusedQkvAttention::new(
+        heads,
+        scale,
+        host_padding(key_padding)?,
+        dropout.copied(),
+    );
     Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?)
 }
 

@@ -108,6 +108,26 @@ pub unsafe fn score_grad(
     }
 }
 
+/// Score gradient of a row under attention dropout: `g[j] = pm[j] * g[j] - p[j] * delta` where
+/// `pm = P * M` is the dropped-out row, i.e. `P * (M * dP - delta)`; zero at padding keys. One
+/// loop over the row (vectorised by the compiler where the caller is compiled for AVX2).
+#[inline(always)]
+pub fn score_grad_dropout(g: &mut [f32], p: &[f32], pm: &[f32], pad: Option<&[f32]>, delta: f32) {
+    match pad {
+        Some(pad) => {
+            for (((x, &pv), &mv), &pf) in g.iter_mut().zip(p).zip(pm).zip(pad) {
+                let y = mv * *x - pv * delta;
+                *x = if pf > 0.0 { 0.0 } else { y };
+            }
+        }
+        None => {
+            for ((x, &pv), &mv) in g.iter_mut().zip(p).zip(pm) {
+                *x = mv * *x - pv * delta;
+            }
+        }
+    }
+}
+
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2 {
     #[cfg(target_arch = "x86")]

@@ -1,18 +1,21 @@
 //! The backward pass: one head ([`head_bwd`]: the probabilities recomputed from the saved
 //! statistics, then `dV`, `dS`, `dQ` and `dK` per query tile) and the driver over all
-//! `(batch, head)` pairs ([`backward`]).
+//! `(batch, head)` pairs ([`backward`]). With attention dropout the masked probabilities
+//! `P * M` (mask regenerated from the key) go into `dV` and the score gradient.
 
+use super::forward::HeadDrop;
 use super::padding::{gather_transposed, head_padding, is_prefix, may_skip_padding, scatter_rows};
 use super::tiling::{pack_rows, pad8, prefetch_head, prefetch_rows, tile_rows, with_scratch};
 use super::{Dims, GradView, Packing, Ptrs3, Stats};
 use crate::fused::storage::uninit_buffer;
 use crate::fused::{math, rows, tile, SharedMut};
 use crate::reference::PADDING_SCORE;
+use crate::Dropout;
 
 /// Scratch floats of [`head_bwd`].
 fn bwd_scratch(d: Dims) -> usize {
     let (lp, dp, t) = (pad8(d.l), pad8(d.dh), tile_rows(d.l));
-    2 * d.dh * lp + 5 * d.l * dp + 2 * t * lp + t * dp + t
+    2 * d.dh * lp + 5 * d.l * dp + 3 * t * lp + t * dp + t
 }
 
 /// Backward of one head: writes `dq`, `dk`, `dv` (same strides as the inputs), each element once;
@@ -30,7 +33,7 @@ unsafe fn head_bwd(
     (max, log_sum): (&[f32], &[f32]),
     (pad, keys): (Option<&[f32]>, Option<&[u32]>),
     d: Dims,
-    scale: f32,
+    (scale, drop): (f32, HeadDrop<'_>),
     (dq, dk, dv): (*mut f32, *mut f32, *mut f32),
     scratch: &mut [f32],
 ) {
@@ -45,6 +48,7 @@ unsafe fn head_bwd(
     let (dvc, rest) = rest.split_at_mut(l * dp);
     let (p, rest) = rest.split_at_mut(t * lp);
     let (ds, rest) = rest.split_at_mut(t * lp);
+    let (pm, rest) = rest.split_at_mut(t * lp);
     let (dot, delta) = rest.split_at_mut(t * dp);
     let keys = keys.filter(|_| may_skip_padding(max));
     // Rows of K and Q serve as the right operand of products: read in place unless their width
@@ -108,17 +112,35 @@ unsafe fn head_bwd(
             let st = (max[r0 + i], log_sum[r0 + i]);
             rows::probabilities(simd, row.as_mut_ptr(), lk, mask, PADDING_SCORE as f32, st);
         }
-        // dV (+)= P^T dO_tile
+        // with dropout, P * M (the forward's mask, by original key index)
+        if let Some((dr, row0)) = drop {
+            for (i, (prow, mrow)) in p
+                .chunks_exact(lp)
+                .zip(pm.chunks_exact_mut(lp))
+                .take(bq)
+                .enumerate()
+            {
+                let m = dr.row(row0 + (r0 + i) as u64);
+                mrow[..lk].copy_from_slice(&prow[..lk]);
+                match keys {
+                    Some(idx) => m.apply_at(&mut mrow[..lk], idx),
+                    None => m.apply(&mut mrow[..lk]),
+                }
+            }
+        }
+        let pd = if drop.is_some() { &*pm } else { &*p };
+        // dV (+)= (P * M)^T dO_tile
         tile::matmul(
             simd,
             (lk, dh, bq),
-            (p.as_ptr(), 1, lp),
+            (pd.as_ptr(), 1, lp),
             (dob, dors),
             (dvw, rsw),
             1.0,
             r0 > 0,
         );
-        // dP = dO_tile V^T, then dS = P * (dP - delta), zero at padded keys
+        // dP = dO_tile V^T, then dS = P * (dP - delta) (with dropout (P * M) * dP - P * delta),
+        // zero at padded keys
         tile::matmul(
             simd,
             (bq, lk, dh),
@@ -128,13 +150,18 @@ unsafe fn head_bwd(
             1.0,
             false,
         );
-        for (i, (prow, grow)) in p
+        for (i, ((prow, grow), mrow)) in p
             .chunks_exact(lp)
             .zip(ds.chunks_exact_mut(lp))
+            .zip(pd.chunks_exact(lp))
             .take(bq)
             .enumerate()
         {
-            rows::score_grad(simd, grow.as_mut_ptr(), prow.as_ptr(), lk, mask, delta[i]);
+            if drop.is_some() {
+                rows::score_grad_dropout(&mut grow[..lk], &prow[..lk], &mrow[..lk], mask, delta[i]);
+            } else {
+                rows::score_grad(simd, grow.as_mut_ptr(), prow.as_ptr(), lk, mask, delta[i]);
+            }
         }
         // dQ_tile = scale * dS K ; dK (+)= scale * dS^T Q_tile
         tile::matmul(
@@ -176,11 +203,11 @@ unsafe fn head_bwd_avx2(
     st: (&[f32], &[f32]),
     pad: (Option<&[f32]>, Option<&[u32]>),
     d: Dims,
-    scale: f32,
+    sd: (f32, HeadDrop<'_>),
     grads: (*mut f32, *mut f32, *mut f32),
     scratch: &mut [f32],
 ) {
-    head_bwd(true, qkv, rs_in, o, dout, st, pad, d, scale, grads, scratch)
+    head_bwd(true, qkv, rs_in, o, dout, st, pad, d, sd, grads, scratch)
 }
 
 /// Backward over all heads. Returns one gradient buffer (`Qkv`: `[B, L, 3 D]`) or three.
@@ -194,6 +221,7 @@ pub(super) fn backward(
     pad: Option<&[f32]>,
     d: Dims,
     scale: f32,
+    dropout: Option<&Dropout>,
 ) -> Vec<Vec<f32>> {
     let n = d.b * d.h * d.l * d.dh;
     let (count, len) = match packing {
@@ -224,6 +252,7 @@ pub(super) fn backward(
         let rl = bh * d.l..(bh + 1) * d.l;
         let pad = head_padding(pad, stats.kept.as_ref(), d, bh);
         let (g0, gr, gc) = grad.head(d, bh);
+        let sd = (scale, dropout.map(|dr| (dr, (bh * d.l) as u64)));
         with_scratch(scratch, |s| {
             // SAFETY: as in `forward`: each task reads its own (b, h) view and writes only the
             // gradient elements of that view; the output gradient is read inside its storage
@@ -236,9 +265,9 @@ pub(super) fn backward(
                 let outs = (gq.ptr().add(vw.q), gk.ptr().add(vw.k), gv.ptr().add(vw.v));
                 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
                 if crate::fused::has_avx2_fma() {
-                    return head_bwd_avx2(ins, vw.rs_in, o, dout, st, pad, d, scale, outs, s);
+                    return head_bwd_avx2(ins, vw.rs_in, o, dout, st, pad, d, sd, outs, s);
                 }
-                head_bwd(false, ins, vw.rs_in, o, dout, st, pad, d, scale, outs, s)
+                head_bwd(false, ins, vw.rs_in, o, dout, st, pad, d, sd, outs, s)
             }
         })
     });

@@ -1,5 +1,7 @@
 //! The forward pass: one head ([`head_fwd`]: score tiles, exact softmax, `O = P V`) and the
 //! driver over all `(batch, head)` pairs ([`forward`]), which saves the softmax statistics.
+//! With attention dropout each probability row is multiplied by its mask after its statistics
+//! are taken.
 
 use super::padding::{
     gather_rows, gather_transposed, head_padding, is_prefix, may_skip_padding, KeptKeys,
@@ -9,12 +11,16 @@ use super::{Dims, Packing, Ptrs3, Stats};
 use crate::fused::storage::uninit_buffer;
 use crate::fused::{rows, tile, SharedMut};
 use crate::reference::PADDING_SCORE;
+use crate::Dropout;
+
+/// Attention dropout of one head: the mask and the row index of the head's first query.
+pub(super) type HeadDrop<'a> = Option<(&'a Dropout, u64)>;
 
 /// Forward of one head. `q, k, v` point at the head's first row (row stride `rs_in`), `o` likewise
 /// (`rs_out`); `max, log_sum`: `[l]`; `scratch`: [`fwd_scratch`] floats. With `keys` (the kept
 /// keys of a partly padded sample) the padding keys are left out of every product, unless a row's
 /// scores are so low that padding would matter (see [`SKIP_MARGIN`]); then the head runs again
-/// over all keys.
+/// over all keys. With `drop`, the probabilities are dropped out (module docs).
 ///
 /// [`SKIP_MARGIN`]: super::padding::SKIP_MARGIN
 #[allow(clippy::too_many_arguments)]
@@ -26,12 +32,13 @@ unsafe fn head_fwd(
     out: (*mut f32, usize),
     (pad, keys): (Option<&[f32]>, Option<&[u32]>),
     d: Dims,
-    scale: f32,
+    (scale, drop): (f32, HeadDrop<'_>),
     (max, log_sum): (&mut [f32], &mut [f32]),
     scratch: &mut [f32],
 ) {
     let st = (&mut *max, &mut *log_sum);
-    if keys.is_some() && fwd_pass(simd, qkv, rs_in, out, (pad, keys), d, scale, st, scratch) {
+    let sd = (scale, drop);
+    if keys.is_some() && fwd_pass(simd, qkv, rs_in, out, (pad, keys), d, sd, st, scratch) {
         return;
     }
     fwd_pass(
@@ -41,7 +48,7 @@ unsafe fn head_fwd(
         out,
         (pad, None),
         d,
-        scale,
+        sd,
         (max, log_sum),
         scratch,
     );
@@ -58,7 +65,7 @@ unsafe fn fwd_pass(
     (o, rs_out): (*mut f32, usize),
     (pad, keys): (Option<&[f32]>, Option<&[u32]>),
     d: Dims,
-    scale: f32,
+    (scale, drop): (f32, HeadDrop<'_>),
     (max, log_sum): (&mut [f32], &mut [f32]),
     scratch: &mut [f32],
 ) -> bool {
@@ -111,6 +118,14 @@ unsafe fn fwd_pass(
             inv[i] = 1.0 / total;
             max[r0 + i] = m;
             log_sum[r0 + i] = total.ln();
+            // dropout after the statistics: O = (P * M) V (the mask by original key index)
+            if let Some((dr, row0)) = drop {
+                let m = dr.row(row0 + (r0 + i) as u64);
+                match keys {
+                    Some(idx) => m.apply_at(&mut row[..lk], idx),
+                    None => m.apply(&mut row[..lk]),
+                }
+            }
         }
         // O_tile = P V
         tile::matmul(
@@ -149,11 +164,11 @@ unsafe fn head_fwd_avx2(
     out: (*mut f32, usize),
     pad: (Option<&[f32]>, Option<&[u32]>),
     d: Dims,
-    scale: f32,
+    sd: (f32, HeadDrop<'_>),
     st: (&mut [f32], &mut [f32]),
     scratch: &mut [f32],
 ) {
-    head_fwd(true, qkv, rs_in, out, pad, d, scale, st, scratch)
+    head_fwd(true, qkv, rs_in, out, pad, d, sd, st, scratch)
 }
 
 /// Forward over all heads; inputs share one buffer (`Qkv`) or are three (`Separate`).
@@ -163,6 +178,7 @@ pub(super) fn forward(
     pad: Option<&[f32]>,
     d: Dims,
     scale: f32,
+    dropout: Option<&Dropout>,
 ) -> (Vec<f32>, Stats) {
     let n = d.b * d.h * d.l * d.dh;
     let mut o = uninit_buffer(n);
@@ -183,6 +199,7 @@ pub(super) fn forward(
         prefetch_head(inputs, packing, d, bh + 1);
         let vw = packing.view(d, bh);
         let pad = head_padding(pad, kept.as_ref(), d, bh);
+        let sd = (scale, dropout.map(|dr| (dr, (bh * d.l) as u64)));
         with_scratch(len, |s| {
             // SAFETY: the view of (b, h) stays inside the buffers (`o` has capacity `n`) and
             // no two tasks write the same output element.
@@ -191,9 +208,9 @@ pub(super) fn forward(
                 let o_ptr = (out.ptr().add(vw.o), vw.rs_out);
                 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
                 if crate::fused::has_avx2_fma() {
-                    return head_fwd_avx2(ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s);
+                    return head_fwd_avx2(ptrs, vw.rs_in, o_ptr, pad, d, sd, (mx, ls), s);
                 }
-                head_fwd(false, ptrs, vw.rs_in, o_ptr, pad, d, scale, (mx, ls), s)
+                head_fwd(false, ptrs, vw.rs_in, o_ptr, pad, d, sd, (mx, ls), s)
             }
         })
     });

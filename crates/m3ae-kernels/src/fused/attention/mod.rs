@@ -37,6 +37,15 @@
 //! row below that runs over all keys instead (the backward repeats the decision from the saved
 //! row maxima, and reuses the forward's list of kept keys).
 //!
+//! Attention dropout (`att_drop` in training, see [`mod@crate::dropout`]): the forward multiplies
+//! each probability row by its mask after the softmax statistics are taken (`O = (P * M) V`;
+//! the row maxima and log-sums saved for the backward are those of the undropped softmax), and
+//! the backward regenerates the same mask from the key: `dV += (P * M)^T dO` and
+//! `dS = (P * M) * dP - P * delta`, i.e. `P * (M * dP - delta)` (`delta = rowsum(dO * O)` is
+//! still `sum_j P_j M_j dP_j`). The mask of a probability is indexed by the query row
+//! `(b H + h) L + q` and the key's original index, so leaving padding keys out of the products
+//! does not change it, and it is the reference path's mask.
+//!
 //! This module holds the two candle ops and what they share; the passes are in `forward` (one
 //! head, then all heads) and `backward` (likewise), the leaving out of padding keys in `padding`,
 //! and the per-thread scratch, tile size, row packing and prefetching in `tiling`.
@@ -49,6 +58,7 @@ mod padding;
 mod tiling;
 
 use super::storage::{f32_slice, output, storage_slice};
+use crate::Dropout;
 use backward::backward;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use forward::forward;
@@ -199,14 +209,16 @@ fn check_padding(p: &Option<Arc<Vec<f32>>>, d: Dims) -> Result<()> {
 pub(crate) struct FusedAttention {
     scale: f32,
     padding: Option<Arc<Vec<f32>>>,
+    dropout: Option<Dropout>,
     stats: Mutex<Option<Arc<Stats>>>,
 }
 
 impl FusedAttention {
-    pub(crate) fn new(scale: f64, padding: Option<Vec<f32>>) -> Self {
+    pub(crate) fn new(scale: f64, padding: Option<Vec<f32>>, dropout: Option<Dropout>) -> Self {
         Self {
             scale: scale as f32,
             padding: padding.map(Arc::new),
+            dropout,
             stats: Mutex::new(None),
         }
     }
@@ -244,6 +256,7 @@ impl CustomOp3 for FusedAttention {
             self.padding.as_deref().map(|p| p.as_slice()),
             d,
             self.scale,
+            self.dropout.as_ref(),
         );
         *self.stats.lock().expect("stats lock") = Some(Arc::new(stats));
         Ok((CpuStorage::F32(o), l1.shape().clone()))
@@ -278,6 +291,7 @@ impl CustomOp3 for FusedAttention {
             self.padding.as_deref().map(|p| p.as_slice()),
             d,
             self.scale,
+            self.dropout.as_ref(),
         );
         drop((guards, gs));
         let shape = q.shape().clone();
@@ -294,15 +308,22 @@ pub(crate) struct FusedQkvAttention {
     heads: usize,
     scale: f32,
     padding: Option<Arc<Vec<f32>>>,
+    dropout: Option<Dropout>,
     stats: Mutex<Option<Arc<Stats>>>,
 }
 
 impl FusedQkvAttention {
-    pub(crate) fn new(heads: usize, scale: f64, padding: Option<Vec<f32>>) -> Self {
+    pub(crate) fn new(
+        heads: usize,
+        scale: f64,
+        padding: Option<Vec<f32>>,
+        dropout: Option<Dropout>,
+    ) -> Self {
         Self {
             heads,
             scale: scale as f32,
             padding: padding.map(Arc::new),
+            dropout,
             stats: Mutex::new(None),
         }
     }
@@ -339,6 +360,7 @@ impl CustomOp1 for FusedQkvAttention {
             self.padding.as_deref().map(|p| p.as_slice()),
             d,
             self.scale,
+            self.dropout.as_ref(),
         );
         *self.stats.lock().expect("stats lock") = Some(Arc::new(stats));
         Ok((CpuStorage::F32(o), Shape::from((d.b, d.l, d.h * d.dh))))
@@ -362,6 +384,7 @@ impl CustomOp1 for FusedQkvAttention {
             self.padding.as_deref().map(|p| p.as_slice()),
             d,
             self.scale,
+            self.dropout.as_ref(),
         );
         drop((xs, os, gs));
         let dqkv = g.pop().expect("one gradient buffer");
@@ -413,7 +436,7 @@ mod tests {
             values(&[b, h, l, dh], 3),
         );
         let pad: Vec<f32> = (0..b * l).map(|i| (i % 5 == 3) as u8 as f32).collect();
-        let op = FusedAttention::new(0.3, Some(pad.clone()));
+        let op = FusedAttention::new(0.3, Some(pad.clone()), None);
         let res = forward3(&op, &q, &k, &v);
         // a gradient stored as [B, H, Dh, L] and transposed: column stride L
         let strided = values(&[b, h, dh, l], 4).transpose(2, 3).unwrap();
@@ -433,7 +456,7 @@ mod tests {
         // the packed layout: [B, L, 3 D] in, gradient [B, L, D] stored as [B, D, L]
         let heads = 2;
         let qkv = values(&[b, l, 3 * heads * dh], 5);
-        let op = FusedQkvAttention::new(heads, 0.3, Some(pad));
+        let op = FusedQkvAttention::new(heads, 0.3, Some(pad), None);
         let (s, lay) = qkv.storage_and_layout();
         let x = match &*s {
             Storage::Cpu(c) => c.clone(),
