@@ -220,8 +220,7 @@ fn bad_input_names_the_flag_or_field() {
     )
     .unwrap()
     .run()
-    .err()
-    .expect("refused")
+    .expect_err("refused")
     .to_string();
     assert!(
         e.contains("--batch-size") && e.contains("64 training images"),
