@@ -21,14 +21,17 @@ fn main() -> anyhow::Result<()> {
         },
     };
     let base = load_model(&source)?;
-    let cfg = FinetuneConfig {
-        epochs: 4,
+    // a short run: without mixup / CutMix (they pay off over long schedules)
+    let mut cfg = FinetuneConfig {
+        epochs: 8,
         warmup_epochs: 1,
         batch_size: 64,
-        lr_peak: 1e-3,
+        lr_peak: 2e-3,
         ..Default::default()
     };
-    let train: DataSpec = "scenes:train:1024".parse()?;
+    cfg.mixup.mixup_alpha = 0.0;
+    cfg.mixup.cutmix_alpha = 0.0;
+    let train: DataSpec = "scenes:train:2048".parse()?;
     let val: DataSpec = "scenes:test:256".parse()?;
     let out = std::env::temp_dir().join(format!("m3ae-finetune-example-{}", std::process::id()));
     let report = Finetune::new(&base, cfg, train, val.clone(), &out)?

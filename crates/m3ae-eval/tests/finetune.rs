@@ -3,7 +3,7 @@
 //! groups, and bad input is refused with the flag or field named.
 
 use candle_core::Device;
-use m3ae_eval::finetune::{ClassifierObjective, Finetune, FinetuneConfig};
+use m3ae_eval::finetune::{ClassifierObjective, Finetune, FinetuneConfig, FinetuneReport};
 use m3ae_model::{AnyModel, Classifier, ClassifierConfig, LayerDecayRule, M3aeConfig, Variant};
 use m3ae_train::Objective;
 use std::collections::HashMap;
@@ -44,9 +44,18 @@ fn out_dir(name: &str) -> PathBuf {
 }
 
 fn run(base: &AnyModel, cfg: FinetuneConfig, out: &Path, stop_at_epoch: Option<u64>) -> bool {
+    run_report(base, cfg, out, stop_at_epoch).interrupted
+}
+
+fn run_report(
+    base: &AnyModel,
+    cfg: FinetuneConfig,
+    out: &Path,
+    stop_at_epoch: Option<u64>,
+) -> FinetuneReport {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
-    let report = Finetune::new(
+    Finetune::new(
         base,
         cfg,
         "scenes:train:64".parse().unwrap(),
@@ -61,8 +70,7 @@ fn run(base: &AnyModel, cfg: FinetuneConfig, out: &Path, stop_at_epoch: Option<u
         }
     })
     .run()
-    .unwrap();
-    report.interrupted
+    .unwrap()
 }
 
 fn weights(path: &Path) -> HashMap<String, Vec<u32>> {
@@ -81,7 +89,16 @@ fn weights(path: &Path) -> HashMap<String, Vec<u32>> {
 fn an_interrupted_run_resumes_bit_exactly() {
     let base = small_model();
     let straight = out_dir("straight");
-    assert!(!run(&base, config(), &straight, None));
+    let report = run_report(&base, config(), &straight, None);
+    assert!(!report.interrupted);
+    // the best epoch is the first evaluation with the best top-1, and the kept classifier's
+    let first_best = report
+        .evaluations
+        .iter()
+        .find(|e| e.top1 == report.best_top1)
+        .unwrap();
+    assert_eq!(report.best_epoch, first_best.epoch);
+    assert_eq!(report.best.top1, report.best_top1);
     let resumed = out_dir("resumed");
     assert!(
         run(&base, config(), &resumed, Some(1)),

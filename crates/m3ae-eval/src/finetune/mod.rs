@@ -346,16 +346,17 @@ impl<'h> Finetune<'h> {
             (final_classifier, out.join("classifier.safetensors"))
         };
         let best = predict_source(&best_classifier, val_data.source, &eval_opts)?.report()?;
-        let (best_top1, best_epoch) = evaluations.iter().fold(
-            (best.top1, fitted.report.steps / steps_per_epoch),
-            |acc, e| {
-                if e.top1 > acc.0 {
-                    (e.top1, e.epoch)
-                } else {
-                    acc
-                }
-            },
-        );
+        // the first evaluation with the best top-1 (the one whose classifier was kept); the
+        // final classifier when nothing was evaluated
+        let (best_top1, best_epoch) = evaluations
+            .iter()
+            .fold(None::<&EpochEval>, |acc, e| match acc {
+                Some(b) if b.top1 >= e.top1 => Some(b),
+                _ => Some(e),
+            })
+            .map_or((best.top1, fitted.report.steps / steps_per_epoch), |e| {
+                (e.top1, e.epoch)
+            });
         let report = FinetuneReport {
             train_samples,
             steps_per_epoch,
