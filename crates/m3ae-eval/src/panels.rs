@@ -187,6 +187,8 @@ pub fn write_batch_reconstruction(
         .image
         .clone()
         .ok_or_else(|| missing("no image output"))?;
+    // a normalised-pixel model predicts standardised patches: shown with the input's statistics
+    let pred = m3ae_model::loss::prediction_pixels(&pred, patches, cfg.image_target)?;
     let mask = out
         .image_mask
         .clone()

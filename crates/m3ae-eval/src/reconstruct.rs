@@ -130,6 +130,8 @@ pub fn reconstruct(
         }
     };
     let pred = pred.ok_or_else(|| unusable("the model returned no image".into()))?;
+    // a normalised-pixel model predicts standardised patches: shown with the input's statistics
+    let pred = m3ae_model::loss::prediction_pixels(&pred, &patches, cfg.image_target)?;
     let bad = pred
         .flatten_all()?
         .to_vec1::<f32>()?

@@ -151,6 +151,9 @@ pub struct M3aeConfig {
     pub image_all_token_loss: bool,
     /// Text loss on every non-padding token instead of the masked ones only.
     pub text_all_token_loss: bool,
+    /// What the image head regresses: the patch pixels (official) or each patch's pixels
+    /// normalised by its own mean and standard deviation (MAE's `norm_pix_loss`).
+    pub image_target: ImageTarget,
     /// Kernel implementation: `fused` (default, fast) or `reference` (plain candle ops).
     pub kernels: m3ae_kernels::KernelPath,
 }
@@ -183,9 +186,23 @@ impl Default for M3aeConfig {
             unpaired_text_loss_weight: 0.0,
             image_all_token_loss: false,
             text_all_token_loss: false,
+            image_target: ImageTarget::Pixels,
             kernels: m3ae_kernels::KernelPath::Fused,
         }
     }
+}
+
+/// The regression target of the image head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageTarget {
+    /// The patch pixels as the model sees them (the official M3AE target).
+    #[default]
+    Pixels,
+    /// Each patch's pixels minus their mean, divided by `sqrt(var + 1e-6)` with the unbiased
+    /// variance over the patch (MAE's `norm_pix_loss`); predictions are mapped back to pixels
+    /// with the visible image's patch statistics for display ([`crate::loss::patch_target`]).
+    NormalizedPixels,
 }
 
 impl M3aeConfig {

@@ -63,7 +63,7 @@ pub mod stochastic;
 pub use any::AnyModel;
 pub use attention::{AttentionTrace, TraceLayers};
 pub use classifier::{classifier_specs, Classifier, ClassifierConfig};
-pub use config::{M3aeConfig, ModelType};
+pub use config::{ImageTarget, M3aeConfig, ModelType};
 pub use layer_decay::{layer_decay_table, LayerDecayRule, LayerScale};
 pub use loss::{
     cross_entropy_loss_and_accuracy, patch_mse_loss, smooth_labels, soft_cross_entropy,

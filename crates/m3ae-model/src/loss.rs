@@ -2,6 +2,7 @@
 //! valid positions (patch MSE, text cross-entropy and accuracy), then the batch mean; and the
 //! classification losses of fine-tuning (label smoothing, soft-target cross-entropy, top-1).
 
+use crate::config::ImageTarget;
 use crate::layers::mean_sq_err_last;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, D};
@@ -23,6 +24,59 @@ pub fn patch_mse_loss(pred: &Tensor, target: &Tensor, valid: &Tensor) -> Result<
     let num = ((e * valid)?.sum(1)? / l)?;
     let den = (valid.sum(1)? / l)?;
     Ok((num / den)?.mean_all()?)
+}
+
+/// Epsilon added to the patch variance of the normalised-pixel target (MAE's value).
+pub const NORM_PIX_EPS: f64 = 1e-6;
+
+/// Per patch `(mean, sqrt(var + 1e-6))` over its last dim, the variance unbiased (as MAE's
+/// `norm_pix_loss`): `[B, L, P]` -> two `[B, L, 1]` tensors.
+fn patch_stats(patches: &Tensor) -> Result<(Tensor, Tensor)> {
+    let p = patches.dim(D::Minus1)?;
+    if p < 2 {
+        return Err(Error::Shape(format!(
+            "normalised patch targets need patches of at least 2 values, got {p}"
+        )));
+    }
+    let mean = patches.mean_keepdim(D::Minus1)?;
+    let centred = patches.broadcast_sub(&mean)?;
+    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / (p - 1) as f64)?;
+    Ok((mean, (var + NORM_PIX_EPS)?.sqrt()?))
+}
+
+/// The image head's regression target for `patches` `[B, L, P]`: the patches themselves, or
+/// with [`ImageTarget::NormalizedPixels`] each patch standardised by its own mean and
+/// `sqrt(var + 1e-6)` (unbiased variance).
+///
+/// ```
+/// use m3ae_model::{loss::patch_target, ImageTarget};
+/// let p = candle_core::Tensor::new(&[[[1f32, 3.0]]], &candle_core::Device::Cpu)?;
+/// assert_eq!(patch_target(&p, ImageTarget::Pixels)?.to_vec3::<f32>()?, p.to_vec3::<f32>()?);
+/// let n = patch_target(&p, ImageTarget::NormalizedPixels)?.to_vec3::<f32>()?;
+/// assert!((n[0][0][0] + 0.7071).abs() < 1e-3 && (n[0][0][1] - 0.7071).abs() < 1e-3);
+/// # Ok::<(), m3ae_model::Error>(())
+/// ```
+pub fn patch_target(patches: &Tensor, target: ImageTarget) -> Result<Tensor> {
+    Ok(match target {
+        ImageTarget::Pixels => patches.clone(),
+        ImageTarget::NormalizedPixels => {
+            let (mean, std) = patch_stats(patches)?;
+            patches.broadcast_sub(&mean)?.broadcast_div(&std)?
+        }
+    })
+}
+
+/// Image predictions `[B, L, P]` back in pixel space: as they are for the pixel target; for the
+/// normalised target, scaled and shifted by the statistics of the corresponding `patches` of
+/// the input image (how MAE shows its reconstructions).
+pub fn prediction_pixels(pred: &Tensor, patches: &Tensor, target: ImageTarget) -> Result<Tensor> {
+    Ok(match target {
+        ImageTarget::Pixels => pred.clone(),
+        ImageTarget::NormalizedPixels => {
+            let (mean, std) = patch_stats(patches)?;
+            pred.broadcast_mul(&std)?.broadcast_add(&mean)?
+        }
+    })
 }
 
 /// Cross-entropy and accuracy: log-softmax over V; per sample
@@ -205,6 +259,36 @@ mod tests {
         assert_eq!(top1_accuracy(&logits, &[2, 0])?, 1.0);
         assert!(top1_accuracy(&logits, &[2]).is_err());
         assert!(soft_cross_entropy(&logits, &targets.narrow(0, 0, 1)?).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn normalised_pixel_targets_standardise_each_patch_and_map_back() -> anyhow::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let v: Vec<f32> = (0..2 * 3 * 12)
+            .map(|i| ((i * 29) % 17) as f32 * 0.3)
+            .collect();
+        let patches = Tensor::from_vec(v.clone(), (2, 3, 12), &dev)?;
+        let t = patch_target(&patches, ImageTarget::NormalizedPixels)?;
+        for (row, out) in v
+            .chunks(12)
+            .zip(t.flatten_all()?.to_vec1::<f32>()?.chunks(12))
+        {
+            let mean = row.iter().map(|&x| x as f64).sum::<f64>() / 12.0;
+            let var = row.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / 11.0;
+            for (x, y) in row.iter().zip(out) {
+                let want = (*x as f64 - mean) / (var + NORM_PIX_EPS).sqrt();
+                assert!((*y as f64 - want).abs() < 1e-5, "{y} vs {want}");
+            }
+        }
+        // predicting the target exactly gives back the patches
+        let back = prediction_pixels(&t, &patches, ImageTarget::NormalizedPixels)?;
+        let err = (back - &patches)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "{err}");
+        // the pixel target is the identity both ways
+        let same = prediction_pixels(&patches, &patches, ImageTarget::Pixels)?;
+        assert_eq!(same.to_vec3::<f32>()?, patches.to_vec3::<f32>()?);
+        assert!(patch_target(&patches.narrow(2, 0, 1)?, ImageTarget::NormalizedPixels).is_err());
         Ok(())
     }
 }

@@ -457,7 +457,8 @@ impl Core {
             } else {
                 mask.clone()
             };
-            let l = patch_mse_loss(pred, target, &valid)?;
+            let target = crate::loss::patch_target(target, self.cfg.image_target)?;
+            let l = patch_mse_loss(pred, &target, &valid)?;
             add(&l, self.cfg.image_loss_weight)?;
             image_loss = Some(l);
         }

@@ -63,6 +63,41 @@ fn every_mae_weight_gets_a_nonzero_gradient() -> anyhow::Result<()> {
 }
 
 #[test]
+fn the_normalised_pixel_target_changes_only_the_image_loss_target() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let mut cfg = M3aeConfig::preset("tiny")?;
+    let model = Mae::init(&cfg, 2, &dev)?;
+    let patches = batch(&cfg, 2, &dev)?.image_patches.unwrap();
+    let li = cfg.num_patches();
+    let m = Masking::new(&noise(li, 3), 2, cfg.image_keep(li), &dev)?;
+    let out = model.forward(&patches, &m)?;
+    let pixels = model.losses(&patches, &out)?.image_loss.unwrap();
+    cfg.image_target = m3ae_model::ImageTarget::NormalizedPixels;
+    let norm = Mae::new(&cfg, model.params().clone())?;
+    let out2 = norm.forward(&patches, &m)?;
+    // the same prediction; only the target differs
+    assert_eq!(
+        bits(out2.image.as_ref().unwrap()),
+        bits(out.image.as_ref().unwrap())
+    );
+    let l = norm.losses(&patches, &out2)?.image_loss.unwrap();
+    let target = m3ae_model::loss::patch_target(&patches, cfg.image_target)?;
+    let want = m3ae_model::patch_mse_loss(out.image.as_ref().unwrap(), &target, &m.mask)?;
+    assert_eq!(l.to_scalar::<f32>()?, want.to_scalar::<f32>()?);
+    assert_ne!(l.to_scalar::<f32>()?, pixels.to_scalar::<f32>()?);
+    // gradients flow through the normalised target's loss
+    let grads = l.backward()?;
+    assert!(grads
+        .get(
+            norm.params()
+                .var("decoder.image_head.out.weight")?
+                .as_tensor()
+        )
+        .is_some());
+    Ok(())
+}
+
+#[test]
 fn parameter_counts_match_the_official_table() -> anyhow::Result<()> {
     // Spec §1: total params of M3AE with V = 30522 and P = 16, in millions (one decimal).
     for (name, millions) in [
