@@ -177,6 +177,18 @@ pub struct Scene {
     pub pixels: Vec<u8>,
 }
 
+/// One scene in three renderings ([`CaptionedScenes::scene_layers`]), each `[size, size, 3]`
+/// RGB.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SceneLayers {
+    /// The scene as the data set gives it.
+    pub pixels: Vec<u8>,
+    /// The same scene without the background's noise texture.
+    pub clean: Vec<u8>,
+    /// The background alone (its colour, no texture, no objects).
+    pub background: Vec<u8>,
+}
+
 /// The captioned-scenes data set.
 #[derive(Debug, Clone)]
 pub struct CaptionedScenes {
@@ -427,7 +439,43 @@ impl CaptionedScenes {
         }
     }
 
+    /// Scene `index` drawn three ways from the same random draws: as [`CaptionedScenes::scene`]
+    /// renders it, without the background's per-pixel noise texture, and without its objects
+    /// (the plain background colour): the references against which a reconstruction's error is
+    /// split into the irreducible noise and the objects.
+    ///
+    /// ```
+    /// use m3ae_data::{CaptionedScenes, ScenesConfig};
+    /// let ds = CaptionedScenes::new(ScenesConfig::default())?;
+    /// let l = ds.scene_layers(5);
+    /// assert_eq!(l.pixels, ds.scene(5).pixels);
+    /// assert_eq!((l.clean.len(), l.background.len()), (64 * 64 * 3, 64 * 64 * 3));
+    /// // the background has one colour
+    /// assert!(l.background.chunks(3).all(|p| p == &l.background[..3]));
+    /// # Ok::<(), m3ae_data::Error>(())
+    /// ```
+    pub fn scene_layers(&self, index: usize) -> SceneLayers {
+        let draw = |noise: bool, objects: bool| {
+            let mut rng = self.rng(index);
+            let objs = self.layout(&mut rng);
+            let _caption = Self::describe_objects(&objs, &mut rng);
+            let shown: &[Object] = if objects { &objs } else { &[] };
+            self.render_with(shown, &mut rng, noise)
+        };
+        SceneLayers {
+            pixels: draw(true, true),
+            clean: draw(false, true),
+            background: draw(false, false),
+        }
+    }
+
     fn render(&self, objects: &[Object], rng: &mut ChaCha8Rng) -> Vec<u8> {
+        self.render_with(objects, rng, true)
+    }
+
+    /// Renders `objects`; `noise`: add the texture of a textured background (its draws are made
+    /// either way, so the rest of the scene does not change).
+    fn render_with(&self, objects: &[Object], rng: &mut ChaCha8Rng, noise: bool) -> Vec<u8> {
         let s = self.cfg.image_size;
         let base = rng.random_range(20..=70) as f32;
         let tint = [
@@ -443,6 +491,7 @@ impl CaptionedScenes {
             } else {
                 0.0
             };
+            let n = if noise { n } else { 0.0 };
             for c in 0..3 {
                 px[c] = base + tint[c] + n;
             }
