@@ -4,7 +4,8 @@
 //! `cargo bench --features cuda --bench kernels_cuda` (needs a GPU; without one it stops with
 //! "no CUDA device"). Every timed iteration ends with a device synchronisation. Throughput
 //! counts FLOP for attention (forward `4 B H L^2 Dh`, forward+backward 3x) and input elements for
-//! LayerNorm and GELU, as in the CPU benchmarks.
+//! LayerNorm and GELU, as in the CPU benchmarks; for the text-head loss the FLOP of the rows that
+//! count (`6 M V D` forward and backward, `M` rows of non-zero weight).
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -108,5 +109,41 @@ fn layer_norm_and_gelu(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, attention, layer_norm_and_gelu);
+/// The text-head loss at the CPU-sized M3AE workload (batch 64 x 32 tokens, decoder width 128,
+/// BERT's 30,522 words, 75% of the non-padding tokens masked), forward + backward.
+fn text_head(c: &mut Criterion) {
+    let dev = m3ae_kernels::fused::cuda::first_gpu().expect("this benchmark needs a CUDA GPU");
+    let (b, t, d, v) = (64usize, 32usize, 128usize, 30_522usize);
+    let n = b * t;
+    let h = var(&[n, d], 8, &dev);
+    let w = var(&[v, d], 9, &dev);
+    let bias = var(&[v], 10, &dev);
+    let targets: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+    let targets = Tensor::new(targets.as_slice(), &dev).unwrap();
+    // sample s has s % 16 padding tokens; positions i % 4 != 0 are masked
+    let rw: Vec<f32> = (0..n)
+        .map(|j| {
+            let (s, i) = (j / t, j % t);
+            f32::from(i % 4 != 0 && i < t - s % 16) / (t as f32 * b as f32)
+        })
+        .collect();
+    let m = rw.iter().filter(|&&x| x != 0.0).count();
+    let rw = Tensor::new(rw.as_slice(), &dev).unwrap();
+    let mut g = c.benchmark_group(format!("cuda_text_head/N{n}_M{m}_D{d}_V{v}"));
+    g.sample_size(20);
+    for (path_name, path) in PATHS {
+        g.throughput(Throughput::Elements((6 * m * v * d) as u64));
+        g.bench_function(format!("{path_name}/fwd+bwd"), |bch| {
+            bch.iter(|| {
+                let (loss, _) = path.text_head_loss(&h, &w, &bias, &targets, &rw).unwrap();
+                let grads = loss.backward().unwrap();
+                dev.synchronize().unwrap();
+                grads
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, attention, layer_norm_and_gelu, text_head);
 criterion_main!(benches);

@@ -304,7 +304,8 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// and `bias`) and `accuracy = sum_i w_i [argmax_j (h_i W^T + b)_j = t_i]` (no gradient; ties
 /// go to the smallest index, a row with a NaN logit never counts as correct).
 /// The fused path multiplies only the rows with a non-zero weight, tile by tile, and stores
-/// no `N x V` tensor in the forward or the backward. Runs the default ([`KernelPath::Fused`]) path.
+/// no `N x V` tensor in the forward or the backward, on the CPU and (feature `cuda`) on CUDA.
+/// Runs the default ([`KernelPath::Fused`]) path.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -356,8 +357,9 @@ impl TextTopK {
 /// logits by the lower id (as `Tensor::argmax`, so the first id of each row is exactly the
 /// argmax of the composed logits), a NaN logit after every number (it never wins over one).
 /// The fused path multiplies only the requested rows, tile by tile over the vocabulary, and
-/// never holds the `N x V` (or `rows x V`) logits; off the CPU it composes the logits of the
-/// requested rows. Runs the default ([`KernelPath::Fused`]) path.
+/// never holds the `N x V` (or `rows x V`) logits, on the CPU and (feature `cuda`, `k` up to 32)
+/// on CUDA; elsewhere it composes the logits of the requested rows. Runs the default
+/// ([`KernelPath::Fused`]) path.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, D};

@@ -2,7 +2,12 @@
 //! emulator that runs every kernel of `src/fused/cuda/kernels.cu` with one OS thread per CUDA
 //! thread, using the launch geometry of `src/fused/cuda/mod.rs`) with the system C++ compiler
 //! and checks its verdict: attention (separate and packed layouts, every padding pattern, large
-//! scores), LayerNorm and GELU, forward and backward, against a double-precision reference.
+//! scores), LayerNorm and GELU, forward and backward, and the text head (loss, accuracy and the
+//! gradients of hidden, weight and bias on M3AE's weightings, rows and all rows of weight 0,
+//! vocabularies not a multiple of the tile and of several tiles per chunk, two row tiles, very
+//! large logits, arg-max ties inside a tile, across tiles and chunks, NaN rows and words; top-k
+//! with ties, NaN, `k` from 1 to beyond `V` and repeated rows), against a double-precision
+//! reference.
 //! Needs a C++20 compiler (`$CXX`, else `c++`); without one the test fails, naming the compiler.
 
 use std::path::Path;
@@ -43,6 +48,13 @@ fn cuda_kernels_match_reference_under_the_cpu_emulator() {
         "attention packed",
         "layer_norm",
         "gelu",
+        "text_head masked-only",
+        "text_head all rows of weight 0",
+        "text_head ties-v4250",
+        "text_head NaN",
+        "text_top_k ties",
+        "text_top_k NaN",
+        "text_top_k chunks",
     ] {
         assert!(report.contains(what), "{what} not checked:\n{report}");
     }

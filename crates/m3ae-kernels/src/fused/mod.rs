@@ -3,10 +3,10 @@
 //! Each public function takes tensors of any layout and float dtype: inputs are made contiguous
 //! and computed in f32 (other dtypes are converted and converted back). Tensors on a CUDA device
 //! run the kernels of the `cuda` module when the crate is built with the `cuda` feature (the
-//! dense layer, and attention longer than `cuda::attention_fits` allows, use the reference path
-//! there); without the feature, and on other devices, they use the reference path. Attention
-//! dropout runs inside the CPU attention kernel; the CUDA kernels have none, so attention with
-//! dropout on a CUDA device uses the reference path.
+//! dense layer, attention longer than `cuda::attention_fits` allows and the text-head top-k with
+//! `k` above `cuda::TOP_K_MAX` use the reference path there); without the feature, and on other
+//! devices, they use the reference path. Attention dropout runs inside the CPU attention kernel;
+//! the CUDA kernels have none, so attention with dropout on a CUDA device uses the reference path.
 
 mod attention;
 #[cfg(feature = "cuda")]
@@ -286,7 +286,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 
 /// Fused text-head loss; same contract as [`crate::text_head_loss`]. Only the rows with a
 /// non-zero weight are multiplied, in tiles, and no `N x V` tensor is stored (module docs of
-/// `text_head`). Tensors on other devices use the reference path.
+/// `text_head`). Tensors on a CUDA device run the CUDA kernels (`cuda::CudaTextHeadLoss`) when
+/// the crate is built with the `cuda` feature; tensors on other devices, and CUDA without the
+/// feature, use the reference path.
 pub fn text_head_loss(
     hidden: &Tensor,
     weight: &Tensor,
@@ -294,7 +296,11 @@ pub fn text_head_loss(
     targets: &Tensor,
     row_weights: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    if !hidden.device().is_cpu() {
+    #[cfg(feature = "cuda")]
+    let supported = hidden.device().is_cpu() || hidden.device().is_cuda();
+    #[cfg(not(feature = "cuda"))]
+    let supported = hidden.device().is_cpu();
+    if !supported {
         return crate::reference::text_head_loss(hidden, weight, bias, targets, row_weights);
     }
     let inputs = crate::reference::text_head_inputs(hidden, weight, bias, targets, row_weights)?;
@@ -308,9 +314,19 @@ pub fn text_head_loss(
             wg.push(wi);
         }
     }
-    let op = text_head::FusedTextHeadLoss::new(rows, tg, wg);
-    let out =
-        f32_contiguous(hidden)?.apply_op3(&f32_contiguous(weight)?, &f32_contiguous(bias)?, op)?;
+    let (h, wt, b) = (
+        f32_contiguous(hidden)?,
+        f32_contiguous(weight)?,
+        f32_contiguous(bias)?,
+    );
+    #[cfg(feature = "cuda")]
+    let out = if hidden.device().is_cuda() {
+        h.apply_op3(&wt, &b, cuda::CudaTextHeadLoss::new(&rows, &tg, wg)?)?
+    } else {
+        h.apply_op3(&wt, &b, text_head::FusedTextHeadLoss::new(rows, tg, wg))?
+    };
+    #[cfg(not(feature = "cuda"))]
+    let out = h.apply_op3(&wt, &b, text_head::FusedTextHeadLoss::new(rows, tg, wg))?;
     let loss = out.get(0)?.to_dtype(hidden.dtype())?;
     let acc = out.get(1)?.detach().to_dtype(hidden.dtype())?;
     Ok((loss, acc))
@@ -319,7 +335,10 @@ pub fn text_head_loss(
 /// Top-k words of a linear text head at the requested rows; same contract as
 /// [`crate::text_head_top_k`]. Only the requested rows are multiplied, tile by tile over the
 /// vocabulary, keeping a running top-k per row (module docs of `text_top_k`); no `N x V` tensor
-/// exists. Tensors on other devices use the reference path (logits of the requested rows only).
+/// exists. Tensors on a CUDA device run the CUDA kernels when the crate is built with the `cuda`
+/// feature and `k` is at most `cuda::TOP_K_MAX` (32; above it the reference path runs, logged
+/// once); tensors on other devices, and CUDA without the feature, use the reference path (logits
+/// of the requested rows only).
 pub fn text_head_top_k(
     hidden: &Tensor,
     weight: &Tensor,
@@ -328,6 +347,31 @@ pub fn text_head_top_k(
     k: usize,
 ) -> Result<crate::TextTopK> {
     if !hidden.device().is_cpu() {
+        #[cfg(feature = "cuda")]
+        if hidden.device().is_cuda() {
+            if k <= cuda::TOP_K_MAX {
+                let (_, _, v) = crate::reference::text_top_k_shapes(hidden, weight, bias, rows)?;
+                let bias = match bias {
+                    Some(b) => f32_contiguous(&b.detach())?,
+                    None => Tensor::zeros(v, DType::F32, hidden.device())?,
+                };
+                return Ok(cuda::text_head_top_k(
+                    &f32_contiguous(&hidden.detach())?,
+                    &f32_contiguous(&weight.detach())?,
+                    &bias,
+                    rows,
+                    k,
+                )?);
+            }
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                log::warn!(
+                    "m3ae-kernels: text_head_top_k with k = {k} > {} runs the reference path on \
+                     CUDA (logits of the requested rows)",
+                    cuda::TOP_K_MAX
+                )
+            });
+        }
         return crate::reference::text_head_top_k(hidden, weight, bias, rows, k);
     }
     let (n, d, v) = crate::reference::text_top_k_shapes(hidden, weight, bias, rows)?;

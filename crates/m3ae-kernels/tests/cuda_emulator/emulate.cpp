@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <barrier>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -32,6 +33,7 @@ static Dim3 blockDim, gridDim;
 struct Warp {
     std::barrier<> bar{32};
     float slots[32];
+    int int_slots[32];
 };
 static thread_local Warp* emu_warp = nullptr;
 static thread_local std::barrier<>* emu_block = nullptr;
@@ -47,6 +49,17 @@ static float __shfl_xor_sync(unsigned, float v, int offset) {
     emu_warp->bar.arrive_and_wait();
     return r;
 }
+
+static int __shfl_xor_sync(unsigned, int v, int offset) {
+    const unsigned lane = threadIdx.x & 31;
+    emu_warp->int_slots[lane] = v;
+    emu_warp->bar.arrive_and_wait();
+    const int r = emu_warp->int_slots[lane ^ offset];
+    emu_warp->bar.arrive_and_wait();
+    return r;
+}
+static float __int_as_float(int x) { return std::bit_cast<float>(x); }
+using std::min;
 
 #define __global__
 #define __device__
@@ -335,6 +348,422 @@ static void gelu_case(long long n) {
     check((std::string(name) + " dx").c_str(), dx, wdx, 1e-4);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Text head (launch geometry and vocabulary split as mod.rs).
+
+constexpr int TH_TARGET_BLOCKS = 512, TH_FWD_CHUNKS = 64, TH_DH_CHUNKS = 16, TOP_K_CHUNKS = 16;
+constexpr size_t TH_TILE_BYTES = sizeof(LogitTile);
+constexpr size_t TH_SLICE_BYTES = TH_ROWS * (TH_WORDS + 1) * sizeof(float);
+
+struct Split {
+    int per, chunks;
+};
+// Vocabulary chunks of a grid (chunks, ceil(m / TH_ROWS)): about TH_TARGET_BLOCKS blocks, at most
+// max_chunks chunks; a chunk is `per` consecutive word tiles.
+static Split vocab_split(int v, int m, int max_chunks) {
+    const int tiles = (v + TH_WORDS - 1) / TH_WORDS, row_tiles = (m + TH_ROWS - 1) / TH_ROWS;
+    const int want = std::min(
+        std::clamp((TH_TARGET_BLOCKS + row_tiles - 1) / row_tiles, 1, max_chunks), tiles);
+    const int per = (tiles + want - 1) / want;
+    return Split{per, (tiles + per - 1) / per};
+}
+
+struct HeadOut {
+    float loss, acc;
+    std::vector<float> dh, dw, db;
+};
+
+// The CUDA op: forward (3 launches) and backward (3 launches) on the rows of non-zero weight,
+// incoming gradient g.
+static HeadOut head_kernels(int n, int d, int v, const std::vector<float>& h,
+                            const std::vector<float>& w, const std::vector<float>& b,
+                            const std::vector<int>& targets, const std::vector<float>& weights,
+                            float g) {
+    std::vector<int> rows, tg;
+    std::vector<float> wg;
+    for (int i = 0; i < n; ++i)
+        if (weights[i] != 0.f) {
+            rows.push_back(i);
+            tg.push_back(targets[i]);
+            wg.push_back(weights[i]);
+        }
+    const int m = (int)rows.size();
+    HeadOut o{0.f, 0.f, std::vector<float>((size_t)n * d, 0.f),
+              std::vector<float>((size_t)v * d, 0.f), std::vector<float>(v, 0.f)};
+    if (m == 0) return o;
+    const Dim3 block{TH_THREADS, 1, 1};
+    const unsigned row_tiles = (m + TH_ROWS - 1) / TH_ROWS;
+    const unsigned row_blocks = (m + TH_THREADS - 1) / TH_THREADS;
+    const Split fs = vocab_split(v, m, TH_FWD_CHUNKS);
+    std::vector<float> stats((size_t)m * fs.chunks * 4, NAN), row_max(m, NAN), row_log_sum(m, NAN),
+        terms(2 * m, NAN), out(2, NAN);
+    std::vector<int> info((size_t)m * fs.chunks * 2, -7);
+    launch(Dim3{(unsigned)fs.chunks, row_tiles, 1}, block, TH_TILE_BYTES, [&] {
+        m3ae_text_head_fwd(h.data(), rows.data(), tg.data(), m, w.data(), b.data(), v, d, fs.per,
+                           stats.data(), info.data());
+    });
+    launch(Dim3{row_blocks, 1, 1}, block, 0, [&] {
+        m3ae_text_head_fwd_merge(stats.data(), info.data(), tg.data(), m, fs.chunks, fs.per,
+                                 row_max.data(), row_log_sum.data(), terms.data());
+    });
+    launch(Dim3{1, 1, 1}, block, 0,
+           [&] { m3ae_text_head_fwd_sum(terms.data(), wg.data(), m, out.data()); });
+    o.loss = out[0];
+    o.acc = out[1];
+
+    const float grad[2] = {g, 0.f};
+    const unsigned tiles = (v + TH_WORDS - 1) / TH_WORDS;
+    launch(Dim3{tiles, 1, 1}, block, TH_TILE_BYTES + TH_SLICE_BYTES, [&] {
+        m3ae_text_head_bwd_dw(h.data(), rows.data(), tg.data(), wg.data(), row_max.data(),
+                              row_log_sum.data(), grad, m, w.data(), b.data(), v, d, o.dw.data(),
+                              o.db.data());
+    });
+    const Split hs = vocab_split(v, m, TH_DH_CHUNKS);
+    std::vector<float> partials((size_t)hs.chunks * m * d, 0.f);
+    launch(Dim3{(unsigned)hs.chunks, row_tiles, 1}, block, TH_TILE_BYTES + TH_SLICE_BYTES, [&] {
+        m3ae_text_head_bwd_dh(h.data(), rows.data(), tg.data(), wg.data(), row_max.data(),
+                              row_log_sum.data(), grad, m, w.data(), b.data(), v, d, hs.per,
+                              partials.data());
+    });
+    const long long md = (long long)m * d;
+    const unsigned blocks = (unsigned)std::min<long long>((md + 255) / 256, 65535);
+    launch(Dim3{blocks, 1, 1}, Dim3{256, 1, 1}, 0, [&] {
+        m3ae_text_head_bwd_dh_sum(partials.data(), rows.data(), m, d, hs.chunks, o.dh.data());
+    });
+    return o;
+}
+
+struct HeadRef {
+    double loss = 0, acc = 0;
+    std::vector<double> dh, dw, db;
+};
+
+// Double-precision reference over the rows of non-zero weight (a NaN logit makes the loss NaN
+// and the row never correct).
+static HeadRef head_reference(int n, int d, int v, const std::vector<float>& h,
+                              const std::vector<float>& w, const std::vector<float>& b,
+                              const std::vector<int>& targets, const std::vector<float>& weights,
+                              double g) {
+    HeadRef r;
+    r.dh.assign((size_t)n * d, 0);
+    r.dw.assign((size_t)v * d, 0);
+    r.db.assign(v, 0);
+    std::vector<double> s(v);
+    for (int i = 0; i < n; ++i) {
+        if (weights[i] == 0.f) continue;
+        double mx = -INFINITY;
+        int arg = 0;
+        bool bad = false;
+        for (int j = 0; j < v; ++j) {
+            double x = b[j];
+            for (int k = 0; k < d; ++k) x += (double)h[(size_t)i * d + k] * w[(size_t)j * d + k];
+            s[j] = x;
+            bad |= std::isnan(x);
+            if (x > mx) {
+                mx = x;
+                arg = j;
+            }
+        }
+        double z = 0;
+        for (int j = 0; j < v; ++j) z += std::exp(s[j] - mx);
+        const int t = targets[i];
+        r.loss += weights[i] * (bad ? NAN : mx + std::log(z) - s[t]);
+        if (!bad && arg == t) r.acc += weights[i];
+        for (int j = 0; j < v; ++j) {
+            const double gl = g * weights[i] * (std::exp(s[j] - mx) / z - (j == t));
+            r.db[j] += gl;
+            for (int k = 0; k < d; ++k) {
+                r.dh[(size_t)i * d + k] += gl * w[(size_t)j * d + k];
+                r.dw[(size_t)j * d + k] += gl * h[(size_t)i * d + k];
+            }
+        }
+    }
+    return r;
+}
+
+static void check_scalar(const std::string& what, double got, double want, double tol) {
+    const double err = std::fabs(got - want) / std::fmax(std::fabs(want), 1e-3);
+    const bool ok = err <= tol || (std::isnan(got) && std::isnan(want));
+    if (!ok) ++failures;
+    std::printf("%s %-58s got %.9g want %.9g\n", ok ? "ok  " : "FAIL", what.c_str(), got, want);
+}
+
+static void expect(const std::string& what, bool ok) {
+    if (!ok) ++failures;
+    std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+}
+
+static std::vector<int> random_targets(int n, int v) {
+    std::vector<int> t(n);
+    for (auto& x : t) x = std::min(v - 1, (int)((uniform() + 1.f) * 0.5f * v));
+    return t;
+}
+
+// M3AE's weights: sample s of `len` tokens has s % (len / 2) padding tokens at its end; with
+// `masked_only` only the positions i % 4 != 0 count; each sample's weights sum to 1 / samples.
+static std::vector<float> m3ae_weights(int samples, int len, bool masked_only) {
+    std::vector<float> out((size_t)samples * len);
+    for (int s = 0; s < samples; ++s) {
+        int count = 0;
+        for (int i = 0; i < len; ++i) {
+            const bool pad = i >= len - s % std::max(len / 2, 1);
+            const bool sel = !masked_only || i % 4 != 0;
+            out[s * len + i] = (sel && !pad) ? 1.f : 0.f;
+            count += sel && !pad;
+        }
+        for (int i = 0; i < len; ++i)
+            out[s * len + i] /= std::max((float)count, 1e-5f) * samples;
+    }
+    return out;
+}
+
+static void text_head_case(const char* name, int n, int d, int v, const std::vector<float>& h,
+                           const std::vector<float>& w, const std::vector<float>& b,
+                           const std::vector<int>& t, const std::vector<float>& rw,
+                           double grad_tol = 1e-4) {
+    const float g = 1.5f;
+    const HeadOut o = head_kernels(n, d, v, h, w, b, t, rw, g);
+    const HeadRef r = head_reference(n, d, v, h, w, b, t, rw, g);
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "text_head %s n%d d%d v%d", name, n, d, v);
+    const std::string base(buf);
+    check_scalar(base + " loss", o.loss, r.loss, 1e-5);
+    check_scalar(base + " accuracy", o.acc, r.acc, 1e-6);
+    check((base + " dh").c_str(), o.dh, r.dh, grad_tol);
+    check((base + " dw").c_str(), o.dw, r.dw, grad_tol);
+    check((base + " db").c_str(), o.db, r.db, grad_tol);
+    // rows of weight 0 get exactly zero gradients
+    bool zero = true;
+    for (int i = 0; i < n; ++i)
+        if (rw[i] == 0.f)
+            for (int k = 0; k < d; ++k) zero &= o.dh[(size_t)i * d + k] == 0.f;
+    expect(base + " rows of weight 0: zero dh", zero);
+}
+
+// Random inputs; the targets of every third row are its arg-max, so the accuracy is not 0.
+static void text_head_random(const char* name, int n, int d, int v, std::vector<float> rw,
+                             float scale = 1.f, float bias_scale = 0.5f, double tol = 1e-4) {
+    const auto h = random_vec((size_t)n * d, scale), w = random_vec((size_t)v * d, scale * 0.5f),
+               b = random_vec(v, bias_scale);
+    auto t = random_targets(n, v);
+    for (int i = 0; i < n; i += 3) {
+        double mx = -INFINITY;
+        for (int j = 0; j < v; ++j) {
+            double x = b[j];
+            for (int k = 0; k < d; ++k) x += (double)h[(size_t)i * d + k] * w[(size_t)j * d + k];
+            if (x > mx) {
+                mx = x;
+                t[i] = j;
+            }
+        }
+    }
+    text_head_case(name, n, d, v, h, w, b, t, rw, tol);
+}
+
+// Zero hidden states and equal biases of the words `tied` (2 above all others): every row's
+// arg-max is the first of them (rows targeting another tied word miss).
+static void text_head_ties(int v, std::vector<int> tied, std::vector<int> t) {
+    const int n = 4, d = 8;
+    std::vector<float> b(v, 0.f);
+    for (int j : tied) b[j] = 2.f;
+    const std::vector<float> h(n * d, 0.f), w = random_vec(v * d, 1.f), rw(n, 0.25f);
+    const HeadOut o = head_kernels(n, d, v, h, w, b, t, rw, 1.f);
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "text_head ties v%d: accuracy (word %d wins)", v, tied[0]);
+    check_scalar(buf, o.acc, 0.25 * std::count(t.begin(), t.end(), tied[0]), 1e-7);
+    std::snprintf(buf, sizeof buf, "ties-v%d", v);
+    text_head_case(buf, n, d, v, h, w, b, t, rw);
+}
+
+static void text_head_cases() {
+    text_head_random("masked-only", 50, 40, 300, m3ae_weights(5, 10, true));
+    text_head_random("all-token", 50, 40, 300, m3ae_weights(5, 10, false));
+    text_head_random("one-tile", 7, 16, 64, std::vector<float>(7, 1.f));
+    text_head_random("single-word", 3, 5, 1, std::vector<float>(3, 0.5f));
+    {
+        // two row tiles, two slices of 64 dimensions in the backward
+        std::vector<float> rw(90);
+        for (auto& x : rw) x = uniform() > -0.6f ? 0.01f : 0.f;  // about 20% of weight 0
+        text_head_random("two-row-tiles", 90, 70, 300, rw);
+    }
+    {
+        // 67 word tiles: forward chunks of 2 tiles (the last of 1), dh chunks of 5 (the last of 2)
+        std::vector<float> rw(12, 0.1f);
+        rw[3] = rw[7] = 0.f;
+        text_head_random("chunks-of-tiles", 12, 16, 4250, rw);
+    }
+    // logits of order 1e3-1e4: exp overflows without the running maximum
+    text_head_random("large-logits", 10, 16, 600, std::vector<float>(10, 0.1f), 30.f, 1e3f, 1e-3);
+    {
+        // all rows of weight 0: nothing runs, zero loss, accuracy and gradients
+        const int n = 10, d = 8, v = 100;
+        const HeadOut o = head_kernels(n, d, v, random_vec(n * d, 1.f), random_vec(v * d, 1.f),
+                                       random_vec(v, 1.f), random_targets(n, v),
+                                       std::vector<float>(n, 0.f), 1.5f);
+        bool zero = o.loss == 0.f && o.acc == 0.f;
+        for (auto* g : {&o.dh, &o.dw, &o.db})
+            for (float x : *g) zero &= x == 0.f;
+        expect("text_head all rows of weight 0: zero loss, accuracy, gradients", zero);
+    }
+    // argmax ties go to the lower word: inside a tile (words 3 and 6, scanned by different
+    // threads), across the tiles of one chunk (69: tile 1 of forward chunk 0 when V = 4250) and
+    // across chunks (600, 4200)
+    text_head_ties(700, {3, 6, 600}, {3, 600, 6, 3});
+    text_head_ties(4250, {3, 6, 69, 4200}, {3, 69, 4200, 3});
+    {
+        // NaN: a NaN row of weight 0 changes nothing; a NaN row that counts makes the loss and
+        // the weight gradients NaN and is never correct; a NaN word makes every row NaN
+        const int n = 6, d = 8, v = 300;
+        auto h = random_vec(n * d, 1.f);
+        const auto w = random_vec(v * d, 0.5f), b = random_vec(v, 0.5f);
+        auto t = random_targets(n, v);
+        std::vector<float> rw(n, 0.2f);
+        rw[2] = 0.f;
+        auto clean = h;
+        for (int k = 0; k < d; ++k) {
+            h[2 * d + k] = NAN;
+            clean[2 * d + k] = 0.f;
+        }
+        const HeadOut o = head_kernels(n, d, v, h, w, b, t, rw, 1.5f);
+        const HeadRef r = head_reference(n, d, v, clean, w, b, t, rw, 1.5);
+        check_scalar("text_head NaN row of weight 0: loss", o.loss, r.loss, 1e-5);
+        check("text_head NaN row of weight 0: dw", o.dw, r.dw, 1e-4);
+        check("text_head NaN row of weight 0: dh", o.dh, r.dh, 1e-4);
+
+        // row 2 counts with row 4; row 4's target is its arg-max, so the accuracy is its weight
+        {
+            double mx = -INFINITY;
+            for (int j = 0; j < v; ++j) {
+                double x = b[j];
+                for (int k = 0; k < d; ++k) x += (double)h[4 * d + k] * w[(size_t)j * d + k];
+                if (x > mx) {
+                    mx = x;
+                    t[4] = j;
+                }
+            }
+        }
+        std::vector<float> rw2(n, 0.f);
+        rw2[2] = 1.f;
+        rw2[4] = 0.5f;
+        std::vector<float> rw4(n, 0.f);
+        rw4[4] = 0.5f;
+        const HeadRef r4 = head_reference(n, d, v, clean, w, b, t, rw4, 1.5);
+        const HeadOut o2 = head_kernels(n, d, v, h, w, b, t, rw2, 1.5f);
+        bool nan_w = true;
+        for (float x : o2.dw) nan_w &= std::isnan(x);
+        for (float x : o2.db) nan_w &= std::isnan(x);
+        expect("text_head NaN row that counts: NaN loss, NaN dw and db",
+               std::isnan(o2.loss) && nan_w);
+        check_scalar("text_head NaN row that counts: accuracy of the other row", o2.acc, r4.acc,
+                     1e-7);
+        expect("text_head NaN row that counts: the other row is a hit", r4.acc == 0.5);
+        std::vector<float> dh4(o2.dh.begin() + 4 * d, o2.dh.begin() + 5 * d);
+        std::vector<double> want4(r4.dh.begin() + 4 * d, r4.dh.begin() + 5 * d);
+        check("text_head NaN row that counts: dh of another row", dh4, want4, 1e-4);
+
+        auto wn = w;
+        wn[5 * d] = NAN;
+        const HeadOut o3 = head_kernels(n, d, v, clean, wn, b, t, std::vector<float>(n, 1.f), 1.f);
+        expect("text_head NaN word: NaN loss, accuracy 0", std::isnan(o3.loss) && o3.acc == 0.f);
+    }
+}
+
+// Top-k: the kernels against a sort of the double-precision logits (larger first, equal logits
+// by the lower word, NaN last).
+static void top_k_case(const char* name, int n, int d, int v, const std::vector<float>& h,
+                       const std::vector<float>& w, const std::vector<float>& b,
+                       const std::vector<int>& rows, int k) {
+    const int m = (int)rows.size();
+    const Split sp = vocab_split(v, m, TOP_K_CHUNKS);
+    std::vector<float> pv((size_t)m * sp.chunks * k, NAN), ov((size_t)m * k, NAN);
+    std::vector<int> pi((size_t)m * sp.chunks * k, -7), oi((size_t)m * k, -7);
+    const Dim3 block{TH_THREADS, 1, 1};
+    launch(Dim3{(unsigned)sp.chunks, (unsigned)((m + TH_ROWS - 1) / TH_ROWS), 1}, block,
+           TH_TILE_BYTES, [&] {
+               m3ae_text_top_k(h.data(), rows.data(), m, w.data(), b.data(), v, d, k, sp.per,
+                               pv.data(), pi.data());
+           });
+    launch(Dim3{(unsigned)((m + TH_THREADS - 1) / TH_THREADS), 1, 1}, block, 0, [&] {
+        m3ae_text_top_k_merge(pv.data(), pi.data(), m, sp.chunks, k, ov.data(), oi.data());
+    });
+    bool ids_ok = true, vals_ok = true;
+    double worst = 0;
+    for (int q = 0; q < m; ++q) {
+        std::vector<double> s(v);
+        std::vector<int> order(v);
+        for (int j = 0; j < v; ++j) {
+            double x = b[j];
+            for (int c = 0; c < d; ++c)
+                x += (double)h[(size_t)rows[q] * d + c] * w[(size_t)j * d + c];
+            s[j] = x;
+            order[j] = j;
+        }
+        std::stable_sort(order.begin(), order.end(), [&](int a, int c) {
+            return !std::isnan(s[a]) && (std::isnan(s[c]) || s[a] > s[c]);
+        });
+        const int kk = std::min(k, v);
+        for (int p = 0; p < k; ++p) {
+            const int got = oi[(size_t)q * k + p];
+            if (p >= kk) {
+                ids_ok &= got == -1;
+                continue;
+            }
+            ids_ok &= got == order[p];
+            const double want = s[order[p]], gv = ov[(size_t)q * k + p];
+            if (std::isnan(want)) {
+                vals_ok &= std::isnan(gv);
+            } else {
+                const double e = std::fabs(gv - want) / std::fmax(1.0, std::fabs(want));
+                worst = std::fmax(worst, e);
+                vals_ok &= e <= 1e-5;
+            }
+        }
+    }
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "text_top_k %s n%d d%d v%d rows%d k%d: ids; values (err %.1e)",
+                  name, n, d, v, m, k, worst);
+    expect(buf, ids_ok && vals_ok);
+}
+
+static void top_k_cases() {
+    {
+        // three words with equal logits above every other (same weight row and bias): lower first
+        const int n = 20, d = 24, v = 300;
+        const auto h = random_vec(n * d, 1.f);
+        auto w = random_vec(v * d, 0.5f);
+        auto b = random_vec(v, 0.5f);
+        for (int j : {200, 250})
+            for (int c = 0; c < d; ++c) w[j * d + c] = w[10 * d + c];
+        b[10] = b[200] = b[250] = 50.f;
+        top_k_case("ties", n, d, v, h, w, b, {3, 0, 19, 3, 7}, 5);
+        top_k_case("k1", n, d, v, h, w, b, {5, 6}, 1);
+        top_k_case("random", n, d, v, random_vec(n * d, 2.f), w, random_vec(v, 0.5f),
+                   {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}, TOP_K_MAX);
+    }
+    {
+        // a NaN row yields NaN logits, lowest words first; a NaN word comes after every number;
+        // k above V returns V words
+        const int n = 4, d = 8, v = 6;
+        auto h = random_vec(n * d, 1.f);
+        for (int c = 0; c < d; ++c) h[2 * d + c] = NAN;
+        auto w = random_vec(v * d, 1.f);
+        w[5 * d + 3] = NAN;
+        top_k_case("NaN", n, d, v, h, w, random_vec(v, 0.5f), {0, 2, 3, 2}, 8);
+    }
+    {
+        // many tiles per chunk; a tie between words of different chunks; 70 rows (two row tiles)
+        const int n = 70, d = 20, v = 5000;
+        const auto h = random_vec(n * d, 1.f);
+        auto w = random_vec(v * d, 0.5f);
+        auto b = random_vec(v, 0.5f);
+        for (int c = 0; c < d; ++c) w[4900 * d + c] = w[3 * d + c];
+        b[3] = b[4900] = 40.f;
+        std::vector<int> rows(n);
+        for (int i = 0; i < n; ++i) rows[i] = n - 1 - i;
+        top_k_case("chunks", n, d, v, h, w, b, rows, 3);
+    }
+}
+
 int main() {
     for (int pad = 0; pad < 4; ++pad) {
         attention_case(separate(2, 3, 37, 8), pad, 1.f);
@@ -351,6 +780,8 @@ int main() {
     layer_norm_case(2, 1000);
     gelu_case(1000);
     gelu_case(1);
+    text_head_cases();
+    top_k_cases();
     std::printf("%d failure(s)\n", failures);
     return failures ? 1 : 0;
 }
