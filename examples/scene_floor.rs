@@ -76,7 +76,9 @@ fn main() -> Result<()> {
     };
     let li = cfg.num_patches();
     let keep = cfg.image_keep(li);
+    // image and text masks from their own streams: every model sees the same image masks
     let mut rng = m3ae::data::seed::rng(seed, 0, 0, 0);
+    let mut text_rng = m3ae::data::seed::rng(seed, 1, 0, 0);
     let (mut model_err, mut clean_err, mut bg_err) =
         (Sums::default(), Sums::default(), Sums::default());
     for i in 0..count {
@@ -94,7 +96,7 @@ fn main() -> Result<()> {
                 let t = tok.encode(&scenes.scene(i).caption, cfg.text_length)?;
                 let n = t.ids.len();
                 let pad: Vec<f32> = t.padding.iter().map(|&p| p as f32).collect();
-                let text_noise: Vec<f32> = (0..n).map(|_| rng.random()).collect();
+                let text_noise: Vec<f32> = (0..n).map(|_| text_rng.random()).collect();
                 let tm = Masking::new(&Noise::Shared(text_noise), 1, cfg.text_keep(n), &dev)?;
                 let input = ModelInput {
                     image_patches: Some(noisy.clone()),
