@@ -88,6 +88,14 @@ fn bench_runs_a_tiny_preset_and_rejects_bad_flags() {
         stdout.contains("tokens/s") && stdout.contains("GFLOP/s"),
         "{stdout}"
     );
+    // the timed steps' kernel-time share, page faults and peak RSS (getrusage)
+    #[cfg(unix)]
+    assert!(
+        stdout.contains("kernel: ")
+            && stdout.contains("% of the timed steps' CPU time")
+            && stdout.contains("minor page faults per step; peak RSS"),
+        "{stdout}"
+    );
     let (ok, _, stderr) = run(&["bench", "--kernels", "turbo"]);
     assert!(!ok && stderr.contains("turbo"), "{stderr}");
 }

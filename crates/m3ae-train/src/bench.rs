@@ -6,6 +6,10 @@
 //!   a key-padding mask, batch 32, a 384 -> 768 head with an MSE loss, AdamW over all weights.
 //!   93.0 GFLOP per step by the notes' count (3 x 2 x tokens x [depth (12 C^2 + 2 S C) + 768 C]).
 //! * [`preset_workload`]: a full M3AE step of any configuration at a given batch size.
+//!
+//! Besides the medians, a report carries the process's CPU time (user and system), page faults
+//! and peak resident memory over the timed steps alone ([`ProcessUsage`], from `getrusage`), so
+//! that the share of a step spent in the kernel is the step's, not that of the model's set-up.
 
 use crate::objective::{Objective, TrainBatch};
 use crate::optim::{named_grads, AdamW, AdamWConfig};
@@ -38,6 +42,85 @@ pub struct BenchReport {
     pub tokens_per_sample: usize,
     /// FLOPs per step (matmul count).
     pub flops_per_step: f64,
+    /// CPU time and page faults of the whole process (all threads) over the timed steps, and
+    /// its peak resident memory at their end; `None` where `getrusage` is not available.
+    pub usage: Option<ProcessUsage>,
+}
+
+/// Resource usage of this process from `getrusage(RUSAGE_SELF)`: all threads together. A
+/// difference of two readings ([`ProcessUsage::since`]) is the usage between them; its
+/// `peak_rss_bytes` is the later reading's (a high-water mark does not subtract).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ProcessUsage {
+    /// CPU seconds in user mode.
+    pub user_s: f64,
+    /// CPU seconds in the kernel (system calls, page faults).
+    pub system_s: f64,
+    /// Page faults served without I/O (e.g. a fresh anonymous page: zero-filled).
+    pub minor_faults: u64,
+    /// Page faults that needed I/O.
+    pub major_faults: u64,
+    /// Peak resident set size of the process so far, bytes.
+    pub peak_rss_bytes: u64,
+}
+
+impl ProcessUsage {
+    /// The usage of this process so far (every thread, finished or not), or `None` where
+    /// `getrusage` is not available (non-Unix) or fails.
+    pub fn now() -> Option<Self> {
+        #[cfg(unix)]
+        {
+            // SAFETY: getrusage writes a plain-data struct that we own.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+                return None;
+            }
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            // ru_maxrss is in KiB on Linux and the BSDs, in bytes on macOS
+            let rss_unit = if cfg!(target_vendor = "apple") {
+                1
+            } else {
+                1024
+            };
+            Some(Self {
+                user_s: secs(ru.ru_utime),
+                system_s: secs(ru.ru_stime),
+                minor_faults: ru.ru_minflt as u64,
+                major_faults: ru.ru_majflt as u64,
+                peak_rss_bytes: (ru.ru_maxrss as u64).saturating_mul(rss_unit),
+            })
+        }
+        #[cfg(not(unix))]
+        None
+    }
+
+    /// The usage from `earlier` to `self` (counters subtracted, never below zero; the peak RSS
+    /// stays `self`'s).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            user_s: (self.user_s - earlier.user_s).max(0.0),
+            system_s: (self.system_s - earlier.system_s).max(0.0),
+            minor_faults: self.minor_faults.saturating_sub(earlier.minor_faults),
+            major_faults: self.major_faults.saturating_sub(earlier.major_faults),
+            peak_rss_bytes: self.peak_rss_bytes,
+        }
+    }
+
+    /// CPU seconds, user + system.
+    pub fn cpu_s(&self) -> f64 {
+        self.user_s + self.system_s
+    }
+
+    /// The kernel's share of the CPU time, `system / (user + system)` (0 when no CPU time was
+    /// counted).
+    pub fn system_share(&self) -> f64 {
+        let cpu = self.cpu_s();
+        if cpu > 0.0 {
+            self.system_s / cpu
+        } else {
+            0.0
+        }
+    }
 }
 
 impl BenchReport {
@@ -74,7 +157,21 @@ impl std::fmt::Display for BenchReport {
             self.tokens_per_s(),
             self.gflops(),
             self.flops_per_step / 1e9
-        )
+        )?;
+        if let Some(u) = &self.usage {
+            let n = self.steps.max(1) as f64;
+            write!(
+                f,
+                "\nkernel: {:.1}% of the timed steps' CPU time (system {:.1} ms, user {:.1} ms per \
+                 step, all threads), {:.0} minor page faults per step; peak RSS {:.0} MB",
+                100.0 * u.system_share(),
+                u.system_s * 1e3 / n,
+                u.user_s * 1e3 / n,
+                u.minor_faults as f64 / n,
+                u.peak_rss_bytes as f64 / 1e6
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -88,6 +185,7 @@ struct Timed {
     bwd: Vec<f64>,
     opt: Vec<f64>,
     all: Vec<f64>,
+    usage: Option<ProcessUsage>,
 }
 
 fn time_steps(
@@ -101,8 +199,13 @@ fn time_steps(
         bwd: vec![],
         opt: vec![],
         all: vec![],
+        usage: None,
     };
+    let mut start = None;
     for i in 0..warmup + steps {
+        if i == warmup {
+            start = ProcessUsage::now();
+        }
         let t0 = Instant::now();
         let loss = fwd()?;
         let f = t0.elapsed().as_secs_f64() * 1e3;
@@ -115,6 +218,7 @@ fn time_steps(
             t.all.push(all);
         }
     }
+    t.usage = start.zip(ProcessUsage::now()).map(|(a, b)| b.since(&a));
     Ok(t)
 }
 
@@ -209,6 +313,7 @@ pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Re
         batch,
         tokens_per_sample: seq,
         flops_per_step: flops,
+        usage: t.usage,
     })
 }
 
@@ -290,5 +395,66 @@ pub fn preset_workload(cfg: &M3aeConfig, batch: usize, steps: usize) -> Result<B
         batch,
         tokens_per_sample: f.encoder_tokens,
         flops_per_step: f.training * batch as f64,
+        usage: timed.usage,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_difference_and_system_share() {
+        let a = ProcessUsage {
+            user_s: 1.0,
+            system_s: 0.25,
+            minor_faults: 100,
+            major_faults: 2,
+            peak_rss_bytes: 10 << 20,
+        };
+        let b = ProcessUsage {
+            user_s: 4.6,
+            system_s: 0.65,
+            minor_faults: 1100,
+            major_faults: 2,
+            peak_rss_bytes: 30 << 20,
+        };
+        let d = b.since(&a);
+        assert!((d.user_s - 3.6).abs() < 1e-12 && (d.system_s - 0.4).abs() < 1e-12);
+        assert_eq!((d.minor_faults, d.major_faults), (1000, 0));
+        assert_eq!(
+            d.peak_rss_bytes,
+            30 << 20,
+            "the high-water mark is the later reading's"
+        );
+        assert!((d.system_share() - 0.1).abs() < 1e-12);
+        // counters never run backwards, and no CPU time means no share
+        let back = a.since(&b);
+        assert_eq!((back.user_s, back.minor_faults), (0.0, 0));
+        assert_eq!(ProcessUsage::default().system_share(), 0.0);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn usage_counts_cpu_time_and_fresh_pages() {
+        let a = ProcessUsage::now().expect("getrusage on Linux");
+        // 64 MiB touched once: 16,384 fresh 4 KiB pages (fewer with huge pages), and some CPU
+        let pages = 64 << 20;
+        let mut v = vec![0u8; pages];
+        for i in (0..pages).step_by(4096) {
+            v[i] = (i / 4096) as u8;
+        }
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(i ^ v[(i as usize * 4096) % pages] as u64);
+        }
+        std::hint::black_box((x, &v));
+        let d = ProcessUsage::now().unwrap().since(&a);
+        assert!(d.minor_faults >= 16, "{d:?}");
+        assert!(d.cpu_s() > 0.0, "{d:?}");
+        assert!(d.peak_rss_bytes >= pages as u64, "{d:?}");
+        assert!((0.0..=1.0).contains(&d.system_share()));
+    }
 }
