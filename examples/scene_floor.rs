@@ -108,6 +108,9 @@ fn main() -> Result<()> {
             (AnyModel::M3ae(_), None) => unreachable!("M3AE models have a tokenizer"),
         }
         .context("the model returned no image")?;
+        // a normalised-pixel model predicts standardised patches: in pixels with the true
+        // patch's statistics (as MAE shows them), which hands it each patch's mean and contrast
+        let pred = m3ae::model::loss::prediction_pixels(&pred, &noisy, cfg.image_target)?;
         let rows = |t: &Tensor| -> Result<Vec<Vec<f32>>> { Ok(t.squeeze(0)?.to_vec2::<f32>()?) };
         let (pred, noisy, clean, bg) = (rows(&pred)?, rows(&noisy)?, rows(&clean)?, rows(&bg)?);
         let mask = im.mask.squeeze(0)?.to_vec1::<f32>()?;
@@ -127,6 +130,12 @@ fn main() -> Result<()> {
         }
     }
     let n = model_err.n;
+    if cfg.image_target != m3ae::model::ImageTarget::Pixels {
+        println!(
+            "note: the model predicts normalised patches; they are rescaled with each true \
+             patch's mean and standard deviation, so its row is not comparable with the oracles'"
+        );
+    }
     println!(
         "{count} held-out scenes, {} masked patches: {} background only, {} with an object ({:.1}%)",
         n[0] + n[1],
