@@ -53,29 +53,44 @@ fn all_checks_pass(path: KernelPath) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_small_weight_perturbation_is_caught() -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("m3ae-parity-{}", std::process::id()));
+/// The names of the checks that fail on a copy of `fixture` whose weight `key` (in
+/// `params_file`) is scaled by 1.001.
+fn failures_with_perturbed_weight(
+    fixture: &std::path::Path,
+    tag: &str,
+    params_file: &str,
+    key: &str,
+) -> anyhow::Result<Vec<String>> {
+    let dir = std::env::temp_dir().join(format!("m3ae-parity-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    for e in std::fs::read_dir(fixture())? {
+    for e in std::fs::read_dir(fixture)? {
         let e = e?;
         std::fs::copy(e.path(), dir.join(e.file_name()))?;
     }
-    let path = dir.join("m3ae_params.safetensors");
+    let path = dir.join(params_file);
     let (mut t, meta) = m3ae_model::params::read_safetensors(&path, &Device::Cpu)?;
-    let key = "decoder.LayerNorm_0.scale";
     let scaled = (t[key].clone() * 1.001)?;
     t.insert(key.into(), scaled);
     m3ae_model::params::write_safetensors(&path, &t, meta)?;
-    let checks = run(&dir)?;
-    let bad: Vec<&str> = checks
-        .iter()
+    let bad = run(&dir)?
+        .into_iter()
         .filter(|c| !c.ok)
-        .map(|c| c.name.as_str())
+        .map(|c| c.name)
         .collect();
-    assert!(bad.contains(&"m3ae_io:out.image"), "{bad:?}");
-    assert!(bad.contains(&"m3ae_io:dec.output"), "{bad:?}");
     std::fs::remove_dir_all(&dir)?;
+    Ok(bad)
+}
+
+#[test]
+fn a_small_weight_perturbation_is_caught() -> anyhow::Result<()> {
+    let bad = failures_with_perturbed_weight(
+        &fixture(),
+        "tiny",
+        "m3ae_params.safetensors",
+        "decoder.LayerNorm_0.scale",
+    )?;
+    assert!(bad.iter().any(|b| b == "m3ae_io:out.image"), "{bad:?}");
+    assert!(bad.iter().any(|b| b == "m3ae_io:dec.output"), "{bad:?}");
     Ok(())
 }
 
@@ -236,27 +251,14 @@ fn the_fixture_soft_labels_are_smoothed_labels_mixed_with_the_reversed_batch() -
 
 #[test]
 fn a_perturbed_head_fails_the_finetune_checks() -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("m3ae-parity-ft-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    for e in std::fs::read_dir(finetune_fixture())? {
-        let e = e?;
-        std::fs::copy(e.path(), dir.join(e.file_name()))?;
-    }
-    let path = dir.join("vit_params.safetensors");
-    let (mut t, meta) = m3ae_model::params::read_safetensors(&path, &Device::Cpu)?;
-    let key = "params.LayerNorm_0.scale";
-    let scaled = (t[key].clone() * 1.001)?;
-    t.insert(key.into(), scaled);
-    m3ae_model::params::write_safetensors(&path, &t, meta)?;
-    let checks = run(&dir)?;
-    let bad: Vec<&str> = checks
-        .iter()
-        .filter(|c| !c.ok)
-        .map(|c| c.name.as_str())
-        .collect();
-    assert!(bad.contains(&"vit_io:cls.logits"), "{bad:?}");
-    assert!(bad.contains(&"vit_io:gp.logits"), "{bad:?}");
-    assert!(!bad.contains(&"vit_io:repr.output"), "{bad:?}");
-    std::fs::remove_dir_all(&dir)?;
+    let bad = failures_with_perturbed_weight(
+        &finetune_fixture(),
+        "ft",
+        "vit_params.safetensors",
+        "params.LayerNorm_0.scale",
+    )?;
+    assert!(bad.iter().any(|b| b == "vit_io:cls.logits"), "{bad:?}");
+    assert!(bad.iter().any(|b| b == "vit_io:gp.logits"), "{bad:?}");
+    assert!(!bad.iter().any(|b| b == "vit_io:repr.output"), "{bad:?}");
     Ok(())
 }
