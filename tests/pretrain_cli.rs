@@ -307,6 +307,39 @@ fn a_table_that_sets_one_key_keeps_the_default_jobs_other_values() {
 }
 
 #[test]
+fn a_loss_weighted_by_zero_is_refused_before_the_first_step() {
+    let d = temp("zero-weight");
+    for (table_line, field) in [
+        (
+            "[model]\ntext_loss_weight = 0.0\n",
+            "model.text_loss_weight",
+        ),
+        (
+            "[model]\nimage_loss_weight = 0.0\n",
+            "model.image_loss_weight",
+        ),
+    ] {
+        let cfg = write(&d.join("w.toml"), table_line);
+        let o = run(&[
+            "pretrain",
+            "--config",
+            &cfg,
+            "--output-dir",
+            d.to_str().unwrap(),
+        ]);
+        assert!(!o.ok, "{field}: {}", o.stderr);
+        let e = o.errors();
+        assert_eq!(e.len(), 1, "{}", o.stderr);
+        assert!(
+            e[0].contains(field) && e[0].contains("objective = \"mae\""),
+            "{}",
+            e[0]
+        );
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn sizes_that_cannot_fit_are_one_line_naming_the_field() {
     let d = temp("sizes");
     let cases = [

@@ -285,6 +285,21 @@ impl PretrainConfig {
         if self.log_every == 0 || self.save_every == 0 {
             bail!("log_every and save_every must be > 0");
         }
+        // a loss weighted by exactly 0 leaves its head without a gradient, and the optimiser
+        // refuses weights that would silently never train: say so before the first step
+        let mut weights = vec![("model.image_loss_weight", self.model.image_loss_weight)];
+        if self.objective == Variant::M3ae {
+            weights.push(("model.text_loss_weight", self.model.text_loss_weight));
+        }
+        for (field, w) in weights {
+            if w == 0.0 {
+                bail!(
+                    "{field} = 0 would leave that output head without a gradient (the run stops \
+                     at its first step): use a small positive weight to all but switch the loss \
+                     off, or objective = \"mae\" to train on images alone"
+                );
+            }
+        }
         let fraction = self.data.max_bad_fraction;
         if !(0.0..=1.0).contains(&fraction) {
             bail!("data.max_bad_fraction = {fraction} must be in [0, 1]");
