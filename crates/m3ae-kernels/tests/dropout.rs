@@ -6,11 +6,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use m3ae_kernels::{drop_path, dropout, fused, reference, Dropout, KernelPath};
 
 mod common;
-use common::{padding, rel_err, tensor, Pad, ALL_PADS};
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
+use common::{
+    assert_close, assert_same_for_any_thread_count, flat, padding, rel_err, tensor, Pad, ALL_PADS,
+};
 
 type AttnDropFn = fn(
     &Tensor,
@@ -49,20 +47,6 @@ fn attn_with_grads(
             .map(|x| g.get(x.as_tensor()).expect("gradient").clone()),
     );
     out
-}
-
-/// Output within 1e-5 and every gradient within 1e-4 (relative), as fused_vs_reference.rs.
-fn assert_close(f: &[Tensor], r: &[Tensor], ctx: &str) {
-    let err = rel_err(&f[0], &r[0]);
-    assert!(err <= 1e-5, "forward {ctx}: {err}");
-    for (name, a, e) in [
-        ("dq", &f[1], &r[1]),
-        ("dk", &f[2], &r[2]),
-        ("dv", &f[3], &r[3]),
-    ] {
-        let err = rel_err(a, e);
-        assert!(err <= 1e-4, "{name} {ctx}: {err}");
-    }
 }
 
 #[test]
@@ -159,23 +143,6 @@ fn attention_dropout_is_a_function_of_the_key() {
     };
     assert_eq!(run(5), run(5));
     assert_ne!(run(5), run(6));
-}
-
-/// Runs `f` in rayon pools of several sizes (and on candle's pool) and checks the results are
-/// bit-identical.
-fn assert_same_for_any_thread_count(what: &str, f: impl Fn() -> Vec<Vec<f32>> + Sync) {
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(&f)
-    };
-    let candle_pool = candle_core::utils::barrier_pool().n_workers() + 1;
-    let one = run(1);
-    for threads in [2, 3, candle_pool, candle_pool + 1] {
-        assert!(one == run(threads), "{what}: {threads} threads");
-    }
 }
 
 #[test]

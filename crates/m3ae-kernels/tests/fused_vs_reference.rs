@@ -5,12 +5,15 @@ use candle_core::{DType, Device, Tensor, Var};
 use m3ae_kernels::{fused, reference};
 
 mod common;
-use common::{padding, rel_err, tensor, values, Pad, ALL_PADS};
+use common::{
+    assert_close, assert_same_for_any_thread_count, flat, padding, rel_err, tensor, values, Pad,
+    ALL_PADS,
+};
 
 type AttnFn = fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, f64) -> m3ae_kernels::Result<Tensor>;
 
 /// An attention output and the gradients of q, k, v.
-type Grads4 = (Tensor, Tensor, Tensor, Tensor);
+type Grads4 = [Tensor; 4];
 
 /// Runs an attention implementation, returns the output and the gradients of `sum(y * w)`.
 fn attn_with_grads(
@@ -30,7 +33,7 @@ fn attn_with_grads(
     let y = f(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), pad, scale).unwrap();
     let g = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
     let get = |x: &Var| g.get(x.as_tensor()).expect("gradient").clone();
-    (y, get(&qv), get(&kv), get(&vv))
+    [y, get(&qv), get(&kv), get(&vv)]
 }
 
 fn check_attention(b: usize, h: usize, l: usize, dh: usize, pad: Pad, magnitude: f32, seed: u64) {
@@ -55,16 +58,6 @@ fn check_attention(b: usize, h: usize, l: usize, dh: usize, pad: Pad, magnitude:
         &r,
         &format!("b{b} h{h} l{l} dh{dh} {pad:?} x{magnitude}"),
     );
-}
-
-/// Output within 1e-5 and every gradient within 1e-4 (relative) of the reference's.
-fn assert_close(f: &Grads4, r: &Grads4, ctx: &str) {
-    let err = rel_err(&f.0, &r.0);
-    assert!(err <= 1e-5, "forward {ctx}: {err}");
-    for (name, a, e) in [("dq", &f.1, &r.1), ("dk", &f.2, &r.2), ("dv", &f.3, &r.3)] {
-        let err = rel_err(a, e);
-        assert!(err <= 1e-4, "{name} {ctx}: {err}");
-    }
 }
 
 #[test]
@@ -139,28 +132,6 @@ fn attention_backward_of_a_plain_sum_and_odd_head_widths() {
     }
 }
 
-/// Runs `f` in rayon pools of several sizes and checks the results are bit-identical. A pool as
-/// large as candle's worker pool runs the kernels' tasks on candle's pool, any other size on
-/// rayon (`fused::for_each_index`): both are compared.
-fn assert_same_for_any_thread_count(what: &str, f: impl Fn() -> Vec<Vec<f32>> + Sync) {
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(&f)
-    };
-    let candle_pool = candle_core::utils::barrier_pool().n_workers() + 1;
-    let one = run(1);
-    for threads in [2, 3, candle_pool, candle_pool + 1] {
-        assert!(one == run(threads), "{what}: {threads} threads");
-    }
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
 #[test]
 fn attention_is_bit_identical_for_any_thread_count() {
     let (b, h, l, dh) = (3, 4, 150, 24);
@@ -170,7 +141,7 @@ fn attention_is_bit_identical_for_any_thread_count() {
     let w = tensor(&[b, h, l, dh], 4, 1.0);
     let p = padding(b, l, Pad::Random, 5);
     assert_same_for_any_thread_count("attention", || {
-        let (y, dq, dk, dv) =
+        let [y, dq, dk, dv] =
             attn_with_grads(fused::masked_attention, &q, &k, &v, p.as_ref(), 0.2, &w);
         [y, dq, dk, dv].iter().map(flat).collect()
     });
@@ -265,20 +236,20 @@ fn padding_keys_are_left_out_only_where_they_cannot_matter() {
     let f = attn_with_grads(fused::masked_attention, &q, &k, &v, Some(&pad), 1.0, &w);
     // the low rows really do attend to padding: their output is the mean of the padding values
     let padding_mean = v.narrow(2, 90, 10).unwrap().mean_keepdim(2).unwrap();
-    let low =
-        f.0.narrow(2, 80, 20)
-            .unwrap()
-            .get(1)
-            .unwrap()
-            .get(1)
-            .unwrap();
+    let low = f[0]
+        .narrow(2, 80, 20)
+        .unwrap()
+        .get(1)
+        .unwrap()
+        .get(1)
+        .unwrap();
     let want = padding_mean.get(1).unwrap().get(1).unwrap();
     assert!(rel_err(&low, &want.broadcast_as((20, dh)).unwrap()) < 1e-6);
     assert_close(&f, &r, "padding test");
     // the padding keys' gradients are exactly zero in the heads that left them out (head 0 of
     // both samples); in head 1 the low rows attend to them
-    let dk = f.2.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let dv = f.3.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dk = f[2].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dv = f[3].flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let rows = |bh: usize, j: usize| (bh * l + j) * dh..(bh * l + j + 1) * dh;
     for (bh, j) in [(1, 0), (1, 3), (3, 90), (3, 99)] {
         assert!(dv[rows(bh, j)].iter().any(|&x| x != 0.0), "({bh}, {j})");

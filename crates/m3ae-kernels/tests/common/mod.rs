@@ -98,3 +98,41 @@ pub fn padding(b: usize, l: usize, kind: Pad, seed: u64) -> Option<Tensor> {
     };
     Some(Tensor::from_vec(v, (b, l), &Device::Cpu).unwrap())
 }
+
+/// The values of a tensor as `f32`.
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// `[output, dq, dk, dv]` of an attention within 1e-5 (output) and 1e-4 (gradients), relative,
+/// of the reference's.
+pub fn assert_close(f: &[Tensor], r: &[Tensor], ctx: &str) {
+    let err = rel_err(&f[0], &r[0]);
+    assert!(err <= 1e-5, "forward {ctx}: {err}");
+    for (name, a, e) in [
+        ("dq", &f[1], &r[1]),
+        ("dk", &f[2], &r[2]),
+        ("dv", &f[3], &r[3]),
+    ] {
+        let err = rel_err(a, e);
+        assert!(err <= 1e-4, "{name} {ctx}: {err}");
+    }
+}
+
+/// Runs `f` in rayon pools of several sizes and checks the results are bit-identical. A pool as
+/// large as candle's worker pool runs the kernels' tasks on candle's pool, any other size on
+/// rayon (`fused::for_each_index`): both are compared.
+pub fn assert_same_for_any_thread_count(what: &str, f: impl Fn() -> Vec<Vec<f32>> + Sync) {
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(&f)
+    };
+    let candle_pool = candle_core::utils::barrier_pool().n_workers() + 1;
+    let one = run(1);
+    for threads in [2, 3, candle_pool, candle_pool + 1] {
+        assert!(one == run(threads), "{what}: {threads} threads");
+    }
+}
