@@ -164,6 +164,28 @@ pub struct Object {
     pub radius: f32,
 }
 
+impl Object {
+    /// The object described with the first wording of each part, as the captions name it
+    /// ("small red circle at the top left"; no article, no prefix): for captions written by
+    /// hand around a scene, e.g. naming one object whose patches are all masked.
+    ///
+    /// ```
+    /// let scenes = m3ae_data::CaptionedScenes::new(Default::default())?;
+    /// let o = scenes.scene(0).objects[0];
+    /// let p = o.phrase();
+    /// assert!(p.contains(m3ae_data::scenes::COLOURS[o.colour].0));
+    /// assert!(p.contains(m3ae_data::scenes::SHAPES[o.shape]));
+    /// # Ok::<(), m3ae_data::Error>(())
+    /// ```
+    pub fn phrase(&self) -> String {
+        let size = if self.large { LARGE[0] } else { SMALL[0] };
+        format!(
+            "{size} {} {} {}",
+            COLOURS[self.colour].0, SHAPE_WORDS[self.shape][0], POSITIONS[self.cell][1]
+        )
+    }
+}
+
 /// A generated scene.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scene {

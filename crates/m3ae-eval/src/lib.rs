@@ -44,7 +44,7 @@ pub use features::{
 };
 pub use pipeline::{Pipeline, PipelineOptions};
 pub use probe::{train_probe, LinearProbeHead, ProbeConfig};
-pub use reconstruct::{reconstruct, Reconstruction};
+pub use reconstruct::{reconstruct, reconstruct_with, MaskNoise, Reconstruction};
 pub use report::{
     check_probe_config, class_count, evaluate_head, format_ood_table, knn_accuracy,
     load_probe_head, ood_report, probe_report, save_probe_head, KnnConfig, OodRow, ProbeReport,

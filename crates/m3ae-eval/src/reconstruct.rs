@@ -54,6 +54,19 @@ fn uniform_noise(len: usize, seed: u64, purpose: u64) -> Noise {
     Noise::Shared((0..len).map(|_| rng.random::<f32>()).collect())
 }
 
+/// Which positions [`reconstruct_with`] masks: every position gets a noise value, and the
+/// model keeps (shows) the positions of lowest noise, as many as its mask ratio keeps
+/// (`M3aeConfig::image_keep` / `text_keep`); the rest are masked.
+#[derive(Debug, Clone, Default)]
+pub struct MaskNoise {
+    /// `[Li]` noise of the image patches (row-major patch order); `None`: uniform noise drawn
+    /// from the seed.
+    pub image: Option<Vec<f32>>,
+    /// `[T]` noise of the caption's token positions (padding included, `T` = the model's text
+    /// length); `None`: uniform noise drawn from the seed.
+    pub text: Option<Vec<f32>>,
+}
+
 /// Masks an image (and caption) with `seed`, runs the model and assembles the panels, the
 /// predicted words and the cls attention. `image` is any RGB image; it is resized to the
 /// model's image size with the evaluation transform. An image-only MAE ignores the caption.
@@ -63,6 +76,36 @@ pub fn reconstruct(
     image: &RgbImage,
     caption: Option<(&str, &Tokenizer)>,
     seed: u64,
+    norm: Normalization,
+) -> Result<Reconstruction> {
+    reconstruct_with(model, image, caption, seed, &MaskNoise::default(), norm)
+}
+
+/// [`reconstruct`] with chosen masks: `noise` decides which patches and words are hidden (for
+/// example, every patch of one object masked while the words naming it stay visible); what it
+/// leaves `None` is drawn from `seed`. A noise vector of the wrong length is
+/// [`Error::Unusable`] naming its length and the expected one.
+///
+/// ```
+/// use m3ae_data::{Normalization, RgbImage};
+/// use m3ae_eval::reconstruct::{reconstruct_with, MaskNoise};
+/// use m3ae_model::{AnyModel, M3aeConfig, Variant};
+/// let cfg = M3aeConfig::preset("tiny")?;
+/// let model = AnyModel::init(Variant::Mae, &cfg, 0, &candle_core::Device::Cpu)?;
+/// let image = RgbImage { width: 32, height: 32, data: vec![128; 32 * 32 * 3] };
+/// // 16 patches: hide the last four (highest noise), keep the first four
+/// let noise = MaskNoise { image: Some((0..16).map(|i| i as f32).collect()), text: None };
+/// let r = reconstruct_with(&model, &image, None, 0, &noise, Normalization::Cc12m)?;
+/// assert_eq!(&r.image_mask[..4], &[0.0; 4]);
+/// assert_eq!(&r.image_mask[12..], &[1.0; 4]);
+/// # Ok::<(), m3ae_eval::Error>(())
+/// ```
+pub fn reconstruct_with(
+    model: &AnyModel,
+    image: &RgbImage,
+    caption: Option<(&str, &Tokenizer)>,
+    seed: u64,
+    noise: &MaskNoise,
     norm: Normalization,
 ) -> Result<Reconstruction> {
     let cfg = model.config().clone();
@@ -83,7 +126,20 @@ pub fn reconstruct(
     let img = Tensor::from_vec(hwc.clone(), (1, s, s, 3), &dev)?;
     let patches = m3ae_model::patchify(&img, cfg.patch_size)?;
     let li = patches.dim(1)?;
-    let im = Masking::new(&uniform_noise(li, seed, 1), 1, cfg.image_keep(li), &dev)?;
+    let chosen = |given: &Option<Vec<f32>>, len: usize, purpose: u64, what: &str| match given {
+        None => Ok(uniform_noise(len, seed, purpose)),
+        Some(v) if v.len() == len => Ok(Noise::Shared(v.clone())),
+        Some(v) => Err(unusable(format!(
+            "the {what} mask noise has {} values, the model needs {len}",
+            v.len()
+        ))),
+    };
+    let im = Masking::new(
+        &chosen(&noise.image, li, 1, "image")?,
+        1,
+        cfg.image_keep(li),
+        &dev,
+    )?;
     let mut text = None;
     if let (Some((cap, tok)), AnyModel::M3ae(_)) = (caption, model) {
         if tok.vocab_size() > cfg.text_vocab_size {
@@ -106,7 +162,8 @@ pub fn reconstruct(
             let (input, tm) = match &text {
                 Some((_, ids, pad)) => {
                     let t = ids.dim(1)?;
-                    let tm = Masking::new(&uniform_noise(t, seed, 2), 1, cfg.text_keep(t), &dev)?;
+                    let tn = chosen(&noise.text, t, 2, "text")?;
+                    let tm = Masking::new(&tn, 1, cfg.text_keep(t), &dev)?;
                     (
                         ModelInput {
                             image_patches: Some(patches.clone()),
