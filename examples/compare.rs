@@ -286,7 +286,10 @@ fn train_and_probe(cfg: &PretrainConfig, model: &str, tasks: &[ProbeTask]) -> Re
         ..Default::default()
     };
     let s = run(cfg.clone(), opts)?;
-    let trained = eval::load_model(&ModelSource::Checkpoint(dir.clone()))?;
+    let trained = eval::load_model(
+        &ModelSource::Checkpoint(dir.clone()),
+        &candle_core::Device::Cpu,
+    )?;
     let probes = probe_model(&trained, tasks)?;
     let r = RunRecord {
         request,
@@ -474,7 +477,10 @@ fn main() -> Result<()> {
         cfg.name = format!("compare-{}-mae-s{seed}-n{steps}", base.name);
         let r = train_and_probe(&cfg, "MAE", &tasks)?;
         if seed < random_seeds {
-            let like = eval::load_model(&ModelSource::Checkpoint(cfg.run_dir()))?;
+            let like = eval::load_model(
+                &ModelSource::Checkpoint(cfg.run_dir()),
+                &candle_core::Device::Cpu,
+            )?;
             random.push(random_baseline(&base, &like, seed, &tasks)?);
         }
         mae.push(r);

@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
             mae: false,
         },
     };
-    let base = load_model(&source)?;
+    let base = load_model(&source, &candle_core::Device::Cpu)?;
     // a short run: without mixup / CutMix (they pay off over long schedules)
     let mut cfg = FinetuneConfig {
         epochs: 8,
@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
         report.train_seconds
     );
     // the saved classifier, as `m3ae predict` loads it
-    let saved = load_classifier(&out)?;
+    let saved = load_classifier(&out, &candle_core::Device::Cpu)?;
     let p = predict(
         &saved.classifier,
         &"scenes:test:8".parse()?,

@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
             mae: false,
         },
     };
-    let model = load_model(&source)?;
+    let model = load_model(&source, &candle_core::Device::Cpu)?;
     let opts = DataOptions::default(); // cls pooling, CC12M normalisation, shape labels
     let train_spec: DataSpec = "scenes:train:2000".parse()?;
     let test_spec: DataSpec = "scenes:test:500".parse()?;

@@ -51,7 +51,10 @@ fn main() -> Result<()> {
             other => checkpoint = other.to_string(),
         }
     }
-    let model = load_model(&ModelSource::Checkpoint(checkpoint.clone().into()))?;
+    let model = load_model(
+        &ModelSource::Checkpoint(checkpoint.clone().into()),
+        &candle_core::Device::Cpu,
+    )?;
     let cfg = model.config().clone();
     let dev = Device::Cpu;
     let scenes = CaptionedScenes::new(ScenesConfig {

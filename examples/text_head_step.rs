@@ -35,7 +35,13 @@ fn main() -> anyhow::Result<()> {
         kernels: serde_json::from_value(serde_json::Value::String(kernels.into()))?,
         ..M3aeConfig::default()
     };
-    let r = m3ae::train::bench::preset_workload(&cfg, 64, steps)?;
+    let r = m3ae::train::bench::preset_workload(
+        &cfg,
+        64,
+        steps,
+        &candle_core::Device::Cpu,
+        m3ae::model::Precision::F32,
+    )?;
     println!(
         "vocab {vocab} {kernels}: step {:.1} ms (forward {:.1}, backward {:.1}, optimizer {:.1}; median of {steps})",
         r.step_ms, r.forward_ms, r.backward_ms, r.optimizer_ms

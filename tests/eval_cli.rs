@@ -107,11 +107,14 @@ fn probe_on_scenes_trains_saves_evaluates_and_caches() {
 fn probe_separates_easy_u8_classes_with_a_saved_checkpoint_run_dir() {
     // a run directory with checkpoints/step-*/model.safetensors (config in the metadata)
     let d = tmp("rundir");
-    let model = m3ae::eval::load_model(&m3ae::eval::ModelSource::RandomInit {
-        preset: "tiny".into(),
-        seed: 1,
-        mae: false,
-    })
+    let model = m3ae::eval::load_model(
+        &m3ae::eval::ModelSource::RandomInit {
+            preset: "tiny".into(),
+            seed: 1,
+            mae: false,
+        },
+        &candle_core::Device::Cpu,
+    )
     .unwrap();
     for step in [5u64, 20] {
         let dir = d.join(format!("run/checkpoints/step-{step:08}"));
@@ -204,11 +207,14 @@ fn reconstruct_writes_panels_attention_and_masked_words() {
     std::fs::create_dir_all(&ckpt).unwrap();
     let tok = scenes.train_tokenizer(300, 400).unwrap();
     tok.save(run_dir.join("tokenizer.json")).unwrap();
-    let model = m3ae::eval::load_model(&m3ae::eval::ModelSource::RandomInit {
-        preset: "tiny".into(),
-        seed: 2,
-        mae: false,
-    })
+    let model = m3ae::eval::load_model(
+        &m3ae::eval::ModelSource::RandomInit {
+            preset: "tiny".into(),
+            seed: 2,
+            mae: false,
+        },
+        &candle_core::Device::Cpu,
+    )
     .unwrap();
     model
         .params()

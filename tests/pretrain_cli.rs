@@ -584,3 +584,97 @@ fn error_lines_show_each_cause_once() {
     assert_eq!(e[0].matches("No such file").count(), 1, "{}", e[0]);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn devices_and_precisions_that_cannot_run_here_are_one_line_naming_the_setting() {
+    // this suite runs a CPU-only build: CUDA is refused naming the value and the missing
+    // feature, bf16 on the CPU naming the setting, a bad value at parsing; nothing is written
+    let d = temp("device");
+    let out = d.to_str().unwrap();
+    let cfg = write(&d.join("c.toml"), &small_config(&d, "device = \"cuda:1\""));
+    let bad_toml = write(&d.join("t.toml"), &small_config(&d, "device = \"tpu\""));
+    let bf16 = write(
+        &d.join("b.toml"),
+        &format!("{}[train]\nprecision = \"bf16\"\n", small_config(&d, "")),
+    );
+    let cases: Vec<(Vec<&str>, &[&str])> = vec![
+        (
+            vec!["pretrain", "--device", "cuda", "--output-dir", out],
+            &["\"cuda:0\"", "without the `cuda` feature"],
+        ),
+        (
+            vec!["pretrain", "--config", &cfg],
+            &["\"cuda:1\"", "without the `cuda` feature"],
+        ),
+        (
+            vec!["pretrain", "--config", &bad_toml],
+            &["\"tpu\"", "cuda:N"],
+        ),
+        (
+            vec!["pretrain", "--precision", "bf16", "--output-dir", out],
+            &["train.precision = \"bf16\"", "CPU"],
+        ),
+        (
+            vec!["pretrain", "--config", &bf16],
+            &["train.precision = \"bf16\"", "CPU"],
+        ),
+        (vec!["pretrain", "--device", "gpu"], &["\"gpu\"", "cuda:N"]),
+        (
+            vec!["bench", "--device", "cuda:2"],
+            &["\"cuda:2\"", "`cuda` feature"],
+        ),
+        (
+            vec!["bench", "--precision", "bf16"],
+            &["--precision = \"bf16\"", "CPU"],
+        ),
+        (
+            vec![
+                "embed",
+                "--random-init",
+                "--data",
+                "scenes:test:4",
+                "--out",
+                out,
+                "--device",
+                "cuda",
+            ],
+            &["\"cuda:0\"", "`cuda` feature"],
+        ),
+    ];
+    for (args, wants) in cases {
+        let o = run(&args);
+        assert!(!o.ok, "{args:?}: {}", o.stderr);
+        let text = o.stderr.replace('\n', " ");
+        for w in wants {
+            assert!(text.contains(w), "{args:?}: wanted {w:?} in {}", o.stderr);
+        }
+    }
+    assert!(!d.join("r").exists(), "nothing written for a refused run");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn the_default_device_is_the_cpu_and_round_trips_through_the_saved_config() {
+    let d = temp("device-default");
+    let o = run(&[
+        "pretrain",
+        "--print-config",
+        "--output-dir",
+        d.to_str().unwrap(),
+    ]);
+    assert!(o.ok, "{}", o.stderr);
+    assert!(o.stdout.contains("device = \"cpu\""), "{}", o.stdout);
+    assert!(o.stdout.contains("precision = \"f32\""), "{}", o.stdout);
+    let o = run(&[
+        "pretrain",
+        "--print-config",
+        "--device",
+        "cuda:3",
+        "--precision",
+        "bf16",
+    ]);
+    assert!(o.ok, "{}", o.stderr);
+    assert!(o.stdout.contains("device = \"cuda:3\""), "{}", o.stdout);
+    assert!(o.stdout.contains("precision = \"bf16\""), "{}", o.stdout);
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -36,6 +36,11 @@ pub struct BenchArgs {
     /// Kernels: `fused` or `reference`.
     #[arg(long, default_value = "fused")]
     kernels: String,
+    #[command(flatten)]
+    device: super::DeviceArg,
+    /// Compute precision: `f32`, or `bf16` matmuls (CUDA only).
+    #[arg(long, default_value = "f32", value_parser = super::parse_precision)]
+    precision: m3ae_model::Precision,
 }
 
 /// Runs the workload and prints its report.
@@ -48,14 +53,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         batch,
         steps,
         kernels,
+        device,
+        precision,
     } = a;
     let kernels: m3ae_kernels::KernelPath =
         serde_json::from_value(serde_json::Value::String(kernels.clone()))
             .with_context(|| format!("--kernels {kernels:?}: expected fused or reference"))?;
     anyhow::ensure!(steps > 0, "--steps must be > 0");
+    let dev = device.open()?;
+    precision.check(&dev, "--precision")?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
     let report = match workload.as_str() {
-        "vit-s" => m3ae_train::bench::vit_s_workload(kernels, steps)?,
+        "vit-s" => m3ae_train::bench::vit_s_workload(kernels, steps, &dev, precision)?,
         "preset" => {
             let (mut cfg, config_batch) = match &config {
                 Some(p) => bench_model(p)?,
@@ -68,17 +77,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             anyhow::ensure!(batch > 0, "--batch must be > 0");
             cfg.kernels = kernels;
             cfg.validate(true).context("the benchmark's model")?;
-            m3ae_model::resources::check_training_step(
-                &cfg,
-                Variant::M3ae,
-                batch,
-                "--batch or the model's sizes",
-            )?;
+            // the host's memory bounds a CPU run only
+            if dev.is_cpu() {
+                m3ae_model::resources::check_training_step(
+                    &cfg,
+                    Variant::M3ae,
+                    batch,
+                    "--batch or the model's sizes",
+                )?;
+            }
             println!(
                 "model: {}",
                 serde_json::to_string(&cfg.resolved()).unwrap_or_default()
             );
-            m3ae_train::bench::preset_workload(&cfg, batch, steps)?
+            m3ae_train::bench::preset_workload(&cfg, batch, steps, &dev, precision)?
         }
         other => anyhow::bail!("unknown --workload {other:?}: expected vit-s or preset"),
     };

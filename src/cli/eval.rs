@@ -44,6 +44,9 @@ pub struct ModelArgs {
     /// `--random-init` of the image-only MAE instead of M3AE.
     #[arg(long)]
     pub mae: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub device: super::DeviceArg,
 }
 
 impl ModelArgs {
@@ -387,7 +390,11 @@ fn print_model(pipe: &Pipeline) {
 
 /// The model of `--checkpoint` / `--random-init`, with `opts` (tokenizer, normalisation, seed).
 fn load(model: &ModelArgs, opts: &PipelineOptions) -> Result<Pipeline> {
-    let pipe = Pipeline::load(&model.source(), opts)?;
+    let opts = PipelineOptions {
+        device: model.device.device,
+        ..opts.clone()
+    };
+    let pipe = Pipeline::load(&model.source(), &opts)?;
     print_model(&pipe);
     Ok(pipe)
 }

@@ -244,7 +244,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             a.out.display()
         );
     }
-    let base = a.model.source().load()?;
+    let base = a.model.source().load(&a.model.device.open()?)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -311,13 +311,15 @@ pub struct PredictArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     labels: LabelArgs,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 /// Runs `m3ae predict`.
 pub fn run_predict(a: PredictArgs) -> Result<()> {
     let spec: DataSpec = a.data.parse()?;
     let mut opts = a.labels.options(&[&spec], false)?;
-    let saved = load_classifier(&a.checkpoint)?;
+    let saved = load_classifier(&a.checkpoint, &a.device.open()?)?;
     if let Some(s) = &saved.settings {
         opts.normalization = s.normalization;
     }

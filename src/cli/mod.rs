@@ -11,6 +11,33 @@ pub mod pretrain;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use m3ae_model::{DeviceSpec, Precision};
+
+/// `--device`: where a command computes (every command that runs a model has it).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArg {
+    /// Where the model computes: `cpu`, `cuda` (the first GPU) or `cuda:N`. CUDA needs a binary
+    /// built with `--features cuda` (see docs/gpu.md).
+    #[arg(long, value_name = "cpu|cuda|cuda:N", default_value = "cpu", value_parser = parse_device_spec)]
+    pub device: DeviceSpec,
+}
+
+impl DeviceArg {
+    /// Opens the device (an error names the value; see [`m3ae_model::parse_device`]).
+    pub fn open(&self) -> Result<candle_core::Device> {
+        Ok(self.device.open()?)
+    }
+}
+
+/// The value parser of `--device` (the one parser of the library, [`DeviceSpec`]).
+pub fn parse_device_spec(s: &str) -> std::result::Result<DeviceSpec, String> {
+    s.parse::<DeviceSpec>().map_err(|e| e.to_string())
+}
+
+/// The value parser of `--precision` ([`Precision`]: `f32` or `bf16`).
+pub fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    s.parse::<Precision>().map_err(|e| e.to_string())
+}
 
 /// The command line of `m3ae`.
 #[derive(Parser)]

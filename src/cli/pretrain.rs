@@ -34,6 +34,14 @@ pub struct PretrainArgs {
     /// Text mask ratio.
     #[arg(long)]
     text_mask_ratio: Option<f64>,
+    /// Where to train: `cpu`, `cuda` (the first GPU) or `cuda:N` (the config's `device`;
+    /// default cpu). CUDA needs a binary built with `--features cuda` (docs/gpu.md).
+    #[arg(long, value_name = "cpu|cuda|cuda:N", value_parser = super::parse_device_spec)]
+    device: Option<m3ae_model::DeviceSpec>,
+    /// Compute precision (`train.precision`): `f32`, or `bf16` matmuls with f32 master
+    /// weights (CUDA only).
+    #[arg(long, value_parser = super::parse_precision)]
+    precision: Option<m3ae_model::Precision>,
     /// Continue the newest checkpoint of the run directory; with a DIR, start this run from that
     /// checkpoint instead (a `step-*` folder, or a run or converted folder such as the output of
     /// `m3ae convert official --resumable`): its model, optimiser state, step and settings.
@@ -109,6 +117,12 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     if let Some(v) = a.text_mask_ratio {
         cfg.model.text_mask_ratio = v;
     }
+    if let Some(v) = a.device {
+        cfg.device = v;
+    }
+    if let Some(v) = a.precision {
+        cfg.train.precision = v;
+    }
     if a.no_probe {
         cfg.probe = false;
     }
@@ -141,8 +155,13 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     let sync = grad_sync(&cfg)?;
     let lead = sync.rank() == 0;
     if lead {
+        let on = if cfg.device.is_cpu() {
+            String::new()
+        } else {
+            format!(" on {} ({})", cfg.device, cfg.train.precision)
+        };
         eprintln!(
-            "pretraining {:?} ({} steps, batch {}, {} compute threads) into {}",
+            "pretraining {:?} ({} steps, batch {}, {} compute threads){on} into {}",
             cfg.objective,
             cfg.train.steps,
             cfg.train.batch_size,

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use m3ae_data::{DataOptions, DataSpec, LabelKind, SceneSplit, ScenesConfig};
-use m3ae_model::{M3aeConfig, Variant};
+use m3ae_model::{DeviceSpec, M3aeConfig, Variant};
 use m3ae_train::TrainConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -169,6 +169,9 @@ pub struct PretrainConfig {
     pub compute_threads: usize,
     /// Data-parallel training.
     pub distributed: DistributedConfig,
+    /// Where the model trains: `cpu` (default), `cuda` or `cuda:N` (docs/gpu.md). Checkpoints
+    /// are the same files on any device, so a run may resume on another one.
+    pub device: DeviceSpec,
 }
 
 impl Default for PretrainConfig {
@@ -203,6 +206,7 @@ impl Default for PretrainConfig {
             probe_samples: (2000, 1000),
             compute_threads: 0,
             distributed: DistributedConfig::default(),
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -327,9 +331,21 @@ impl PretrainConfig {
         Ok(())
     }
 
+    /// Opens [`PretrainConfig::device`] and checks that it supports `train.precision` (bf16
+    /// needs CUDA); errors name the setting and its value.
+    pub fn open_device(&self) -> Result<candle_core::Device> {
+        let dev = self.device.open()?;
+        self.train.precision.check(&dev, "train.precision")?;
+        Ok(dev)
+    }
+
     /// Refuses a configuration whose training step would not fit in this machine's available
-    /// memory (an estimate from the configuration alone, see [`m3ae_model::resources`]).
+    /// memory (an estimate from the configuration alone, see [`m3ae_model::resources`]). On a
+    /// GPU the host's memory does not bound the step, and nothing is checked.
     pub fn check_memory(&self) -> Result<()> {
+        if !self.device.is_cpu() {
+            return Ok(());
+        }
         let variant = self.objective;
         m3ae_model::resources::check_training_step(
             &self.model,
@@ -374,6 +390,8 @@ pub const RESUMABLE_SETTINGS: &[&str] = &[
     "compute_threads",
     "data.num_threads",
     "distributed.timeout_s",
+    "device",
+    "train.precision",
 ];
 
 /// Flattens a JSON value into `path = value` leaves (`a.b`, `a[0]`).

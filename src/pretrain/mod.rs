@@ -69,7 +69,6 @@ pub fn run_with_sync(
     opts: RunOptions,
     sync: Box<dyn m3ae_train::GradSync + Send>,
 ) -> Result<RunSummary> {
-    let dev = Device::Cpu;
     let (rank, world) = (sync.rank(), sync.world_size());
     let lead = rank == 0;
     let streams = match cfg.distributed.streams {
@@ -91,6 +90,8 @@ pub fn run_with_sync(
         );
     }
     cfg.validate()?;
+    // the device (and whether it supports `train.precision`) before anything is written
+    let dev = cfg.open_device()?;
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let ck_dir = run_dir.join("checkpoints");
@@ -220,6 +221,7 @@ pub fn run_with_sync(
                     .with_seed(cfg.seed)
                     .with_sync(sync),
                 source,
+                &dev,
                 latest,
                 &run_dir,
                 |t, path| {
@@ -251,6 +253,7 @@ pub fn run_with_sync(
                     .with_seed(cfg.seed)
                     .with_sync(sync),
                 source,
+                &dev,
                 latest,
                 &run_dir,
                 |t, path| {
@@ -320,18 +323,80 @@ fn eval_image_only(b: &Batch) -> Batch {
     b
 }
 
+/// Batches copied to a GPU ahead of its step (on the CPU the loader's batches are used as they
+/// are).
+const DEVICE_FEED_DEPTH: usize = 2;
+
 #[allow(clippy::too_many_arguments)]
 fn train_loop<O: Objective + Clone + Into<AnyModel>>(
     cfg: &PretrainConfig,
     opts: &RunOptions,
     trainer: Trainer<O>,
     source: Streams,
+    dev: &Device,
+    latest: Option<PathBuf>,
+    run_dir: &Path,
+    draw: impl FnMut(&Trainer<O>, &Path) -> Result<()>,
+) -> Result<(RunSummary, AnyModel)> {
+    let tokens = source.loader().config().text_len.unwrap_or(0) + cfg.model.num_patches();
+    let (trainer, report, bad_samples) = if dev.is_cpu() {
+        fit(cfg, opts, trainer, source, tokens, latest, run_dir, draw)?
+    } else {
+        let feed = m3ae_train::DeviceFeed::new(source, dev, DEVICE_FEED_DEPTH)?;
+        fit(cfg, opts, trainer, feed, tokens, latest, run_dir, draw)?
+    };
+    let window = |w: &Option<std::collections::BTreeMap<String, f64>>, k: &str| {
+        w.as_ref().map(|m| m.get(k).copied().unwrap_or(0.0))
+    };
+    let pair = |k: &str| match (
+        window(&report.first_window, k),
+        window(&report.last_window, k),
+    ) {
+        (Some(a), Some(b)) if a.is_finite() && b.is_finite() => Some((a, b)),
+        _ => None,
+    };
+    let summary = RunSummary {
+        run_dir: run_dir.to_path_buf(),
+        steps: report.steps,
+        interrupted: report.interrupted,
+        image_loss: pair("image_loss"),
+        text_loss: pair("text_loss"),
+        masked_word_accuracy: None,
+        frequency_baseline: None,
+        samples_per_s: report.samples_per_s,
+        train_seconds: report.train_seconds,
+        probe: None,
+        skipped_steps: report.skipped_steps,
+        checkpoint: report.checkpoint,
+        held_out: if cfg.data.is_scenes() {
+            "held-out scenes".into()
+        } else {
+            "held-out data".into()
+        },
+        held_out_error: None,
+        // the counts after the last batch trained on (what `Streams::stats` reports)
+        bad_samples: match bad_samples {
+            Some(v) => serde_json::from_value(v).context("the data's bad-sample counts")?,
+            None => Default::default(),
+        },
+    };
+    Ok((summary, trainer.objective().clone().into()))
+}
+
+/// The [`Learner`] of the job over `source`: returns the trainer, the fit report and the
+/// source's bad-sample counts.
+#[allow(clippy::too_many_arguments)]
+fn fit<O: Objective, S: m3ae_train::BatchSource>(
+    cfg: &PretrainConfig,
+    opts: &RunOptions,
+    trainer: Trainer<O>,
+    source: S,
+    tokens: usize,
     latest: Option<PathBuf>,
     run_dir: &Path,
     mut draw: impl FnMut(&Trainer<O>, &Path) -> Result<()>,
-) -> Result<(RunSummary, AnyModel)> {
+) -> Result<(Trainer<O>, m3ae_train::FitReport, Option<serde_json::Value>)> {
     let lead = trainer.rank_and_world().0 == 0;
-    let tokens = source.loader().config().text_len.unwrap_or(0) + cfg.model.num_patches();
     let recon = run_dir.join("recon");
     let draw = |t: &Trainer<O>, step: u64| -> std::result::Result<(), m3ae_train::HookError> {
         Ok(draw(t, &recon.join(format!("step-{step:08}.png")))?)
@@ -374,36 +439,5 @@ fn train_loop<O: Objective + Clone + Into<AnyModel>>(
         source,
         report,
     } = learner.fit()?;
-    let window = |w: &Option<std::collections::BTreeMap<String, f64>>, k: &str| {
-        w.as_ref().map(|m| m.get(k).copied().unwrap_or(0.0))
-    };
-    let pair = |k: &str| match (
-        window(&report.first_window, k),
-        window(&report.last_window, k),
-    ) {
-        (Some(a), Some(b)) if a.is_finite() && b.is_finite() => Some((a, b)),
-        _ => None,
-    };
-    let summary = RunSummary {
-        run_dir: run_dir.to_path_buf(),
-        steps: report.steps,
-        interrupted: report.interrupted,
-        image_loss: pair("image_loss"),
-        text_loss: pair("text_loss"),
-        masked_word_accuracy: None,
-        frequency_baseline: None,
-        samples_per_s: report.samples_per_s,
-        train_seconds: report.train_seconds,
-        probe: None,
-        skipped_steps: report.skipped_steps,
-        checkpoint: report.checkpoint,
-        held_out: if cfg.data.is_scenes() {
-            "held-out scenes".into()
-        } else {
-            "held-out data".into()
-        },
-        held_out_error: None,
-        bad_samples: source.stats(),
-    };
-    Ok((summary, trainer.objective().clone().into()))
+    Ok((trainer, report, source.stats()))
 }

@@ -86,6 +86,7 @@ impl Batch {
 /// # Ok::<(), m3ae_data::Error>(())
 /// ```
 pub fn collate(items: &[Item], image_size: usize, patch: usize) -> Result<ModelInput> {
+    // batches are built on the host; the trainer or the model copies them to its device
     let dev = Device::Cpu;
     let b = items.len();
     let image_patches = if b > 0 && items.iter().all(|i| i.image.is_some()) {

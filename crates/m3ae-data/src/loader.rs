@@ -682,6 +682,7 @@ impl Worker {
         masks: &Option<BatchMasks>,
         pos: &mut Position,
     ) -> Result<Batch> {
+        // batches are built on the host; the trainer or the model copies them to its device
         let dev = Device::Cpu;
         let b = items.len();
         let image_patches = match self.cfg.image {

@@ -273,6 +273,7 @@ impl BatchMasks {
             }
         };
         let keep = keep_len(len, self.config.ratio(stream));
+        // on the host with the batch; the model moves the indices to its device
         Ok(Masking::new(&noise, n, keep, &Device::Cpu)?)
     }
 

@@ -115,7 +115,7 @@ mod tests {
             seed: 0,
             mae: true,
         };
-        let model = source.load()?;
+        let model = source.load(&candle_core::Device::Cpu)?;
         let spec: DataSpec = "scenes:test:8".parse()?;
         let opts = DataOptions::default();
         let a = extract_cached(&model, &source, &spec, &opts, Some(&dir), "t")?;

@@ -344,6 +344,8 @@ pub fn extract_with(
 /// Pooled features `[N, D]` of an iterator of `[B, Li, P*P*3]` patch batches (the inner loop of
 /// [`extract_with`] and of the [`Pipeline`](crate::Pipeline)'s embeddings); `on_batch(done)` is
 /// called after each batch (for progress reporting). No batch at all is an [`Error::Shape`].
+/// The batches may be on the host: the model moves them to its device. The features are
+/// returned on the host (where the probe, kNN, OOD scores and the cache use them).
 pub fn extract_features<I>(
     model: &dyn Represent,
     batches: I,
@@ -364,7 +366,9 @@ where
     if parts.is_empty() {
         return Err(Error::Shape("no batches to extract features from".into()));
     }
-    Ok(Tensor::cat(&parts, 0)?.contiguous()?)
+    Ok(m3ae_model::device::to_host(
+        &Tensor::cat(&parts, 0)?.contiguous()?,
+    )?)
 }
 
 #[cfg(test)]

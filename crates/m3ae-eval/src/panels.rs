@@ -178,21 +178,27 @@ pub fn write_batch_reconstruction(
     png: &Path,
 ) -> Result<()> {
     let missing = |what: &str| Error::Shape(what.into());
-    let patches = batch
-        .input
-        .image_patches
-        .as_ref()
-        .ok_or_else(|| missing("no image"))?;
-    let pred = out
-        .image
-        .clone()
-        .ok_or_else(|| missing("no image output"))?;
+    // the image is drawn from host copies, wherever the model ran
+    let host = m3ae_model::device::to_host;
+    let patches = &host(
+        batch
+            .input
+            .image_patches
+            .as_ref()
+            .ok_or_else(|| missing("no image"))?,
+    )?;
+    let pred = host(
+        out.image
+            .as_ref()
+            .ok_or_else(|| missing("no image output"))?,
+    )?;
     // a normalised-pixel model predicts standardised patches: shown with the input's statistics
     let pred = m3ae_model::loss::prediction_pixels(&pred, patches, cfg.image_target)?;
-    let mask = out
-        .image_mask
-        .clone()
-        .ok_or_else(|| missing("no image mask"))?;
+    let mask = host(
+        out.image_mask
+            .as_ref()
+            .ok_or_else(|| missing("no image mask"))?,
+    )?;
     let m3 = mask.unsqueeze(2)?.broadcast_as(pred.shape())?;
     let grey = patches.zeros_like()?;
     let masked_in = ((patches * (1.0 - &m3)?)? + (&grey * &m3)?)?;

@@ -40,7 +40,7 @@ use crate::reconstruct::{reconstruct, Reconstruction};
 use crate::source::{find_tokenizer_and_source, read_image, ModelSource};
 use candle_core::{DType, Device, Tensor};
 use m3ae_data::{HubOptions, Normalization, RgbImage, Tokenizer};
-use m3ae_model::{pool, AnyModel, M3aeConfig, ModelInput, Pooling};
+use m3ae_model::{pool, AnyModel, DeviceSpec, M3aeConfig, ModelInput, Pooling};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -105,6 +105,9 @@ pub struct PipelineOptions {
     pub batch_size: usize,
     /// Seed of the masks of [`Pipeline::reconstruct`] and [`Pipeline::predict_masked_words`].
     pub mask_seed: u64,
+    /// Where the model runs (`cpu`, `cuda:N`); inputs are prepared on the host and copied,
+    /// features and reconstructions come back to the host.
+    pub device: DeviceSpec,
 }
 
 impl Default for PipelineOptions {
@@ -116,12 +119,13 @@ impl Default for PipelineOptions {
             pooling: Pooling::Cls,
             batch_size: 256,
             mask_seed: 0,
+            device: DeviceSpec::Cpu,
         }
     }
 }
 
 /// A model (M3AE or MAE) with its evaluation transform and tokenizer; see the module docs.
-/// Everything runs on the CPU.
+/// The model runs on [`PipelineOptions::device`]; what it returns is on the host.
 pub struct Pipeline {
     model: AnyModel,
     source: ModelSource,
@@ -169,7 +173,8 @@ impl Pipeline {
     /// The model of `source` with `opts`.
     pub fn load(source: &ModelSource, opts: &PipelineOptions) -> Result<Self> {
         let resolved = source.resolve(&opts.hub)?;
-        let model = source.load_resolved(resolved.as_deref(), &Device::Cpu)?;
+        let device = opts.device.open()?;
+        let model = source.load_resolved(resolved.as_deref(), &device)?;
         Ok(Self {
             model,
             source: source.clone(),
@@ -188,6 +193,11 @@ impl Pipeline {
             tokenizer: cell,
             ..self
         })
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        self.model.params().device()
     }
 
     /// The model.
@@ -251,7 +261,7 @@ impl Pipeline {
             let mut rng = m3ae_data::seed::rng(0, 0, 0, 0);
             data.extend(transform.apply(&*image.rgb()?, &mut rng));
         }
-        let t = Tensor::from_vec(data, (images.len(), s, s, 3), &Device::Cpu)?;
+        let t = Tensor::from_vec(data, (images.len(), s, s, 3), self.device())?;
         Ok(m3ae_model::patchify(&t, cfg.patch_size)?)
     }
 
@@ -262,7 +272,7 @@ impl Pipeline {
             return Ok(Tensor::zeros(
                 (0, self.config().emb_dim),
                 DType::F32,
-                &Device::Cpu,
+                &Device::Cpu, // features are returned on the host
             )?);
         }
         let batches = images
@@ -308,10 +318,11 @@ impl Pipeline {
                 ids.extend(enc.ids);
                 pad.extend(enc.padding.iter().map(|&p| p as f32));
             }
-            let pad = Tensor::from_vec(pad, (b, t), &Device::Cpu)?;
+            let dev = self.device();
+            let pad = Tensor::from_vec(pad, (b, t), dev)?;
             let input = ModelInput {
                 image_patches: Some(self.patches(imgs)?),
-                text_ids: Some(Tensor::from_vec(ids, (b, t), &Device::Cpu)?),
+                text_ids: Some(Tensor::from_vec(ids, (b, t), dev)?),
                 text_padding: Some(pad.clone()),
             };
             let repr = m.forward_representation(&input)?;
@@ -322,8 +333,8 @@ impl Pipeline {
                     let li = n - 1 - t;
                     let weights = Tensor::cat(
                         &[
-                            Tensor::zeros((b, 1), DType::F32, &Device::Cpu)?,
-                            Tensor::ones((b, li), DType::F32, &Device::Cpu)?,
+                            Tensor::zeros((b, 1), DType::F32, dev)?,
+                            Tensor::ones((b, li), DType::F32, dev)?,
                             (1.0 - &pad)?,
                         ],
                         1,
@@ -334,10 +345,13 @@ impl Pipeline {
             };
             parts.push(pooled.detach());
         }
+        // features are returned on the host
         if parts.is_empty() {
             return Ok(Tensor::zeros((0, cfg.emb_dim), DType::F32, &Device::Cpu)?);
         }
-        Ok(Tensor::cat(&parts, 0)?.contiguous()?)
+        Ok(m3ae_model::device::to_host(
+            &Tensor::cat(&parts, 0)?.contiguous()?,
+        )?)
     }
 
     /// Pooled image features of a data set with labels and keys (`m3ae embed`), read through

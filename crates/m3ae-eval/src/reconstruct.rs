@@ -21,7 +21,7 @@
 use crate::error::{Error, Result};
 use crate::features::eval_image_config;
 use crate::panels::to_pixels;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use m3ae_data::{Normalization, RgbImage, Tokenizer};
 use m3ae_model::{AnyModel, Masking, ModelInput, Noise};
 
@@ -120,7 +120,8 @@ pub fn reconstruct_with(
             cfg.patch_dim()
         )));
     }
-    let dev = Device::Cpu;
+    // inputs are built on the model's device; the panels are assembled from host copies
+    let dev = model.params().device().clone();
     let s = cfg.image_size;
     let hwc = eval_image_config(&cfg, norm).apply(image, &mut m3ae_data::seed::rng(seed, 0, 0, 0));
     let img = Tensor::from_vec(hwc.clone(), (1, s, s, 3), &dev)?;
@@ -303,6 +304,7 @@ pub fn reconstruct_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use m3ae_model::{M3aeConfig, TraceLayers, Variant};
 
     #[test]

@@ -196,6 +196,7 @@ pub fn load_probe_head(path: &Path) -> Result<LinearProbeHead> {
     if !path.is_file() {
         return Err(Error::path(path, "no such probe file"));
     }
+    // on the host, with the feature sets it evaluates
     LinearProbeHead::load(path, &Device::Cpu).map_err(|e| match e {
         m3ae_model::Error::MissingWeight { name, .. } => {
             Error::path(path, format!("no tensor `{name}`"))

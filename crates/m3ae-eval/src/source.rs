@@ -11,7 +11,7 @@
 //! use m3ae_eval::ModelSource;
 //! let source = ModelSource::RandomInit { preset: "tiny".into(), seed: 0, mae: true };
 //! assert_eq!(source.describe(), "random-init MAE preset tiny (seed 0)");
-//! let model = source.load()?;
+//! let model = source.load(&candle_core::Device::Cpu)?;
 //! assert!(!model.is_m3ae());
 //! # Ok::<(), m3ae_eval::Error>(())
 //! ```
@@ -62,10 +62,11 @@ impl ModelSource {
         }
     }
 
-    /// Loads the model (M3AE or MAE, as the weights say) on the CPU.
-    pub fn load(&self) -> Result<AnyModel> {
+    /// Loads the model (M3AE or MAE, as the weights say) on `device` (weights read to the host,
+    /// then copied).
+    pub fn load(&self, device: &Device) -> Result<AnyModel> {
         let resolved = self.resolve(&HubOptions::default())?;
-        self.load_resolved(resolved.as_deref(), &Device::Cpu)
+        self.load_resolved(resolved.as_deref(), device)
     }
 
     /// Loads the model on `device`, with `resolved` the file or folder [`ModelSource::resolve`]
@@ -155,9 +156,9 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     )?)
 }
 
-/// Loads a model (M3AE or MAE, as the weights say) on the CPU (see [`ModelSource::load`]).
-pub fn load_model(source: &ModelSource) -> Result<AnyModel> {
-    source.load()
+/// Loads a model (M3AE or MAE, as the weights say) on `device` (see [`ModelSource::load`]).
+pub fn load_model(source: &ModelSource, device: &Device) -> Result<AnyModel> {
+    source.load(device)
 }
 
 /// Reads an image file (JPEG, PNG, WebP) to RGB; errors name the file.
@@ -223,7 +224,7 @@ mod tests {
     #[test]
     fn missing_checkpoints_images_and_tokenizers_are_named() {
         let e = ModelSource::Checkpoint("/no/such/run".into())
-            .load()
+            .load(&Device::Cpu)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("/no/such/run: "), "{e}");
@@ -252,7 +253,7 @@ mod tests {
         };
         assert_eq!(s.identity(None)?, "random:tiny:3:false");
         assert_eq!(s.resolve(&HubOptions::offline())?, None);
-        assert!(s.load()?.is_m3ae());
+        assert!(s.load(&Device::Cpu)?.is_m3ae());
         Ok(())
     }
 }

@@ -238,8 +238,8 @@ impl MaskRow {
 fn mask_like(x: &Tensor, d: &Dropout) -> Result<Tensor> {
     let cols = x.dims().last().copied().unwrap_or(1);
     let rows = x.elem_count() / cols.max(1);
-    let m = Tensor::from_vec(d.mask(rows, cols), x.shape(), &candle_core::Device::Cpu)?;
-    Ok(m.to_dtype(x.dtype())?.to_device(x.device())?)
+    let m = Tensor::from_vec(d.mask(rows, cols), x.shape(), x.device())?;
+    Ok(m.to_dtype(x.dtype())?)
 }
 
 /// Activation dropout composed from candle ops: `x * mask` with the mask of
@@ -307,9 +307,7 @@ pub fn drop_path(x: &Tensor, d: Option<&Dropout>) -> Result<Tensor> {
     let factors: Vec<f32> = (0..b).map(|s| d.row(s as u64).value(0)).collect();
     let mut shape = vec![1usize; x.rank()];
     shape[0] = b;
-    let f = Tensor::from_vec(factors, shape, &candle_core::Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())?;
+    let f = Tensor::from_vec(factors, shape, x.device())?.to_dtype(x.dtype())?;
     Ok(x.broadcast_mul(&f)?)
 }
 
@@ -320,12 +318,8 @@ pub(crate) fn attention_mask(
     (b, h, lq, lk): (usize, usize, usize, usize),
     like: &Tensor,
 ) -> Result<Tensor> {
-    let m = Tensor::from_vec(
-        d.mask(b * h * lq, lk),
-        (b, h, lq, lk),
-        &candle_core::Device::Cpu,
-    )?;
-    Ok(m.to_dtype(like.dtype())?.to_device(like.device())?)
+    let m = Tensor::from_vec(d.mask(b * h * lq, lk), (b, h, lq, lk), like.device())?;
+    Ok(m.to_dtype(like.dtype())?)
 }
 
 #[cfg(test)]

@@ -164,6 +164,8 @@ impl ImageEncoder {
     /// `[B, Li, P*P*3]` -> `[B, 1+Li, D]`; with a key, the blocks' dropout and drop path are
     /// drawn from its encoder fork (as in the models' training forwards).
     fn forward(&self, patches: &Tensor, st: Option<&Stochastic>) -> Result<Tensor> {
+        // patches built on the host move to the weights' device (a clone when already there)
+        let patches = &patches.to_device(self.image_embedding.weight().device())?;
         let (b, li, pd) = patches.dims3()?;
         if pd != self.patch_dim {
             return Err(Error::Shape(format!(

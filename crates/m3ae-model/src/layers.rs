@@ -4,11 +4,18 @@
 //! Dropout, attention dropout and drop path ([`DropRates`], set with `with_rates`) run in the
 //! `forward_with` methods when they get a [`Stochastic`] key (training); every other forward is
 //! deterministic. The sites and the official facts are in [`crate::stochastic`].
+//!
+//! Precision ([`Precision`], set with `with_precision`): at [`Precision::Bf16`] every [`Dense`]
+//! layer casts its input and weight to bf16 for the matmul and the product back to f32 before
+//! the (f32) bias is added; LayerNorm, attention, GELU and the losses stay f32, and so do the
+//! weights and their gradients (the casts are differentiable). This is the mixed-precision path
+//! of training on CUDA; the default [`Precision::F32`] adds no op.
 
+use crate::device::Precision;
 use crate::params::ParamStore;
 use crate::stochastic::{site, DropRates, Stochastic};
 use crate::Result;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use m3ae_kernels::KernelPath;
 
 /// Epsilon of every LayerNorm (flax default).
@@ -20,6 +27,7 @@ pub struct Dense {
     weight: Tensor,
     bias: Tensor,
     path: KernelPath,
+    precision: Precision,
 }
 
 impl Dense {
@@ -29,12 +37,22 @@ impl Dense {
             weight: p.get(&format!("{prefix}.weight"))?,
             bias: p.get(&format!("{prefix}.bias"))?,
             path,
+            precision: Precision::F32,
         })
+    }
+
+    /// The layer computing its matmul at `precision` (see the [module docs](self)).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.path.linear(x, &self.weight, &self.bias)?)
+        match self.precision {
+            Precision::F32 => Ok(self.path.linear(x, &self.weight, &self.bias)?),
+            Precision::Bf16 => cast_linear(x, &self.weight, &self.bias, DType::BF16),
+        }
     }
 
     /// The weight, `(out, in)`.
@@ -46,6 +64,39 @@ impl Dense {
     pub fn bias(&self) -> &Tensor {
         &self.bias
     }
+}
+
+/// `x W^T + b` with the matmul in `dtype`: `x` `[.., in]` and `W` `[out, in]` are cast to
+/// `dtype`, the product `[.., out]` is cast back to `x`'s dtype and the bias added there. The
+/// casts are differentiable, so f32 weights get f32 gradients.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// let dev = Device::Cpu;
+/// let x = Tensor::new(&[[[1f32, 2.0]]], &dev)?;
+/// let w = Tensor::new(&[[0.5f32, 0.25], [1.0, -1.0]], &dev)?;
+/// let b = Tensor::new(&[0.5f32, 0.0], &dev)?;
+/// let y = m3ae_model::layers::cast_linear(&x, &w, &b, DType::BF16)?;
+/// assert_eq!(y.dtype(), DType::F32);
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![1.5, -1.0]); // exact in bf16
+/// # Ok::<(), m3ae_model::Error>(())
+/// ```
+pub fn cast_linear(x: &Tensor, weight: &Tensor, bias: &Tensor, dtype: DType) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims
+        .last()
+        .ok_or_else(|| crate::Error::Shape("a dense layer needs an input of rank >= 1".into()))?;
+    let (out, _) = weight.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    let y = x
+        .reshape((rows, k))?
+        .to_dtype(dtype)?
+        .matmul(&weight.to_dtype(dtype)?.t()?)?
+        .to_dtype(x.dtype())?
+        .broadcast_add(bias)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = out;
+    Ok(y.reshape(out_dims)?)
 }
 
 /// LayerNorm over the last axis with scale and bias, eps 1e-6.
@@ -92,6 +143,13 @@ impl Attention {
             path,
             rates: DropRates::default(),
         })
+    }
+
+    /// The layer with its projections at `precision` (see the [module docs](self)).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.qkv = self.qkv.with_precision(precision);
+        self.proj = self.proj.with_precision(precision);
+        self
     }
 
     /// The layer with dropout rates (`att_drop` on the probabilities, `drop` on the output
@@ -213,6 +271,14 @@ impl Block {
         })
     }
 
+    /// The block with its dense layers at `precision` (see the [module docs](self)).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.attn = self.attn.with_precision(precision);
+        self.fc1 = self.fc1.with_precision(precision);
+        self.fc2 = self.fc2.with_precision(precision);
+        self
+    }
+
     /// The block with dropout rates (see [`DropRates`]).
     pub fn with_rates(mut self, rates: DropRates) -> Self {
         self.attn = self.attn.with_rates(rates);
@@ -302,6 +368,17 @@ impl Transformer {
             blocks,
             norm: LayerNorm::new(p, &format!("{prefix}.norm"), path)?,
         })
+    }
+
+    /// The transformer with every block's dense layers at `precision` (see the
+    /// [module docs](self)).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.blocks = self
+            .blocks
+            .into_iter()
+            .map(|b| b.with_precision(precision))
+            .collect();
+        self
     }
 
     /// The transformer with dropout rates, the same in every block (as the official code).
@@ -395,6 +472,18 @@ impl Head {
             out: Dense::new(p, &format!("{prefix}.out"), path)?,
             path,
         })
+    }
+
+    /// The head with its dense layers at `precision` (see the [module docs](self)). The fused
+    /// text loss reads [`Head::out`]'s f32 weight directly and stays f32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.layers = self
+            .layers
+            .into_iter()
+            .map(|(fc, norm)| (fc.with_precision(precision), norm))
+            .collect();
+        self.out = self.out.with_precision(precision);
+        self
     }
 
     /// `x`: `[B, L, Dd]` -> `[B, L, out]`: [`Head::out`] applied to [`Head::forward_hidden`].

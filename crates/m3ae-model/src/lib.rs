@@ -17,6 +17,8 @@
 //!   forwards (`*_with` methods), seeded per forward pass ([`stochastic`]).
 //! * [`params`]: weight specs, seeded initialisation, safetensors I/O, the official name mapping.
 //! * [`flops`]: parameter and FLOP counts.
+//! * [`device`]: the one parser of `--device` / `device = "..."` ([`parse_device`],
+//!   [`DeviceSpec`]) and the training precision ([`Precision`]).
 //!
 //! ```
 //! use m3ae_model::{M3ae, M3aeConfig, Masking, ModelInput, Noise};
@@ -44,6 +46,7 @@ pub mod any;
 pub mod attention;
 pub mod classifier;
 pub mod config;
+pub mod device;
 pub mod flops;
 pub mod fsio;
 pub mod layer_decay;
@@ -64,6 +67,7 @@ pub use any::AnyModel;
 pub use attention::{AttentionTrace, TraceLayers};
 pub use classifier::{classifier_specs, Classifier, ClassifierConfig};
 pub use config::{ImageTarget, M3aeConfig, ModelType};
+pub use device::{parse_device, DeviceSpec, Precision};
 pub use layer_decay::{layer_decay_table, LayerDecayRule, LayerScale};
 pub use loss::{
     cross_entropy_loss_and_accuracy, patch_mse_loss, smooth_labels, soft_cross_entropy,
@@ -100,6 +104,17 @@ pub enum Error {
     /// Inputs of the wrong shape or kind.
     #[error("{0}")]
     Shape(String),
+    /// A device that cannot be used (the value as given, and why).
+    #[error("device {value:?}: {msg}")]
+    Device {
+        /// The value (`cpu`, `cuda`, `cuda:N`, ...).
+        value: String,
+        /// Why it cannot be used.
+        msg: String,
+    },
+    /// A precision that cannot be used here (the message names the setting).
+    #[error("{0}")]
+    Precision(String),
     /// A weight the model needs is absent.
     #[error("missing weight `{name}` in {origin}")]
     MissingWeight {

@@ -160,12 +160,26 @@ impl Masking {
         self.shared
     }
 
+    /// The same masking with its tensors on `device` (a cheap clone when they are there
+    /// already). The model moves a masking's indices to its tokens' device by itself; this
+    /// lets a loader copy them ahead of the step.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            ids_shuffle: self.ids_shuffle.to_device(device)?,
+            ids_restore: self.ids_restore.to_device(device)?,
+            ids_keep: self.ids_keep.to_device(device)?,
+            mask: self.mask.to_device(device)?,
+            ..self.clone()
+        })
+    }
+
     /// Keeps the tokens of `x` `[B, L, D]` -> `[B, keep, D]` (in ascending-noise order).
     pub fn keep_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         self.check(b, l)?;
         let idx = self
             .ids_keep
+            .to_device(x.device())?
             .unsqueeze(2)?
             .broadcast_as((b, self.keep, d))?
             .contiguous()?;
@@ -176,7 +190,8 @@ impl Masking {
     pub fn keep_mask(&self, m: &Tensor) -> Result<Tensor> {
         let (b, l) = m.dims2()?;
         self.check(b, l)?;
-        Ok(m.contiguous()?.gather(&self.ids_keep, 1)?)
+        Ok(m.contiguous()?
+            .gather(&self.ids_keep.to_device(m.device())?, 1)?)
     }
 
     /// Appends `mask_token` `[1, 1, D]` to the kept tokens `x` `[B, keep, D]` and un-shuffles them
@@ -198,6 +213,7 @@ impl Masking {
         };
         let idx = self
             .ids_restore
+            .to_device(x.device())?
             .unsqueeze(2)?
             .broadcast_as((b, self.len, d))?
             .contiguous()?;

@@ -11,6 +11,7 @@
 
 use crate::attention::{AttentionTrace, TraceLayers};
 use crate::config::M3aeConfig;
+use crate::device::Precision;
 use crate::layers::{Dense, Head, Transformer};
 use crate::loss::{cross_entropy_loss_and_accuracy, patch_mse_loss};
 use crate::masking::Masking;
@@ -31,6 +32,22 @@ pub struct ModelInput {
     pub text_ids: Option<Tensor>,
     /// `[B, T]` f32, 1 = padding. Required with `text_ids`.
     pub text_padding: Option<Tensor>,
+}
+
+impl ModelInput {
+    /// The same input with its tensors on `device` (a cheap clone when they are there already).
+    /// The model moves its inputs to its weights' device by itself; this lets a loader copy a
+    /// batch ahead of the step.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let mv = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+            Ok(t.as_ref().map(|t| t.to_device(device)).transpose()?)
+        };
+        Ok(Self {
+            image_patches: mv(&self.image_patches)?,
+            text_ids: mv(&self.text_ids)?,
+            text_padding: mv(&self.text_padding)?,
+        })
+    }
 }
 
 /// Intermediate tensors of a forward pass (kept for parity checks and inspection; they exist
@@ -133,6 +150,7 @@ struct Core {
     decoder: Transformer,
     image_head: Head,
     text_head: Option<Head>,
+    precision: Precision,
 }
 
 fn add_opt(x: Tensor, t: &Option<Tensor>) -> Result<Tensor> {
@@ -189,7 +207,20 @@ impl Core {
             cfg,
             variant,
             params,
+            precision: Precision::F32,
         })
+    }
+
+    /// Every dense layer at `precision` (see [`crate::layers`]).
+    fn with_precision(mut self, precision: Precision) -> Self {
+        self.image_embedding = self.image_embedding.with_precision(precision);
+        self.encoder = self.encoder.with_precision(precision);
+        self.input_projection = self.input_projection.with_precision(precision);
+        self.decoder = self.decoder.with_precision(precision);
+        self.image_head = self.image_head.with_precision(precision);
+        self.text_head = self.text_head.map(|h| h.with_precision(precision));
+        self.precision = precision;
+        self
     }
 
     fn device(&self) -> &Device {
@@ -263,6 +294,12 @@ impl Core {
         text_logits: bool,
         st: Option<&Stochastic>,
     ) -> Result<Output> {
+        // inputs and maskings built on the host (a loader's batch) move to the weights'
+        // device here (a clone when they are there already)
+        let input = &input.to_device(self.device())?;
+        let on_device = |m: Option<&Masking>| m.map(|m| m.to_device(self.device())).transpose();
+        let (image_masking, text_masking) = (on_device(image_masking)?, on_device(text_masking)?);
+        let (image_masking, text_masking) = (image_masking.as_ref(), text_masking.as_ref());
         let b = Self::batch_of(input)?;
         let dev = self.device().clone();
         let with_padding = self.variant == Variant::M3ae;
@@ -413,6 +450,7 @@ impl Core {
     /// The unmasked encoder input `[B, 1+Li+T, D]` (cls, embedded patches, embedded text) and
     /// its key padding `[B, 1+Li+T]` (`None` without text).
     fn encoder_input(&self, input: &ModelInput) -> Result<(Tensor, Option<Tensor>)> {
+        let input = &input.to_device(self.device())?;
         let b = Self::batch_of(input)?;
         let dev = self.device().clone();
         let d = self.cfg.emb_dim;
@@ -439,6 +477,7 @@ impl Core {
     }
 
     fn losses(&self, input: &ModelInput, out: &Output) -> Result<Losses> {
+        let input = &input.to_device(self.device())?;
         let mut total: Option<Tensor> = None;
         let mut add = |t: &Tensor, w: f64| -> Result<()> {
             let wt = (t * w)?;
@@ -633,6 +672,18 @@ macro_rules! model_common {
             /// The resolved configuration.
             pub fn config(&self) -> &M3aeConfig {
                 &self.0.cfg
+            }
+
+            /// The model with its dense layers' matmuls at `precision` (the same weights;
+            /// see [`crate::layers`] for what bf16 changes). Training on CUDA uses this for
+            /// `train.precision = "bf16"`.
+            pub fn with_precision(self, precision: Precision) -> Self {
+                Self(self.0.with_precision(precision))
+            }
+
+            /// The precision of the dense layers' matmuls.
+            pub fn precision(&self) -> Precision {
+                self.0.precision
             }
         }
 

@@ -535,3 +535,42 @@ fn drop_path_passes_a_sample_through_a_block_whose_branches_are_both_dropped() -
     );
     Ok(())
 }
+
+#[test]
+fn bf16_matmuls_stay_close_to_f32_and_every_f32_weight_gets_an_f32_gradient() -> anyhow::Result<()>
+{
+    // the cast-around-matmul path of `train.precision = "bf16"` is device-generic: checked here
+    // on the CPU (training refuses bf16 on the CPU only because it would be slow)
+    use m3ae_model::Precision;
+    let dev = Device::Cpu;
+    let mut cfg = M3aeConfig::preset("tiny")?;
+    cfg.output_head_depth = 1;
+    let f32_model = M3ae::init(&cfg, 4, &dev)?;
+    let bf16_model = f32_model.clone().with_precision(Precision::Bf16);
+    assert_eq!(bf16_model.precision(), Precision::Bf16);
+    assert_eq!(f32_model.precision(), Precision::F32);
+    let input = batch(&cfg, 2, &dev)?;
+    let (li, t) = (cfg.num_patches(), cfg.text_length);
+    let im = Masking::new(&noise(li, 5), 2, cfg.image_keep(li), &dev)?;
+    let tm = Masking::new(&noise(t, 6), 2, cfg.text_keep(t), &dev)?;
+    let loss = |m: &M3ae| -> anyhow::Result<Tensor> {
+        let out = m.forward_train(&input, Some(&im), Some(&tm))?;
+        Ok(m.losses(&input, &out)?.total)
+    };
+    let (a, b) = (loss(&f32_model)?, loss(&bf16_model)?);
+    assert_eq!(b.dtype(), DType::F32, "losses stay f32");
+    let (a, b) = (a.to_scalar::<f32>()?, b.to_scalar::<f32>()?);
+    assert!(a != b, "bf16 must change the matmuls");
+    assert!((a - b).abs() / a.abs() < 2e-2, "f32 {a} vs bf16 {b}");
+    let grads = loss(&bf16_model)?.backward()?;
+    for (name, var) in bf16_model.params().vars() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_eq!(g.dtype(), DType::F32, "{name}");
+        assert_eq!(var.dtype(), DType::F32, "{name}");
+        let n = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(n > 0.0 && n.is_finite(), "{name}: {n}");
+    }
+    Ok(())
+}

@@ -7,6 +7,10 @@
 //!   93.0 GFLOP per step by the notes' count (3 x 2 x tokens x [depth (12 C^2 + 2 S C) + 768 C]).
 //! * [`preset_workload`]: a full M3AE step of any configuration at a given batch size.
 //!
+//! Both run on any device at either [`Precision`] (the caller checks that the device supports
+//! it); on an asynchronous device (CUDA) every timed phase ends with a device synchronisation,
+//! so the times are the device's.
+//!
 //! Besides the medians, a report carries the process's CPU time (user and system), page faults
 //! and peak resident memory over the timed steps alone ([`ProcessUsage`], from `getrusage`), so
 //! that the share of a step spent in the kernel is the step's, not that of the model's set-up.
@@ -18,7 +22,9 @@ use candle_core::{Device, Tensor};
 use m3ae_kernels::testing::uniform;
 use m3ae_model::layers::{Dense, Transformer};
 use m3ae_model::params::{Init, ParamSpec};
-use m3ae_model::{flops, M3ae, M3aeConfig, Masking, ModelInput, Noise, ParamStore, Variant};
+use m3ae_model::{
+    flops, M3ae, M3aeConfig, Masking, ModelInput, Noise, ParamStore, Precision, Variant,
+};
 use std::time::Instant;
 
 /// Timings of a benchmark (medians over the timed steps).
@@ -189,6 +195,7 @@ struct Timed {
 }
 
 fn time_steps(
+    dev: &Device,
     warmup: usize,
     steps: usize,
     mut fwd: impl FnMut() -> Result<Tensor>,
@@ -208,8 +215,10 @@ fn time_steps(
         }
         let t0 = Instant::now();
         let loss = fwd()?;
+        dev.synchronize()?;
         let f = t0.elapsed().as_secs_f64() * 1e3;
         let (b, o) = bwd_opt(&loss)?;
+        dev.synchronize()?;
         let all = t0.elapsed().as_secs_f64() * 1e3;
         if i >= warmup {
             t.fwd.push(f);
@@ -222,11 +231,17 @@ fn time_steps(
     Ok(t)
 }
 
-/// The ViT-S-like encoder step of the performance notes (see the module docs).
-pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Result<BenchReport> {
+/// The ViT-S-like encoder step of the performance notes (see the module docs) on `dev`, the
+/// dense layers at `precision`.
+pub fn vit_s_workload(
+    cfg_kernels: m3ae_kernels::KernelPath,
+    steps: usize,
+    dev: &Device,
+    precision: Precision,
+) -> Result<BenchReport> {
     let (batch, seq, dim, depth, heads, out) =
         (32usize, 64usize, 384usize, 4usize, 6usize, 768usize);
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let mut mcfg = M3aeConfig::preset("tiny")?;
     mcfg.model_type = None;
     mcfg.emb_dim = dim;
@@ -257,8 +272,9 @@ pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Re
         });
     }
     let params = ParamStore::init(&specs, 0, &dev)?;
-    let encoder = Transformer::new(&params, "encoder", depth, heads, cfg_kernels)?;
-    let head = Dense::new(&params, "head", cfg_kernels)?;
+    let encoder =
+        Transformer::new(&params, "encoder", depth, heads, cfg_kernels)?.with_precision(precision);
+    let head = Dense::new(&params, "head", cfg_kernels)?.with_precision(precision);
     let x = Tensor::from_vec(uniform(1, batch * seq * dim), (batch, seq, dim), &dev)?;
     let target = Tensor::from_vec(uniform(2, batch * seq * out), (batch, seq, out), &dev)?;
     // sample i keeps seq - (i mod 4) * seq / 8 keys
@@ -282,6 +298,7 @@ pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Re
         Variant::M3ae,
     );
     let t = time_steps(
+        &dev,
         2,
         steps,
         || {
@@ -291,9 +308,11 @@ pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Re
         |loss| {
             let t0 = Instant::now();
             let grads = named_grads(&params, &loss.backward()?);
+            dev.synchronize()?;
             let b = t0.elapsed().as_secs_f64() * 1e3;
             let t1 = Instant::now();
             opt.step(&params, &grads, 1e-4)?;
+            dev.synchronize()?;
             Ok((b, t1.elapsed().as_secs_f64() * 1e3))
         },
     )?;
@@ -304,7 +323,10 @@ pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Re
         * tokens
         * (depth as f64 * (12.0 * c * c + 2.0 * seq as f64 * c) + out as f64 * c);
     Ok(BenchReport {
-        name: format!("vit-s (dim 384, depth 4, seq 64, {cfg_kernels:?} kernels)"),
+        name: format!(
+            "vit-s (dim 384, depth 4, seq 64, {cfg_kernels:?} kernels, {precision}, {})",
+            device_name(&dev)
+        ),
         steps,
         forward_ms: median(t.fwd),
         backward_ms: median(t.bwd),
@@ -317,11 +339,25 @@ pub fn vit_s_workload(cfg_kernels: m3ae_kernels::KernelPath, steps: usize) -> Re
     })
 }
 
+/// `cpu` or `cuda:N`.
+fn device_name(dev: &Device) -> String {
+    m3ae_model::DeviceSpec::of(dev)
+        .map(|d| d.to_string())
+        .unwrap_or_else(|_| format!("{:?}", dev.location()))
+}
+
 /// A full M3AE training step of `cfg` at `batch` on generated images and text (official
-/// batch-shared masking). Tokens per sample are the encoder's (`1 + kept image + kept text`).
-pub fn preset_workload(cfg: &M3aeConfig, batch: usize, steps: usize) -> Result<BenchReport> {
-    let dev = Device::Cpu;
-    let model = M3ae::init(cfg, 0, &dev)?;
+/// batch-shared masking) on `dev`, the dense layers at `precision`. Tokens per sample are the
+/// encoder's (`1 + kept image + kept text`).
+pub fn preset_workload(
+    cfg: &M3aeConfig,
+    batch: usize,
+    steps: usize,
+    dev: &Device,
+    precision: Precision,
+) -> Result<BenchReport> {
+    let dev = dev.clone();
+    let model = M3ae::init(cfg, 0, &dev)?.with_precision(precision);
     let c = model.config().clone();
     let (li, t, pd) = (c.num_patches(), c.text_length, c.patch_dim());
     let input = ModelInput {
@@ -364,6 +400,7 @@ pub fn preset_workload(cfg: &M3aeConfig, batch: usize, steps: usize) -> Result<B
     let specs = M3ae::specs(&c);
     let mut opt = AdamW::new(AdamWConfig::default(), &specs, Variant::M3ae);
     let timed = time_steps(
+        &dev,
         2,
         steps,
         // a training forward: the configuration's dropout rates (if any) are timed too
@@ -374,18 +411,21 @@ pub fn preset_workload(cfg: &M3aeConfig, batch: usize, steps: usize) -> Result<B
         |loss| {
             let t0 = Instant::now();
             let grads = named_grads(model.params(), &loss.backward()?);
+            dev.synchronize()?;
             let b = t0.elapsed().as_secs_f64() * 1e3;
             let t1 = Instant::now();
             opt.step(model.params(), &grads, 1e-4)?;
+            dev.synchronize()?;
             Ok((b, t1.elapsed().as_secs_f64() * 1e3))
         },
     )?;
     let f = flops::training_flops(&c, Variant::M3ae);
     Ok(BenchReport {
         name: format!(
-            "m3ae {} ({:?} kernels)",
+            "m3ae {} ({:?} kernels, {precision}, {})",
             c.model_type.map(|m| m.name()).unwrap_or("custom"),
-            c.kernels
+            c.kernels,
+            device_name(&dev)
         ),
         steps,
         forward_ms: median(timed.fwd),

@@ -166,10 +166,21 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Reads a checkpoint directory; every error names the file.
+/// Reads a checkpoint directory onto `device`: the files are read to the host, then every
+/// tensor is copied to `device` (nothing is copied when it is the CPU). Every error names the
+/// file.
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
-    let (model, model_meta) = read_safetensors(&dir.join("model.safetensors"), device)?;
-    let (optimizer, optimizer_meta) = read_safetensors(&dir.join("optimizer.safetensors"), device)?;
+    let host = Device::Cpu;
+    let to = |(t, meta): (HashMap<String, Tensor>, HashMap<String, String>)| -> Result<_> {
+        let t = t
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(device)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok((t, meta))
+    };
+    let (model, model_meta) = to(read_safetensors(&dir.join("model.safetensors"), &host)?)?;
+    let (optimizer, optimizer_meta) =
+        to(read_safetensors(&dir.join("optimizer.safetensors"), &host)?)?;
     let tj = dir.join("trainer.json");
     let text = std::fs::read_to_string(&tj).map_err(io(&tj))?;
     let trainer = serde_json::from_str(&text).map_err(|e| Error::Parse {

@@ -3,10 +3,18 @@
 //! guards, atomic checkpoints and exact resume, behind the narrow [`Objective`] and
 //! [`BatchSource`] traits. The data crate's [`m3ae_data::Streams`] are a [`BatchSource`]
 //! ([`data`]).
+//!
+//! Devices: the trainer runs where the objective's weights are. On the CPU the optimiser and
+//! the gradient norms run on host slices (bit for bit the arithmetic of every published
+//! figure); elsewhere on device tensors ([`optim::UpdatePath`]), batches reach the device ahead
+//! of the step through a [`DeviceFeed`], and checkpoints are written from host copies and read
+//! back onto any device. `train.precision` ([`m3ae_model::Precision`]) selects f32 or bf16
+//! matmuls (CUDA only).
 
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod feed;
 pub mod learner;
 pub mod metrics;
 pub mod objective;
@@ -15,10 +23,12 @@ pub mod sync;
 pub mod tensorboard;
 pub mod trainer;
 
+pub use feed::DeviceFeed;
 pub use learner::{FitReport, Fitted, Hook, HookError, Learner, LogLines, Progress, Window};
+pub use m3ae_model::Precision;
 pub use metrics::{JsonlSink, MetricSink};
 pub use objective::{LossReport, Objective, TrainBatch};
-pub use optim::{AdamW, AdamWConfig};
+pub use optim::{AdamW, AdamWConfig, UpdatePath};
 // The learning-rate schedule lives in the model crate (the probe of `m3ae-eval` uses it too); it
 // stays reachable here as `m3ae_train::schedule` and `m3ae_train::WarmupCosine`.
 pub use m3ae_model::schedule;

@@ -12,7 +12,8 @@ use crate::optim::{is_decayed, ParamGroup};
 use crate::Result;
 use candle_core::Tensor;
 use m3ae_model::{
-    M3ae, M3aeConfig, Mae, Masking, ModelInput, ParamSpec, ParamStore, Stochastic, Variant,
+    M3ae, M3aeConfig, Mae, Masking, ModelInput, ParamSpec, ParamStore, Precision, Stochastic,
+    Variant,
 };
 use std::collections::{BTreeMap, HashMap};
 
@@ -34,6 +35,36 @@ pub struct TrainBatch {
     pub unpaired: Option<(ModelInput, Masking)>,
     /// Soft class targets `[B, classes]` (rows sum to 1) of a classification objective.
     pub targets: Option<Tensor>,
+}
+
+impl TrainBatch {
+    /// The same batch with every tensor on `device` (a clone of each tensor already there):
+    /// how a batch prepared on the host reaches the weights' device.
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            input: self.input.to_device(device)?,
+            image_masking: self
+                .image_masking
+                .as_ref()
+                .map(|m| m.to_device(device))
+                .transpose()?,
+            text_masking: self
+                .text_masking
+                .as_ref()
+                .map(|m| m.to_device(device))
+                .transpose()?,
+            unpaired: self
+                .unpaired
+                .as_ref()
+                .map(|(i, m)| Ok::<_, crate::Error>((i.to_device(device)?, m.to_device(device)?)))
+                .transpose()?,
+            targets: self
+                .targets
+                .as_ref()
+                .map(|t| t.to_device(device))
+                .transpose()?,
+        })
+    }
 }
 
 /// The differentiable total loss of a batch, and scalar metrics for logging.
@@ -80,6 +111,17 @@ pub trait Objective {
                 (s.name, g)
             })
             .collect()
+    }
+    /// Sets the compute precision of the training forwards (`train.precision`, already checked
+    /// against the device by the trainer). The default accepts f32 only; M3AE and MAE run
+    /// their dense layers' matmuls in bf16 ([`m3ae_model::layers`]).
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        match precision {
+            Precision::F32 => Ok(()),
+            other => Err(crate::Error::Config(format!(
+                "train.precision = \"{other}\": this objective computes in f32 only"
+            ))),
+        }
     }
     /// Metadata written with the weights of a checkpoint (`model.safetensors`). The default
     /// holds the model configuration under `m3ae_config`, which every model loader reads.
@@ -147,6 +189,12 @@ impl Objective for M3ae {
     fn model_config(&self) -> &M3aeConfig {
         M3ae::config(self)
     }
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if self.precision() != precision {
+            *self = self.clone().with_precision(precision);
+        }
+        Ok(())
+    }
 }
 
 impl Objective for Mae {
@@ -184,5 +232,11 @@ impl Objective for Mae {
     }
     fn model_config(&self) -> &M3aeConfig {
         Mae::config(self)
+    }
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if self.precision() != precision {
+            *self = self.clone().with_precision(precision);
+        }
+        Ok(())
     }
 }

@@ -10,6 +10,15 @@
 //! whether it is decayed, and the clipping group whose global norm clips it (the official
 //! fine-tuning chains `clip_by_global_norm` and `adamw` per layer group). Pre-training has one
 //! group, scale 1 and the official decay mask ([`AdamW::new`]).
+//!
+//! Two implementations of the same arithmetic ([`UpdatePath`]): weights on the CPU are updated
+//! on host slices by rayon (the moments are host vectors), weights anywhere else with candle
+//! tensor ops on their device (the moments are device tensors of the weights' shapes, and no
+//! weight, gradient or moment crosses to the host). Likewise [`global_norm`] is a host sum on the
+//! CPU and one device reduction with a single scalar read elsewhere. Both paths evaluate the
+//! same f32 operations in the same order, and the state reads and writes the same
+//! `optimizer.safetensors` from either; the tensor path can be forced on the CPU
+//! ([`AdamW::set_path`]), which is how it is tested without a GPU.
 
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
@@ -61,6 +70,36 @@ pub fn is_decayed(official_name: &str, variant: Variant) -> bool {
     !official_name.split('.').any(|c| list.contains(&c))
 }
 
+/// How [`AdamW::step`] and the gradient norms are computed (see the [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdatePath {
+    /// Host slices and rayon: the path of weights on the CPU.
+    Host,
+    /// candle tensor ops on the weights' device: the path of weights anywhere else.
+    Tensor,
+}
+
+impl UpdatePath {
+    /// The path of weights on `device`: [`UpdatePath::Host`] on the CPU, else
+    /// [`UpdatePath::Tensor`].
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            UpdatePath::Host
+        } else {
+            UpdatePath::Tensor
+        }
+    }
+
+    /// The path of a set of gradients: host when every one is on the CPU.
+    pub fn for_grads(grads: &NamedGrads) -> Self {
+        if grads.values().all(|g| g.device().is_cpu()) {
+            UpdatePath::Host
+        } else {
+            UpdatePath::Tensor
+        }
+    }
+}
+
 /// Weights updated per rayon task by [`AdamW::step`].
 const UPDATE_CHUNK: usize = 1 << 14;
 
@@ -76,12 +115,74 @@ pub struct ParamGroup {
     pub clip_group: usize,
 }
 
+/// The moments of one weight, where its update runs.
+#[derive(Debug, Clone)]
+enum Moments {
+    /// Flat host vectors ([`UpdatePath::Host`]).
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Tensors of the weight's shape on its device ([`UpdatePath::Tensor`]).
+    Device { m: Tensor, v: Tensor },
+}
+
 #[derive(Debug, Clone)]
 struct Slot {
     decayed: bool,
     lr_scale: f64,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    numel: usize,
+    moments: Moments,
+}
+
+impl Slot {
+    /// The moments as host vectors (copied from the device when they are there).
+    fn host(&mut self) -> Result<(&mut Vec<f32>, &mut Vec<f32>)> {
+        if let Moments::Device { m, v } = &self.moments {
+            let (m, v) = (
+                m.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            );
+            self.moments = Moments::Host { m, v };
+        }
+        match &mut self.moments {
+            Moments::Host { m, v } => Ok((m, v)),
+            Moments::Device { .. } => unreachable!("converted above"),
+        }
+    }
+
+    /// The moments as tensors shaped and placed like `like` (uploaded from the host once).
+    fn device(&mut self, like: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (m, v) = match &self.moments {
+            Moments::Host { m, v } => (
+                Tensor::from_slice(m, like.shape(), like.device())?,
+                Tensor::from_slice(v, like.shape(), like.device())?,
+            ),
+            Moments::Device { m, v } => (m.to_device(like.device())?, v.to_device(like.device())?),
+        };
+        Ok((m, v))
+    }
+
+    /// A moment as a flat tensor on `device` (for saving).
+    fn flat(&self, which: usize, device: &Device) -> Result<Tensor> {
+        Ok(match &self.moments {
+            Moments::Host { m, v } => {
+                let x = if which == 0 { m } else { v };
+                Tensor::from_slice(x, x.len(), device)?
+            }
+            Moments::Device { m, v } => {
+                let x = if which == 0 { m } else { v };
+                x.flatten_all()?.to_device(device)?
+            }
+        })
+    }
+}
+
+/// The per-step constants of the update, in f32 as both paths use them.
+struct Coefficients {
+    b1: f32,
+    b2: f32,
+    inv_bc1: f32,
+    inv_bc2: f32,
+    eps: f32,
+    wd: f32,
 }
 
 /// AdamW over the weights of one model.
@@ -90,6 +191,7 @@ pub struct AdamW {
     cfg: AdamWConfig,
     step: u64,
     slots: BTreeMap<String, Slot>,
+    path: Option<UpdatePath>,
 }
 
 impl AdamW {
@@ -126,8 +228,11 @@ impl AdamW {
                     Slot {
                         decayed: g.is_some_and(|g| g.decayed),
                         lr_scale: g.map_or(1.0, |g| g.lr_scale),
-                        m: vec![0.0; n],
-                        v: vec![0.0; n],
+                        numel: n,
+                        moments: Moments::Host {
+                            m: vec![0.0; n],
+                            v: vec![0.0; n],
+                        },
                     },
                 )
             })
@@ -136,7 +241,20 @@ impl AdamW {
             cfg,
             step: 0,
             slots,
+            path: None,
         }
+    }
+
+    /// Chooses the update path: `None` (the default) picks it from the weights' device
+    /// ([`UpdatePath::for_device`]); `Some` forces one, e.g. the tensor path on the CPU to test
+    /// it against the host path. Switching moves the moments at the next step.
+    pub fn set_path(&mut self, path: Option<UpdatePath>) {
+        self.path = path;
+    }
+
+    /// The path a step over weights on `device` takes.
+    pub fn path_for(&self, device: &Device) -> UpdatePath {
+        self.path.unwrap_or_else(|| UpdatePath::for_device(device))
     }
 
     /// Optimiser steps taken so far.
@@ -163,11 +281,17 @@ impl AdamW {
     pub fn step(&mut self, params: &ParamStore, grads: &NamedGrads, lr: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
-        let (b1, b2) = (self.cfg.b1 as f32, self.cfg.b2 as f32);
         let bc1 = 1.0 - self.cfg.b1.powi(t);
         let bc2 = 1.0 - self.cfg.b2.powi(t);
-        let (eps, wd) = (self.cfg.eps as f32, self.cfg.weight_decay as f32);
-        let (inv_bc1, inv_bc2) = ((1.0 / bc1) as f32, (1.0 / bc2) as f32);
+        let c = Coefficients {
+            b1: self.cfg.b1 as f32,
+            b2: self.cfg.b2 as f32,
+            inv_bc1: (1.0 / bc1) as f32,
+            inv_bc2: (1.0 / bc2) as f32,
+            eps: self.cfg.eps as f32,
+            wd: self.cfg.weight_decay as f32,
+        };
+        let path = self.path_for(params.device());
         for (name, var) in params.vars() {
             let slot = self.slots.get_mut(name).ok_or_else(|| {
                 Error::State(format!("optimizer has no state for weight `{name}`"))
@@ -175,52 +299,96 @@ impl AdamW {
             let g = grads
                 .get(name)
                 .ok_or_else(|| Error::State(format!("no gradient for weight `{name}`")))?;
-            let decay = if slot.decayed { wd } else { 0.0 };
+            let decay = if slot.decayed { c.wd } else { 0.0 };
             let lr = (lr * slot.lr_scale) as f32;
-            let new = m3ae_kernels::with_f32_slice(var.as_tensor(), |p| {
-                m3ae_kernels::with_f32_slice(g, |g| {
-                    let mut out = vec![0f32; p.len()];
-                    // Element-wise, so the result does not depend on how rayon splits the chunks.
-                    out.par_chunks_mut(UPDATE_CHUNK)
-                        .zip(slot.m.par_chunks_mut(UPDATE_CHUNK))
-                        .zip(slot.v.par_chunks_mut(UPDATE_CHUNK))
-                        .enumerate()
-                        .for_each(|(c, ((out, ms), vs))| {
-                            let lo = c * UPDATE_CHUNK;
-                            let (p, g) = (&p[lo..lo + out.len()], &g[lo..lo + out.len()]);
-                            for i in 0..out.len() {
-                                let gi = g[i];
-                                let m = b1 * ms[i] + (1.0 - b1) * gi;
-                                let v = b2 * vs[i] + (1.0 - b2) * gi * gi;
-                                ms[i] = m;
-                                vs[i] = v;
-                                let u = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps) + decay * p[i];
-                                out[i] = p[i] - lr * u;
-                            }
-                        });
-                    out
-                })
-            })??;
-            var.set(&Tensor::from_vec(new, var.shape(), var.device())?)?;
+            match path {
+                UpdatePath::Host => Self::update_host(slot, var, g, &c, decay, lr)?,
+                UpdatePath::Tensor => Self::update_tensor(slot, var, g, &c, decay, lr)?,
+            }
         }
         Ok(())
     }
 
-    /// The state as tensors (`m.{name}`, `v.{name}`) and metadata (`step`, hyper-parameters).
+    /// One weight on host slices (rayon over fixed chunks).
+    fn update_host(
+        slot: &mut Slot,
+        var: &candle_core::Var,
+        g: &Tensor,
+        c: &Coefficients,
+        decay: f32,
+        lr: f32,
+    ) -> Result<()> {
+        let (b1, b2, inv_bc1, inv_bc2, eps) = (c.b1, c.b2, c.inv_bc1, c.inv_bc2, c.eps);
+        let (ms, vs) = slot.host()?;
+        let new = m3ae_kernels::with_f32_slice(var.as_tensor(), |p| {
+            m3ae_kernels::with_f32_slice(g, |g| {
+                let mut out = vec![0f32; p.len()];
+                // Element-wise, so the result does not depend on how rayon splits the chunks.
+                out.par_chunks_mut(UPDATE_CHUNK)
+                    .zip(ms.par_chunks_mut(UPDATE_CHUNK))
+                    .zip(vs.par_chunks_mut(UPDATE_CHUNK))
+                    .enumerate()
+                    .for_each(|(c, ((out, ms), vs))| {
+                        let lo = c * UPDATE_CHUNK;
+                        let (p, g) = (&p[lo..lo + out.len()], &g[lo..lo + out.len()]);
+                        for i in 0..out.len() {
+                            let gi = g[i];
+                            let m = b1 * ms[i] + (1.0 - b1) * gi;
+                            let v = b2 * vs[i] + (1.0 - b2) * gi * gi;
+                            ms[i] = m;
+                            vs[i] = v;
+                            let u = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps) + decay * p[i];
+                            out[i] = p[i] - lr * u;
+                        }
+                    });
+                out
+            })
+        })??;
+        var.set(&Tensor::from_vec(new, var.shape(), var.device())?)?;
+        Ok(())
+    }
+
+    /// One weight with tensor ops on its device: the host formula op for op (every scalar is
+    /// the same f32 constant; `t * s` and `t + s` are candle's affine maps in the tensor's
+    /// dtype), so on the CPU both paths agree to the last bit or nearly so.
+    fn update_tensor(
+        slot: &mut Slot,
+        var: &candle_core::Var,
+        g: &Tensor,
+        c: &Coefficients,
+        decay: f32,
+        lr: f32,
+    ) -> Result<()> {
+        let p = var.as_tensor().detach();
+        let g = g
+            .detach()
+            .to_dtype(candle_core::DType::F32)?
+            .to_device(p.device())?;
+        let (m, v) = slot.device(&p)?;
+        let f = |x: f32| x as f64;
+        let m = ((m * f(c.b1))? + (&g * f(1.0 - c.b1))?)?;
+        let v = ((v * f(c.b2))? + ((&g * f(1.0 - c.b2))? * &g)?)?;
+        let denom = ((&v * f(c.inv_bc2))?.sqrt()? + f(c.eps))?;
+        let mut u = ((&m * f(c.inv_bc1))? / denom)?;
+        if decay != 0.0 {
+            u = (u + (&p * f(decay))?)?;
+        }
+        let new = (&p - (u * f(lr))?)?;
+        var.set(&new)?;
+        slot.moments = Moments::Device { m, v };
+        Ok(())
+    }
+
+    /// The state as tensors (`m.{name}`, `v.{name}`, flat) on `device` and metadata (`step`,
+    /// hyper-parameters). Pass the CPU for the host copies a checkpoint is written from.
     pub fn state(
         &self,
         device: &Device,
     ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
         let mut t = HashMap::new();
         for (name, s) in &self.slots {
-            t.insert(
-                format!("m.{name}"),
-                Tensor::from_slice(&s.m, s.m.len(), device)?,
-            );
-            t.insert(
-                format!("v.{name}"),
-                Tensor::from_slice(&s.v, s.v.len(), device)?,
-            );
+            t.insert(format!("m.{name}"), s.flat(0, device)?);
+            t.insert(format!("v.{name}"), s.flat(1, device)?);
         }
         let meta = HashMap::from([
             ("step".to_string(), self.step.to_string()),
@@ -230,6 +398,7 @@ impl AdamW {
     }
 
     /// Restores a state written by [`AdamW::state`]; every slot must be present with its size.
+    /// The moments are read to the host; the tensor path uploads them at its next step.
     pub fn load_state(
         &mut self,
         tensors: &HashMap<String, Tensor>,
@@ -240,23 +409,29 @@ impl AdamW {
             .get("step")
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or_else(|| Error::State(format!("{source}: no valid `step` in the metadata")))?;
-        for (name, s) in self.slots.iter_mut() {
-            for (key, dst) in [
-                (format!("m.{name}"), &mut s.m),
-                (format!("v.{name}"), &mut s.v),
-            ] {
+        let mut loaded = BTreeMap::new();
+        for (name, s) in &self.slots {
+            let read = |key: String| -> Result<Vec<f32>> {
                 let t = tensors.get(&key).ok_or_else(|| {
                     Error::State(format!("{source}: missing optimizer tensor `{key}`"))
                 })?;
                 let v = t.flatten_all()?.to_vec1::<f32>()?;
-                if v.len() != dst.len() {
+                if v.len() != s.numel {
                     return Err(Error::State(format!(
                         "{source}: optimizer tensor `{key}` has {} values, expected {}",
                         v.len(),
-                        dst.len()
+                        s.numel
                     )));
                 }
-                *dst = v;
+                Ok(v)
+            };
+            let m = read(format!("m.{name}"))?;
+            let v = read(format!("v.{name}"))?;
+            loaded.insert(name.clone(), Moments::Host { m, v });
+        }
+        for (name, moments) in loaded {
+            if let Some(s) = self.slots.get_mut(&name) {
+                s.moments = moments;
             }
         }
         self.step = step;
@@ -276,15 +451,55 @@ pub fn named_grads(params: &ParamStore, grads: &GradStore) -> NamedGrads {
         .collect()
 }
 
-/// Global L2 norm of a set of gradients (NaN or infinite when any element is).
+/// Global L2 norm of a set of gradients (NaN or infinite when any element is), on the path of
+/// their device ([`UpdatePath::for_grads`]).
 pub fn global_norm(grads: &NamedGrads) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.values() {
-        sq += m3ae_kernels::with_f32_slice(g, |g| {
-            g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
-        })?;
+    global_norm_on(grads, UpdatePath::for_grads(grads))
+}
+
+/// [`global_norm`] on a chosen path: a host sum of f64 squares tensor by tensor, or one device
+/// reduction (f64 squares summed per tensor, then over the tensors) with a single scalar read.
+///
+/// ```
+/// use m3ae_train::optim::{global_norm_on, NamedGrads, UpdatePath};
+/// let dev = candle_core::Device::Cpu;
+/// let mut g = NamedGrads::new();
+/// g.insert("a".into(), candle_core::Tensor::new(&[3f32, 0.0], &dev)?);
+/// g.insert("b".into(), candle_core::Tensor::new(&[[4f32]], &dev)?);
+/// assert_eq!(global_norm_on(&g, UpdatePath::Host)?, 5.0);
+/// assert_eq!(global_norm_on(&g, UpdatePath::Tensor)?, 5.0);
+/// # Ok::<(), m3ae_train::Error>(())
+/// ```
+pub fn global_norm_on(grads: &NamedGrads, path: UpdatePath) -> Result<f64> {
+    match path {
+        UpdatePath::Host => {
+            let mut sq = 0f64;
+            for g in grads.values() {
+                sq += m3ae_kernels::with_f32_slice(g, |g| {
+                    g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
+                })?;
+            }
+            Ok(sq.sqrt())
+        }
+        UpdatePath::Tensor => {
+            let Some(first) = grads.values().next() else {
+                return Ok(0.0);
+            };
+            let dev = first.device().clone();
+            let parts = grads
+                .values()
+                .map(|g| {
+                    g.detach()
+                        .to_device(&dev)?
+                        .to_dtype(candle_core::DType::F64)?
+                        .sqr()?
+                        .sum_all()
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let sq = Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()?;
+            Ok(sq.sqrt())
+        }
     }
-    Ok(sq.sqrt())
 }
 
 /// `clip_by_global_norm` per clipping group: each group whose joint norm exceeds `max_norm` is
@@ -295,10 +510,21 @@ pub fn clip_group_norms(
     groups: &BTreeMap<String, ParamGroup>,
     max_norm: f64,
 ) -> Result<f64> {
+    let path = UpdatePath::for_grads(grads);
+    clip_group_norms_on(grads, groups, max_norm, path)
+}
+
+/// [`clip_group_norms`] with the norms on a chosen path ([`global_norm_on`]).
+pub fn clip_group_norms_on(
+    grads: &mut NamedGrads,
+    groups: &BTreeMap<String, ParamGroup>,
+    max_norm: f64,
+    path: UpdatePath,
+) -> Result<f64> {
     let group_of = |name: &str| groups.get(name).map_or(0, |g| g.clip_group);
     let first = grads.keys().next().map_or(0, |n| group_of(n));
     if grads.keys().all(|n| group_of(n) == first) {
-        return clip_global_norm(grads, max_norm);
+        return clip_global_norm_on(grads, max_norm, path);
     }
     let mut by_group: BTreeMap<usize, NamedGrads> = BTreeMap::new();
     for (name, g) in std::mem::take(grads) {
@@ -306,7 +532,7 @@ pub fn clip_group_norms(
     }
     let mut sq = 0f64;
     for mut part in by_group.into_values() {
-        let n = clip_global_norm(&mut part, max_norm)?;
+        let n = clip_global_norm_on(&mut part, max_norm, path)?;
         sq += n * n;
         grads.extend(part);
     }
@@ -316,7 +542,14 @@ pub fn clip_group_norms(
 /// `clip_by_global_norm`: when the global norm exceeds `max_norm`, scales every gradient by
 /// `max_norm / norm`. Returns the norm before clipping.
 pub fn clip_global_norm(grads: &mut NamedGrads, max_norm: f64) -> Result<f64> {
-    let norm = global_norm(grads)?;
+    let path = UpdatePath::for_grads(grads);
+    clip_global_norm_on(grads, max_norm, path)
+}
+
+/// [`clip_global_norm`] with the norm on a chosen path ([`global_norm_on`]); the scaling is a
+/// tensor op on the gradients' device either way.
+pub fn clip_global_norm_on(grads: &mut NamedGrads, max_norm: f64, path: UpdatePath) -> Result<f64> {
+    let norm = global_norm_on(grads, path)?;
     if norm > max_norm && norm.is_finite() {
         let scale = max_norm / norm;
         for g in grads.values_mut() {
@@ -483,6 +716,123 @@ mod tests {
         let n = clip_global_norm(&mut grads, 1.0)?;
         assert!((n - 2.0 * (128f64).sqrt()).abs() < 1e-4);
         assert!((global_norm(&grads)? - 1.0).abs() < 1e-5);
+        Ok(())
+    }
+
+    /// Max relative difference `|a - b| / max(|a|, |b|, 1e-30)` over two tensors.
+    fn max_rel(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+        let a = a.flatten_all()?.to_vec1::<f32>()?;
+        let b = b.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(a.len(), b.len());
+        Ok(a.iter()
+            .zip(&b)
+            .map(|(&x, &y)| {
+                let (x, y) = (x as f64, y as f64);
+                (x - y).abs() / x.abs().max(y.abs()).max(1e-30)
+            })
+            .fold(0.0, f64::max))
+    }
+
+    #[test]
+    fn the_tensor_path_matches_the_host_path_with_groups_clipping_and_decay() -> anyhow::Result<()>
+    {
+        // the device path, run on the CPU: four steps of two optimisers over identical weights
+        // and identical gradients (decayed and undecayed weights, two lr scales, two clipping
+        // groups that both clip), then a state round trip between the paths
+        let dev = Device::Cpu;
+        let cfg = M3aeConfig::preset("tiny")?;
+        let specs: Vec<ParamSpec> = param_specs(&cfg, Variant::Mae)
+            .into_iter()
+            .filter(|s| s.name.starts_with("encoder.blocks.0.") || s.name == "cls_token")
+            .collect();
+        let groups: BTreeMap<String, ParamGroup> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let g = ParamGroup {
+                    lr_scale: if i % 2 == 0 { 1.0 } else { 0.5 },
+                    decayed: s.shape.len() > 1,
+                    clip_group: i % 2,
+                };
+                (s.name.clone(), g)
+            })
+            .collect();
+        let adam = AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let host_store = ParamStore::init(&specs, 7, &dev)?;
+        let tensor_store = ParamStore::init(&specs, 7, &dev)?;
+        let mut host = AdamW::with_groups(adam, &specs, &groups);
+        let mut tensor = AdamW::with_groups(adam, &specs, &groups);
+        tensor.set_path(Some(UpdatePath::Tensor));
+        assert_eq!(host.path_for(&dev), UpdatePath::Host);
+        assert_eq!(tensor.path_for(&dev), UpdatePath::Tensor);
+        let grads_at = |step: u64| -> anyhow::Result<NamedGrads> {
+            // gradients of a fixed shape per step: sin of the element index and step, large
+            // enough that both clipping groups clip
+            specs
+                .iter()
+                .map(|s| {
+                    let n = s.numel();
+                    let v: Vec<f32> = (0..n)
+                        .map(|i| ((i as f32 * 0.37 + step as f32 * 1.3).sin()) * 3.0)
+                        .collect();
+                    Ok((s.name.clone(), Tensor::from_vec(v, s.shape.clone(), &dev)?))
+                })
+                .collect()
+        };
+        for step in 0..4 {
+            let mut gh = grads_at(step)?;
+            let mut gt = grads_at(step)?;
+            let nh = clip_group_norms_on(&mut gh, &groups, 1.0, UpdatePath::Host)?;
+            let nt = clip_group_norms_on(&mut gt, &groups, 1.0, UpdatePath::Tensor)?;
+            assert!(nh > 2.0, "both groups clip: {nh}");
+            assert!((nh - nt).abs() / nh < 1e-12, "norms {nh} vs {nt}");
+            for (name, g) in &gh {
+                assert!(max_rel(g, &gt[name])? < 1e-6, "clipped {name}");
+            }
+            host.step(&host_store, &gh, 0.05)?;
+            tensor.step(&tensor_store, &gt, 0.05)?;
+            for (name, var) in host_store.vars() {
+                let other = tensor_store.var(name)?;
+                let r = max_rel(var.as_tensor(), other.as_tensor())?;
+                assert!(r < 1e-6, "step {step}, {name}: relative difference {r}");
+            }
+        }
+        // the state reads the same from both paths and restores into either
+        let (th, meta) = host.state(&dev)?;
+        let (tt, meta_t) = tensor.state(&dev)?;
+        assert_eq!(meta, meta_t);
+        for (k, t) in &th {
+            assert_eq!(t.dims(), tt[k].dims(), "{k}");
+            assert!(max_rel(t, &tt[k])? < 1e-6, "{k}");
+        }
+        let mut from_tensor = AdamW::with_groups(adam, &specs, &groups);
+        from_tensor.load_state(&tt, &meta_t, "tensor state")?;
+        let mut onto_tensor = AdamW::with_groups(adam, &specs, &groups);
+        onto_tensor.set_path(Some(UpdatePath::Tensor));
+        onto_tensor.load_state(&th, &meta, "host state")?;
+        assert_eq!(onto_tensor.step_count(), 4);
+        let g = grads_at(4)?;
+        let a = ParamStore::init(&specs, 9, &dev)?;
+        let b = ParamStore::init(&specs, 9, &dev)?;
+        from_tensor.step(&a, &g, 0.05)?;
+        onto_tensor.step(&b, &g, 0.05)?;
+        for (name, var) in a.vars() {
+            assert!(
+                max_rel(var.as_tensor(), b.var(name)?.as_tensor())? < 1e-6,
+                "{name}"
+            );
+        }
+        // a missing gradient is an error on the tensor path too
+        let mut partial = g.clone();
+        partial.remove("cls_token");
+        let e = onto_tensor
+            .step(&b, &partial, 0.05)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cls_token"), "{e}");
         Ok(())
     }
 }

@@ -3,10 +3,13 @@
 
 use crate::checkpoint;
 use crate::objective::{Objective, TrainBatch};
-use crate::optim::{clip_group_norms, named_grads, AdamW, AdamWConfig, NamedGrads, ParamGroup};
+use crate::optim::{
+    clip_group_norms_on, global_norm_on, named_grads, AdamW, AdamWConfig, NamedGrads, ParamGroup,
+    UpdatePath,
+};
 use crate::schedule::WarmupCosine;
 use crate::{Error, Result};
-use m3ae_model::Stochastic;
+use m3ae_model::{Precision, Stochastic};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -62,6 +65,9 @@ pub struct TrainConfig {
     pub accumulate_grad_steps: u64,
     /// Consecutive non-finite steps that stop the run.
     pub max_bad_steps: u32,
+    /// Compute precision: `f32`, or `bf16` matmuls with f32 master weights, optimiser state,
+    /// normalisation statistics and losses (CUDA only; refused on the CPU by [`Trainer::new`]).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -78,6 +84,7 @@ impl Default for TrainConfig {
             clip_gradient: 1e9,
             accumulate_grad_steps: 1,
             max_bad_steps: 5,
+            precision: Precision::F32,
         }
     }
 }
@@ -207,12 +214,19 @@ pub struct Trainer<O: Objective> {
     bad_in_row: u32,
     skipped_steps: u64,
     seed: u64,
+    path: Option<UpdatePath>,
 }
 
 impl<O: Objective> Trainer<O> {
-    /// A trainer with fresh optimiser state.
-    pub fn new(objective: O, cfg: TrainConfig) -> Result<Self> {
+    /// A trainer with fresh optimiser state, on the device of the objective's weights: the
+    /// update runs on host slices when they are on the CPU and with tensor ops on their device
+    /// otherwise ([`UpdatePath`]). `train.precision` is checked against that device (bf16
+    /// needs CUDA) and handed to the objective ([`Objective::set_precision`]).
+    pub fn new(mut objective: O, cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
+        cfg.precision
+            .check(objective.params().device(), "train.precision")?;
+        objective.set_precision(cfg.precision)?;
         let groups = objective.param_groups();
         let opt = AdamW::with_groups(cfg.adamw, &objective.specs(), &groups);
         Ok(Self {
@@ -226,7 +240,21 @@ impl<O: Objective> Trainer<O> {
             bad_in_row: 0,
             skipped_steps: 0,
             seed: 0,
+            path: None,
         })
+    }
+
+    /// Forces the update path of the optimiser and the gradient norms (`None`: by the weights'
+    /// device). The tensor path on the CPU runs the code of a GPU run without a GPU (tests).
+    pub fn with_update_path(mut self, path: Option<UpdatePath>) -> Self {
+        self.path = path;
+        self.opt.set_path(path);
+        self
+    }
+
+    /// The path the optimiser step and the gradient norms take.
+    pub fn update_path(&self) -> UpdatePath {
+        self.opt.path_for(self.objective.params().device())
     }
 
     /// Sets the run seed the micro-batches' dropout keys derive from (default 0; see
@@ -301,6 +329,10 @@ impl<O: Objective> Trainer<O> {
     /// micro-batch; `max_bad_steps` in a row is an error.
     pub fn train_step(&mut self, batch: &TrainBatch) -> Result<StepReport> {
         let key = self.micro_batch_key();
+        // a batch still on the host is copied here (a clone when it is on the device already,
+        // e.g. from a `DeviceFeed`)
+        let batch = &batch.to_device(self.objective.params().device())?;
+        let path = self.update_path();
         let report = self.objective.loss_with(batch, Some(&key))?;
         let loss = report.scalars.get("loss").copied().unwrap_or(f64::NAN);
         let mut out = StepReport {
@@ -320,7 +352,8 @@ impl<O: Objective> Trainer<O> {
             None
         };
         let grads = match grads {
-            Some(g) if crate::optim::global_norm(&g)?.is_finite() => Some(g),
+            // one device reduction and one scalar read on the tensor path
+            Some(g) if global_norm_on(&g, path)?.is_finite() => Some(g),
             _ => None,
         };
         // with several ranks, skipping is decided together (a rank that skipped alone would
@@ -381,7 +414,7 @@ impl<O: Objective> Trainer<O> {
             // pmean across processes, then clipping on the global gradient of each clipping
             // group (official order)
             self.sync.all_reduce_mean(&mut grads)?;
-            let norm = clip_group_norms(&mut grads, &self.groups, self.cfg.clip_gradient)?;
+            let norm = clip_group_norms_on(&mut grads, &self.groups, self.cfg.clip_gradient, path)?;
             let lr = self.cfg.schedule().at(self.step(), self.cfg.lr_scale());
             self.opt.step(self.objective.params(), &grads, lr)?;
             out.lr = lr;
@@ -404,7 +437,14 @@ impl<O: Objective> Trainer<O> {
         let params = self.objective.params();
         let model_cfg = self.objective.model_config();
         let model_meta = self.objective.checkpoint_metadata()?;
-        let (opt_t, opt_meta) = self.opt.state(params.device())?;
+        // written from host copies, whatever the device
+        let host = candle_core::Device::Cpu;
+        let (opt_t, opt_meta) = self.opt.state(&host)?;
+        let weights = params
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(&host)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
         let saved = TrainerState {
             step: self.step(),
             micro_step: self.micro_step,
@@ -417,7 +457,7 @@ impl<O: Objective> Trainer<O> {
         let dir = checkpoint::save(
             root,
             self.step(),
-            (&params.tensors(), model_meta),
+            (&weights, model_meta),
             (&opt_t, opt_meta),
             &serde_json::to_value(&saved)?,
         )?;
@@ -427,10 +467,12 @@ impl<O: Objective> Trainer<O> {
 
     /// Restores weights, optimiser state and counters from a checkpoint directory; returns the
     /// data position and the extra state saved with it. Gradient accumulation must be at a step
-    /// boundary (checkpoints are only written there).
+    /// boundary (checkpoints are only written there). The files are read to the host and the
+    /// weights copied onto the weights' device, so a checkpoint written on one device resumes
+    /// on any other with the same values.
     pub fn restore(&mut self, dir: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
         let params = self.objective.params();
-        let ck = checkpoint::load(dir, params.device())?;
+        let ck = checkpoint::load(dir, &candle_core::Device::Cpu)?;
         let source = dir.join("model.safetensors").display().to_string();
         for (name, var) in params.vars() {
             let t = ck
@@ -444,7 +486,7 @@ impl<O: Objective> Trainer<O> {
                     var.dims()
                 )));
             }
-            var.set(t)?;
+            var.set(&t.to_device(var.device())?)?;
         }
         let opt_source = dir.join("optimizer.safetensors").display().to_string();
         self.opt

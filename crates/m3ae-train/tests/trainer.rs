@@ -341,3 +341,155 @@ fn a_process_killed_while_writing_leaves_a_loadable_checkpoint() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Largest relative difference between the weights of two trainers.
+fn max_weight_rel(a: &Trainer<M3ae>, b: &Trainer<M3ae>) -> f64 {
+    let mut worst = 0f64;
+    for (wa, wb) in weights(a).iter().zip(weights(b)) {
+        for (&x, &y) in wa.iter().zip(&wb) {
+            let (x, y) = (f32::from_bits(x) as f64, f32::from_bits(y) as f64);
+            worst = worst.max((x - y).abs() / x.abs().max(y.abs()).max(1e-30));
+        }
+    }
+    worst
+}
+
+#[test]
+fn the_device_update_path_matches_the_host_path_on_the_cpu() {
+    // the code a GPU run takes (optimiser state as tensors, norms as device reductions), run on
+    // the CPU against today's host path: accumulation over 2 micro-batches, clipping that
+    // bites, weight decay, 3 optimiser steps
+    use m3ae_train::UpdatePath;
+    let make = |path: Option<UpdatePath>| {
+        let (tr, src) = setup(None);
+        let mut cfg = tr.config().clone();
+        cfg.accumulate_grad_steps = 2;
+        cfg.clip_gradient = 0.05;
+        cfg.adamw.weight_decay = 0.1;
+        let model = tr.objective().clone();
+        (
+            Trainer::new(model, cfg).unwrap().with_update_path(path),
+            src,
+        )
+    };
+    let (mut host, mut sh) = make(None);
+    let (mut dev, mut sd) = make(Some(UpdatePath::Tensor));
+    assert_eq!(host.update_path(), UpdatePath::Host);
+    assert_eq!(dev.update_path(), UpdatePath::Tensor);
+    for _ in 0..6 {
+        let a = host.train_step(&sh.next_batch().unwrap()).unwrap();
+        let b = dev.train_step(&sd.next_batch().unwrap()).unwrap();
+        assert_eq!((a.updated, a.step), (b.updated, b.step));
+        if let (Some(x), Some(y)) = (a.grad_norm, b.grad_norm) {
+            assert!(x > 0.05, "clipping must bite: {x}");
+            assert!((x - y).abs() / x < 1e-6, "grad norm {x} vs {y}");
+        }
+        let worst = max_weight_rel(&host, &dev);
+        assert!(worst < 1e-6, "step {}: relative difference {worst}", a.step);
+    }
+    assert_eq!(host.step(), 3);
+    // checkpoints from the tensor path restore onto the host path and vice versa
+    let dir = tmpdir("paths");
+    let from_dev = dev.save_checkpoint(&dir.join("dev"), sd.position(), serde_json::Value::Null, 1);
+    let from_host =
+        host.save_checkpoint(&dir.join("host"), sh.position(), serde_json::Value::Null, 1);
+    let (mut on_host, _) = make(None);
+    on_host.restore(&from_dev.unwrap()).unwrap();
+    assert_eq!(weights(&on_host), weights(&dev));
+    let (mut on_dev, _) = make(Some(UpdatePath::Tensor));
+    on_dev.restore(&from_host.unwrap()).unwrap();
+    assert_eq!(weights(&on_dev), weights(&host));
+    // and both continue alike
+    let batch = sh.next_batch().unwrap();
+    on_host.train_step(&batch).unwrap();
+    on_dev.train_step(&batch).unwrap();
+    host.train_step(&batch).unwrap();
+    assert_eq!(
+        weights(&on_dev),
+        weights(&host),
+        "the tensor path resumed from the host checkpoint"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_cpu_checkpoint_loads_through_the_device_generic_path_bit_for_bit() {
+    // `checkpoint::load` reads to the host then copies to the device; onto the CPU the
+    // weights and moments are the saved bits
+    let (mut a, mut sa) = setup(None);
+    run(&mut a, &mut sa, 3);
+    let dir = tmpdir("devload");
+    let ck = a
+        .save_checkpoint(&dir, sa.position(), serde_json::Value::Null, 1)
+        .unwrap();
+    let loaded = checkpoint::load(&ck, &Device::Cpu).unwrap();
+    for (name, var) in a.objective().params().vars() {
+        let t = &loaded.model[name];
+        assert!(t.device().is_cpu());
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(t), bits(var.as_tensor()), "{name}");
+    }
+    let (state, _) = a.optimizer().state(&Device::Cpu).unwrap();
+    for (k, t) in &state {
+        assert_eq!(
+            t.to_vec1::<f32>().unwrap(),
+            loaded.optimizer[k].to_vec1::<f32>().unwrap(),
+            "{k}"
+        );
+    }
+    let (mut b, _) = setup(None);
+    b.restore(&ck).unwrap();
+    assert_eq!(weights(&a), weights(&b));
+    assert_eq!(b.step(), a.step());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bf16_is_refused_on_the_cpu_naming_the_setting() {
+    let (tr, _) = setup(None);
+    let mut cfg = tr.config().clone();
+    cfg.precision = m3ae_model::Precision::Bf16;
+    let e = Trainer::new(tr.objective().clone(), cfg)
+        .err()
+        .expect("bf16 on the CPU")
+        .to_string();
+    assert!(
+        e.contains("train.precision = \"bf16\"") && e.contains("CPU"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "one line: {e}");
+}
+
+#[test]
+fn a_device_feed_gives_the_learner_the_same_run() {
+    // the batch feed of a GPU run (batches copied ahead by a worker thread) on the CPU: the
+    // same steps, weights and data position as the source alone
+    use m3ae_train::{DeviceFeed, Learner};
+    let fit = |feed: bool| {
+        let (tr, src) = setup(None);
+        let mut cfg = tr.config().clone();
+        cfg.steps = 4;
+        let tr = Trainer::new(tr.objective().clone(), cfg).unwrap();
+        if feed {
+            let f = DeviceFeed::new(src, &Device::Cpu, 2).unwrap();
+            let out = Learner::new(tr, f).log_every(2).fit().unwrap();
+            (weights(&out.trainer), out.source.position())
+        } else {
+            let out = Learner::new(tr, src).log_every(2).fit().unwrap();
+            (weights(&out.trainer), out.source.position())
+        }
+    };
+    let (w_plain, p_plain) = fit(false);
+    let (w_feed, p_feed) = fit(true);
+    assert_eq!(p_plain, serde_json::json!({ "next": 4 }));
+    assert_eq!(p_feed, p_plain);
+    assert_eq!(w_feed, w_plain);
+}

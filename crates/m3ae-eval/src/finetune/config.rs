@@ -192,6 +192,8 @@ impl FinetuneConfig {
             clip_gradient: self.clip_gradient,
             accumulate_grad_steps: 1,
             max_bad_steps: 5,
+            // the classifier computes in f32 (its objective has no bf16 path)
+            precision: m3ae_train::Precision::F32,
         };
         cfg.validate().map_err(|e| Error::Flag {
             flag: "finetune",

@@ -204,8 +204,11 @@ pub struct SavedClassifier {
 
 /// The classifier a path names: a fine-tuning run folder (its `best/classifier.safetensors`,
 /// else its `classifier.safetensors`), a checkpoint folder `step-*` of one, or a classifier
-/// `.safetensors` file.
-pub fn load_classifier(path: &std::path::Path) -> Result<SavedClassifier> {
+/// `.safetensors` file. The classifier is loaded onto `device`.
+pub fn load_classifier(
+    path: &std::path::Path,
+    device: &candle_core::Device,
+) -> Result<SavedClassifier> {
     let candidates = [
         path.join("best").join("classifier.safetensors"),
         path.join("classifier.safetensors"),
@@ -236,7 +239,7 @@ pub fn load_classifier(path: &std::path::Path) -> Result<SavedClassifier> {
         })?),
         None => None,
     };
-    let classifier = Classifier::load(&file, &candle_core::Device::Cpu)?;
+    let classifier = Classifier::load(&file, device)?;
     Ok(SavedClassifier {
         classifier,
         file,

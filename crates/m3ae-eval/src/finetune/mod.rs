@@ -7,7 +7,7 @@
 //! ```no_run
 //! use m3ae_eval::finetune::{Finetune, FinetuneConfig};
 //! use m3ae_eval::{DataOptions, ModelSource};
-//! let base = ModelSource::Checkpoint("runs/m3ae".into()).load()?;
+//! let base = ModelSource::Checkpoint("runs/m3ae".into()).load(&candle_core::Device::Cpu)?;
 //! let cfg = FinetuneConfig { epochs: 10, ..Default::default() };
 //! let train = "fashion_mnist:data/fashion_mnist/train.safetensors".parse()?;
 //! let val = "fashion_mnist:data/fashion_mnist/test.safetensors".parse()?;
@@ -339,7 +339,7 @@ impl<'h> Finetune<'h> {
         // the best classifier (the final one when no evaluation ran)
         let (best_classifier, best_file) = if best_path.exists() {
             (
-                Classifier::load(&best_path, &candle_core::Device::Cpu)?,
+                Classifier::load(&best_path, final_classifier.params().device())?,
                 best_path,
             )
         } else {
