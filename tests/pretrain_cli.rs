@@ -678,3 +678,18 @@ fn the_default_device_is_the_cpu_and_round_trips_through_the_saved_config() {
     assert!(o.stdout.contains("precision = \"bf16\""), "{}", o.stdout);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `configs/tiny-scenes.toml` is the default job's configuration, exactly (README and
+/// docs/training.md point users to it as the starting point of their own runs).
+#[test]
+fn the_tiny_scenes_config_file_is_the_default_job() -> anyhow::Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-scenes.toml");
+    let file = m3ae::pretrain::PretrainConfig::from_file(&path)?;
+    assert_eq!(file, m3ae::pretrain::PretrainConfig::default());
+    // every key is spelled out: the file does not lean on the defaults it is compared with
+    let text = std::fs::read_to_string(&path)?;
+    let parsed: toml::Value = toml::from_str(&text)?;
+    let default = toml::Value::try_from(m3ae::pretrain::PretrainConfig::default())?;
+    assert_eq!(parsed, default);
+    Ok(())
+}
