@@ -47,6 +47,31 @@ impl Tolerance {
         rtol: 1e-3,
     };
 
+    /// The rule with its allowed error multiplied by `factor` (`Exact` stays exact): e.g. the
+    /// CPU tolerances x10 for a run on a GPU.
+    ///
+    /// ```
+    /// use m3ae_official::parity::Tolerance;
+    /// assert_eq!(
+    ///     Tolerance::LOSS.scaled(10.0),
+    ///     Tolerance::Elementwise { atol: 0.0, rtol: 1e-4 }
+    /// );
+    /// assert_eq!(Tolerance::Exact.scaled(10.0), Tolerance::Exact);
+    /// ```
+    pub fn scaled(self, factor: f64) -> Tolerance {
+        match self {
+            Tolerance::Exact => Tolerance::Exact,
+            Tolerance::Elementwise { atol, rtol } => Tolerance::Elementwise {
+                atol: atol * factor,
+                rtol: rtol * factor,
+            },
+            Tolerance::Gradient { scale, rtol } => Tolerance::Gradient {
+                scale: scale * factor,
+                rtol: rtol * factor,
+            },
+        }
+    }
+
     pub(crate) fn describe(&self) -> String {
         match self {
             Tolerance::Exact => "exact".into(),
