@@ -28,7 +28,8 @@ pub struct DoctorArgs {
     /// directory).
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// Also write the table (markdown) to this file.
+    /// Also write the table (markdown) to this file (rewritten after every row, so a check that
+    /// is stopped leaves the rows it finished).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -64,19 +65,29 @@ pub fn run(a: DoctorArgs) -> Result<()> {
             .unwrap_or_default(),
         plan.sections.join(", ")
     );
+    // `--out` holds the table of the rows so far after every row: a check stopped by a time
+    // limit still leaves what it measured
+    let mut so_far = crate::doctor::Report {
+        header: Vec::new(),
+        rows: Vec::new(),
+    };
     let report = crate::doctor::run(&dev, &plan, |r| {
         eprintln!(
             "[doctor] {} {}: {} ({:.1} s): {}",
             r.status, r.section, r.name, r.seconds, r.result
-        )
+        );
+        if let Some(path) = &a.out {
+            so_far.rows.push(r.clone());
+            let _ = std::fs::write(path, so_far.markdown());
+        }
     });
     if temporary {
         let _ = std::fs::remove_dir_all(&work_dir);
     }
     let table = report.markdown();
     print!("{table}");
-    if let Some(path) = a.out {
-        std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(path) = &a.out {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
     }
     if report.failed() > 0 {
         std::process::exit(1);

@@ -392,6 +392,9 @@ fn m3ae_weights(samples: usize, len: usize, masked_only: bool) -> Vec<f32> {
         .collect()
 }
 
+/// A text-head case: (what, N, D, V, row weights, scale of hidden and weight, scale of bias).
+type HeadCase = (&'static str, usize, usize, usize, Vec<f32>, f32, f32);
+
 /// Loss, accuracy and the gradients of hidden, weight and bias (loss scaled by 1.5) on `dev`.
 fn text_head_run(
     (h, w, b): (&Tensor, &Tensor, &Tensor),
@@ -431,8 +434,7 @@ fn text_head_loss(dev: &Device, small: bool) -> Outcome {
             .map(|&x| if x < -0.6 { 0.0 } else { 0.01 })
             .collect()
     };
-    // (what, N, D, V, row weights, scale of hidden and weight, scale of bias)
-    let mut cases: Vec<(&str, usize, usize, usize, Vec<f32>, f32, f32)> = vec![
+    let mut cases: Vec<HeadCase> = vec![
         (
             "masked-only",
             50,
