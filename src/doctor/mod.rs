@@ -143,7 +143,7 @@ pub struct Plan {
 impl Plan {
     /// The GPU check: model-sized kernels, the fixture at `fixture`, 200 steps of the tiny job
     /// at batch 64, `small` and `base` at batch 64 and 256 (224 px, patch 16, text 64,
-    /// vocabulary 30,522), 3 timed steps each.
+    /// vocabulary 30,522), 5 timed steps each.
     pub fn full(fixture: Option<PathBuf>, work_dir: PathBuf, dev: &Device) -> Self {
         Self {
             sections: SECTIONS.iter().map(|s| s.to_string()).collect(),
@@ -159,7 +159,7 @@ impl Plan {
                 .flat_map(|p| [64, 256].map(|b| (p.to_string(), b)))
                 .collect(),
             throughput_model: perf::ThroughputModel::paper(),
-            bench_steps: 3,
+            bench_steps: 5,
         }
     }
 

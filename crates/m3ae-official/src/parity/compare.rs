@@ -115,6 +115,8 @@ impl std::fmt::Display for Check {
 }
 
 fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    // on the host: the casts below exist there for every dtype (a GPU result is read back)
+    let t = t.to_device(&candle_core::Device::Cpu)?;
     let t = match t.dtype() {
         DType::U32 | DType::U8 | DType::I32 | DType::I64 | DType::I16 => {
             t.to_dtype(DType::I64)?.to_dtype(DType::F64)?
