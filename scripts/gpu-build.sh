@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds HERE (a machine without a GPU) what the GPU check runs on the lent GPU machine, which has
-# CUDA 13 and no Rust toolchain: a stripped release `m3ae` with the feature `cuda`, into
-# gpu-carry/ (ignored by git), then prints its size, the libraries it needs and the newest glibc
-# symbol version it uses (compare with `ldd --version` there; scripts/gpu-check.sh does).
+# CUDA 13 and no Rust toolchain: a stripped, xz-compressed release `m3ae` with the feature `cuda`,
+# into gpu-carry/ (ignored by git), then prints its size, the libraries it needs and the newest
+# glibc symbol version it uses (compare with `ldd --version` there; scripts/gpu-check.sh does).
 #
-#   bash scripts/gpu-build.sh          # -> gpu-carry/m3ae
-#   NCCL=1 bash scripts/gpu-build.sh   # also gpu-carry/m3ae-nccl (features cuda + nccl: MPI + NCCL)
+#   bash scripts/gpu-build.sh          # -> gpu-carry/m3ae.xz
+#   NCCL=1 bash scripts/gpu-build.sh   # also gpu-carry/m3ae-nccl.xz (features cuda + nccl: MPI + NCCL)
 #
 # Needs: Debian's CUDA toolkit for nvcc (non-free: `nvidia-cuda-toolkit`, CUDA 11.8), python3
 # with pip (downloads NVIDIA's CUDA 13.0 wheels once, to link against; see scripts/gpu-env.sh),
@@ -28,18 +28,25 @@ mkdir -p "$carry"
 nice -n 19 cargo build --release --features cuda --bin m3ae
 cp "$CARGO_TARGET_DIR/release/m3ae" "$carry/m3ae"
 if [ "${NCCL:-0}" = 1 ]; then
-  # a target directory of its own: the feature set differs
-  CARGO_TARGET_DIR="$CARGO_TARGET_DIR-nccl" nice -n 19 cargo build --release --features nccl --bin m3ae
-  cp "$CARGO_TARGET_DIR-nccl/release/m3ae" "$carry/m3ae-nccl"
+  # the same target directory: candle's kernels are not compiled again
+  nice -n 19 cargo build --release --features nccl --bin m3ae
+  cp "$CARGO_TARGET_DIR/release/m3ae" "$carry/m3ae-nccl"
 fi
 git rev-parse HEAD > "$carry/COMMIT"
 
-for bin in "$carry"/m3ae*; do
+# stripped, then xz-compressed (candle's PTX and cubins make a 67 MiB binary; about 9 MiB in xz):
+# scripts/gpu-check.sh unpacks it there (xz, or Python's lzma)
+rm -f "$carry"/*.xz
+for bin in "$carry"/m3ae "$carry"/m3ae-nccl; do
+  [ -f "$bin" ] || continue
   strip "$bin"
-  echo "== $bin: $(du -m "$bin" | cut -f1) MiB"
+  echo "== $bin: $(du -m "$bin" | cut -f1) MiB stripped"
   echo "   needs: $(readelf -d "$bin" | awk '/NEEDED/{gsub(/[\[\]]/,"",$5); printf "%s ", $5}')"
-  echo "   newest glibc symbol: $(objdump -T "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)" \
-    "(this machine: $(ldd --version | head -1 | grep -o '[0-9.]*$'))"
+  echo "   newest glibc symbol: $(objdump -T "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)," \
+    "libstdc++: $(objdump -T "$bin" | grep -o 'GLIBCXX_[0-9.]*' | sort -uV | tail -1)" \
+    "(this machine: glibc $(ldd --version | head -1 | grep -o '[0-9.]*$'))"
+  nice -n 19 xz -6 -T2 -f "$bin"
+  echo "   -> $bin.xz: $(du -k "$bin.xz" | cut -f1) KiB"
 done
 # what one device call carries: the tracked tree (it travels anyway, the fixture included) and
 # gpu-carry/, at most 64 MiB together

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ON the lent GPU machine (no cargo there), from the repository root, with the folder that
-# scripts/gpu-build.sh filled here carried along (gpu-carry/: the stripped CUDA build of m3ae).
+# scripts/gpu-build.sh filled here carried along (gpu-carry/: the CUDA build of m3ae, xz).
 #   bash scripts/gpu-check.sh                  # probe, then `m3ae doctor --device cuda`
 #   bash scripts/gpu-check.sh --sections kernels,parity    # extra arguments go to the doctor
 #   PROBE_ONLY=1 bash scripts/gpu-check.sh     # the probe alone (seconds)
@@ -13,13 +13,25 @@
 #    glibc version stops here, before any device time goes to the check;
 # 2. the check: `m3ae doctor --device cuda` (kernels, official fixture, 200 tiny steps against
 #    the CPU in f32 and bf16, small/base throughput), under a time limit;
-# 3. with gpu-carry/m3ae-nccl (NCCL=1 at build) and mpirun: 20 steps over NCCL, one rank.
+# 3. with gpu-carry/m3ae-nccl.xz (NCCL=1 at build) and mpirun: 20 steps over NCCL, one rank.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
-bin="${M3AE_BIN:-gpu-carry/m3ae}"
 limit="${DOCTOR_TIMEOUT:-500}"
+bindir="${TMPDIR:-/tmp}/m3ae-gpu"
+mkdir -p "$bindir"
+
+# gpu-carry/NAME.xz (scripts/gpu-build.sh) unpacked to $bindir/NAME; prints the path
+unpack() {
+  local name=$1 src="gpu-carry/$1.xz" dst="$bindir/$1"
+  [ -f "$src" ] || { [ -x "gpu-carry/$name" ] && echo "$PWD/gpu-carry/$name"; return 0; }
+  if command -v xz >/dev/null; then
+    xz -dc "$src" > "$dst"
+  else
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$src" "$dst"
+  fi && chmod +x "$dst" && echo "$dst"
+}
 
 probe() {
   echo "== probe: $(date -u +%FT%TZ), commit $(cat gpu-carry/COMMIT 2>/dev/null || echo '?')"
@@ -27,7 +39,7 @@ probe() {
   nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
   echo "host glibc: $(ldd --version | head -1)"
   echo "kernel: $(uname -r); cores: $(nproc)"
-  [ -x "$bin" ] || { echo "PROBE FAIL: no $bin (build it here with scripts/gpu-build.sh and carry gpu-carry)"; return 1; }
+  [ -n "$bin" ] && [ -x "$bin" ] || { echo "PROBE FAIL: no gpu-carry/m3ae.xz (build it here with scripts/gpu-build.sh and carry gpu-carry)"; return 1; }
   if command -v objdump >/dev/null; then
     echo "binary needs glibc up to $(objdump -T "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)"
   fi
@@ -71,8 +83,8 @@ for p in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
 }
 
 nccl_smoke() {
-  local nb="gpu-carry/m3ae-nccl" dir
-  [ -x "$nb" ] || return 0
+  local nb="$nccl_bin" dir
+  [ -n "$nb" ] && [ -x "$nb" ] || return 0
   echo "== NCCL: $nb, one rank"
   if ldd "$nb" | grep -q "not found"; then
     ldd "$nb" | grep "not found"
@@ -82,13 +94,15 @@ nccl_smoke() {
   command -v mpirun >/dev/null || { echo "NCCL SKIP: no mpirun"; return 0; }
   dir=$(mktemp -d)
   OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 120 \
-    mpirun -n 1 "$PWD/$nb" pretrain --device cuda --steps 20 --no-probe --plain \
+    mpirun -n 1 "$nb" pretrain --device cuda --steps 20 --no-probe --plain \
       --output-dir "$dir" --name nccl-smoke \
     && echo "NCCL OK" || echo "NCCL FAIL (rc $?)"
   rm -rf "$dir"
 }
 
 {
+  bin="${M3AE_BIN:-$(unpack m3ae)}"
+  nccl_bin="$(unpack m3ae-nccl)"
   if probe; then
     if [ "${PROBE_ONLY:-0}" != 1 ]; then
       echo "== m3ae doctor --device cuda $* (time limit ${limit} s)"

@@ -81,7 +81,12 @@ pub fn row(
     let t0 = Instant::now();
     let (status, result) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => (Status::Fail, format!("error: {}", crate::cli::one_line(&e))),
+        Ok(Err(e)) => {
+            // the first line only (a candle error may carry a backtrace)
+            let msg = crate::cli::one_line(&e);
+            let msg = msg.split("\\n").next().unwrap_or_default().trim_end();
+            (Status::Fail, format!("error: {msg}"))
+        }
         Err(p) => {
             let msg = p
                 .downcast_ref::<String>()
