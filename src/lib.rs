@@ -1,8 +1,8 @@
 //! m3ae: the M3AE multimodal masked autoencoder in Rust, on candle.
 //!
 //! This facade re-exports the workspace crates under short names and holds what spans them:
-//! the pre-training recipe of `m3ae pretrain` ([`pretrain`]) and the subcommands of the `m3ae`
-//! tool ([`cli`]).
+//! the pre-training recipe of `m3ae pretrain` ([`pretrain`]), the device check of `m3ae doctor`
+//! ([`doctor`]) and the subcommands of the `m3ae` tool ([`cli`]).
 //!
 //! * [`official`]: the official (JAX) format: the safe pickle reader, official checkpoints,
 //!   conversion and export, the parity harness against the official code.
@@ -22,6 +22,7 @@ pub use m3ae_official as official;
 pub use m3ae_train as train;
 
 pub mod cli;
+pub mod doctor;
 pub mod pretrain;
 mod progress;
 

@@ -3,7 +3,7 @@
 //! two failures a job must survive: a rank killed (the job stops, naming it) and a rank that
 //! hangs (the collective timeout aborts the job, naming it), and a scheduler's SIGTERM (every
 //! rank stops at the same step with a checkpoint and exit 0). The last checkpoint loads after
-//! each.
+//! each. A job on a CUDA device under the launcher needs the `nccl` feature.
 //!
 //! Needs `mpirun` (Debian: `openmpi-bin libopenmpi-dev`); `.ci/run` installs it and runs
 //! `cargo test --features mpi --test distributed`. Without the feature this file is empty.
@@ -336,4 +336,22 @@ mod common;
 
 fn tempdir(tag: &str) -> PathBuf {
     common::temp_dir("dist", tag)
+}
+
+/// Under a launcher on a CUDA device, a binary without NCCL refuses to start (the MPI all-reduce
+/// reads host memory), naming the feature, before anything is written.
+#[cfg(not(feature = "nccl"))]
+#[test]
+fn a_gpu_job_under_mpirun_needs_the_nccl_feature() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempdir("gpu-no-nccl");
+    let cfg = config(&tmp, 2, 2, 60.0);
+    let out = pretrain(Some(mpirun()), &cfg, "gpu", &["--device", "cuda"])
+        .output()
+        .expect("mpirun");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("rebuild with `--features nccl`"), "{text}");
+    assert!(!tmp.join("gpu").exists(), "nothing is written");
+    let _ = std::fs::remove_dir_all(&tmp);
 }

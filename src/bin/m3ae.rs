@@ -1,7 +1,8 @@
 //! The `m3ae` command-line tool.
 //!
 //! Subcommands: `info` (a configuration, its parameter count and FLOPs), `pretrain`, `bench`,
-//! `convert`, and the evaluation commands `embed`, `probe`, `ood`, `reconstruct`. Each lives in
+//! `doctor` (a device check), `convert`, and the evaluation commands `embed`, `probe`, `ood`,
+//! `reconstruct`. Each lives in
 //! `m3ae::cli` (arguments, and the calls of the library that do the work); this file parses the
 //! command line, installs the logger and prints errors as one line.
 //!

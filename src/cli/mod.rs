@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod convert;
+pub mod doctor;
 pub mod eval;
 pub mod finetune;
 pub mod info;
@@ -73,6 +74,10 @@ pub enum Command {
     Finetune(Box<finetune::FinetuneArgs>),
     /// Class predictions of a fine-tuned classifier on a data set (accuracy when labelled).
     Predict(finetune::PredictArgs),
+    /// Check a device (a GPU above all): the kernels against the CPU, the official fixture,
+    /// a short training run against the CPU's and the throughput of `small` and `base`; prints
+    /// one markdown table (docs/gpu.md).
+    Doctor(doctor::DoctorArgs),
     /// Evaluation: `embed`, `probe`, `ood`, `reconstruct` (see [`eval`]).
     #[command(flatten)]
     Eval(eval::EvalCommand),
@@ -84,6 +89,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Doctor(a) => doctor::run(a),
         Command::Finetune(a) => finetune::run(*a),
         Command::Predict(a) => finetune::run_predict(a),
         Command::Convert(cmd) => convert::run_cli(cmd),

@@ -152,7 +152,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         stop,
         plain: a.plain || !std::io::stderr().is_terminal(),
     };
-    let sync = grad_sync(&cfg)?;
+    let sync = grad_sync(&mut cfg)?;
     let lead = sync.rank() == 0;
     if lead {
         let on = if cfg.device.is_cpu() {
@@ -176,17 +176,43 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// MPI when the binary has the `mpi` feature and was started by an MPI launcher; otherwise one
-/// process.
+/// How the ranks of a job meet: MPI when the binary has the `mpi` feature and was started by an
+/// MPI launcher (over NCCL when the job trains on CUDA, feature `nccl`), otherwise one process.
+///
+/// On CUDA under a launcher, the rank with local rank `l` (`OMPI_COMM_WORLD_LOCAL_RANK`,
+/// `SLURM_LOCALID`) trains on GPU `N + l` of `--device cuda:N` (`cuda` = `cuda:0`): one process
+/// per GPU. `cfg.device` is set to that GPU.
 fn grad_sync(
-    cfg: &crate::pretrain::PretrainConfig,
+    cfg: &mut crate::pretrain::PretrainConfig,
 ) -> Result<Box<dyn m3ae_train::GradSync + Send>> {
     #[cfg(feature = "mpi")]
     if m3ae_train::sync::mpi::launched_by_mpi() {
+        use m3ae_train::GradSync;
         let s = m3ae_train::sync::mpi::MpiSync::init()?.with_timeout(
             std::time::Duration::from_secs_f64(cfg.distributed.timeout_s),
         );
-        use m3ae_train::GradSync;
+        if let m3ae_model::DeviceSpec::Cuda(first) = cfg.device {
+            #[cfg(feature = "nccl")]
+            {
+                let local = m3ae_train::sync::nccl::local_rank().unwrap_or(0);
+                cfg.device = m3ae_model::DeviceSpec::Cuda(first + local);
+                // the job opens the same device again: one CUDA device (and stream) per ordinal
+                // and process, so NCCL runs on the stream of the training step
+                let dev = cfg.open_device()?;
+                let n = m3ae_train::sync::nccl::NcclSync::init(s, &dev)?;
+                if n.rank() == 0 {
+                    eprintln!(
+                        "data-parallel over NCCL: {} ranks, local rank l on cuda:{first}+l",
+                        n.world_size()
+                    );
+                }
+                return Ok(Box::new(n));
+            }
+            #[cfg(not(feature = "nccl"))]
+            anyhow::bail!(
+                "device cuda:{first} under an MPI launcher: data-parallel training on GPUs needs                  NCCL; rebuild with `--features nccl`"
+            );
+        }
         if s.rank() == 0 {
             eprintln!("data-parallel over MPI: {} ranks", s.world_size());
         }

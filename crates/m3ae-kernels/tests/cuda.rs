@@ -59,7 +59,7 @@ fn assert_close(got: &[Tensor], want: &[Tensor], names: &[&str], ctx: &str) {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it with --ignored)"]
+#[ignore = "needs a CUDA GPU (run with --include-ignored on a GPU machine with cargo; m3ae doctor --device cuda checks the same without cargo)"]
 fn attention_matches_reference_on_gpu() {
     let dev = fused::cuda::first_gpu().expect("this test needs a CUDA GPU");
     for (i, &(b, h, l, dh, magnitude)) in [
@@ -74,6 +74,12 @@ fn attention_matches_reference_on_gpu() {
     .enumerate()
     {
         for (kind, &pad) in ALL_PADS.iter().enumerate() {
+            // A fully padded sample at large scores is ill-conditioned in the reference itself:
+            // its padding score (-1e7) rounds the scores to whole numbers in f32 (the fused CPU
+            // kernel differs from it there by ~3e-3 in the gradients too).
+            if magnitude > 1.0 && matches!(pad, common::Pad::Full) {
+                continue;
+            }
             let seed = 10 * i as u64 + kind as u64;
             let shape = [b, h, l, dh];
             let ins = [
@@ -104,7 +110,7 @@ fn attention_matches_reference_on_gpu() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it with --ignored)"]
+#[ignore = "needs a CUDA GPU (run with --include-ignored on a GPU machine with cargo; m3ae doctor --device cuda checks the same without cargo)"]
 fn packed_qkv_attention_matches_reference_on_gpu() {
     let dev = fused::cuda::first_gpu().expect("this test needs a CUDA GPU");
     for (i, &(b, l, heads, dh)) in [
@@ -141,14 +147,14 @@ fn packed_qkv_attention_matches_reference_on_gpu() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it with --ignored)"]
+#[ignore = "needs a CUDA GPU (run with --include-ignored on a GPU machine with cargo; m3ae doctor --device cuda checks the same without cargo)"]
 fn fully_padded_rows_attend_uniformly_on_gpu() {
     let dev = fused::cuda::first_gpu().expect("this test needs a CUDA GPU");
     common::assert_fully_padded_rows_attend_uniformly(&dev);
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it with --ignored)"]
+#[ignore = "needs a CUDA GPU (run with --include-ignored on a GPU machine with cargo; m3ae doctor --device cuda checks the same without cargo)"]
 fn layer_norm_and_gelu_match_reference_on_gpu() {
     let dev = fused::cuda::first_gpu().expect("this test needs a CUDA GPU");
     for (i, shape) in [
@@ -278,8 +284,11 @@ fn head_targets(h: &Tensor, w: &Tensor, b: &Tensor, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// A text-head case: (what, N, D, V, row weights, scale of hidden and weight, scale of bias).
+type HeadCase = (&'static str, usize, usize, usize, Vec<f32>, f32, f32);
+
 #[test]
-#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it with --ignored)"]
+#[ignore = "needs a CUDA GPU (run with --include-ignored on a GPU machine with cargo; m3ae doctor --device cuda checks the same without cargo)"]
 fn text_head_loss_matches_the_cpu_op_on_gpu() {
     let dev = fused::cuda::first_gpu().expect("this test needs a CUDA GPU");
     // (what, N, D, V, row weights, scale of hidden and weight, scale of bias)
@@ -289,7 +298,7 @@ fn text_head_loss_matches_the_cpu_op_on_gpu() {
             .map(|&x| if x < -0.6 { 0.0 } else { 0.01 })
             .collect()
     };
-    let cases: Vec<(&str, usize, usize, usize, Vec<f32>, f32, f32)> = vec![
+    let cases: Vec<HeadCase> = vec![
         (
             "masked-only",
             50,
@@ -347,7 +356,7 @@ fn text_head_loss_matches_the_cpu_op_on_gpu() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it with --ignored)"]
+#[ignore = "needs a CUDA GPU (run with --include-ignored on a GPU machine with cargo; m3ae doctor --device cuda checks the same without cargo)"]
 fn text_head_loss_nan_and_ties_on_gpu() {
     let dev = fused::cuda::first_gpu().expect("this test needs a CUDA GPU");
     // ties: zero hidden, equal biases of words 3, 6 (one tile), 69 (next tile) and 4200 (another
@@ -438,7 +447,7 @@ fn assert_top_k_close(got: &TextTopK, want: &TextTopK, exact: bool, ctx: &str) {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it with --ignored)"]
+#[ignore = "needs a CUDA GPU (run with --include-ignored on a GPU machine with cargo; m3ae doctor --device cuda checks the same without cargo)"]
 fn text_head_top_k_matches_the_cpu_op_on_gpu() {
     let dev = fused::cuda::first_gpu().expect("this test needs a CUDA GPU");
     let on = |t: &Tensor| t.to_device(&dev).unwrap();

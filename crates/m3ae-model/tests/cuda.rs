@@ -1,6 +1,6 @@
 //! The model on a GPU (feature `cuda`): the tiny M3AE's losses and every weight's gradient on
 //! CUDA match the CPU, on both kernel paths (CUDA kernels and reference ops). Without a GPU the
-//! test is `#[ignore]`d (it needs a GPU) and fails when run without one. Run by `scripts/gpu-check.sh`.
+//! test is `#[ignore]`d (it needs a GPU) and fails when run without one. `m3ae doctor --device cuda` checks the same on the lent GPU machine.
 #![cfg(feature = "cuda")]
 
 use candle_core::{Device, Tensor};
@@ -29,7 +29,7 @@ fn run(cfg: &M3aeConfig, dev: &Device) -> anyhow::Result<(f32, Vec<(String, Tens
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it with --ignored)"]
+#[ignore = "needs a CUDA GPU (run with --include-ignored on a GPU machine with cargo; m3ae doctor --device cuda checks the same without cargo)"]
 fn tiny_model_matches_the_cpu_on_gpu() -> anyhow::Result<()> {
     let dev = m3ae_kernels::fused::cuda::first_gpu().expect("this test needs a CUDA GPU");
     for path in [KernelPath::Fused, KernelPath::Reference] {

@@ -262,3 +262,31 @@ fn a_perturbed_head_fails_the_finetune_checks() -> anyhow::Result<()> {
     assert!(!bad.iter().any(|b| b == "vit_io:repr.output"), "{bad:?}");
     Ok(())
 }
+
+#[test]
+fn run_on_a_device_scales_the_tolerances_and_keeps_exact_checks_exact() -> anyhow::Result<()> {
+    let base = run_with(&fixture(), KernelPath::Fused)?;
+    let scaled = m3ae_official::parity::run_on(&fixture(), KernelPath::Fused, &Device::Cpu, 10.0)?;
+    assert_eq!(base.len(), scaled.len());
+    for (b, s) in base.iter().zip(&scaled) {
+        assert_eq!(
+            (&b.name, b.ok, b.max_abs_err),
+            (&s.name, s.ok, s.max_abs_err)
+        );
+        match b.tolerance.as_str() {
+            "exact" | "-" => assert_eq!(s.tolerance, b.tolerance, "{}", b.name),
+            _ => assert_ne!(s.tolerance, b.tolerance, "{}", b.name),
+        }
+    }
+    let loss = scaled
+        .iter()
+        .find(|c| c.name == "m3ae_io:loss.total")
+        .unwrap();
+    assert_eq!(loss.tolerance, "0e0+1e-4|b|");
+    // a fine-tuning fixture is checked on the CPU with its own tolerances only
+    let e =
+        m3ae_official::parity::run_on(&finetune_fixture(), KernelPath::Fused, &Device::Cpu, 10.0)
+            .unwrap_err();
+    assert!(e.to_string().contains("CPU only"), "{e}");
+    Ok(())
+}

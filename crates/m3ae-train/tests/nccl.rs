@@ -2,7 +2,8 @@
 //! holds gradients equal to `rank + 1`, and after the all-reduce every rank holds their mean
 //! `(world + 1) / 2`, on the GPU, with the shapes kept. Run alone it is a world of one (MPI's
 //! singleton start); `mpirun -n 2` on a 2-GPU machine checks a real reduction.
-//! `scripts/gpu-check.sh` runs it; CI does not (no GPU there).
+//! Run it on a GPU machine with cargo (`cargo test --release -p m3ae-train --features nccl --test
+//! nccl`); CI does not (no GPU there).
 #![cfg(feature = "nccl")]
 
 use candle_core::Tensor;

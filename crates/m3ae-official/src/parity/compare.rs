@@ -47,6 +47,31 @@ impl Tolerance {
         rtol: 1e-3,
     };
 
+    /// The rule with its allowed error multiplied by `factor` (`Exact` stays exact): e.g. the
+    /// CPU tolerances x10 for a run on a GPU.
+    ///
+    /// ```
+    /// use m3ae_official::parity::Tolerance;
+    /// assert_eq!(
+    ///     Tolerance::LOSS.scaled(10.0),
+    ///     Tolerance::Elementwise { atol: 0.0, rtol: 1e-4 }
+    /// );
+    /// assert_eq!(Tolerance::Exact.scaled(10.0), Tolerance::Exact);
+    /// ```
+    pub fn scaled(self, factor: f64) -> Tolerance {
+        match self {
+            Tolerance::Exact => Tolerance::Exact,
+            Tolerance::Elementwise { atol, rtol } => Tolerance::Elementwise {
+                atol: atol * factor,
+                rtol: rtol * factor,
+            },
+            Tolerance::Gradient { scale, rtol } => Tolerance::Gradient {
+                scale: scale * factor,
+                rtol: rtol * factor,
+            },
+        }
+    }
+
     pub(crate) fn describe(&self) -> String {
         match self {
             Tolerance::Exact => "exact".into(),
@@ -90,6 +115,8 @@ impl std::fmt::Display for Check {
 }
 
 fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    // on the host: the casts below exist there for every dtype (a GPU result is read back)
+    let t = t.to_device(&candle_core::Device::Cpu)?;
     let t = match t.dtype() {
         DType::U32 | DType::U8 | DType::I32 | DType::I64 | DType::I16 => {
             t.to_dtype(DType::I64)?.to_dtype(DType::F64)?

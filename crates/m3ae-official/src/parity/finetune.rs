@@ -162,9 +162,10 @@ pub fn run(dir: &Path, kernels: KernelPath) -> Result<Vec<Check>> {
     let mut fc = FinetuneConfig::read(dir)?;
     fc.model.kernels = kernels;
     let mut out = Vec::new();
-    let params = FixtureFile::open(dir, "vit_params")?.tensors;
-    let mut io = FixtureFile::open(dir, "vit_io")?;
-    let mut grads = FixtureFile::open(dir, "vit_grads")?;
+    let env = super::fixture::Env::cpu();
+    let params = FixtureFile::open(dir, "vit_params", &env)?.tensors;
+    let mut io = FixtureFile::open(dir, "vit_io", &env)?;
+    let mut grads = FixtureFile::open(dir, "vit_grads", &env)?;
 
     let image = io.get("input.image")?;
     let patches = io.get("input.image_patches")?;

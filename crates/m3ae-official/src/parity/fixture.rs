@@ -9,23 +9,49 @@ use m3ae_model::{M3aeConfig, Masking, Noise};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
+/// Where a harness run computes and how much looser than the CPU tolerances it compares.
+#[derive(Debug, Clone)]
+pub(crate) struct Env {
+    /// The device of the models, inputs and fixture tensors.
+    pub(crate) dev: Device,
+    /// Factor on every non-exact tolerance ([`Tolerance::scaled`]).
+    pub(crate) scale: f64,
+}
+
+impl Env {
+    /// The CPU with the CPU tolerances.
+    pub(crate) fn cpu() -> Self {
+        Self {
+            dev: Device::Cpu,
+            scale: 1.0,
+        }
+    }
+
+    /// `tol` under this run's factor.
+    pub(crate) fn tol(&self, tol: Tolerance) -> Tolerance {
+        tol.scaled(self.scale)
+    }
+}
+
 /// Tensors of one fixture file, with a record of which keys were consumed.
 pub(crate) struct FixtureFile {
     file: String,
     pub(crate) tensors: HashMap<String, Tensor>,
     used: BTreeSet<String>,
+    scale: f64,
 }
 
 impl FixtureFile {
-    /// Reads `<dir>/<name>.safetensors`.
-    pub(crate) fn open(dir: &Path, name: &str) -> Result<Self> {
+    /// Reads `<dir>/<name>.safetensors` onto `env.dev`.
+    pub(crate) fn open(dir: &Path, name: &str, env: &Env) -> Result<Self> {
         let path = dir.join(format!("{name}.safetensors"));
-        let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        let tensors = candle_core::safetensors::load(&path, &env.dev)
             .map_err(|e| Error::Fixture(format!("reading {}: {e}", path.display())))?;
         Ok(Self {
             file: name.into(),
             tensors,
             used: BTreeSet::new(),
+            scale: env.scale,
         })
     }
 
@@ -37,8 +63,10 @@ impl FixtureFile {
         })
     }
 
-    /// Compares `ours` with the tensor `key` (a missing tensor is a failed check).
+    /// Compares `ours` with the tensor `key` (a missing tensor is a failed check), under `tol`
+    /// scaled by the run's factor.
     pub(crate) fn check(&mut self, out: &mut Vec<Check>, key: &str, ours: &Tensor, tol: Tolerance) {
+        let tol = tol.scaled(self.scale);
         let name = format!("{}:{key}", self.file);
         match self.get(key) {
             Ok(expected) => out.push(compare(&name, ours, &expected, tol)),
@@ -246,13 +274,14 @@ pub(crate) fn check_masking(out: &mut Vec<Check>, f: &mut FixtureFile, prefix: &
 /// official layouts).
 pub(crate) fn check_grads(
     out: &mut Vec<Check>,
+    env: &Env,
     dir: &Path,
     file: &str,
     specs: &[m3ae_model::ParamSpec],
     params: &m3ae_model::ParamStore,
     grads: &candle_core::backprop::GradStore,
 ) -> Result<()> {
-    let mut g = FixtureFile::open(dir, file)?;
+    let mut g = FixtureFile::open(dir, file, env)?;
     for s in specs {
         let key = format!("grad.{}", s.official);
         let var = params.var(&s.name)?;
@@ -270,7 +299,7 @@ pub(crate) fn check_grads(
                 out.push(Check {
                     name: format!("{file}:{key}"),
                     max_abs_err: f64::NAN,
-                    tolerance: Tolerance::GRAD.describe(),
+                    tolerance: env.tol(Tolerance::GRAD).describe(),
                     ok: false,
                     note: format!("no gradient reached `{}`", s.name),
                 });

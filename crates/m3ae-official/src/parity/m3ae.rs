@@ -3,9 +3,9 @@
 //! (unpaired) path, the unmasked representation and the position tables.
 
 use super::compare::{compare, Check, Tolerance};
-use super::fixture::{check_masking, noise, scalar_check, FixtureConfig, FixtureFile};
+use super::fixture::{check_masking, noise, scalar_check, Env, FixtureConfig, FixtureFile};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use m3ae_model::{patchify, posemb, M3ae, M3aeConfig, Masking, ModelInput, Output};
 use std::path::Path;
 
@@ -31,13 +31,14 @@ fn missing(what: &str) -> Error {
 /// Checks every tensor of `m3ae_io.safetensors` against `model`.
 pub(super) fn m3ae_io(
     out: &mut Vec<Check>,
+    env: &Env,
     dir: &Path,
     fc: &FixtureConfig,
     model: &M3ae,
 ) -> Result<M3aeIo> {
     let cfg = model.config().clone();
-    let mut io = FixtureFile::open(dir, "m3ae_io")?;
-    let inputs = inputs(out, &mut io, fc, &cfg)?;
+    let mut io = FixtureFile::open(dir, "m3ae_io", env)?;
+    let inputs = inputs(out, env, &mut io, fc, &cfg)?;
     let o = model.forward(
         &inputs.input,
         Some(&inputs.image_mask),
@@ -59,8 +60,8 @@ pub(super) fn m3ae_io(
         Tolerance::Exact,
     );
     check_loss_variants(out, &mut io, model, &inputs.input, &o)?;
-    check_text_only(out, &mut io, model, &inputs.input)?;
-    check_representation(out, &mut io, model, &inputs.input)?;
+    check_text_only(out, env, &mut io, model, &inputs.input)?;
+    check_representation(out, env, &mut io, model, &inputs.input)?;
     io.finish(out);
     Ok(M3aeIo {
         image_patches: inputs
@@ -75,11 +76,12 @@ pub(super) fn m3ae_io(
 /// the maskings of the fixture's noise.
 fn inputs(
     out: &mut Vec<Check>,
+    env: &Env,
     io: &mut FixtureFile,
     fc: &FixtureConfig,
     cfg: &M3aeConfig,
 ) -> Result<Inputs> {
-    let dev = Device::Cpu;
+    let dev = &env.dev;
     let image = io.get("input.image")?;
     let patches = patchify(&image, cfg.patch_size)?;
     io.check(out, "input.image_patches", &patches, Tolerance::FORWARD);
@@ -104,12 +106,12 @@ fn inputs(
     out.push(compare(
         "config.json:n_pad (vs m3ae_io:input.text_padding_mask)",
         &pad,
-        &Tensor::from_vec(want, (b, t), &dev)?,
+        &Tensor::from_vec(want, (b, t), dev)?,
         Tolerance::Exact,
     ));
     let li = patches.dim(1)?;
-    let im = Masking::new(&noise(io, "noise.image")?, b, cfg.image_keep(li), &dev)?;
-    let tm = Masking::new(&noise(io, "noise.text")?, b, cfg.text_keep(t), &dev)?;
+    let im = Masking::new(&noise(io, "noise.image")?, b, cfg.image_keep(li), dev)?;
+    let tm = Masking::new(&noise(io, "noise.text")?, b, cfg.text_keep(t), dev)?;
     check_masking(out, io, "mask.image", &im);
     check_masking(out, io, "mask.text", &tm);
     io.check(
@@ -219,6 +221,7 @@ fn check_loss_variants(
 /// The text-only (unpaired) path with its own masking.
 fn check_text_only(
     out: &mut Vec<Check>,
+    env: &Env,
     io: &mut FixtureFile,
     model: &M3ae,
     input: &ModelInput,
@@ -230,12 +233,7 @@ fn check_text_only(
         .clone()
         .ok_or_else(|| missing("no text padding"))?;
     let (b, t) = pad.dims2()?;
-    let ttm = Masking::new(
-        &noise(io, "textonly.noise")?,
-        b,
-        cfg.text_keep(t),
-        &Device::Cpu,
-    )?;
+    let ttm = Masking::new(&noise(io, "textonly.noise")?, b, cfg.text_keep(t), &env.dev)?;
     let tinput = ModelInput {
         image_patches: None,
         text_ids: Some(text),
@@ -267,11 +265,12 @@ fn check_text_only(
 /// The unmasked representation and the encoder and decoder position tables.
 fn check_representation(
     out: &mut Vec<Check>,
+    env: &Env,
     io: &mut FixtureFile,
     model: &M3ae,
     input: &ModelInput,
 ) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = &env.dev;
     let cfg = model.config();
     let repr = model.forward_representation(input)?;
     io.check(out, "m3ae_repr.output", &repr, Tolerance::FORWARD);
@@ -289,25 +288,25 @@ fn check_representation(
     io.check(
         out,
         "posemb.enc_image_2d",
-        &posemb::sincos_2d(li, d, &dev)?.squeeze(0)?,
+        &posemb::sincos_2d(li, d, dev)?.squeeze(0)?,
         Tolerance::FORWARD,
     );
     io.check(
         out,
         "posemb.enc_text_1d",
-        &posemb::sincos_1d(t, d, &dev)?.squeeze(0)?,
+        &posemb::sincos_1d(t, d, dev)?.squeeze(0)?,
         Tolerance::FORWARD,
     );
     io.check(
         out,
         "posemb.dec_image_2d",
-        &posemb::sincos_2d(li, dd, &dev)?.squeeze(0)?,
+        &posemb::sincos_2d(li, dd, dev)?.squeeze(0)?,
         Tolerance::FORWARD,
     );
     io.check(
         out,
         "posemb.dec_text_1d",
-        &posemb::sincos_1d(t, dd, &dev)?.squeeze(0)?,
+        &posemb::sincos_1d(t, dd, dev)?.squeeze(0)?,
         Tolerance::FORWARD,
     );
     Ok(())

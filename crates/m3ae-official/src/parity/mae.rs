@@ -3,18 +3,18 @@
 //! unmasked representation and the position tables.
 
 use super::compare::{Check, Tolerance};
-use super::fixture::{check_masking, noise, scalar_check, FixtureFile};
+use super::fixture::{check_masking, noise, scalar_check, Env, FixtureFile};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use m3ae_model::{patchify, posemb, Mae, Masking};
 use std::path::Path;
 
 /// Checks every tensor of `mae_io.safetensors` against `mae`; returns the total loss (for the
 /// gradients).
-pub(super) fn mae_io(out: &mut Vec<Check>, dir: &Path, mae: &Mae) -> Result<Tensor> {
-    let dev = Device::Cpu;
+pub(super) fn mae_io(out: &mut Vec<Check>, env: &Env, dir: &Path, mae: &Mae) -> Result<Tensor> {
+    let dev = &env.dev;
     let mcfg = mae.config().clone();
-    let mut mio = FixtureFile::open(dir, "mae_io")?;
+    let mut mio = FixtureFile::open(dir, "mae_io", env)?;
     let mimage = mio.get("input.image")?;
     let mpatches = patchify(&mimage, mcfg.patch_size)?;
     mio.check(out, "input.image_patches", &mpatches, Tolerance::FORWARD);
@@ -23,7 +23,7 @@ pub(super) fn mae_io(out: &mut Vec<Check>, dir: &Path, mae: &Mae) -> Result<Tens
         &noise(&mut mio, "noise.image")?,
         mb,
         mcfg.image_keep(mli),
-        &dev,
+        dev,
     )?;
     check_masking(out, &mut mio, "mask.image", &mm);
     let mo = mae.forward(&mpatches, &mm)?;
@@ -66,13 +66,13 @@ pub(super) fn mae_io(out: &mut Vec<Check>, dir: &Path, mae: &Mae) -> Result<Tens
     mio.check(
         out,
         "posemb.enc_image_2d",
-        &posemb::sincos_2d(mli, mcfg.emb_dim, &dev)?.squeeze(0)?,
+        &posemb::sincos_2d(mli, mcfg.emb_dim, dev)?.squeeze(0)?,
         Tolerance::FORWARD,
     );
     mio.check(
         out,
         "posemb.dec_image_2d",
-        &posemb::sincos_2d(mli, mcfg.dec_emb_dim, &dev)?.squeeze(0)?,
+        &posemb::sincos_2d(mli, mcfg.dec_emb_dim, dev)?.squeeze(0)?,
         Tolerance::FORWARD,
     );
     mio.finish(out);

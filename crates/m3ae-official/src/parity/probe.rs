@@ -3,9 +3,9 @@
 //! and evaluation mode, logits, updated running statistics).
 
 use super::compare::{compare, Check, Tolerance};
-use super::fixture::{FixtureConfig, FixtureFile};
+use super::fixture::{Env, FixtureConfig, FixtureFile};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use m3ae_model::{pool, Mae, Pooling, Unexpected};
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,25 +20,26 @@ fn head_err(e: impl std::fmt::Display) -> Error {
 /// which the probe's input must equal.
 pub(super) fn linear_probe(
     out: &mut Vec<Check>,
+    env: &Env,
     dir: &Path,
     fc: &FixtureConfig,
     m3ae_params: HashMap<String, Tensor>,
     image_patches: &Tensor,
 ) -> Result<()> {
-    let mut lp = FixtureFile::open(dir, "linear_probe")?;
+    let mut lp = FixtureFile::open(dir, "linear_probe", env)?;
     let backbone = Mae::from_official(
         &fc.probe,
         m3ae_params,
         Unexpected::Ignore,
         "m3ae_params.safetensors",
-        &Device::Cpu,
+        &env.dev,
     )?;
     let lp_patches = lp.get("linear.input_image_patches")?;
     out.push(compare(
         "linear_probe:linear.input_image_patches (vs patchify)",
         image_patches,
         &lp_patches,
-        Tolerance::FORWARD,
+        env.tol(Tolerance::FORWARD),
     ));
     let rep = backbone.forward_representation(&lp_patches)?;
     lp.check(out, "linear.representation", &rep, Tolerance::FORWARD);

@@ -30,18 +30,22 @@ pub struct NcclSync {
 // permits a communicator to be used from another thread as long as calls do not overlap.
 unsafe impl Send for NcclSync {}
 
-/// The GPU of this process: `ordinal`, or the local rank from the launcher's environment (Open
-/// MPI, Slurm, MPICH), or 0.
+/// The rank of this process among the ranks of its node, from the launcher's environment
+/// (`OMPI_COMM_WORLD_LOCAL_RANK` of Open MPI, `SLURM_LOCALID` of Slurm, `MPI_LOCALRANKID` of
+/// MPICH), or `None` when none is set.
+pub fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "SLURM_LOCALID",
+        "MPI_LOCALRANKID",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+/// The GPU of this process: `ordinal`, or the [`local_rank`], or 0.
 pub fn local_device(ordinal: Option<usize>) -> Result<Device> {
-    let local = ordinal.or_else(|| {
-        [
-            "OMPI_COMM_WORLD_LOCAL_RANK",
-            "SLURM_LOCALID",
-            "MPI_LOCALRANKID",
-        ]
-        .iter()
-        .find_map(|k| std::env::var(k).ok()?.parse().ok())
-    });
+    let local = ordinal.or_else(local_rank);
     Ok(Device::new_cuda(local.unwrap_or(0))?)
 }
 
