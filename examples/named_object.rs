@@ -81,7 +81,10 @@ fn main() -> Result<()> {
         }
     }
     let out = out.unwrap_or_else(|| checkpoint.join("named-object.png"));
-    let model = load_model(&ModelSource::Checkpoint(checkpoint.clone()), &candle_core::Device::Cpu)?;
+    let model = load_model(
+        &ModelSource::Checkpoint(checkpoint.clone()),
+        &candle_core::Device::Cpu,
+    )?;
     let tok = find_tokenizer(None, Some(&checkpoint))?;
     let cfg = model.config().clone();
     let (size, patch) = (cfg.image_size, cfg.patch_size);
