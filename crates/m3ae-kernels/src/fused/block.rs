@@ -266,6 +266,7 @@ fn ln_apply_rows_impl(x: &[f32], st: &[f32], g: &[f32], b: &[f32], out: &mut [f3
 /// LayerNorm backward of each row plus a residual gradient: `dx = resid + rstd (da g - c1 -
 /// xhat c2)`; adds the row's `da xhat` to `dg` and `da` to `db`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn ln_backward_rows_impl(
     x: &[f32],
     st: &[f32],
@@ -568,7 +569,7 @@ impl FusedBlock {
         }
         let mut y = filled(n, Some(&x1), b_fc2);
         mm((n, c, m), &mut y, true, (&h, m, 1), (w_fc2, 1, m));
-        let saved = train.then(|| Saved {
+        let saved = train.then_some(Saved {
             st1,
             qkv,
             att,
