@@ -25,9 +25,12 @@
 //!   gradient.
 //!
 //! Reductions over rows (bias and LayerNorm parameter gradients) sum per-chunk partials in chunk
-//! order, so results do not depend on the number of threads. Temporary buffers (the LayerNorm
-//! outputs, `dh`, the activation gradients) come from a small process-wide pool and are reused
-//! from call to call. The parameters arrive as one flat tensor (the twelve tensors flattened and
+//! order, so results do not depend on the number of threads. The forward and the backward each
+//! run as one task on a rayon worker, so the GEMMs (parallel on rayon) and the row passes share
+//! one pool of busy threads: alternating between rayon and candle's spinning worker pool, as
+//! the composed block does, left each pool spinning while the other worked. Temporary buffers
+//! (the LayerNorm outputs, `dh`, the activation gradients) come from a small process-wide pool
+//! and are reused from call to call. The parameters arrive as one flat tensor (the twelve tensors flattened and
 //! concatenated in [`PARAM_ORDER`]; candle's `cat` backward hands each tensor its slice of the
 //! gradient), because candle's custom ops take at most three tensors.
 //! Dropout, attention dropout and drop path are not supported here: the model runs its composed
@@ -701,7 +704,9 @@ impl CustomOp2 for FusedBlock {
         lp: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.check(lx, lp)?;
-        let (y, saved) = self.forward(f32_slice(sx, lx)?, f32_slice(sp, lp)?);
+        let (x, flat) = (f32_slice(sx, lx)?, f32_slice(sp, lp)?);
+        // On a rayon worker, so that GEMMs and row passes share one pool (`for_each_index`).
+        let (y, saved) = rayon::scope(|_| self.forward(x, flat));
         *self.saved.lock().expect("saved state") = saved.map(Arc::new);
         Ok((CpuStorage::F32(y), lx.shape().clone()))
     }
@@ -725,12 +730,12 @@ impl CustomOp2 for FusedBlock {
         let (xs, xl) = x.storage_and_layout();
         let (ps, pl) = flat.storage_and_layout();
         let (gs, gl) = dy.storage_and_layout();
-        let (dx, dflat) = self.backward(
-            &saved,
+        let (xv, pv, gv) = (
             storage_slice(&xs, xl)?,
             storage_slice(&ps, pl)?,
             storage_slice(&gs, gl)?,
         );
+        let (dx, dflat) = rayon::scope(|_| self.backward(&saved, xv, pv, gv));
         drop((xs, ps, gs));
         Ok((
             Some(output(dx, x.shape(), x.device())?),

@@ -59,11 +59,16 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// finished and is still spinning, while rayon's workers have gone to sleep; two pools of busy
 /// threads on the same cores also compete, so staying on candle's pool saves the wake-up and the
 /// contention (docs/performance.md has the timings). Otherwise (for example inside a smaller
-/// rayon pool) they run on rayon.
+/// rayon pool) they run on rayon. Called from a rayon worker thread they also run on rayon: the
+/// fused transformer block runs its whole body on a rayon worker so that its GEMMs (which use
+/// rayon) and its row passes keep one set of busy threads instead of handing the cores back
+/// and forth between two spinning pools.
 pub(crate) fn for_each_index(n: usize, f: impl Fn(usize) + Sync + Send) {
     use rayon::prelude::*;
     let pool = candle_core::utils::barrier_pool();
-    if pool.n_workers() + 1 == rayon::current_num_threads() {
+    if rayon::current_thread_index().is_none()
+        && pool.n_workers() + 1 == rayon::current_num_threads()
+    {
         pool.execute_chunked(n, |r| r.for_each(&f));
     } else {
         (0..n).into_par_iter().for_each(f);
