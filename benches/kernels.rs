@@ -20,6 +20,9 @@
 //! the encoder's 16 kept text keys (scattered among them, as random masking keeps them in random
 //! order) and the last 48 of the decoder's 64 text keys are padding. The reference does the same
 //! work whatever the padding.
+//!
+//! `transformer_block` times a whole pre-LN block as the one fused op, as the composition of
+//! the fused per-op kernels and as the reference composition (see the function's docs).
 
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape as CShape, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -326,9 +329,101 @@ fn text_top_k(c: &mut Criterion) {
     g.finish();
 }
 
+/// One pre-LN transformer block, forward and forward+backward (gradients of the input and all
+/// twelve parameters): `fused` is the one-op block (`m3ae_kernels::transformer_block`),
+/// `fused-ops` the same block composed from the fused per-op kernels (what the model ran before
+/// the one-op block), `reference` composed from reference ops. Shapes: the `small` encoder at
+/// 224 px with 75% image and text masking (B32, L66, width 384, 6 heads) and the `small`
+/// decoder (L261, width 512, 16 heads) at batch 8; every other sample pads the last quarter of
+/// its keys. One element = one FLOP (forward `2 N (12 C^2) + 4 N L C`, forward+backward 3x).
+fn transformer_block(c: &mut Criterion) {
+    for (name, b, l, width, heads) in [
+        (
+            "small_encoder_B32_L66_C384_H6",
+            32usize,
+            66usize,
+            384usize,
+            6usize,
+        ),
+        ("small_decoder_B8_L261_C512_H16", 8, 261, 512, 16),
+    ] {
+        let m = 4 * width;
+        let x = var(&[b, l, width], 30);
+        let shapes: [Vec<usize>; 12] = [
+            vec![width],
+            vec![width],
+            vec![3 * width, width],
+            vec![3 * width],
+            vec![width, width],
+            vec![width],
+            vec![width],
+            vec![width],
+            vec![m, width],
+            vec![m],
+            vec![width, m],
+            vec![width],
+        ];
+        let p: Vec<Var> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| var(s, 31 + i))
+            .collect();
+        let pt: Vec<Tensor> = p.iter().map(|v| v.as_tensor().clone()).collect();
+        let params = m3ae_kernels::BlockParams {
+            norm1: (&pt[0], &pt[1]),
+            qkv: (&pt[2], &pt[3]),
+            proj: (&pt[4], &pt[5]),
+            norm2: (&pt[6], &pt[7]),
+            fc1: (&pt[8], &pt[9]),
+            fc2: (&pt[10], &pt[11]),
+        };
+        let pad: Vec<f32> = (0..b * l)
+            .map(|j| (j / l % 2 == 1 && j % l >= l - l / 4) as u8 as f32)
+            .collect();
+        let pad = Tensor::from_vec(pad, (b, l), &Device::Cpu).unwrap();
+        let n = (b * l) as u64;
+        let (wd, lu) = (width as u64, l as u64);
+        let flops = 2 * n * 12 * wd * wd + 4 * n * lu * wd;
+        let mut g = c.benchmark_group(format!("transformer_block/{name}"));
+        g.sample_size(10);
+        let paths: [(&str, &dyn Fn() -> Tensor); 3] = [
+            ("fused", &|| {
+                KernelPath::Fused
+                    .transformer_block(x.as_tensor(), &params, heads, Some(&pad), 1e-6)
+                    .unwrap()
+            }),
+            ("fused-ops", &|| {
+                m3ae_kernels::fused::transformer_block_composed(
+                    x.as_tensor(),
+                    &params,
+                    heads,
+                    Some(&pad),
+                    1e-6,
+                )
+                .unwrap()
+            }),
+            ("reference", &|| {
+                KernelPath::Reference
+                    .transformer_block(x.as_tensor(), &params, heads, Some(&pad), 1e-6)
+                    .unwrap()
+            }),
+        ];
+        for (path, f) in paths {
+            g.throughput(Throughput::Elements(flops));
+            g.bench_function(format!("{path}/fwd"), |bch| bch.iter(f));
+            g.throughput(Throughput::Elements(3 * flops));
+            g.bench_function(format!("{path}/fwd+bwd"), |bch| {
+                bch.iter(|| f().sum_all().unwrap().backward().unwrap())
+            });
+        }
+        g.finish();
+    }
+}
+
 criterion_group!(
     benches,
     attention,
+    transformer_block,
     layer_norm_and_gelu,
     linear,
     text_head,

@@ -11,6 +11,8 @@
 //!   materialising the `N x V` logits.
 //! * [`text_head_top_k`]: the best words of the text output head at chosen rows (inference),
 //!   also without the `N x V` logits.
+//! * [`transformer_block`]: a whole pre-LN transformer block (LayerNorm, qkv, masked attention,
+//!   projection, residual, LayerNorm, MLP with tanh-GELU, residual) as one op on the fused path.
 //! * [`fn@dropout`], [`drop_path`] and attention dropout ([`qkv_attention_dropout`],
 //!   [`masked_attention_dropout`]): training-time dropout whose masks are a pure function of a
 //!   key and the element's index ([`Dropout`], [`mod@dropout`]), the same on both paths.
@@ -212,6 +214,23 @@ impl KernelPath {
         }
     }
 
+    /// A pre-LN transformer block on this path. See [`transformer_block`].
+    pub fn transformer_block(
+        self,
+        x: &Tensor,
+        params: &BlockParams<'_>,
+        heads: usize,
+        key_padding: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
+        match self {
+            KernelPath::Fused => fused::transformer_block(x, params, heads, key_padding, eps),
+            KernelPath::Reference => {
+                reference::transformer_block(x, params, heads, key_padding, eps)
+            }
+        }
+    }
+
     /// tanh-GELU on this path. See [`gelu_tanh`].
     pub fn gelu_tanh(self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -295,6 +314,100 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// Runs the default ([`KernelPath::Fused`]) path.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     KernelPath::default().gelu_tanh(x)
+}
+
+/// The twelve parameters of a pre-LN transformer block ([`transformer_block`]); dense weights
+/// are `(out, in)` as in [`linear`].
+#[derive(Debug, Clone, Copy)]
+pub struct BlockParams<'a> {
+    /// First LayerNorm's scale and bias, `[C]` each.
+    pub norm1: (&'a Tensor, &'a Tensor),
+    /// The qkv projection, `[3 C, C]` and `[3 C]` (output columns `[q | k | v]`, each
+    /// head-contiguous).
+    pub qkv: (&'a Tensor, &'a Tensor),
+    /// The attention output projection, `[C, C]` and `[C]`.
+    pub proj: (&'a Tensor, &'a Tensor),
+    /// Second LayerNorm's scale and bias, `[C]` each.
+    pub norm2: (&'a Tensor, &'a Tensor),
+    /// The first MLP layer, `[M, C]` and `[M]`.
+    pub fc1: (&'a Tensor, &'a Tensor),
+    /// The second MLP layer, `[C, M]` and `[C]`.
+    pub fc2: (&'a Tensor, &'a Tensor),
+}
+
+impl<'a> BlockParams<'a> {
+    /// The twelve tensors in the order of [`fused::BLOCK_PARAM_ORDER`].
+    pub fn tensors(&self) -> [&'a Tensor; 12] {
+        let p = self;
+        [
+            p.norm1.0, p.norm1.1, p.qkv.0, p.qkv.1, p.proj.0, p.proj.1, p.norm2.0, p.norm2.1,
+            p.fc1.0, p.fc1.1, p.fc2.0, p.fc2.1,
+        ]
+    }
+}
+
+/// A pre-LN transformer block (the official `Block` without dropout):
+/// `x1 = x + proj(attn(qkv(LN1(x))))`, `y = x1 + fc2(gelu_tanh(fc1(LN2(x1))))`, with `x`
+/// `[B, L, C]`, `heads` attention heads of width `C / heads` (scale `1 / sqrt(C / heads)`),
+/// `key_padding` `[B, L]` (1 = padding key, see [`masked_attention`]) and LayerNorm epsilon
+/// `eps`; returns `[B, L, C]`. Differentiable in `x` and every parameter.
+/// On the fused path a CPU f32 block is one custom op with a hand-written backward
+/// (`fused::block`: GEMMs on contiguous buffers with bias and residual fused, only the products
+/// the backward needs saved); other devices and dtypes compose the fused per-op kernels.
+/// Runs the default ([`KernelPath::Fused`]) path.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// let dev = Device::Cpu;
+/// let (c, m) = (8, 16);
+/// let w = |o: usize, i: usize| Tensor::ones((o, i), DType::F32, &dev).unwrap() * 0.01;
+/// let (ones, zeros) = (Tensor::ones(c, DType::F32, &dev)?, Tensor::zeros(c, DType::F32, &dev)?);
+/// let (wqkv, wp, w1, w2) = (w(3 * c, c)?, w(c, c)?, w(m, c)?, w(c, m)?);
+/// let (bqkv, b1) = (Tensor::zeros(3 * c, DType::F32, &dev)?, Tensor::zeros(m, DType::F32, &dev)?);
+/// let p = m3ae_kernels::BlockParams {
+///     norm1: (&ones, &zeros),
+///     qkv: (&wqkv, &bqkv),
+///     proj: (&wp, &zeros),
+///     norm2: (&ones, &zeros),
+///     fc1: (&w1, &b1),
+///     fc2: (&w2, &zeros),
+/// };
+/// let x = Tensor::arange(0f32, 32., &dev)?.reshape((1, 4, c))?;
+/// let y = m3ae_kernels::transformer_block(&x, &p, 2, None, 1e-6)?;
+/// let r = m3ae_kernels::KernelPath::Reference.transformer_block(&x, &p, 2, None, 1e-6)?;
+/// let diff = (y - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-5);
+/// # Ok::<(), m3ae_kernels::Error>(())
+/// ```
+pub fn transformer_block(
+    x: &Tensor,
+    params: &BlockParams<'_>,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    KernelPath::default().transformer_block(x, params, heads, key_padding, eps)
+}
+
+/// The block of [`transformer_block`] composed from the ops of `path` (the reference path, and
+/// the fused path where the one-op block does not run).
+pub(crate) fn composed_block(
+    path: KernelPath,
+    x: &Tensor,
+    p: &BlockParams<'_>,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let (_, _, c, _) = reference::block_shapes(x, p, heads)?;
+    let scale = 1.0 / ((c / heads) as f64).sqrt();
+    let a = path.layer_norm(x, p.norm1.0, p.norm1.1, eps)?;
+    let qkv = path.linear(&a, p.qkv.0, p.qkv.1)?;
+    let o = path.qkv_attention(&qkv, heads, key_padding, scale)?;
+    let x1 = (x + path.linear(&o, p.proj.0, p.proj.1)?)?;
+    let a = path.layer_norm(&x1, p.norm2.0, p.norm2.1, eps)?;
+    let h = path.gelu_tanh(&path.linear(&a, p.fc1.0, p.fc1.1)?)?;
+    Ok((&x1 + path.linear(&h, p.fc2.0, p.fc2.1)?)?)
 }
 
 /// Weighted cross-entropy of a linear output head and its weighted accuracy, without the logits:

@@ -3,7 +3,7 @@
 //! These are the ground truth for every fused or fast path: readable, f32, and differentiable
 //! through candle's autograd (no `*_no_bwd` op is used anywhere in this module).
 
-use crate::{Dropout, Error, Result};
+use crate::{BlockParams, Dropout, Error, KernelPath, Result};
 use candle_core::{DType, Tensor, D};
 
 /// Score given to a padding key before the softmax (the official code replaces, not adds, it).
@@ -133,6 +133,62 @@ pub(crate) fn linear_shapes(
         *l = out;
     }
     Ok((rows, inp, dims))
+}
+
+/// A pre-LN transformer block composed from the reference ops. See
+/// [`crate::transformer_block`].
+pub fn transformer_block(
+    x: &Tensor,
+    params: &BlockParams<'_>,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    crate::composed_block(KernelPath::Reference, x, params, heads, key_padding, eps)
+}
+
+/// Checks a transformer block's shapes; returns `(B, L, C, M)` (`M` the MLP width).
+pub(crate) fn block_shapes(
+    x: &Tensor,
+    p: &BlockParams<'_>,
+    heads: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let (b, l, c) = x.dims3()?;
+    let m = p.fc1.0.dims().first().copied().unwrap_or(0);
+    let want: [(&Tensor, Vec<usize>); 12] = [
+        (p.norm1.0, vec![c]),
+        (p.norm1.1, vec![c]),
+        (p.qkv.0, vec![3 * c, c]),
+        (p.qkv.1, vec![3 * c]),
+        (p.proj.0, vec![c, c]),
+        (p.proj.1, vec![c]),
+        (p.norm2.0, vec![c]),
+        (p.norm2.1, vec![c]),
+        (p.fc1.0, vec![m, c]),
+        (p.fc1.1, vec![m]),
+        (p.fc2.0, vec![c, m]),
+        (p.fc2.1, vec![c]),
+    ];
+    for (i, (t, dims)) in want.iter().enumerate() {
+        if t.dims() != dims.as_slice() {
+            return Err(Error::Shape {
+                op: "transformer_block",
+                msg: format!(
+                    "{} is {:?}, expected {dims:?} for x {:?}",
+                    crate::fused::BLOCK_PARAM_ORDER[i],
+                    t.dims(),
+                    x.dims()
+                ),
+            });
+        }
+    }
+    if heads == 0 || c % heads != 0 {
+        return Err(Error::Shape {
+            op: "transformer_block",
+            msg: format!("width {c} is not a multiple of {heads} heads"),
+        });
+    }
+    Ok((b, l, c, m))
 }
 
 /// Checks a packed qkv tensor `[B, L, 3 x heads x Dh]`; returns `(B, L, Dh)`.

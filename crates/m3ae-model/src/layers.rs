@@ -5,6 +5,11 @@
 //! `forward_with` methods when they get a [`Stochastic`] key (training); every other forward is
 //! deterministic. The sites and the official facts are in [`crate::stochastic`].
 //!
+//! With [`KernelPath::Fused`], a [`Block`] on the CPU in f32 runs as one op with a hand-written
+//! backward ([`m3ae_kernels::transformer_block`]) whenever no dropout, attention dropout or drop
+//! path is active and no attention map is traced; otherwise (and at bf16, on other devices, and
+//! with [`KernelPath::Reference`]) it composes the per-op kernels below.
+//!
 //! Precision ([`Precision`], set with `with_precision`): at [`Precision::Bf16`] every [`Dense`]
 //! layer casts its input and weight to bf16 for the matmul and the product back to f32 before
 //! the (f32) bias is added; LayerNorm, attention, GELU and the losses stay f32, and so do the
@@ -255,6 +260,7 @@ pub struct Block {
     fc2: Dense,
     path: KernelPath,
     rates: DropRates,
+    precision: Precision,
 }
 
 impl Block {
@@ -268,6 +274,7 @@ impl Block {
             fc2: Dense::new(p, &format!("{prefix}.mlp.fc2"), path)?,
             path,
             rates: DropRates::default(),
+            precision: Precision::F32,
         })
     }
 
@@ -276,6 +283,7 @@ impl Block {
         self.attn = self.attn.with_precision(precision);
         self.fc1 = self.fc1.with_precision(precision);
         self.fc2 = self.fc2.with_precision(precision);
+        self.precision = precision;
         self
     }
 
@@ -316,6 +324,20 @@ impl Block {
         Ok((y, probs.expect("probabilities were asked for")))
     }
 
+    /// Whether this forward runs as the one-op fused block: fused kernels, f32 on the CPU, no
+    /// attention map asked for, and no dropout or drop path active (rates of 0 add no op, so
+    /// they do not count).
+    fn one_op(&self, x: &Tensor, trace: bool, st: Option<&Stochastic>) -> bool {
+        let r = self.rates;
+        let stochastic = st.is_some() && (r.drop > 0.0 || r.att_drop > 0.0 || r.drop_path > 0.0);
+        self.path == KernelPath::Fused
+            && self.precision == Precision::F32
+            && !trace
+            && !stochastic
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+    }
+
     fn forward_inner(
         &self,
         x: &Tensor,
@@ -323,6 +345,20 @@ impl Block {
         trace: bool,
         st: Option<&Stochastic>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        if self.one_op(x, trace, st) {
+            let (a, m) = (&self.attn, self);
+            let params = m3ae_kernels::BlockParams {
+                norm1: (&m.norm1.weight, &m.norm1.bias),
+                qkv: (&a.qkv.weight, &a.qkv.bias),
+                proj: (&a.proj.weight, &a.proj.bias),
+                norm2: (&m.norm2.weight, &m.norm2.bias),
+                fc1: (&m.fc1.weight, &m.fc1.bias),
+                fc2: (&m.fc2.weight, &m.fc2.bias),
+            };
+            let y =
+                m3ae_kernels::fused::transformer_block(x, &params, a.heads, key_padding, LN_EPS)?;
+            return Ok((y, None));
+        }
         let r = self.rates;
         let attn_st = st.map(|s| s.fork(site::ATTENTION));
         let (a, probs) = self.attn.forward_inner(

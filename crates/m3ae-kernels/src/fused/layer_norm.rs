@@ -13,7 +13,7 @@ pub(crate) struct FusedLayerNorm {
 }
 
 #[inline(always)]
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+pub(super) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = super::math::sum(x) / n;
     let mut acc = [0f32; super::math::LANES];

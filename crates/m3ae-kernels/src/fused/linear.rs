@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 pub(crate) struct FusedLinear;
 
-fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+pub(super) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
     if threads > 1 && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(threads)

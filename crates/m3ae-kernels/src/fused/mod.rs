@@ -9,6 +9,7 @@
 //! the CUDA kernels have none, so attention with dropout on a CUDA device uses the reference path.
 
 mod attention;
+mod block;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub(crate) mod dropout;
@@ -23,11 +24,12 @@ pub(crate) mod text_top_k;
 mod tile;
 pub(crate) use storage::storage_slice;
 
-use crate::{Dropout, Error, Result};
+use crate::{BlockParams, Dropout, Error, KernelPath, Result};
 use candle_core::{DType, Tensor};
 use std::sync::OnceLock;
 
 pub use attention::QUERY_TILE;
+pub use block::PARAM_ORDER as BLOCK_PARAM_ORDER;
 pub use text_head::{
     MAX_TASKS as TEXT_HEAD_MAX_TASKS, ROW_TILE as TEXT_HEAD_ROW_TILE,
     VOCAB_TILE as TEXT_HEAD_VOCAB_TILE,
@@ -57,11 +59,16 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// finished and is still spinning, while rayon's workers have gone to sleep; two pools of busy
 /// threads on the same cores also compete, so staying on candle's pool saves the wake-up and the
 /// contention (docs/performance.md has the timings). Otherwise (for example inside a smaller
-/// rayon pool) they run on rayon.
+/// rayon pool) they run on rayon. Called from a rayon worker thread they also run on rayon: the
+/// fused transformer block runs its whole body on a rayon worker so that its GEMMs (which use
+/// rayon) and its row passes keep one set of busy threads instead of handing the cores back
+/// and forth between two spinning pools.
 pub(crate) fn for_each_index(n: usize, f: impl Fn(usize) + Sync + Send) {
     use rayon::prelude::*;
     let pool = candle_core::utils::barrier_pool();
-    if pool.n_workers() + 1 == rayon::current_num_threads() {
+    if rayon::current_thread_index().is_none()
+        && pool.n_workers() + 1 == rayon::current_num_threads()
+    {
         pool.execute_chunked(n, |r| r.for_each(&f));
     } else {
         (0..n).into_par_iter().for_each(f);
@@ -218,6 +225,59 @@ pub fn qkv_attention_dropout(
         dropout.copied(),
     );
     Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?)
+}
+
+/// Fused transformer block; same contract as [`crate::transformer_block`]. On the CPU with `x`
+/// and every parameter in f32 it is one op with a hand-written backward (module docs of
+/// `block`); the parameters are flattened and concatenated into one tensor for it, in
+/// [`BLOCK_PARAM_ORDER`]. Anything else (other devices, other dtypes) composes the fused
+/// per-op kernels, as before the one-op block existed.
+pub fn transformer_block(
+    x: &Tensor,
+    params: &BlockParams<'_>,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let (b, l, c, m) = crate::reference::block_shapes(x, params, heads)?;
+    check_padding("transformer_block", key_padding, b, l)?;
+    let tensors = params.tensors();
+    let f32_cpu = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && tensors
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    if !f32_cpu {
+        return crate::composed_block(KernelPath::Fused, x, params, heads, key_padding, eps);
+    }
+    let flat = tensors
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let flat = Tensor::cat(&flat, 0)?;
+    let x = x.contiguous()?;
+    // Without a tracked input no backward can follow: run without saving anything.
+    let train = x.track_op() || flat.track_op();
+    let dims = block::BlockDims { b, l, c, m, heads };
+    let op = block::FusedBlock::new(dims, eps, host_padding(key_padding)?, train);
+    Ok(if train {
+        x.apply_op2(&flat, op)?
+    } else {
+        x.apply_op2_no_bwd(&flat, &op)?
+    })
+}
+
+/// The block of [`transformer_block`] composed from the fused per-op kernels (LayerNorm, dense,
+/// packed attention, GELU): what the fused path runs where the one-op block does not, kept
+/// callable for comparisons and benchmarks.
+pub fn transformer_block_composed(
+    x: &Tensor,
+    params: &BlockParams<'_>,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    crate::composed_block(KernelPath::Fused, x, params, heads, key_padding, eps)
 }
 
 /// Fused LayerNorm; same contract as [`crate::layer_norm`].

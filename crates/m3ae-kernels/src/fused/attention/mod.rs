@@ -204,6 +204,55 @@ fn check_padding(p: &Option<Arc<Vec<f32>>>, d: Dims) -> Result<()> {
     Ok(())
 }
 
+/// What a packed attention forward ([`packed_forward`]) leaves for its backward: the per-row
+/// softmax statistics and the kept keys (opaque outside this module).
+pub(crate) struct PackedState(Stats);
+
+/// Attention on a packed qkv buffer `[B, L, 3 H Dh]` (slices, for the fused transformer block):
+/// returns the output `[B, L, H Dh]` and the state its backward needs. `pad`: `[B, L]`.
+pub(crate) fn packed_forward(
+    qkv: &[f32],
+    pad: Option<&[f32]>,
+    (b, l, h, dh): (usize, usize, usize, usize),
+    scale: f32,
+) -> (Vec<f32>, PackedState) {
+    let d = Dims { b, h, l, dh };
+    let (o, stats) = forward((qkv, qkv, qkv), Packing::Qkv, pad, d, scale, None);
+    (o, PackedState(stats))
+}
+
+/// Backward of [`packed_forward`]: `o` its output, `dout` the contiguous output gradient
+/// `[B, L, H Dh]`; returns the gradient of `qkv`, `[B, L, 3 H Dh]`.
+pub(crate) fn packed_backward(
+    qkv: &[f32],
+    o: &[f32],
+    dout: &[f32],
+    state: &PackedState,
+    pad: Option<&[f32]>,
+    (b, l, h, dh): (usize, usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    let d = Dims { b, h, l, dh };
+    let width = h * dh;
+    let grad = GradView {
+        data: dout,
+        start: 0,
+        strides: [l * width, dh, width, 1],
+    };
+    let mut g = backward(
+        (qkv, qkv, qkv),
+        o,
+        grad,
+        Packing::Qkv,
+        &state.0,
+        pad,
+        d,
+        scale,
+        None,
+    );
+    g.pop().expect("one gradient buffer")
+}
+
 /// The op on separate `[B, H, L, Dh]` q, k, v. One instance per call: it keeps the statistics of
 /// its own forward pass.
 pub(crate) struct FusedAttention {
