@@ -693,3 +693,20 @@ fn the_tiny_scenes_config_file_is_the_default_job() -> anyhow::Result<()> {
     assert_eq!(parsed, default);
     Ok(())
 }
+
+/// `configs/tiny-scenes-long.toml` (the longer recipe of docs/results.md) is the default job
+/// trained longer and nothing else.
+#[test]
+fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<()> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-scenes-long.toml");
+    let file = m3ae::pretrain::PretrainConfig::from_file(&path)?;
+    let mut expected = m3ae::pretrain::PretrainConfig::default();
+    expected.name = "tiny-scenes-long".into();
+    expected.train.steps = 6000;
+    expected.train.warmup_steps = 300;
+    expected.save_every = 1000;
+    expected.image_every = 1000;
+    assert_eq!(file, expected);
+    Ok(())
+}
