@@ -701,12 +701,18 @@ fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-scenes-long.toml");
     let file = m3ae::pretrain::PretrainConfig::from_file(&path)?;
-    let mut expected = m3ae::pretrain::PretrainConfig::default();
-    expected.name = "tiny-scenes-long".into();
-    expected.train.steps = 6000;
-    expected.train.warmup_steps = 300;
-    expected.save_every = 1000;
-    expected.image_every = 1000;
+    let default = m3ae::pretrain::PretrainConfig::default();
+    let expected = m3ae::pretrain::PretrainConfig {
+        name: "tiny-scenes-long".into(),
+        train: m3ae_train::TrainConfig {
+            steps: 6000,
+            warmup_steps: 300,
+            ..default.train.clone()
+        },
+        save_every: 1000,
+        image_every: 1000,
+        ..default
+    };
     assert_eq!(file, expected);
     Ok(())
 }
