@@ -280,9 +280,7 @@ fn ln_backward_rows_impl(
     dg: &mut [f32],
     db: &mut [f32],
 ) {
-    const L: usize = math::LANES;
     let d = g.len();
-    let inv_d = 1.0 / d as f32;
     for ((((xr, s), dar), rr), dxr) in x
         .chunks_exact(d)
         .zip(st.chunks_exact(2))
@@ -291,27 +289,7 @@ fn ln_backward_rows_impl(
         .zip(dx.chunks_exact_mut(d))
     {
         let (mean, rstd) = (s[0], s[1]);
-        let (mut a1, mut a2) = ([0f32; L], [0f32; L]);
-        let mut j = 0;
-        while j + L <= d {
-            for i in 0..L {
-                let xhat = (xr[j + i] - mean) * rstd;
-                let gy = dar[j + i] * g[j + i];
-                a1[i] += gy;
-                a2[i] += gy * xhat;
-            }
-            j += L;
-        }
-        let (mut c1, mut c2): (f32, f32) = (a1.iter().sum(), a2.iter().sum());
-        while j < d {
-            let xhat = (xr[j] - mean) * rstd;
-            let gy = dar[j] * g[j];
-            c1 += gy;
-            c2 += gy * xhat;
-            j += 1;
-        }
-        c1 *= inv_d;
-        c2 *= inv_d;
+        let (c1, c2) = super::layer_norm::grad_row_means(xr, dar, g, mean, rstd);
         for j in 0..d {
             let xhat = (xr[j] - mean) * rstd;
             dxr[j] = rr[j] + rstd * (dar[j] * g[j] - c1 - xhat * c2);

@@ -54,35 +54,13 @@ fn bwd_rows(
     eps: f32,
 ) {
     let d = g.len();
-    let inv_d = 1.0 / d as f32;
     for ((xr, dyr), dxr) in x
         .chunks_exact(d)
         .zip(dy.chunks_exact(d))
         .zip(dx.chunks_exact_mut(d))
     {
         let (mean, rstd) = row_stats(xr, eps);
-        let mut a1 = [0f32; super::math::LANES];
-        let mut a2 = [0f32; super::math::LANES];
-        let mut j = 0;
-        while j + super::math::LANES <= d {
-            for i in 0..super::math::LANES {
-                let xhat = (xr[j + i] - mean) * rstd;
-                let gy = dyr[j + i] * g[j + i];
-                a1[i] += gy;
-                a2[i] += gy * xhat;
-            }
-            j += super::math::LANES;
-        }
-        let (mut c1, mut c2): (f32, f32) = (a1.iter().sum(), a2.iter().sum());
-        while j < d {
-            let xhat = (xr[j] - mean) * rstd;
-            let gy = dyr[j] * g[j];
-            c1 += gy;
-            c2 += gy * xhat;
-            j += 1;
-        }
-        c1 *= inv_d;
-        c2 *= inv_d;
+        let (c1, c2) = grad_row_means(xr, dyr, g, mean, rstd);
         for j in 0..d {
             let xhat = (xr[j] - mean) * rstd;
             dxr[j] = rstd * (dyr[j] * g[j] - c1 - xhat * c2);
@@ -225,4 +203,39 @@ impl CustomOp3 for FusedLayerNorm {
             Some(output(db, b.shape(), b.device())?),
         ))
     }
+}
+
+/// The two row means of the LayerNorm input gradient, `mean(dy g)` and `mean(dy g xhat)`, in
+/// lanes (the sum order of the fused LayerNorm, which the one-op block shares).
+#[inline(always)]
+pub(super) fn grad_row_means(
+    xr: &[f32],
+    dyr: &[f32],
+    g: &[f32],
+    mean: f32,
+    rstd: f32,
+) -> (f32, f32) {
+    const L: usize = super::math::LANES;
+    let d = g.len();
+    let (mut a1, mut a2) = ([0f32; L], [0f32; L]);
+    let mut j = 0;
+    while j + L <= d {
+        for i in 0..L {
+            let xhat = (xr[j + i] - mean) * rstd;
+            let gy = dyr[j + i] * g[j + i];
+            a1[i] += gy;
+            a2[i] += gy * xhat;
+        }
+        j += L;
+    }
+    let (mut c1, mut c2): (f32, f32) = (a1.iter().sum(), a2.iter().sum());
+    while j < d {
+        let xhat = (xr[j] - mean) * rstd;
+        let gy = dyr[j] * g[j];
+        c1 += gy;
+        c2 += gy * xhat;
+        j += 1;
+    }
+    let inv_d = 1.0 / d as f32;
+    (c1 * inv_d, c2 * inv_d)
 }
