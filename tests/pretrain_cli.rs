@@ -307,6 +307,40 @@ fn a_table_that_sets_one_key_keeps_the_default_jobs_other_values() {
 }
 
 #[test]
+fn a_preset_owns_the_architecture_and_a_conflicting_field_is_refused() {
+    let d = temp("preset");
+    // The preset's architecture, not the default job's 128-wide decoder, is used and saved.
+    let cfg = write(&d.join("tiny.toml"), "[model]\nmodel_type = \"tiny\"\n");
+    let o = run(&["pretrain", "--config", &cfg, "--print-config"]);
+    assert!(o.ok, "{}", o.stderr);
+    let printed: toml::Value = toml::from_str(&o.stdout).unwrap();
+    assert_eq!(printed["model"]["dec_emb_dim"].as_integer(), Some(64));
+    assert_eq!(printed["model"]["emb_dim"].as_integer(), Some(128));
+    // Restating the preset's own value is fine; another value would be silently overwritten.
+    let same = write(
+        &d.join("same.toml"),
+        "[model]\nmodel_type = \"tiny\"\ndec_emb_dim = 64\nmlp_ratio = 4\n",
+    );
+    assert!(run(&["pretrain", "--config", &same, "--print-config"]).ok);
+    let clash = write(
+        &d.join("clash.toml"),
+        "[model]\nmodel_type = \"tiny\"\ndec_emb_dim = 128\n",
+    );
+    let o = run(&["pretrain", "--config", &clash, "--print-config"]);
+    assert!(!o.ok);
+    let e = o.errors();
+    assert_eq!(e.len(), 1, "{}", o.stderr);
+    assert!(
+        e[0].contains("model.dec_emb_dim = 128")
+            && e[0].contains("model_type = \"tiny\"")
+            && e[0].contains("clash.toml"),
+        "{}",
+        e[0]
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn a_loss_weighted_by_zero_is_refused_before_the_first_step() {
     let d = temp("zero-weight");
     for (table_line, field) in [
@@ -714,5 +748,25 @@ fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<
         ..default
     };
     assert_eq!(file, expected);
+    Ok(())
+}
+
+/// Every shipped configuration loads and validates (a preset with a conflicting architecture
+/// field, an unknown key or an impossible size would be refused here first).
+#[test]
+fn every_shipped_config_loads_and_validates() -> anyhow::Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let mut cfg = m3ae::pretrain::PretrainConfig::from_file(&path)?;
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+        seen += 1;
+    }
+    assert!(seen >= 4, "only {seen} configs in {}", dir.display());
     Ok(())
 }

@@ -253,10 +253,15 @@ impl PretrainConfig {
             }
         })?;
         let user: toml::Value = toml::from_str(text).with_context(|| origin.to_string())?;
+        check_preset_conflicts(&user, origin)?;
         let mut merged =
             toml::Value::try_from(Self::default()).context("serialising the default config")?;
         merge_toml(&mut merged, user);
-        merged.try_into().with_context(|| origin.to_string())
+        let mut cfg: Self = merged.try_into().with_context(|| origin.to_string())?;
+        // A preset owns the architecture fields (as in the official code); writing its values
+        // into them keeps the default job's own architecture out of a preset run's saved config.
+        cfg.model = cfg.model.resolved();
+        Ok(cfg)
     }
 
     /// The compute threads this configuration asks for on this machine.
@@ -381,6 +386,49 @@ impl PretrainConfig {
 }
 
 /// Overlays `over` on `base`: tables merge key by key, any other value replaces.
+/// The architecture fields a `model.model_type` preset sets.
+const PRESET_FIELDS: [&str; 7] = [
+    "emb_dim",
+    "depth",
+    "num_heads",
+    "dec_emb_dim",
+    "dec_depth",
+    "dec_num_heads",
+    "mlp_ratio",
+];
+
+/// Refuses a `[model]` table that names a preset and also sets one of the preset's architecture
+/// fields to another value: the preset would silently win (the official rule).
+fn check_preset_conflicts(user: &toml::Value, origin: &str) -> Result<()> {
+    let Some(model) = user.get("model") else {
+        return Ok(());
+    };
+    let Some(name) = model.get("model_type").and_then(|v| v.as_str()) else {
+        return Ok(());
+    };
+    let preset = M3aeConfig::preset(name).with_context(|| origin.to_string())?;
+    let preset = toml::Value::try_from(&preset).context("serialising the preset")?;
+    for field in PRESET_FIELDS {
+        let (Some(mine), Some(theirs)) = (model.get(field), preset.get(field)) else {
+            continue;
+        };
+        let same = match (
+            mine.as_float().or(mine.as_integer().map(|i| i as f64)),
+            theirs.as_float().or(theirs.as_integer().map(|i| i as f64)),
+        ) {
+            (Some(a), Some(b)) => a == b,
+            _ => mine == theirs,
+        };
+        if !same {
+            bail!(
+                "{origin}: model.{field} = {mine} conflicts with model.model_type = {name:?}, \
+                 whose {field} is {theirs}; remove model_type to set the architecture yourself"
+            );
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn merge_toml(base: &mut toml::Value, over: toml::Value) {
     match (base, over) {
         (toml::Value::Table(b), toml::Value::Table(o)) => {

@@ -103,6 +103,84 @@ impl UpdatePath {
 /// Weights updated per rayon task by [`AdamW::step`].
 const UPDATE_CHUNK: usize = 1 << 14;
 
+/// The AdamW update of `p` in place, with its moments (rayon over fixed chunks; element-wise, so
+/// the result does not depend on how rayon splits them).
+fn adamw_chunks(
+    p: &mut [f32],
+    g: &[f32],
+    ms: &mut [f32],
+    vs: &mut [f32],
+    c: &Coefficients,
+    decay: f32,
+    lr: f32,
+) {
+    let (b1, b2, inv_bc1, inv_bc2, eps) = (c.b1, c.b2, c.inv_bc1, c.inv_bc2, c.eps);
+    p.par_chunks_mut(UPDATE_CHUNK)
+        .zip(ms.par_chunks_mut(UPDATE_CHUNK))
+        .zip(vs.par_chunks_mut(UPDATE_CHUNK))
+        .enumerate()
+        .for_each(|(k, ((p, ms), vs))| {
+            let lo = k * UPDATE_CHUNK;
+            let g = &g[lo..lo + p.len()];
+            for i in 0..p.len() {
+                let gi = g[i];
+                let m = b1 * ms[i] + (1.0 - b1) * gi;
+                let v = b2 * vs[i] + (1.0 - b2) * gi * gi;
+                ms[i] = m;
+                vs[i] = v;
+                let u = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps) + decay * p[i];
+                p[i] -= lr * u;
+            }
+        });
+}
+
+/// [`adamw_chunks`] on a weight's CPU storage, the gradient being the source.
+struct HostUpdate<'a> {
+    moments: std::cell::RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    c: Coefficients,
+    decay: f32,
+    lr: f32,
+}
+
+impl candle_core::InplaceOp2 for HostUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-host-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_l: &candle_core::Layout,
+        g: &candle_core::CpuStorage,
+        g_l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage::F32;
+        let (F32(p), F32(g)) = (dst, g) else {
+            candle_core::bail!("adamw: weight and gradient must be f32");
+        };
+        let (Some((p0, p1)), Some((g0, g1))) =
+            (dst_l.contiguous_offsets(), g_l.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw: weight and gradient must be contiguous");
+        };
+        let mut moments = self.moments.borrow_mut();
+        let (ms, vs) = &mut *moments;
+        if p1 - p0 != g1 - g0 || ms.len() != p1 - p0 || vs.len() != p1 - p0 {
+            candle_core::bail!("adamw: weight, gradient and moments differ in size");
+        }
+        adamw_chunks(
+            &mut p[p0..p1],
+            &g[g0..g1],
+            ms,
+            vs,
+            &self.c,
+            self.decay,
+            self.lr,
+        );
+        Ok(())
+    }
+}
+
 /// How the optimiser treats one weight.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ParamGroup {
@@ -176,6 +254,7 @@ impl Slot {
 }
 
 /// The per-step constants of the update, in f32 as both paths use them.
+#[derive(Clone, Copy)]
 struct Coefficients {
     b1: f32,
     b2: f32,
@@ -309,7 +388,8 @@ impl AdamW {
         Ok(())
     }
 
-    /// One weight on host slices (rayon over fixed chunks).
+    /// One weight on host slices (rayon over fixed chunks), written into the weight's own
+    /// storage: a new weight tensor would cost an allocation and a copy of every weight per step.
     fn update_host(
         slot: &mut Slot,
         var: &candle_core::Var,
@@ -318,29 +398,23 @@ impl AdamW {
         decay: f32,
         lr: f32,
     ) -> Result<()> {
-        let (b1, b2, inv_bc1, inv_bc2, eps) = (c.b1, c.b2, c.inv_bc1, c.inv_bc2, c.eps);
         let (ms, vs) = slot.host()?;
-        let new = m3ae_kernels::with_f32_slice(var.as_tensor(), |p| {
+        let p = var.as_tensor();
+        let flat = |t: &Tensor| t.is_contiguous() && t.dtype() == candle_core::DType::F32;
+        if flat(p) && flat(g) && g.elem_count() == p.elem_count() {
+            let op = HostUpdate {
+                moments: std::cell::RefCell::new((ms, vs)),
+                c: *c,
+                decay,
+                lr,
+            };
+            p.inplace_op2(g, &op)?;
+            return Ok(());
+        }
+        let new = m3ae_kernels::with_f32_slice(p, |p| {
             m3ae_kernels::with_f32_slice(g, |g| {
-                let mut out = vec![0f32; p.len()];
-                // Element-wise, so the result does not depend on how rayon splits the chunks.
-                out.par_chunks_mut(UPDATE_CHUNK)
-                    .zip(ms.par_chunks_mut(UPDATE_CHUNK))
-                    .zip(vs.par_chunks_mut(UPDATE_CHUNK))
-                    .enumerate()
-                    .for_each(|(c, ((out, ms), vs))| {
-                        let lo = c * UPDATE_CHUNK;
-                        let (p, g) = (&p[lo..lo + out.len()], &g[lo..lo + out.len()]);
-                        for i in 0..out.len() {
-                            let gi = g[i];
-                            let m = b1 * ms[i] + (1.0 - b1) * gi;
-                            let v = b2 * vs[i] + (1.0 - b2) * gi * gi;
-                            ms[i] = m;
-                            vs[i] = v;
-                            let u = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps) + decay * p[i];
-                            out[i] = p[i] - lr * u;
-                        }
-                    });
+                let mut out = p.to_vec();
+                adamw_chunks(&mut out, g, ms, vs, c, decay, lr);
                 out
             })
         })??;
@@ -653,6 +727,40 @@ mod tests {
             for i in 0..n {
                 assert_eq!(got[i].to_bits(), p[i].to_bits(), "step {t}, element {i}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_strided_gradient_updates_like_a_contiguous_one() -> anyhow::Result<()> {
+        // the in-place update reads contiguous gradients only; a transposed view of the same
+        // values takes the copying path, which must give the same bits
+        let dev = Device::Cpu;
+        let spec = param_specs(&M3aeConfig::preset("tiny")?, Variant::Mae)
+            .into_iter()
+            .find(|s| s.name.ends_with("qkv.weight"))
+            .expect("tiny has a qkv weight");
+        let specs = vec![spec.clone()];
+        let (a, b) = (
+            ParamStore::init(&specs, 5, &dev)?,
+            ParamStore::init(&specs, 5, &dev)?,
+        );
+        let (mut oa, mut ob) = (
+            AdamW::new(AdamWConfig::default(), &specs, Variant::Mae),
+            AdamW::new(AdamWConfig::default(), &specs, Variant::Mae),
+        );
+        for step in 0..2 {
+            let w = a.var(&spec.name)?.as_tensor();
+            let g = (w.sin()? * (step as f64 + 1.5))?.contiguous()?;
+            let strided = g.t()?.contiguous()?.t()?;
+            assert!(!strided.is_contiguous());
+            oa.step(&a, &BTreeMap::from([(spec.name.clone(), g)]), 0.01)?;
+            ob.step(&b, &BTreeMap::from([(spec.name.clone(), strided)]), 0.01)?;
+            let bits = |s: &ParamStore| -> anyhow::Result<Vec<u32>> {
+                let v = s.var(&spec.name)?.as_tensor().flatten_all()?;
+                Ok(v.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+            };
+            assert_eq!(bits(&a)?, bits(&b)?, "step {step}");
         }
         Ok(())
     }
