@@ -12,17 +12,19 @@
 //! trainer can call it too. It is a process-wide setting, which is why the library never calls it
 //! on its own.
 
-/// Makes glibc keep freed memory in the heap: allocations come from the heap, not from fresh
-/// mappings, and the heap is trimmed only when more than 1 GiB is free at its top. Costs some
-/// resident memory (about 10% on the tiny pre-training job) for fewer page faults.
+/// Makes glibc keep freed memory in the heap: allocations of every thread come from the main
+/// heap, not from fresh mappings, and the heap is trimmed only when more than 1 GiB is free at
+/// its top. Costs some resident memory (about 10% on the tiny pre-training job) for fewer page
+/// faults.
 ///
 /// Buffers of 32 MiB and more (glibc will not raise its mmap threshold above that) are kept too,
-/// by turning fresh mappings off altogether (`M_MMAP_MAX = 0`): on the main thread, where the
-/// trainer runs candle's ops, every size then comes from the heap; another thread's arena holds
-/// up to 64 MiB, and larger blocks allocated there are still mapped. glibc also still maps
+/// by turning fresh mappings off altogether (`M_MMAP_MAX = 0`), and every thread allocates from
+/// the main heap (`M_ARENA_MAX = 1`): the fused transformer block and the GEMMs allocate on rayon
+/// workers, and a worker's own arena holds at most 64 MiB, so larger activations (the `small`
+/// preset at batch 32 has several) would be mapped afresh, and page-faulted in, at every step.
+/// The shared arena's lock costs little: training allocates few, large blocks. glibc still maps
 /// memory where its heap cannot grow, so no allocation fails because of the setting (test
-/// `tests/alloc.rs`). This matters for models whose activations exceed 32 MiB, such as the `small`
-/// preset at batch 16, whose page faults it cuts several-fold (docs/performance.md).
+/// `tests/alloc.rs`). docs/performance.md ("Heap kept") has the effect on the `small` preset.
 ///
 /// Does nothing, and returns `false`, where the user already tunes malloc through the
 /// environment (`GLIBC_TUNABLES`, `MALLOC_*_`) or the C library is not glibc. Call it before
@@ -44,7 +46,8 @@ pub fn keep_freed_memory() -> bool {
         }
         // SAFETY: mallopt only changes allocator parameters.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+            libc::mallopt(libc::M_ARENA_MAX, 1) == 1
+                && libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
                 && libc::mallopt(libc::M_MMAP_MAX, 0) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1
         }
