@@ -408,14 +408,13 @@ fn check_preset_conflicts(user: &toml::Value, origin: &str) -> Result<()> {
     };
     let preset = M3aeConfig::preset(name).with_context(|| origin.to_string())?;
     let preset = toml::Value::try_from(&preset).context("serialising the preset")?;
+    // `mlp_ratio = 4` and `4.0` are the same value
+    let number = |v: &toml::Value| v.as_float().or(v.as_integer().map(|i| i as f64));
     for field in PRESET_FIELDS {
         let (Some(mine), Some(theirs)) = (model.get(field), preset.get(field)) else {
             continue;
         };
-        let same = match (
-            mine.as_float().or(mine.as_integer().map(|i| i as f64)),
-            theirs.as_float().or(theirs.as_integer().map(|i| i as f64)),
-        ) {
+        let same = match (number(mine), number(theirs)) {
             (Some(a), Some(b)) => a == b,
             _ => mine == theirs,
         };
