@@ -385,18 +385,6 @@ impl PretrainConfig {
     }
 }
 
-/// Overlays `over` on `base`: tables merge key by key, any other value replaces.
-/// The architecture fields a `model.model_type` preset sets.
-const PRESET_FIELDS: [&str; 7] = [
-    "emb_dim",
-    "depth",
-    "num_heads",
-    "dec_emb_dim",
-    "dec_depth",
-    "dec_num_heads",
-    "mlp_ratio",
-];
-
 /// Refuses a `[model]` table that names a preset and also sets one of the preset's architecture
 /// fields to another value: the preset would silently win (the official rule).
 fn check_preset_conflicts(user: &toml::Value, origin: &str) -> Result<()> {
@@ -410,7 +398,7 @@ fn check_preset_conflicts(user: &toml::Value, origin: &str) -> Result<()> {
     let preset = toml::Value::try_from(&preset).context("serialising the preset")?;
     // `mlp_ratio = 4` and `4.0` are the same value
     let number = |v: &toml::Value| v.as_float().or(v.as_integer().map(|i| i as f64));
-    for field in PRESET_FIELDS {
+    for field in m3ae_model::ModelType::ARCHITECTURE_FIELDS {
         let (Some(mine), Some(theirs)) = (model.get(field), preset.get(field)) else {
             continue;
         };
@@ -428,6 +416,7 @@ fn check_preset_conflicts(user: &toml::Value, origin: &str) -> Result<()> {
     Ok(())
 }
 
+/// Overlays `over` on `base`: tables merge key by key, any other value replaces.
 pub(crate) fn merge_toml(base: &mut toml::Value, over: toml::Value) {
     match (base, over) {
         (toml::Value::Table(b), toml::Value::Table(o)) => {

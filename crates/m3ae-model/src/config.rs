@@ -56,6 +56,19 @@ impl ModelType {
         })
     }
 
+    /// The names of the [`M3aeConfig`] fields a preset sets, in the order of
+    /// [`ModelType::architecture`]'s tuple (for checks that compare a file's fields with a
+    /// preset's).
+    pub const ARCHITECTURE_FIELDS: [&'static str; 7] = [
+        "emb_dim",
+        "depth",
+        "num_heads",
+        "dec_emb_dim",
+        "dec_depth",
+        "dec_num_heads",
+        "mlp_ratio",
+    ];
+
     /// `(emb_dim, depth, num_heads, dec_emb_dim, dec_depth, dec_num_heads, mlp_ratio)`.
     pub fn architecture(self) -> (usize, usize, usize, usize, usize, usize, f64) {
         match self {
@@ -454,6 +467,45 @@ impl M3aeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A preset changes exactly the fields it names: [`ModelType::ARCHITECTURE_FIELDS`] is the
+    /// list checks rely on, so it must match what [`M3aeConfig::resolved`] does.
+    #[test]
+    fn a_preset_sets_exactly_its_architecture_fields() {
+        for t in ModelType::ALL {
+            // start from values no preset uses, so every architecture field must change
+            let mut c = M3aeConfig {
+                emb_dim: 3,
+                depth: 5,
+                num_heads: 7,
+                dec_emb_dim: 11,
+                dec_depth: 13,
+                dec_num_heads: 17,
+                mlp_ratio: 1.5,
+                ..M3aeConfig::default()
+            };
+            c.model_type = Some(t);
+            let before = serde_json::to_value(&c).unwrap();
+            let after = serde_json::to_value(c.resolved()).unwrap();
+            let (before, after) = (before.as_object().unwrap(), after.as_object().unwrap());
+            let mut changed: Vec<&str> = before
+                .iter()
+                .filter(|(k, v)| after.get(k.as_str()) != Some(v))
+                .map(|(k, _)| k.as_str())
+                .collect();
+            changed.sort_unstable();
+            let mut want = ModelType::ARCHITECTURE_FIELDS.to_vec();
+            want.sort_unstable();
+            assert_eq!(changed, want, "{t:?}");
+            let (e, d, h, de, dd, dh, m) = t.architecture();
+            let values = [
+                e as f64, d as f64, h as f64, de as f64, dd as f64, dh as f64, m,
+            ];
+            for (field, value) in ModelType::ARCHITECTURE_FIELDS.iter().zip(values) {
+                assert_eq!(after[*field].as_f64(), Some(value), "{t:?}.{field}");
+            }
+        }
+    }
 
     fn err_field(cfg: &M3aeConfig) -> &'static str {
         match cfg.validate(true) {
