@@ -374,6 +374,44 @@ fn a_loss_weighted_by_zero_is_refused_before_the_first_step() {
 }
 
 #[test]
+fn a_bad_value_is_the_only_line_and_a_warmup_longer_than_the_run_gets_a_note() {
+    let d = temp("notes");
+    let cfg = write(&d.join("b.toml"), "[train]\nbatch_size = 0\n");
+    let o = run(&[
+        "pretrain",
+        "--config",
+        &cfg,
+        "--output-dir",
+        d.to_str().unwrap(),
+    ]);
+    assert!(!o.ok);
+    assert_eq!(o.stderr.trim().lines().count(), 1, "{}", o.stderr);
+    assert!(o.errors()[0].contains("train.batch_size"), "{}", o.stderr);
+    // valid, but the learning rate never reaches its peak: the run goes on with a note
+    let cfg = write(
+        &d.join("w.toml"),
+        &small_config(
+            &d.join("runs"),
+            "[train]\nbatch_size = 8\nsteps = 2\nwarmup_steps = 10\n",
+        ),
+    );
+    let o = run(&["pretrain", "--config", &cfg, "--plain"]);
+    assert!(o.ok, "{}", o.stderr);
+    let notes: Vec<&str> = o
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("note:"))
+        .collect();
+    assert_eq!(notes.len(), 1, "{}", o.stderr);
+    assert!(
+        notes[0].contains("train.warmup_steps = 10") && notes[0].contains("train.steps = 2"),
+        "{}",
+        notes[0]
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn sizes_that_cannot_fit_are_one_line_naming_the_field() {
     let d = temp("sizes");
     let cases = [

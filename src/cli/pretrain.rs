@@ -154,6 +154,8 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     };
     let sync = grad_sync(&mut cfg)?;
     let lead = sync.rank() == 0;
+    // before the banner, so that a bad value is the only line printed
+    cfg.validate()?;
     if lead {
         let on = if cfg.device.is_cpu() {
             String::new()

@@ -90,6 +90,11 @@ pub fn run_with_sync(
         );
     }
     cfg.validate()?;
+    if lead {
+        for w in cfg.train.warnings() {
+            eprintln!("note: {w}");
+        }
+    }
     // the device (and whether it supports `train.precision`) before anything is written
     let dev = cfg.open_device()?;
     let run_dir = cfg.run_dir();

@@ -110,6 +110,32 @@ impl TrainConfig {
         }
     }
 
+    /// Settings that are valid but most likely not what was meant, one line each (callers
+    /// print them before training): a warmup as long as the run, whose learning rate never
+    /// reaches `lr_peak`, and a zero peak learning rate, which never changes the weights.
+    ///
+    /// ```
+    /// let mut t = m3ae_train::TrainConfig { steps: 50, warmup_steps: 100, ..Default::default() };
+    /// assert_eq!(t.warnings().len(), 1);
+    /// assert!(t.warnings()[0].contains("train.warmup_steps = 100"));
+    /// t.warmup_steps = 10;
+    /// assert!(t.warnings().is_empty());
+    /// ```
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.warmup_steps > 0 && self.warmup_steps >= self.steps {
+            out.push(format!(
+                "train.warmup_steps = {} is not below train.steps = {}: the learning rate rises \
+                 for the whole run and never reaches train.lr_peak",
+                self.warmup_steps, self.steps
+            ));
+        }
+        if self.lr_peak == 0.0 && self.lr_init == 0.0 && self.lr_end == 0.0 {
+            out.push("train.lr_peak, lr_init and lr_end are 0: the weights never change".into());
+        }
+        out
+    }
+
     /// Checks every value; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, msg: String| Err(Error::Config(format!("train.{field}: {msg}")));
