@@ -13,7 +13,9 @@
 //! ```
 //!
 //! Prints, over `--scenes` scenes, the mean squared error (RGB in [0, 1]) on the hidden object's
-//! patches for each caption (and for the plain background, a model that draws no object),
+//! patches for each caption, for the plain background (a model that draws no object) and for
+//! the object drawn from its caption alone (named shape, colour and size at its cell's centre:
+//! what reading the words could give),
 //! and writes `--rows` of them as a PNG (default
 //! `<checkpoint>/named-object.png`): original | masked input | with the caption | colour
 //! swapped | no caption, the caption under each row in the text output.
@@ -99,7 +101,7 @@ fn main() -> Result<()> {
     })?;
     let norm = Normalization::Cc12m;
     let mut rng = m3ae::data::seed::rng(seed, 0, 0, 0);
-    let (mut sums, mut shown) = ([0f64; 4], 0usize);
+    let (mut sums, mut shown) = ([0f64; 5], 0usize);
     let mut canvas_rows: Vec<[Vec<u8>; 5]> = Vec::new();
     for i in 0..count {
         let scene = scenes.scene(i);
@@ -153,6 +155,10 @@ fn main() -> Result<()> {
         // what a model that draws only the background would score
         let background = scenes.scene_layers(i).background;
         sums[3] += patch_mse(&background, original, &hidden, grid, patch);
+        // what a model that read the caption perfectly could draw: the named object at its
+        // cell's centre with its size's mean radius (jitter and size variation are not in words)
+        let named = scenes.render_on_background(i, &[scenes.as_named(&o)]);
+        sums[4] += patch_mse(&named, original, &hidden, grid, patch);
         shown += 1;
         if canvas_rows.len() < rows {
             println!(
@@ -182,6 +188,7 @@ fn main() -> Result<()> {
         "names it in another colour",
         "none",
         "(oracle: the plain background, no object)",
+        "(oracle: the object drawn where and as the caption says)",
     ]
     .iter()
     .zip(sums)

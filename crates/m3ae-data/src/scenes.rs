@@ -339,10 +339,10 @@ impl CaptionedScenes {
                 let large = if n == 1 { rng.random::<bool>() } else { main };
                 let cell = cells[k];
                 let jitter = |rng: &mut ChaCha8Rng| (rng.random::<f32>() - 0.5) * 0.08 * s;
-                let cx = ((cell % 3) as f32 + 0.5) * s / 3.0 + jitter(rng);
-                let cy = ((cell / 3) as f32 + 0.5) * s / 3.0 + jitter(rng);
-                let radius =
-                    s * if large { 0.15 } else { 0.085 } * (0.92 + 0.16 * rng.random::<f32>());
+                let (cx, cy) = cell_centre(cell, s);
+                let cx = cx + jitter(rng);
+                let cy = cy + jitter(rng);
+                let radius = mean_radius(large, s) * (0.92 + 0.16 * rng.random::<f32>());
                 Object {
                     shape,
                     colour,
@@ -491,6 +491,46 @@ impl CaptionedScenes {
         }
     }
 
+    /// Scene `index`'s plain background (no texture) with `objects` drawn on it instead of the
+    /// scene's own: for reference images such as what a caption alone determines (an object
+    /// at its cell's centre with its size's mean radius). `[size, size, 3]` RGB.
+    ///
+    /// ```
+    /// use m3ae_data::{CaptionedScenes, ScenesConfig};
+    /// let ds = CaptionedScenes::new(ScenesConfig::default())?;
+    /// let objects = ds.scene(5).objects;
+    /// assert_eq!(ds.render_on_background(5, &objects), ds.scene_layers(5).clean);
+    /// assert_eq!(ds.render_on_background(5, &[]), ds.scene_layers(5).background);
+    /// # Ok::<(), m3ae_data::Error>(())
+    /// ```
+    pub fn render_on_background(&self, index: usize, objects: &[Object]) -> Vec<u8> {
+        let mut rng = self.rng(index);
+        let objs = self.layout(&mut rng);
+        let _caption = Self::describe_objects(&objs, &mut rng);
+        self.render_with(objects, &mut rng, false)
+    }
+
+    /// Where a caption puts an object: the centre of its grid cell, and the mean radius of its
+    /// size (the scene's jitter and size variation are not in the words).
+    ///
+    /// ```
+    /// use m3ae_data::{CaptionedScenes, ScenesConfig};
+    /// let ds = CaptionedScenes::new(ScenesConfig::default())?;
+    /// let o = ds.scene(0).objects[0];
+    /// let named = ds.as_named(&o);
+    /// assert_eq!((named.shape, named.colour, named.cell), (o.shape, o.colour, o.cell));
+    /// assert!((named.center.0 - o.center.0).abs() <= 0.04 * 64.0 + 1e-3);
+    /// # Ok::<(), m3ae_data::Error>(())
+    /// ```
+    pub fn as_named(&self, o: &Object) -> Object {
+        let s = self.cfg.image_size as f32;
+        Object {
+            center: cell_centre(o.cell, s),
+            radius: mean_radius(o.large, s),
+            ..*o
+        }
+    }
+
     fn render(&self, objects: &[Object], rng: &mut ChaCha8Rng) -> Vec<u8> {
         self.render_with(objects, rng, true)
     }
@@ -547,6 +587,19 @@ impl CaptionedScenes {
             .map(|v| v.round().clamp(0.0, 255.0) as u8)
             .collect()
     }
+}
+
+/// The centre of grid cell `cell` (row-major 3 x 3) of an image of side `s` pixels.
+fn cell_centre(cell: usize, s: f32) -> (f32, f32) {
+    (
+        ((cell % 3) as f32 + 0.5) * s / 3.0,
+        ((cell / 3) as f32 + 0.5) * s / 3.0,
+    )
+}
+
+/// The mean radius of a large or small object in an image of side `s` pixels.
+fn mean_radius(large: bool, s: f32) -> f32 {
+    s * if large { 0.15 } else { 0.085 }
 }
 
 /// Signed distance (pixels, negative inside) of point `p` to shape `shape` of radius `r`.
