@@ -7,6 +7,7 @@
 //! `k` above `cuda::TOP_K_MAX` use the reference path there); without the feature, and on other
 //! devices, they use the reference path. Attention dropout runs inside the CPU attention kernel;
 //! the CUDA kernels have none, so attention with dropout on a CUDA device uses the reference path.
+//! Each of these fallbacks on a non-CPU device is logged once per process (`log::warn!`).
 
 mod attention;
 mod block;
@@ -34,6 +35,56 @@ pub use text_head::{
     MAX_TASKS as TEXT_HEAD_MAX_TASKS, ROW_TILE as TEXT_HEAD_ROW_TILE,
     VOCAB_TILE as TEXT_HEAD_VOCAB_TILE,
 };
+
+/// Why attention on a non-CPU device runs on the reference ops: a key naming the reason (one
+/// notice per reason and process) and the notice. `cuda`: the tensors are on a CUDA device
+/// (and the crate has the `cuda` feature); `l` keys with heads of size `dh`.
+fn attention_fallback(
+    device: &candle_core::Device,
+    l: usize,
+    dh: usize,
+    dropout: bool,
+) -> (&'static str, String) {
+    if dropout {
+        (
+            "attention-dropout",
+            format!(
+                "m3ae-kernels: attention with dropout on {device:?} runs on the reference ops \
+                 (the fused GPU kernels have no dropout)"
+            ),
+        )
+    } else if device.is_cuda() {
+        (
+            "attention-length",
+            format!(
+                "m3ae-kernels: attention over {l} keys (heads of {dh}) on CUDA runs on the \
+                 reference ops: the fused kernel keeps a score row per warp in shared memory, \
+                 up to about 1,500 keys at heads of 64"
+            ),
+        )
+    } else {
+        (
+            "attention-device",
+            format!(
+                "m3ae-kernels: attention on {device:?} runs on the reference ops (the fused \
+                 kernels are for the CPU and CUDA)"
+            ),
+        )
+    }
+}
+
+/// Logs `msg` as a warning the first time `key` is seen in this process; returns whether it did.
+/// For a fallback that a long run would otherwise hit silently at every step.
+fn warn_once(key: &'static str, msg: impl FnOnce() -> String) -> bool {
+    static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.contains(&key) {
+        return false;
+    }
+    seen.push(key);
+    log::warn!("{}", msg());
+    true
+}
 
 /// Whether the CPU has AVX2 and FMA (checked once).
 pub(crate) fn has_avx2_fma() -> bool {
@@ -178,6 +229,8 @@ pub fn masked_attention_dropout(
             let y = f32_contiguous(q)?.apply_op3(&f32_contiguous(k)?, &f32_contiguous(v)?, op)?;
             return Ok(y.to_dtype(q.dtype())?);
         }
+        let (key, msg) = attention_fallback(q.device(), l, q.dim(3)?, dropout.is_some());
+        warn_once(key, || msg);
         return crate::reference::masked_attention_dropout(q, k, v, key_padding, scale, dropout);
     }
     let op = attention::FusedAttention::new(scale, host_padding(key_padding)?, dropout.copied());
@@ -216,6 +269,9 @@ pub fn qkv_attention_dropout(
             let op = cuda::CudaQkvAttention::new(heads, scale, device_padding(key_padding)?);
             return Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?);
         }
+        let dh = qkv.dim(2)? / (3 * heads);
+        let (key, msg) = attention_fallback(qkv.device(), l, dh, dropout.is_some());
+        warn_once(key, || msg);
         return crate::reference::qkv_attention_dropout(qkv, heads, key_padding, scale, dropout);
     }
     let op = attention::FusedQkvAttention::new(
@@ -423,9 +479,8 @@ pub fn text_head_top_k(
                     k,
                 )?);
             }
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                log::warn!(
+            warn_once("text-top-k", || {
+                format!(
                     "m3ae-kernels: text_head_top_k with k = {k} > {} runs the reference path on \
                      CUDA (logits of the requested rows)",
                     cuda::TOP_K_MAX
@@ -455,4 +510,33 @@ pub fn text_head_top_k(
     }
     let lists = text_top_k::top_k(&g, w, b, (n, rows.len(), d, v), k);
     Ok(crate::TextTopK::from_lists(lists))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fallback_is_logged_once_per_reason() {
+        assert!(warn_once("test-first", || "first".into()));
+        assert!(!warn_once("test-first", || unreachable!(
+            "said once already"
+        )));
+        assert!(warn_once("test-second", || "second".into()));
+    }
+
+    #[test]
+    fn an_attention_fallback_names_its_reason() {
+        // (the CUDA length case needs a CUDA device; the GPU check covers it)
+        let cpu = candle_core::Device::Cpu;
+        let (key, msg) = attention_fallback(&cpu, 2000, 64, true);
+        assert_eq!(key, "attention-dropout");
+        assert!(msg.contains("dropout"), "{msg}");
+        let (key, msg) = attention_fallback(&cpu, 2000, 64, false);
+        assert_eq!(key, "attention-device");
+        assert!(
+            msg.contains("Cpu") && msg.contains("reference ops"),
+            "{msg}"
+        );
+    }
 }
