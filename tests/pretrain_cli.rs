@@ -792,6 +792,25 @@ fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<
 /// Every shipped configuration loads and validates (a preset with a conflicting architecture
 /// field, an unknown key or an impossible size would be refused here first).
 #[test]
+fn the_named_object_recipe_is_the_longer_recipe_with_more_image_and_less_text_masked(
+) -> anyhow::Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let named = m3ae::pretrain::PretrainConfig::from_file(&dir.join("tiny-scenes-named.toml"))?;
+    let long = m3ae::pretrain::PretrainConfig::from_file(&dir.join("tiny-scenes-long.toml"))?;
+    let expected = m3ae::pretrain::PretrainConfig {
+        name: "tiny-scenes-named".into(),
+        model: m3ae_model::M3aeConfig {
+            image_mask_ratio: 0.9,
+            text_mask_ratio: 0.25,
+            ..long.model.clone()
+        },
+        ..long
+    };
+    assert_eq!(named, expected);
+    Ok(())
+}
+
+#[test]
 fn every_shipped_config_loads_and_validates() -> anyhow::Result<()> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut seen = 0;
