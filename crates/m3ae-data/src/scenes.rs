@@ -477,18 +477,20 @@ impl CaptionedScenes {
     /// # Ok::<(), m3ae_data::Error>(())
     /// ```
     pub fn scene_layers(&self, index: usize) -> SceneLayers {
-        let draw = |noise: bool, objects: bool| {
-            let mut rng = self.rng(index);
-            let objs = self.layout(&mut rng);
-            let _caption = Self::describe_objects(&objs, &mut rng);
-            let shown: &[Object] = if objects { &objs } else { &[] };
-            self.render_with(shown, &mut rng, noise)
-        };
         SceneLayers {
-            pixels: draw(true, true),
-            clean: draw(false, true),
-            background: draw(false, false),
+            pixels: self.redraw(index, None, true),
+            clean: self.redraw(index, None, false),
+            background: self.redraw(index, Some(&[]), false),
         }
+    }
+
+    /// Scene `index` drawn again from its own random draws, with `objects` instead of its own
+    /// when given, and with or without the background's `noise` texture.
+    fn redraw(&self, index: usize, objects: Option<&[Object]>, noise: bool) -> Vec<u8> {
+        let mut rng = self.rng(index);
+        let own = self.layout(&mut rng);
+        let _caption = Self::describe_objects(&own, &mut rng);
+        self.render_with(objects.unwrap_or(&own), &mut rng, noise)
     }
 
     /// Scene `index`'s plain background (no texture) with `objects` drawn on it instead of the
@@ -504,10 +506,7 @@ impl CaptionedScenes {
     /// # Ok::<(), m3ae_data::Error>(())
     /// ```
     pub fn render_on_background(&self, index: usize, objects: &[Object]) -> Vec<u8> {
-        let mut rng = self.rng(index);
-        let objs = self.layout(&mut rng);
-        let _caption = Self::describe_objects(&objs, &mut rng);
-        self.render_with(objects, &mut rng, false)
+        self.redraw(index, Some(objects), false)
     }
 
     /// Where a caption puts an object: the centre of its grid cell, and the mean radius of its

@@ -36,40 +36,40 @@ pub use text_head::{
     VOCAB_TILE as TEXT_HEAD_VOCAB_TILE,
 };
 
-/// Why attention on a non-CPU device runs on the reference ops: a key naming the reason (one
-/// notice per reason and process) and the notice. `cuda`: the tensors are on a CUDA device
-/// (and the crate has the `cuda` feature); `l` keys with heads of size `dh`.
-fn attention_fallback(
+/// Why attention on a non-CPU `device` runs on the reference ops, as the key of its notice
+/// (one notice per reason and process, [`warn_once`]).
+fn attention_fallback(device: &candle_core::Device, dropout: bool) -> &'static str {
+    if dropout {
+        "attention-dropout"
+    } else if device.is_cuda() {
+        "attention-length"
+    } else {
+        "attention-device"
+    }
+}
+
+/// The notice of an [`attention_fallback`] `reason`, for `l` keys with heads of size `dh`
+/// (built only when it is logged: the fallback runs at every step).
+fn attention_fallback_notice(
+    reason: &str,
     device: &candle_core::Device,
     l: usize,
     dh: usize,
-    dropout: bool,
-) -> (&'static str, String) {
-    if dropout {
-        (
-            "attention-dropout",
-            format!(
-                "m3ae-kernels: attention with dropout on {device:?} runs on the reference ops \
-                 (the fused GPU kernels have no dropout)"
-            ),
-        )
-    } else if device.is_cuda() {
-        (
-            "attention-length",
-            format!(
-                "m3ae-kernels: attention over {l} keys (heads of {dh}) on CUDA runs on the \
-                 reference ops: the fused kernel keeps a score row per warp in shared memory, \
-                 up to about 1,500 keys at heads of 64"
-            ),
-        )
-    } else {
-        (
-            "attention-device",
-            format!(
-                "m3ae-kernels: attention on {device:?} runs on the reference ops (the fused \
-                 kernels are for the CPU and CUDA)"
-            ),
-        )
+) -> String {
+    match reason {
+        "attention-dropout" => format!(
+            "m3ae-kernels: attention with dropout on {device:?} runs on the reference ops \
+             (the fused GPU kernels have no dropout)"
+        ),
+        "attention-length" => format!(
+            "m3ae-kernels: attention over {l} keys (heads of {dh}) on CUDA runs on the \
+             reference ops: the fused kernel keeps a score row per warp in shared memory, \
+             up to about 1,500 keys at heads of 64"
+        ),
+        _ => format!(
+            "m3ae-kernels: attention on {device:?} runs on the reference ops (the fused \
+             kernels are for the CPU and CUDA)"
+        ),
     }
 }
 
@@ -229,8 +229,11 @@ pub fn masked_attention_dropout(
             let y = f32_contiguous(q)?.apply_op3(&f32_contiguous(k)?, &f32_contiguous(v)?, op)?;
             return Ok(y.to_dtype(q.dtype())?);
         }
-        let (key, msg) = attention_fallback(q.device(), l, q.dim(3)?, dropout.is_some());
-        warn_once(key, || msg);
+        let reason = attention_fallback(q.device(), dropout.is_some());
+        let dh = q.dim(3)?;
+        warn_once(reason, || {
+            attention_fallback_notice(reason, q.device(), l, dh)
+        });
         return crate::reference::masked_attention_dropout(q, k, v, key_padding, scale, dropout);
     }
     let op = attention::FusedAttention::new(scale, host_padding(key_padding)?, dropout.copied());
@@ -269,9 +272,11 @@ pub fn qkv_attention_dropout(
             let op = cuda::CudaQkvAttention::new(heads, scale, device_padding(key_padding)?);
             return Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?);
         }
+        let reason = attention_fallback(qkv.device(), dropout.is_some());
         let dh = qkv.dim(2)? / (3 * heads);
-        let (key, msg) = attention_fallback(qkv.device(), l, dh, dropout.is_some());
-        warn_once(key, || msg);
+        warn_once(reason, || {
+            attention_fallback_notice(reason, qkv.device(), l, dh)
+        });
         return crate::reference::qkv_attention_dropout(qkv, heads, key_padding, scale, dropout);
     }
     let op = attention::FusedQkvAttention::new(
@@ -529,10 +534,12 @@ mod tests {
     fn an_attention_fallback_names_its_reason() {
         // (the CUDA length case needs a CUDA device; the GPU check covers it)
         let cpu = candle_core::Device::Cpu;
-        let (key, msg) = attention_fallback(&cpu, 2000, 64, true);
+        let key = attention_fallback(&cpu, true);
+        let msg = attention_fallback_notice(key, &cpu, 2000, 64);
         assert_eq!(key, "attention-dropout");
         assert!(msg.contains("dropout"), "{msg}");
-        let (key, msg) = attention_fallback(&cpu, 2000, 64, false);
+        let key = attention_fallback(&cpu, false);
+        let msg = attention_fallback_notice(key, &cpu, 2000, 64);
         assert_eq!(key, "attention-device");
         assert!(
             msg.contains("Cpu") && msg.contains("reference ops"),
