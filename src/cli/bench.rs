@@ -38,7 +38,7 @@ pub struct BenchArgs {
     kernels: String,
     #[command(flatten)]
     device: super::DeviceArg,
-    /// Compute precision: `f32`, or `bf16` matmuls (CUDA only).
+    /// Compute precision: `f32`, or `bf16` matmuls (fast on CUDA; on the CPU slower than f32).
     #[arg(long, default_value = "f32", value_parser = super::parse_precision)]
     precision: m3ae_model::Precision,
 }
@@ -62,6 +62,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(steps > 0, "--steps must be > 0");
     let dev = device.open()?;
     precision.check(&dev, "--precision")?;
+    if let Some(n) = precision.notice(&dev, "--precision") {
+        eprintln!("note: {n}");
+    }
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
     let report = match workload.as_str() {
         "vit-s" => m3ae_train::bench::vit_s_workload(kernels, steps, &dev, precision)?,

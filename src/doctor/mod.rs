@@ -37,7 +37,7 @@ pub enum Status {
     Pass,
     /// Out of tolerance, below target, or errored.
     Fail,
-    /// Not applicable on this device (e.g. bf16 on the CPU).
+    /// Not applicable on this device (e.g. bf16 throughput on the CPU).
     Skip,
 }
 

@@ -6,10 +6,10 @@
 //! The runs log the mean loss of every window of [`Plan::train_window`] steps. The device's f32
 //! curve must follow the CPU's: the first window within [`F32_FIRST`] relative and every window
 //! within [`F32_ANY`] (rounding differences grow over the steps, so later windows get more
-//! room). The bf16 curve (CUDA only) is compared with the CPU's f32 curve: every window within
+//! room). The bf16 curve is compared with the CPU's f32 curve: every window within
 //! [`BF16_ANY`], the last within [`BF16_LAST`].
 
-use super::{pass_if, row, Plan, Row, Status};
+use super::{pass_if, row, Plan, Row};
 use crate::pretrain::{PretrainConfig, RunOptions};
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -92,7 +92,7 @@ fn fmt_curve(c: &[(u64, f64)]) -> String {
 }
 
 /// The training rows: the CPU run, the device's f32 run against it, the device's bf16 run
-/// against it (skipped on the CPU, which refuses bf16).
+/// against it.
 pub fn rows(dev: &Device, plan: &Plan) -> Vec<Row> {
     let steps = plan.train_steps;
     let mut cpu_curve: Option<Vec<(u64, f64)>> = None;
@@ -131,9 +131,6 @@ pub fn rows(dev: &Device, plan: &Plan) -> Vec<Row> {
             ),
             tol,
             || {
-                if precision == Precision::Bf16 && dev.is_cpu() {
-                    return Ok((Status::Skip, "bf16 is refused on the CPU".into()));
-                }
                 let cpu = cpu_curve.as_ref().context("the CPU run failed")?;
                 let spec = spec.clone().map_err(anyhow::Error::msg)?;
                 let c = loss_curve(job(plan, spec, precision, &format!("doctor-dev-{name}")))?;

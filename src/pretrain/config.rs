@@ -359,8 +359,8 @@ impl PretrainConfig {
         Ok(())
     }
 
-    /// Opens [`PretrainConfig::device`] and checks that it supports `train.precision` (bf16
-    /// needs CUDA); errors name the setting and its value.
+    /// Opens [`PretrainConfig::device`] and checks that it supports `train.precision`
+    /// ([`m3ae_model::Precision::check`]); errors name the setting and its value.
     pub fn open_device(&self) -> Result<candle_core::Device> {
         let dev = self.device.open()?;
         self.train.precision.check(&dev, "train.precision")?;

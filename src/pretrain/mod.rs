@@ -97,6 +97,11 @@ pub fn run_with_sync(
     }
     // the device (and whether it supports `train.precision`) before anything is written
     let dev = cfg.open_device()?;
+    if lead {
+        if let Some(n) = cfg.train.precision.notice(&dev, "train.precision") {
+            eprintln!("note: {n}");
+        }
+    }
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let ck_dir = run_dir.join("checkpoints");

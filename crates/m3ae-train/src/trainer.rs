@@ -66,7 +66,8 @@ pub struct TrainConfig {
     /// Consecutive non-finite steps that stop the run.
     pub max_bad_steps: u32,
     /// Compute precision: `f32`, or `bf16` matmuls with f32 master weights, optimiser state,
-    /// normalisation statistics and losses (CUDA only; refused on the CPU by [`Trainer::new`]).
+    /// normalisation statistics and losses (fast on CUDA; on the CPU for its numerics only, see
+    /// [`Precision::notice`]).
     pub precision: Precision,
 }
 
@@ -246,8 +247,8 @@ pub struct Trainer<O: Objective> {
 impl<O: Objective> Trainer<O> {
     /// A trainer with fresh optimiser state, on the device of the objective's weights: the
     /// update runs on host slices when they are on the CPU and with tensor ops on their device
-    /// otherwise ([`UpdatePath`]). `train.precision` is checked against that device (bf16
-    /// needs CUDA) and handed to the objective ([`Objective::set_precision`]).
+    /// otherwise ([`UpdatePath`]). `train.precision` is checked against that device
+    /// ([`Precision::check`]) and handed to the objective ([`Objective::set_precision`]).
     pub fn new(mut objective: O, cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
         cfg.precision
