@@ -50,7 +50,14 @@ const POSITIONS: [&[&str]; 9] = [
     &["at the bottom", "at the bottom centre"],
     &["in the bottom right corner", "at the bottom right"],
 ];
-const SHAPE_WORDS: [&[&str]; 8] = [
+/// The words captions use for each shape of [`SHAPES`] (same order; the first is the shape's
+/// name): what a masked shape word may be predicted as and still be right.
+///
+/// ```
+/// use m3ae_data::scenes::{SHAPES, SHAPE_WORDS};
+/// assert!(SHAPES.iter().zip(SHAPE_WORDS).all(|(s, w)| w[0] == *s));
+/// ```
+pub const SHAPE_WORDS: [&[&str]; 8] = [
     &["circle", "disc"],
     &["square"],
     &["triangle"],
