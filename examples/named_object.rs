@@ -21,30 +21,12 @@
 //! swapped | no caption, the caption under each row in the text output.
 
 use anyhow::{bail, Context, Result};
-use m3ae::data::scenes::{Object, COLOURS};
+use m3ae::data::scenes::COLOURS;
 use m3ae::data::{CaptionedScenes, Normalization, RgbImage, SceneSplit, ScenesConfig};
 use m3ae::eval::panels::{panel_scale, upscale, write_png};
 use m3ae::eval::{find_tokenizer, load_model, reconstruct_with, MaskNoise, ModelSource};
 use rand::Rng;
 use std::path::PathBuf;
-
-/// Patches (row-major) whose square touches the object's bounding box.
-fn object_patches(o: &Object, grid: usize, patch: usize) -> Vec<usize> {
-    let r = o.radius + 1.0;
-    let (x0, x1) = (o.center.0 - r, o.center.0 + r);
-    let (y0, y1) = (o.center.1 - r, o.center.1 + r);
-    let mut out = Vec::new();
-    for py in 0..grid {
-        for px in 0..grid {
-            let (a, b) = ((px * patch) as f32, ((px + 1) * patch) as f32);
-            let (c, d) = ((py * patch) as f32, ((py + 1) * patch) as f32);
-            if a < x1 && b > x0 && c < y1 && d > y0 {
-                out.push(py * grid + px);
-            }
-        }
-    }
-    out
-}
 
 /// Mean squared error (RGB scaled to [0, 1]) of `got` against `want` over the pixels of
 /// `patches`.
@@ -106,7 +88,7 @@ fn main() -> Result<()> {
     for i in 0..count {
         let scene = scenes.scene(i);
         let o = scene.objects[0];
-        let hidden = object_patches(&o, grid, patch);
+        let hidden = o.patches(grid, patch);
         if hidden.len() > masked {
             continue;
         }

@@ -3,9 +3,9 @@
 //! The captions name every object's shape, and a shape word can be read from nowhere but the
 //! image (no other word gives it away). For held-out scenes (the test split) the model gets the
 //! scene's caption with the main object's shape word masked (and, as far as the model's text
-//! mask ratio needs, the words after it), and the image masked at the model's own ratio in two ways: the object's patches kept first
-//! (the object visible, the rest of the scene mostly hidden), or masked first (the object
-//! hidden: what the model guesses without seeing it). A model that recognises shapes names the
+//! mask ratio needs, the words after it), and the image masked at the model's own ratio in two
+//! ways: the object's patches kept first (the object visible, the rest of the scene mostly
+//! hidden), or masked first (the object hidden: what the model guesses without seeing it). A model that recognises shapes names the
 //! visible object's shape; any word of the shape's synonyms counts
 //! ([`m3ae::data::scenes::SHAPE_WORDS`]).
 //!
@@ -25,19 +25,6 @@ use m3ae::eval::{find_tokenizer, load_model, reconstruct_with, MaskNoise, ModelS
 use m3ae::model::AnyModel;
 use rand::Rng;
 use std::path::PathBuf;
-
-/// Patches (row-major) whose square touches the object's bounding box.
-fn object_patches(o: &Object, grid: usize, patch: usize) -> Vec<usize> {
-    let r = o.radius + 1.0;
-    let (x0, x1) = (o.center.0 - r, o.center.0 + r);
-    let (y0, y1) = (o.center.1 - r, o.center.1 + r);
-    (0..grid * grid)
-        .filter(|&p| {
-            let (px, py) = ((p % grid * patch) as f32, (p / grid * patch) as f32);
-            px < x1 && px + patch as f32 > x0 && py < y1 && py + patch as f32 > y0
-        })
-        .collect()
-}
 
 /// The token position of the main object's shape word in the scene's `caption` (the main
 /// object is described first): the one position whose token changes when that word is swapped
@@ -100,7 +87,7 @@ fn score(
             height: size,
             data: scene.pixels.clone(),
         };
-        let hidden = object_patches(&o, grid, patch);
+        let hidden = o.patches(grid, patch);
         let base: Vec<f32> = (0..li).map(|_| rng.random::<f32>()).collect();
         let mut right = [false; 2];
         for (k, shift) in [-2.0f32, 2.0].into_iter().enumerate() {

@@ -172,6 +172,29 @@ pub struct Object {
 }
 
 impl Object {
+    /// The patches (row-major, `grid` x `grid` patches of `patch` pixels) whose square touches
+    /// the object's bounding box grown by a pixel: every patch that shows any of it.
+    ///
+    /// ```
+    /// let o = m3ae_data::CaptionedScenes::new(Default::default())?.scene(0).objects[0];
+    /// let p = o.patches(8, 8);
+    /// let (cx, cy) = (o.center.0 as usize / 8, o.center.1 as usize / 8);
+    /// assert!(p.contains(&(cy * 8 + cx)) && p.len() < 64);
+    /// # Ok::<(), m3ae_data::Error>(())
+    /// ```
+    pub fn patches(&self, grid: usize, patch: usize) -> Vec<usize> {
+        let r = self.radius + 1.0;
+        let (x0, x1) = (self.center.0 - r, self.center.0 + r);
+        let (y0, y1) = (self.center.1 - r, self.center.1 + r);
+        let p = patch as f32;
+        (0..grid * grid)
+            .filter(|&i| {
+                let (px, py) = ((i % grid) as f32 * p, (i / grid) as f32 * p);
+                px < x1 && px + p > x0 && py < y1 && py + p > y0
+            })
+            .collect()
+    }
+
     /// The object described with the first wording of each part, as the captions name it
     /// ("small red circle at the top left"; no article, no prefix): for captions written by
     /// hand around a scene, e.g. naming one object whose patches are all masked.

@@ -455,8 +455,8 @@ fn a_cpu_checkpoint_loads_through_the_device_generic_path_bit_for_bit() {
 #[test]
 fn bf16_on_the_cpu_trains_like_f32_and_keeps_f32_weights_and_state() {
     // `train.precision = "bf16"` on the CPU: the same steps as f32 up to bf16 rounding of the
-    // matmuls; master weights and optimiser state stay f32
-    // two set-ups, not a clone: a cloned objective would share its weights with the f32 one
+    // matmuls; master weights and optimiser state stay f32. Two set-ups, not a clone: a cloned
+    // objective would share its weights with the f32 one.
     let (mut fp, mut src) = setup(None);
     let (tr, _) = setup(None);
     let mut cfg = tr.config().clone();
