@@ -808,6 +808,29 @@ fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<
     Ok(())
 }
 
+/// `configs/tiny-scenes-hour.toml` (the hour recipe of docs/results.md) is the default job
+/// trained 11,000 steps and nothing else.
+#[test]
+fn the_hour_recipe_is_the_default_job_trained_11000_steps() -> anyhow::Result<()> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-scenes-hour.toml");
+    let file = m3ae::pretrain::PretrainConfig::from_file(&path)?;
+    let default = m3ae::pretrain::PretrainConfig::default();
+    let expected = m3ae::pretrain::PretrainConfig {
+        name: "tiny-scenes-hour".into(),
+        train: m3ae_train::TrainConfig {
+            steps: 11_000,
+            warmup_steps: 300,
+            ..default.train.clone()
+        },
+        save_every: 1000,
+        image_every: 1000,
+        ..default
+    };
+    assert_eq!(file, expected);
+    Ok(())
+}
+
 /// Every shipped configuration loads and validates (a preset with a conflicting architecture
 /// field, an unknown key or an impossible size would be refused here first).
 #[test]

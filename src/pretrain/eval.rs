@@ -4,8 +4,8 @@
 use super::PretrainConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use m3ae_data::{Batch, CaptionedScenes, DataSpec, LabelKind, SceneSplit, Tokenizer};
-use m3ae_model::{M3ae, Represent};
+use m3ae_data::{Batch, CaptionedScenes, DataOptions, DataSpec, LabelKind, SceneSplit, Tokenizer};
+use m3ae_model::{M3ae, Pooling, Represent};
 
 /// Masked-word accuracy of `model` on `batch` and the most-frequent-word baseline.
 pub(crate) fn masked_word_accuracy(
@@ -116,14 +116,24 @@ pub fn scene_probe_config(seed: u64) -> m3ae_eval::ProbeConfig {
     }
 }
 
-/// Linear-probe top-1 of a representation on the scenes' shape labels (train/test splits).
-pub fn probe_scenes(model: &dyn Represent, cfg: &PretrainConfig, seed: u64) -> Result<f64> {
+/// Linear-probe top-1 of a representation on the scenes' shape labels (train/test splits), its
+/// features pooled as `pooling` says (the cls token, the official default, or the mean of the
+/// patch tokens, the official `global_pool`).
+pub fn probe_scenes(
+    model: &dyn Represent,
+    cfg: &PretrainConfig,
+    pooling: Pooling,
+    seed: u64,
+) -> Result<f64> {
     let feats = |split: SceneSplit, n: usize| -> Result<(Tensor, Vec<u32>)> {
         let settings = m3ae_eval::ExtractSettings {
             num_threads: cfg.data.num_threads,
             ..Default::default()
         };
-        let opts = cfg.data.options(LabelKind::Shape);
+        let opts = DataOptions {
+            pooling,
+            ..cfg.data.options(LabelKind::Shape)
+        };
         let set =
             m3ae_eval::extract_with(model, &DataSpec::scenes(split, Some(n)), &opts, &settings)?;
         Ok((

@@ -32,7 +32,7 @@ use eval::*;
 use m3ae_data::{
     Batch, CaptionedScenes, Loader, LoaderConfig, SceneSplit, ScenesConfig, Source, Streams,
 };
-use m3ae_model::{AnyModel, M3ae, Mae, Variant};
+use m3ae_model::{AnyModel, M3ae, Mae, Pooling, Variant};
 use m3ae_train::tensorboard::TensorBoardSink;
 use m3ae_train::{Fitted, Hook, JsonlSink, Learner, Objective, Trainer};
 use std::path::{Path, PathBuf};
@@ -311,10 +311,17 @@ pub fn run_with_sync(
         }
     }
     if cfg.probe && !summary.interrupted {
-        let trained = probe_scenes(final_model.as_represent(), &cfg, 1)?;
+        // Both official poolings: pre-training never reads the cls output, so on the scenes
+        // the mean of the patch tokens is where longer training shows (docs/results.md).
         let random = Mae::init(&model_cfg, cfg.seed.wrapping_add(1000), &dev)?;
-        let baseline = probe_scenes(&random, &cfg, 1)?;
-        summary.probe = Some((trained, baseline));
+        let probe = |pooling| -> Result<(f64, f64)> {
+            Ok((
+                probe_scenes(final_model.as_represent(), &cfg, pooling, 1)?,
+                probe_scenes(&random, &cfg, pooling, 1)?,
+            ))
+        };
+        summary.probe = Some(probe(Pooling::Cls)?);
+        summary.probe_mean = Some(probe(Pooling::Mean)?);
     }
     let summary_path = run_dir.join("summary.json");
     m3ae_model::fsio::atomic_write(
@@ -376,6 +383,7 @@ fn train_loop<O: Objective + Clone + Into<AnyModel>>(
         samples_per_s: report.samples_per_s,
         train_seconds: report.train_seconds,
         probe: None,
+        probe_mean: None,
         skipped_steps: report.skipped_steps,
         checkpoint: report.checkpoint,
         held_out: if cfg.data.is_scenes() {

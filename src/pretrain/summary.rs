@@ -25,8 +25,10 @@ pub struct RunSummary {
     pub samples_per_s: f64,
     /// Wall time of the training loop in seconds.
     pub train_seconds: f64,
-    /// Probe top-1 of the trained model and of a random-init model (scene labels).
+    /// Probe top-1 of the trained model and of a random-init model (scene labels), cls token.
     pub probe: Option<(f64, f64)>,
+    /// The same with the mean of the patch tokens (the official `global_pool`).
+    pub probe_mean: Option<(f64, f64)>,
     /// Micro-batches skipped for non-finite values.
     pub skipped_steps: u64,
     /// The newest checkpoint.
@@ -89,13 +91,18 @@ impl std::fmt::Display for RunSummary {
             "throughput: {:.1} samples/s over {:.0} s of training",
             self.samples_per_s, self.train_seconds
         )?;
-        if let Some((t, r)) = self.probe {
-            writeln!(
-                f,
-                "linear probe on scene shapes: {:.1}% (random-init model: {:.1}%)",
-                100.0 * t,
-                100.0 * r
-            )?;
+        for (probe, pooling) in [
+            (self.probe, "cls token"),
+            (self.probe_mean, "mean of patches"),
+        ] {
+            if let Some((t, r)) = probe {
+                writeln!(
+                    f,
+                    "linear probe on scene shapes, {pooling}: {:.1}% (random-init model: {:.1}%)",
+                    100.0 * t,
+                    100.0 * r
+                )?;
+            }
         }
         if self.skipped_steps > 0 {
             writeln!(f, "skipped non-finite steps: {}", self.skipped_steps)?;
@@ -108,5 +115,40 @@ impl std::fmt::Display for RunSummary {
             "metrics: {0}/metrics.jsonl, TensorBoard: {0}/tb, images: {0}/recon",
             self.run_dir.display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_prints_the_probe_of_each_pooling_against_random_init() {
+        let summary = RunSummary {
+            run_dir: "runs/x".into(),
+            steps: 10,
+            interrupted: false,
+            image_loss: None,
+            text_loss: None,
+            masked_word_accuracy: None,
+            frequency_baseline: None,
+            samples_per_s: 1.0,
+            train_seconds: 1.0,
+            probe: Some((0.4, 0.3)),
+            probe_mean: Some((0.53, 0.395)),
+            skipped_steps: 0,
+            checkpoint: None,
+            held_out: "held-out scenes".into(),
+            held_out_error: None,
+            bad_samples: Default::default(),
+        };
+        let text = summary.to_string();
+        assert!(text
+            .contains("linear probe on scene shapes, cls token: 40.0% (random-init model: 30.0%)"));
+        assert!(text.contains(
+            "linear probe on scene shapes, mean of patches: 53.0% (random-init model: 39.5%)"
+        ));
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["probe_mean"][0], 0.53);
     }
 }
