@@ -160,7 +160,8 @@ pub struct PretrainConfig {
     pub keep_checkpoints: usize,
     /// Write a reconstruction image every N steps (0: only at the end).
     pub image_every: u64,
-    /// Probe the final model (and a random-init one) on the scenes' labels.
+    /// Probe the final model (and a random-init one) on the scenes' labels, once with the cls
+    /// token and once with the mean of the patch tokens.
     pub probe: bool,
     /// Training / test scenes for that probe.
     pub probe_samples: (usize, usize),
