@@ -785,18 +785,18 @@ fn the_tiny_scenes_config_file_is_the_default_job() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `configs/tiny-scenes-long.toml` (the longer recipe of docs/results.md) is the default job
-/// trained longer and nothing else.
-#[test]
-fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<()> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-scenes-long.toml");
+/// Asserts that `configs/<name>.toml` is the default job trained `steps` steps (warmup 300,
+/// checkpoints and images every 1,000) and nothing else.
+fn assert_default_job_trained(name: &str, steps: u64) -> anyhow::Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs")
+        .join(format!("{name}.toml"));
     let file = m3ae::pretrain::PretrainConfig::from_file(&path)?;
     let default = m3ae::pretrain::PretrainConfig::default();
     let expected = m3ae::pretrain::PretrainConfig {
-        name: "tiny-scenes-long".into(),
+        name: name.into(),
         train: m3ae_train::TrainConfig {
-            steps: 6000,
+            steps,
             warmup_steps: 300,
             ..default.train.clone()
         },
@@ -804,31 +804,22 @@ fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<
         image_every: 1000,
         ..default
     };
-    assert_eq!(file, expected);
+    assert_eq!(file, expected, "{}", path.display());
     Ok(())
+}
+
+/// `configs/tiny-scenes-long.toml` (the longer recipe of docs/results.md) is the default job
+/// trained longer and nothing else.
+#[test]
+fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<()> {
+    assert_default_job_trained("tiny-scenes-long", 6000)
 }
 
 /// `configs/tiny-scenes-hour.toml` (the hour recipe of docs/results.md) is the default job
 /// trained 11,000 steps and nothing else.
 #[test]
 fn the_hour_recipe_is_the_default_job_trained_11000_steps() -> anyhow::Result<()> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-scenes-hour.toml");
-    let file = m3ae::pretrain::PretrainConfig::from_file(&path)?;
-    let default = m3ae::pretrain::PretrainConfig::default();
-    let expected = m3ae::pretrain::PretrainConfig {
-        name: "tiny-scenes-hour".into(),
-        train: m3ae_train::TrainConfig {
-            steps: 11_000,
-            warmup_steps: 300,
-            ..default.train.clone()
-        },
-        save_every: 1000,
-        image_every: 1000,
-        ..default
-    };
-    assert_eq!(file, expected);
-    Ok(())
+    assert_default_job_trained("tiny-scenes-hour", 11_000)
 }
 
 /// Every shipped configuration loads and validates (a preset with a conflicting architecture
