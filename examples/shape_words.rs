@@ -5,9 +5,9 @@
 //! scene's caption with the main object's shape word masked (and, as far as the model's text
 //! mask ratio needs, the words after it), and the image masked at the model's own ratio in two
 //! ways: the object's patches kept first (the object visible, the rest of the scene mostly
-//! hidden), or masked first (the object hidden: what the model guesses without seeing it). A model that recognises shapes names the
-//! visible object's shape; any word of the shape's synonyms counts
-//! ([`m3ae::data::scenes::SHAPE_WORDS`]).
+//! hidden), or masked first (the object hidden: what the model guesses without seeing it). A
+//! model that recognises shapes names the visible object's shape; any word of the shape's
+//! synonyms counts ([`m3ae::data::scenes::SHAPE_WORDS`]).
 //!
 //! ```text
 //! cargo run --release --example shape_words                  # runs/tiny-scenes
