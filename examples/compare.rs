@@ -442,7 +442,9 @@ fn main() -> Result<()> {
         Some(p) => PretrainConfig::from_file(p)?,
         None => PretrainConfig::default(),
     };
-    // Before any thread pool exists, as `m3ae pretrain` does.
+    // One rank per run (the runs are compared with one another, and the figures in
+    // docs/results.md were measured so); before any thread pool exists, as `m3ae pretrain` does.
+    base.distributed.local_ranks = 1;
     base.apply_compute_threads();
     if let Some(d) = &args.output_dir {
         base.output_dir = d.clone();

@@ -25,7 +25,7 @@ fn config(dir: &Path, steps: u64, save_every: u64, timeout_s: f64) -> PathBuf {
     let text = format!(
         "output_dir = {out:?}\nprobe = false\nimage_every = 0\nlog_every = 1\nsave_every = {save_every}\n\
          keep_checkpoints = 3\n[train]\nsteps = {steps}\nbatch_size = 16\nwarmup_steps = 2\nlr_peak = 1.5e-4\n\
-         [distributed]\nstreams = 2\ntimeout_s = {timeout_s}\n",
+         [distributed]\nstreams = 2\nlocal_ranks = 1\ntimeout_s = {timeout_s}\n",
         out = dir.display().to_string(),
     );
     let p = dir.join(format!("job-{steps}-{save_every}.toml"));

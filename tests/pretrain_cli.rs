@@ -786,8 +786,8 @@ fn the_tiny_scenes_config_file_is_the_default_job() -> anyhow::Result<()> {
 }
 
 /// Asserts that `configs/<name>.toml` is the default job trained `steps` steps (warmup 300,
-/// checkpoints and images every 1,000) and nothing else.
-fn assert_default_job_trained(name: &str, steps: u64) -> anyhow::Result<()> {
+/// checkpoints and images every 1,000) in `local_ranks` ranks as threads, and nothing else.
+fn assert_default_job_trained(name: &str, steps: u64, local_ranks: usize) -> anyhow::Result<()> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("configs")
         .join(format!("{name}.toml"));
@@ -802,6 +802,10 @@ fn assert_default_job_trained(name: &str, steps: u64) -> anyhow::Result<()> {
         },
         save_every: 1000,
         image_every: 1000,
+        distributed: m3ae::pretrain::DistributedConfig {
+            local_ranks,
+            ..default.distributed.clone()
+        },
         ..default
     };
     assert_eq!(file, expected, "{}", path.display());
@@ -809,17 +813,17 @@ fn assert_default_job_trained(name: &str, steps: u64) -> anyhow::Result<()> {
 }
 
 /// `configs/tiny-scenes-long.toml` (the longer recipe of docs/results.md) is the default job
-/// trained longer and nothing else.
+/// trained longer in one rank (as its figures were measured) and nothing else.
 #[test]
 fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<()> {
-    assert_default_job_trained("tiny-scenes-long", 6000)
+    assert_default_job_trained("tiny-scenes-long", 6000, 1)
 }
 
 /// `configs/tiny-scenes-hour.toml` (the hour recipe of docs/results.md) is the default job
-/// trained 11,000 steps and nothing else.
+/// trained 13,000 steps and nothing else.
 #[test]
-fn the_hour_recipe_is_the_default_job_trained_11000_steps() -> anyhow::Result<()> {
-    assert_default_job_trained("tiny-scenes-hour", 11_000)
+fn the_hour_recipe_is_the_default_job_trained_13000_steps() -> anyhow::Result<()> {
+    assert_default_job_trained("tiny-scenes-hour", 13_000, 0)
 }
 
 /// `configs/tiny-scenes-named.toml` is the longer recipe with image mask 0.9 and text mask 0.25.

@@ -130,7 +130,12 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    // Before any thread pool exists: the model's compute threads (candle and our kernels).
+    // Before any thread pool exists: ranks as threads, and the compute threads of each
+    // (candle and our kernels).
+    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .any(|k| std::env::var_os(k).is_some_and(|v| v != "1"));
+    cfg.distributed.local_ranks = cfg.resolved_local_ranks(launched);
     cfg.apply_compute_threads();
     // Ctrl-C, and SIGTERM / SIGHUP as sent by cluster schedulers (Slurm, Kubernetes) before
     // they kill a job: stop at the next step boundary with a checkpoint and exit 0.
@@ -162,16 +167,34 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         } else {
             format!(" on {} ({})", cfg.device, cfg.train.precision)
         };
+        let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
+        let threads = match cfg.distributed.local_ranks {
+            1 => format!("{threads} compute threads"),
+            n => format!(
+                "{n} ranks as threads, {threads} compute thread{} each",
+                if threads == "1" { "" } else { "s" }
+            ),
+        };
         eprintln!(
-            "pretraining {:?} ({} steps, batch {}, {} compute threads){on} into {}",
+            "pretraining {:?} ({} steps, batch {}, {threads}){on} into {}",
             cfg.objective,
             cfg.train.steps,
             cfg.train.batch_size,
-            std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
             cfg.run_dir().display()
         );
     }
-    let summary = crate::pretrain::run_with_sync(cfg, opts, sync)?;
+    let summary = if cfg.distributed.local_ranks > 1 {
+        if sync.world_size() > 1 {
+            anyhow::bail!(
+                "distributed.local_ranks = {} under an MPI launcher: use one or the other \
+                 (set local_ranks = 1 and launch more processes)",
+                cfg.distributed.local_ranks
+            );
+        }
+        crate::pretrain::run_local_ranks(cfg, opts)?
+    } else {
+        crate::pretrain::run_with_sync(cfg, opts, sync)?
+    };
     if lead {
         println!("{summary}");
     }

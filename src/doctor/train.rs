@@ -40,6 +40,8 @@ pub fn job(plan: &Plan, spec: DeviceSpec, precision: Precision, name: &str) -> P
     cfg.train.batch_size = plan.train_batch;
     cfg.train.warmup_steps = cfg.train.warmup_steps.min(plan.train_steps / 2);
     cfg.train.precision = precision;
+    // one rank on every device: the CPU and GPU curves must read the same data stream
+    cfg.distributed.local_ranks = 1;
     cfg
 }
 

@@ -121,6 +121,12 @@ pub struct DistributedConfig {
     /// and lets a checkpoint resume under a different number of ranks. `train.batch_size` must
     /// be a multiple of it.
     pub streams: usize,
+    /// Data-parallel ranks run as threads of this process (`docs/distributed.md`, "Ranks as
+    /// threads"), each with `compute_threads / local_ranks` compute threads: faster than one
+    /// rank for models too small to keep several cores busy through a step. 1 trains in one
+    /// rank; 0 (the default) chooses ([`PretrainConfig::resolved_local_ranks`]): 2 for a small
+    /// model on a CPU with at least 2 compute threads, else 1. Not combined with an MPI launcher.
+    pub local_ranks: usize,
     /// Longest wait in one collective operation before the job is aborted, in seconds.
     pub timeout_s: f64,
 }
@@ -129,6 +135,7 @@ impl Default for DistributedConfig {
     fn default() -> Self {
         Self {
             streams: 0,
+            local_ranks: 0,
             timeout_s: 600.0,
         }
     }
@@ -286,14 +293,58 @@ impl PretrainConfig {
         cores.saturating_sub(data).max(1)
     }
 
-    /// Sets `RAYON_NUM_THREADS` to [`PretrainConfig::resolved_compute_threads`] unless it is
-    /// already set. Call it before any thread pool exists (first thing in `main`).
+    /// The data-parallel ranks this process trains as threads: `distributed.local_ranks`, or
+    /// for 0 (auto) 2 when the job trains on the CPU with at least 2 compute threads, the model
+    /// is small (`emb_dim` and `dec_emb_dim` at most 256: its GEMMs are too small to keep two
+    /// cores busy, docs/distributed.md), the batch (and `distributed.streams`, if set) split
+    /// in two, and no MPI launcher started the process (`launched`); otherwise 1.
+    ///
+    /// ```
+    /// let mut cfg = m3ae::pretrain::PretrainConfig::default(); // the default job
+    /// cfg.compute_threads = 2;
+    /// assert_eq!(cfg.resolved_local_ranks(false), 2);
+    /// assert_eq!(cfg.threads_per_rank(), 1);
+    /// assert_eq!(cfg.resolved_local_ranks(true), 1); // under mpirun
+    /// cfg.compute_threads = 1;
+    /// assert_eq!(cfg.resolved_local_ranks(false), 1);
+    /// cfg.compute_threads = 2;
+    /// cfg.model.emb_dim = 384; // not a small model
+    /// assert_eq!(cfg.resolved_local_ranks(false), 1);
+    /// cfg.distributed.local_ranks = 3; // set explicitly
+    /// assert_eq!(cfg.resolved_local_ranks(true), 3);
+    /// ```
+    pub fn resolved_local_ranks(&self, launched: bool) -> usize {
+        if self.distributed.local_ranks > 0 {
+            return self.distributed.local_ranks;
+        }
+        let small = self.model.emb_dim <= 256 && self.model.dec_emb_dim <= 256;
+        let splits =
+            self.train.batch_size.is_multiple_of(2) && self.distributed.streams.is_multiple_of(2);
+        let two = !launched
+            && self.device.is_cpu()
+            && small
+            && splits
+            && self.resolved_compute_threads() >= 2;
+        if two {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The compute threads of each rank: [`PretrainConfig::resolved_compute_threads`] shared
+    /// by the [`PretrainConfig::resolved_local_ranks`] ranks of this process (at least one
+    /// each).
+    pub fn threads_per_rank(&self) -> usize {
+        (self.resolved_compute_threads() / self.resolved_local_ranks(false)).max(1)
+    }
+
+    /// Sets `RAYON_NUM_THREADS` to [`PretrainConfig::threads_per_rank`] unless it is already set
+    /// (under MPI, and with `distributed.local_ranks`, it counts the threads of one rank). Call it
+    /// before any thread pool exists (first thing in `main`).
     pub fn apply_compute_threads(&self) {
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            std::env::set_var(
-                "RAYON_NUM_THREADS",
-                self.resolved_compute_threads().to_string(),
-            );
+            std::env::set_var("RAYON_NUM_THREADS", self.threads_per_rank().to_string());
         }
     }
 
@@ -353,6 +404,17 @@ impl PretrainConfig {
                      and one test scene (or set probe = false)"
                 );
             }
+        }
+        let ranks = self.distributed.local_ranks;
+        if ranks > 64 {
+            bail!("distributed.local_ranks = {ranks} must be at most 64 (0: auto, 1: one rank)");
+        }
+        if ranks > 1 && !self.device.is_cpu() {
+            bail!(
+                "distributed.local_ranks = {ranks} runs ranks as CPU threads; on {} use one \
+                 process per GPU (mpirun, docs/distributed.md)",
+                self.device
+            );
         }
         use m3ae_model::resources::cap_threads;
         self.data.num_threads = cap_threads("data.num_threads", self.data.num_threads);
@@ -449,6 +511,7 @@ pub const RESUMABLE_SETTINGS: &[&str] = &[
     "probe_samples",
     "compute_threads",
     "data.num_threads",
+    "distributed.local_ranks",
     "distributed.timeout_s",
     "device",
     "train.precision",

@@ -55,9 +55,105 @@ pub struct RunOptions {
     pub plain: bool,
 }
 
-/// Runs (or resumes) a pre-training job in this process alone.
-pub fn run(cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
+/// Runs (or resumes) a pre-training job in this process: one rank, or
+/// [`PretrainConfig::resolved_local_ranks`] data-parallel ranks as threads
+/// ([`run_local_ranks`]).
+pub fn run(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
+    cfg.distributed.local_ranks = cfg.resolved_local_ranks(false);
+    if cfg.distributed.local_ranks > 1 {
+        return run_local_ranks(cfg, opts);
+    }
     run_with_sync(cfg, opts, Box::new(m3ae_train::SingleProcess))
+}
+
+/// Runs a job as `distributed.local_ranks` data-parallel ranks on threads of this process
+/// (`m3ae_train::sync::threads::ThreadSync`), each with its own pool of
+/// [`PretrainConfig::threads_per_rank`] compute threads (`RAYON_NUM_THREADS` when set; candle
+/// reads it too, so set it, or call [`PretrainConfig::apply_compute_threads`], before any pool
+/// exists). Everything else is [`run_with_sync`]'s: rank 0 writes the run directory and
+/// evaluates, and its summary is returned. If a rank fails, the others stop at their next
+/// collective and the first rank's own error is returned.
+pub fn run_local_ranks(mut cfg: PretrainConfig, opts: RunOptions) -> Result<RunSummary> {
+    use m3ae_train::sync::threads::ThreadSync;
+    let world = cfg.resolved_local_ranks(false);
+    cfg.distributed.local_ranks = world;
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| cfg.threads_per_rank());
+    let timeout = cfg.distributed.timeout_s;
+    if !(timeout > 0.0 && timeout.is_finite()) {
+        bail!("distributed.timeout_s = {timeout} must be > 0");
+    }
+    let ranks = ThreadSync::group(world);
+    let results: Vec<Result<RunSummary>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .enumerate()
+            .map(|(r, sync)| {
+                let (cfg, opts) = (cfg.clone(), opts.clone());
+                let sync = sync.with_timeout(std::time::Duration::from_secs_f64(timeout));
+                std::thread::Builder::new()
+                    .name(format!("m3ae-rank-{r}"))
+                    .spawn_scoped(s, move || -> Result<RunSummary> {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .thread_name(move |i| format!("m3ae-rank-{r}-{i}"))
+                            .build()
+                            .with_context(|| format!("starting rank {r}'s {threads} threads"))?;
+                        pool.install(|| run_with_sync(cfg, opts, Box::new(sync)))
+                    })
+                    .map_err(anyhow::Error::from)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| match h {
+                Err(e) => Err(e.context(format!("starting rank {r}"))),
+                Ok(h) => h.join().unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(anyhow::anyhow!("rank {r} of {world} panicked: {msg}"))
+                }),
+            })
+            .collect()
+    });
+    // the error of a rank that stopped by itself, not the echo in the ranks it left waiting
+    let echo = |e: &anyhow::Error| {
+        e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<m3ae_train::Error>(),
+                Some(m3ae_train::Error::PeerStopped { .. })
+            )
+        })
+    };
+    let mut first_err = None;
+    let mut summary = None;
+    for (r, res) in results.into_iter().enumerate() {
+        match res {
+            Ok(s) if r == 0 => summary = Some(s),
+            Ok(_) => {}
+            Err(e) => {
+                let replace = match &first_err {
+                    None => true,
+                    Some(f) => echo(f) && !echo(&e),
+                };
+                if replace {
+                    first_err = Some(e);
+                }
+            }
+        }
+    }
+    match (first_err, summary) {
+        (Some(e), _) => Err(e),
+        (None, Some(s)) => Ok(s),
+        (None, None) => bail!("rank 0 of {world} returned no summary"),
+    }
 }
 
 /// Runs (or resumes) one rank of a data-parallel pre-training job: `sync` averages the gradients
@@ -453,9 +549,25 @@ fn fit<O: Objective, S: m3ae_train::BatchSource>(
             .sink(Box::new(TensorBoardSink::create(&run_dir.join("tb"))?));
     }
     let Fitted {
-        trainer,
+        mut trainer,
         source,
         report,
     } = learner.fit()?;
-    Ok((trainer, report, source.stats()))
+    let mut stats = source.stats();
+    // the summary counts the samples of every rank, not rank 0's share
+    if trainer.rank_and_world().1 > 1 {
+        let local = serde_json::to_vec(&stats).context("the data's bad-sample counts")?;
+        if let Some(all) = trainer.sync_mut().gather(&local)? {
+            let mut total = m3ae_data::BadStats::default();
+            for bytes in all {
+                let s: Option<m3ae_data::BadStats> =
+                    serde_json::from_slice(&bytes).context("another rank's bad-sample counts")?;
+                if let Some(s) = s {
+                    total.merge(&s);
+                }
+            }
+            stats = Some(serde_json::to_value(total)?);
+        }
+    }
+    Ok((trainer, report, stats))
 }

@@ -59,6 +59,21 @@ pub enum Error {
     /// Optimiser or trainer state that does not fit the model.
     #[error("{0}")]
     State(String),
+    /// Another rank of a data-parallel job stopped (it failed, panicked or timed out) before a
+    /// collective this rank entered; that rank's own error says why.
+    #[error(
+        "rank {rank} of {world}: rank {gone} stopped (failed, panicked or timed out) before the {what}"
+    )]
+    PeerStopped {
+        /// This rank.
+        rank: usize,
+        /// Number of ranks.
+        world: usize,
+        /// The rank that stopped first.
+        gone: usize,
+        /// The collective.
+        what: String,
+    },
     /// Too many non-finite steps in a row.
     #[error(
         "{count} consecutive steps had a non-finite loss or gradient (at step {step}); stopping"

@@ -1,8 +1,9 @@
 //! Gradient synchronisation across processes (`GradSync`): averages the gradients of a step over
 //! all ranks before clipping, as the official code's `pmean` does, and the few small collectives
 //! a data-parallel run needs besides (a sum of scalars, a gather of bytes to rank 0).
-//! [`SingleProcess`] is the identity; the MPI implementation is in `mpi` (feature `mpi`), the
-//! NCCL one for CUDA tensors in `nccl` (feature `nccl`).
+//! [`SingleProcess`] is the identity; [`threads::ThreadSync`] runs the ranks as threads of one
+//! process; the MPI implementation is in `mpi` (feature `mpi`), the NCCL one for CUDA tensors in
+//! `nccl` (feature `nccl`).
 //!
 //! Gradients travel as one flat `f32` buffer per step, in the sorted order of their names
 //! ([`flatten`] / [`unflatten`]), so every rank lays them out identically; [`layout_digest`]
@@ -16,6 +17,7 @@ use candle_core::Tensor;
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod threads;
 
 /// Averages gradients across the processes of a data-parallel job.
 ///
