@@ -84,24 +84,7 @@ fn tensors(path: &Path) -> HashMap<String, Tensor> {
 
 /// Largest |a - b| over every tensor of two safetensors files with the same names.
 fn max_abs_diff(a: &Path, b: &Path) -> f32 {
-    let (a, b) = (tensors(a), tensors(b));
-    assert_eq!(a.len(), b.len());
-    let mut worst = 0f32;
-    for (k, x) in &a {
-        let y = b.get(k).unwrap_or_else(|| panic!("{k} missing"));
-        let d = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        worst = worst.max(d);
-    }
-    worst
+    common::max_abs_diff(&tensors(a), &tensors(b))
 }
 
 fn trainer_json(ck: &Path) -> serde_json::Value {

@@ -2,7 +2,10 @@
 //! batch B each against one rank at the global batch 2B (same streams, so the same samples),
 //! bit-identical reruns, and a two-rank checkpoint that resumes in one rank. No MPI needed.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::max_abs_diff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,32 +55,8 @@ fn model(dir: &Path, name: &str, step: u64) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
 }
 
-/// Largest |a - b| over every tensor of two models with the same names.
-fn max_abs_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let mut worst = 0f32;
-    for (k, x) in a {
-        let y = b.get(k).unwrap_or_else(|| panic!("{k} missing"));
-        let d = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        worst = worst.max(d);
-    }
-    worst
-}
-
 fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("m3ae-local-ranks-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::temp_dir("local-ranks", tag)
 }
 
 /// As in the MPI test (tests/distributed.rs): the runs differ only in the order of float sums,

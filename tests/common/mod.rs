@@ -1,5 +1,6 @@
 //! Helpers shared by the root package's integration tests: fresh temporary folders, the
-//! official checkpoint fixtures, and tensors as bit patterns for exact comparisons; for the
+//! official checkpoint fixtures, tensors as bit patterns for exact comparisons and the largest
+//! difference of two checkpoints; for the
 //! `m3ae` command-line tests (`tests/eval_cli.rs`, `tests/eval_cli_errors.rs`), running the
 //! binary, small generated data sets (uint8 arrays, WebDataset shards) and saved checkpoints.
 #![allow(dead_code)]
@@ -25,6 +26,28 @@ pub fn fixtures() -> PathBuf {
 /// `tests/fixtures/official_checkpoint`.
 pub fn ckpt_dir() -> PathBuf {
     fixtures().join("official_checkpoint")
+}
+
+/// Largest |a - b| over every tensor of two sets of tensors with the same names (two
+/// checkpoints' `model.safetensors`, say).
+pub fn max_abs_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for (k, x) in a {
+        let y = b.get(k).unwrap_or_else(|| panic!("{k} missing"));
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(d);
+    }
+    worst
 }
 
 /// The values of a tensor (as f32) as bit patterns, for bit-exact comparisons.
