@@ -473,7 +473,12 @@ fn train_loop<O: Objective + Clone + Into<AnyModel>>(
         steps: report.steps,
         interrupted: report.interrupted,
         image_loss: pair("image_loss"),
-        text_loss: pair("text_loss"),
+        // MAE logs a text loss of 0 (it has no text head): nothing to report
+        text_loss: if cfg.objective == Variant::Mae {
+            None
+        } else {
+            pair("text_loss")
+        },
         masked_word_accuracy: None,
         frequency_baseline: None,
         samples_per_s: report.samples_per_s,

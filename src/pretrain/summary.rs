@@ -15,7 +15,8 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// Image loss of the first logged window and of the last one.
     pub image_loss: Option<(f64, f64)>,
-    /// Text loss of the first logged window and of the last one.
+    /// Text loss of the first logged window and of the last one (none for MAE, which has no
+    /// text head).
     pub text_loss: Option<(f64, f64)>,
     /// Masked-word accuracy on held-out scenes.
     pub masked_word_accuracy: Option<f64>,
