@@ -61,15 +61,8 @@ fn pretrain(launcher: Option<Command>, cfg: &Path, name: &str, extra: &[&str]) -
     c
 }
 
-fn run_ok(mut c: Command) -> String {
-    let out = c.output().expect("starting the job (is mpirun installed?)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "job failed: {text}");
-    text
+fn run_ok(c: Command) -> String {
+    common::run_ok(c)
 }
 
 fn checkpoint(dir: &Path, name: &str, step: u64) -> PathBuf {

@@ -29,21 +29,13 @@ fn config(dir: &Path, steps: u64, ranks: usize) -> PathBuf {
 }
 
 fn run_ok(cfg: &Path, name: &str, extra: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .env("RAYON_NUM_THREADS", "1")
+    let mut c = Command::new(BIN);
+    c.env("RAYON_NUM_THREADS", "1")
         .args(["pretrain", "--plain", "--config"])
         .arg(cfg)
         .args(["--name", name])
-        .args(extra)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "job failed: {text}");
-    text
+        .args(extra);
+    common::run_ok(c)
 }
 
 fn model(dir: &Path, name: &str, step: u64) -> HashMap<String, Tensor> {

@@ -132,10 +132,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     }
     // Before any thread pool exists: ranks as threads, and the compute threads of each
     // (candle and our kernels).
-    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
-        .any(|k| std::env::var_os(k).is_some_and(|v| v != "1"));
-    cfg.distributed.local_ranks = cfg.resolved_local_ranks(launched);
+    cfg.distributed.local_ranks = cfg.resolved_local_ranks(launched_with_several_ranks());
     cfg.apply_compute_threads();
     // Ctrl-C, and SIGTERM / SIGHUP as sent by cluster schedulers (Slurm, Kubernetes) before
     // they kill a job: stop at the next step boundary with a checkpoint and exit 0.
@@ -201,6 +198,14 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether an MPI launcher started this process as one of several ranks (its environment says
+/// so whether or not this binary was built with MPI).
+fn launched_with_several_ranks() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .any(|k| std::env::var_os(k).is_some_and(|v| v != "1"))
+}
+
 /// How the ranks of a job meet: MPI when the binary has the `mpi` feature and was started by an
 /// MPI launcher (over NCCL when the job trains on CUDA, feature `nccl`), otherwise one process.
 ///
@@ -244,10 +249,7 @@ fn grad_sync(
         return Ok(Box::new(s));
     }
     #[cfg(not(feature = "mpi"))]
-    if ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
-        .any(|k| std::env::var_os(k).is_some_and(|v| v != "1"))
-    {
+    if launched_with_several_ranks() {
         anyhow::bail!(
             "started by an MPI launcher, but this m3ae was built without MPI: rebuild with `--features mpi`"
         );

@@ -61,6 +61,19 @@ pub fn f32_bits(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
+/// Runs a prepared command (a job, perhaps under a launcher) and returns its stdout and stderr
+/// together; panics with that text if it fails.
+pub fn run_ok(mut c: Command) -> String {
+    let out = c.output().expect("starting the job");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "job failed: {text}");
+    text
+}
+
 pub fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_m3ae"))
         .args(args)
