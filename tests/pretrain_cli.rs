@@ -786,8 +786,14 @@ fn the_tiny_scenes_config_file_is_the_default_job() -> anyhow::Result<()> {
 }
 
 /// Asserts that `configs/<name>.toml` is the default job trained `steps` steps (warmup 300,
-/// checkpoints and images every 1,000) in `local_ranks` ranks as threads, and nothing else.
-fn assert_default_job_trained(name: &str, steps: u64, local_ranks: usize) -> anyhow::Result<()> {
+/// checkpoints and images every 1,000) in `local_ranks` ranks as threads, with an encoder of
+/// `depth` blocks and a decoder of `dec_depth`, and nothing else.
+fn assert_default_job_trained(
+    name: &str,
+    steps: u64,
+    local_ranks: usize,
+    (depth, dec_depth): (usize, usize),
+) -> anyhow::Result<()> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("configs")
         .join(format!("{name}.toml"));
@@ -795,6 +801,11 @@ fn assert_default_job_trained(name: &str, steps: u64, local_ranks: usize) -> any
     let default = m3ae::pretrain::PretrainConfig::default();
     let expected = m3ae::pretrain::PretrainConfig {
         name: name.into(),
+        model: m3ae_model::M3aeConfig {
+            depth,
+            dec_depth,
+            ..default.model.clone()
+        },
         train: m3ae_train::TrainConfig {
             steps,
             warmup_steps: 300,
@@ -816,14 +827,14 @@ fn assert_default_job_trained(name: &str, steps: u64, local_ranks: usize) -> any
 /// trained longer in one rank (as its figures were measured) and nothing else.
 #[test]
 fn the_long_scenes_recipe_is_the_default_job_trained_longer() -> anyhow::Result<()> {
-    assert_default_job_trained("tiny-scenes-long", 6000, 1)
+    assert_default_job_trained("tiny-scenes-long", 6000, 1, (2, 2))
 }
 
-/// `configs/tiny-scenes-hour.toml` (the hour recipe of docs/results.md) is the default job
-/// trained 13,000 steps and nothing else.
+/// `configs/tiny-scenes-hour.toml` (the hour recipe of docs/results.md) is the default job with
+/// a 4-block encoder and a 1-block decoder, trained 14,000 steps, and nothing else.
 #[test]
-fn the_hour_recipe_is_the_default_job_trained_13000_steps() -> anyhow::Result<()> {
-    assert_default_job_trained("tiny-scenes-hour", 13_000, 0)
+fn the_hour_recipe_is_the_default_job_deeper_and_trained_14000_steps() -> anyhow::Result<()> {
+    assert_default_job_trained("tiny-scenes-hour", 14_000, 0, (4, 1))
 }
 
 /// `configs/tiny-scenes-named.toml` is the longer recipe with image mask 0.9 and text mask 0.25.
