@@ -876,3 +876,33 @@ fn every_shipped_config_loads_and_validates() -> anyhow::Result<()> {
     assert!(seen >= 4, "only {seen} configs in {}", dir.display());
     Ok(())
 }
+
+/// An image-only MAE run shows no text loss or word accuracy: not in its step lines, not in
+/// its summary (it has no text head, so a 0 there would read as a measurement).
+#[test]
+fn an_mae_run_reports_no_text_figures() {
+    let d = temp("mae-lines");
+    let cfg = write(
+        &d.join("mae.toml"),
+        &small_config(
+            &d.join("runs"),
+            "objective = \"mae\"\n[train]\nbatch_size = 4\nsteps = 2\nwarmup_steps = 1\n",
+        ),
+    );
+    let o = run(&["pretrain", "--config", &cfg, "--plain"]);
+    assert!(o.ok, "{}", o.stderr);
+    let all = format!("{}{}", o.stdout, o.stderr);
+    let steps: Vec<&str> = all.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps.len(), 2, "{all}");
+    for line in steps {
+        assert!(
+            line.contains(" image ") && !line.contains(" text ") && !line.contains(" acc "),
+            "{line}"
+        );
+    }
+    assert!(
+        all.contains("image loss:") && !all.contains("text loss:"),
+        "{all}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
