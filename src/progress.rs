@@ -8,7 +8,7 @@ use m3ae_train::Window;
 pub(crate) struct JobProgress {
     bar: Option<indicatif::ProgressBar>,
     plain: bool,
-    /// (label, scalar name, decimals) of the window means shown.
+    /// (label, scalar name, decimals) of the window means shown (those the window has).
     fields: &'static [(&'static str, &'static str, usize)],
 }
 
@@ -44,9 +44,11 @@ impl m3ae_train::Progress for JobProgress {
         }
     }
     fn window(&mut self, w: &Window) {
+        // only what the objective reports: an image-only MAE has no text loss to show as 0
         let values: Vec<String> = self
             .fields
             .iter()
+            .filter(|(_, name, _)| w.scalars.contains_key(*name))
             .map(|&(label, name, decimals)| format!("{label} {:.*}", decimals, w.mean(name)))
             .collect();
         let msg = format!(

@@ -529,17 +529,12 @@ fn fit<O: Objective, S: m3ae_train::BatchSource>(
         .log_every(cfg.log_every)
         .progress(Box::new(JobProgress::new(
             opts.plain,
-            // an image-only MAE has no text loss or word accuracy to show
-            if cfg.objective == Variant::Mae {
-                &[("loss", "loss", 4), ("image", "image_loss", 4)]
-            } else {
-                &[
-                    ("loss", "loss", 4),
-                    ("image", "image_loss", 4),
-                    ("text", "text_loss", 3),
-                    ("acc", "text_accuracy", 2),
-                ]
-            },
+            &[
+                ("loss", "loss", 4),
+                ("image", "image_loss", 4),
+                ("text", "text_loss", 3),
+                ("acc", "text_accuracy", 2),
+            ],
         )))
         .interrupt(opts.stop.clone())
         .tokens_per_sample(tokens)
