@@ -135,6 +135,14 @@ fn finetune_errors_are_one_line_naming_the_flag_file_or_field() {
             "finetune.epochs",
         ),
         (
+            [
+                finetune_args(&train, &train, s(&out)),
+                vec!["--auto-augment", "rand-m9-q2"],
+            ]
+            .concat(),
+            "--auto-augment",
+        ),
+        (
             vec!["predict", "--checkpoint", "/no/such/run", "--data", &train],
             "/no/such/run",
         ),
@@ -145,4 +153,31 @@ fn finetune_errors_are_one_line_naming_the_flag_file_or_field() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn auto_augment_defaults_to_the_official_policy_and_can_be_turned_off() {
+    let cfg = |extra: &[&str]| {
+        let base = [
+            "finetune",
+            "--random-init",
+            "--train-data",
+            "x",
+            "--val-data",
+            "y",
+        ];
+        let args = [&base[..], &["--print-config"], extra].concat();
+        let (ok, stdout, stderr) = run(&args);
+        assert!(ok, "{stderr}");
+        stdout
+            .lines()
+            .find(|l| l.starts_with("auto_augment"))
+            .unwrap_or_else(|| panic!("no auto_augment in {stdout}"))
+            .to_string()
+    };
+    assert_eq!(
+        cfg(&[]),
+        r#"auto_augment = "rand-m9-n2-mstd0.5-mmax10-p0.5-inc1""#
+    );
+    assert_eq!(cfg(&["--auto-augment", "none"]), r#"auto_augment = "none""#);
 }

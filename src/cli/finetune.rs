@@ -148,6 +148,10 @@ pub struct FinetuneArgs {
     /// Classifier input: the cls token or the mean of the patch tokens.
     #[arg(long, value_enum)]
     pool: Option<PoolArg>,
+    /// Augmentation after the crop: a timm RandAugment policy (official
+    /// `rand-m9-mstd0.5-inc1`, the default) or `none`.
+    #[arg(long, value_name = "POLICY")]
+    auto_augment: Option<String>,
     /// Seed (head init, data order, augmentation, mixup, dropout).
     #[arg(long)]
     seed: Option<u64>,
@@ -215,6 +219,11 @@ impl FinetuneArgs {
                 PoolArg::Cls => Pooling::Cls,
                 PoolArg::Mean => Pooling::Mean,
             };
+        }
+        if let Some(v) = &self.auto_augment {
+            cfg.auto_augment = v
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--auto-augment: {e}"))?;
         }
         if let Some(v) = self.seed {
             cfg.seed = v;

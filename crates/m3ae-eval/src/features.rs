@@ -168,6 +168,7 @@ pub fn eval_image_config(cfg: &M3aeConfig, normalization: Normalization) -> Imag
         size: cfg.image_size,
         transform: Transform::test(),
         normalization,
+        augment: Default::default(),
     }
 }
 

@@ -9,6 +9,8 @@
 //!   horizontal flip; `linear_probe` = the same with scale (0.08, 1); `test` = Resize(size,
 //!   bicubic) of the shorter side + CenterCrop(size).
 //! * [`Normalization`]: CC12M or ImageNet mean / std, none, or custom.
+//! * [`AutoAugment`]: optional RandAugment after the crop (timm's policies, Pillow's operations;
+//!   the official fine-tuning transform uses `rand-m9-mstd0.5-inc1`).
 //!
 //! Resampling is a separable bicubic (a = -0.5) filter whose support widens when downscaling
 //! (antialiasing), as PIL's `resize` that torchvision calls. The output is HWC f32, ready for
@@ -20,10 +22,12 @@
 //!
 //! [`resample`]: fn@resample
 
+mod augment;
 mod decode;
 mod resample;
 mod transform;
 
+pub use augment::{AugmentOp, AutoAugment, RandAugment};
 pub use decode::{decode_rgb, RgbImage, MAX_ALLOC, MAX_SIDE};
 pub use resample::resample;
 pub use transform::{random_resized_crop, CropBox, ImageConfig, Layout, Normalization, Transform};

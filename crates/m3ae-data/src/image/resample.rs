@@ -432,6 +432,7 @@ mod tests {
                     size,
                     transform,
                     normalization,
+                    augment: Default::default(),
                 };
                 for seed in 0..6 {
                     let want = reference(&cfg, &img, seed);
@@ -457,6 +458,7 @@ mod tests {
             size: 32,
             transform: Transform::pretrain(),
             normalization: Normalization::Cc12m,
+            augment: Default::default(),
         };
         let hwc = cfg.apply(&img, &mut crate::seed::rng(3, 0, 0, 0));
         let mut patches = vec![0f32; hwc.len()];

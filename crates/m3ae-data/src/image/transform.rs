@@ -3,7 +3,7 @@
 //! and [`ImageConfig::apply_into`] hand the box to the resampler.
 
 use super::resample::resample_normalized;
-use super::RgbImage;
+use super::{AutoAugment, RgbImage};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +95,10 @@ pub struct ImageConfig {
     pub transform: Transform,
     /// The normalisation.
     pub normalization: Normalization,
+    /// Augmentation after the crop (none by default; the official fine-tuning transform uses
+    /// RandAugment `rand-m9-mstd0.5-inc1`).
+    #[serde(default)]
+    pub augment: AutoAugment,
 }
 
 impl Default for ImageConfig {
@@ -103,6 +107,7 @@ impl Default for ImageConfig {
             size: 256,
             transform: Transform::pretrain(),
             normalization: Normalization::Cc12m,
+            augment: AutoAugment::None,
         }
     }
 }
@@ -213,7 +218,7 @@ impl ImageConfig {
     /// ```
     /// use m3ae_data::{ImageConfig, Normalization, RgbImage, Transform};
     /// let img = RgbImage { width: 8, height: 4, data: vec![255; 8 * 4 * 3] };
-    /// let cfg = ImageConfig { size: 4, transform: Transform::test(), normalization: Normalization::None };
+    /// let cfg = ImageConfig { size: 4, transform: Transform::test(), normalization: Normalization::None, augment: Default::default() };
     /// let out = cfg.apply(&img, &mut m3ae_data::seed::rng(0, 0, 0, 0));
     /// assert_eq!(out.len(), 4 * 4 * 3);
     /// assert!(out.iter().all(|v| (v - 1.0).abs() < 1e-5));
@@ -236,7 +241,7 @@ impl ImageConfig {
     /// ```
     /// use m3ae_data::{image::Layout, ImageConfig, Normalization, RgbImage, Transform};
     /// let img = RgbImage { width: 8, height: 8, data: vec![255; 8 * 8 * 3] };
-    /// let cfg = ImageConfig { size: 4, transform: Transform::test(), normalization: Normalization::None };
+    /// let cfg = ImageConfig { size: 4, transform: Transform::test(), normalization: Normalization::None, augment: Default::default() };
     /// let mut out = vec![0.0; 4 * 4 * 3];
     /// cfg.apply_into(&img, &mut m3ae_data::seed::rng(0, 0, 0, 0), Layout::Patches(2), &mut out);
     /// assert!(out.iter().all(|v| (v - 1.0).abs() < 1e-5));
@@ -246,7 +251,37 @@ impl ImageConfig {
     pub fn apply_into<R: Rng>(&self, img: &RgbImage, rng: &mut R, layout: Layout, out: &mut [f32]) {
         let b = self.crop_box(img.width, img.height, rng);
         let (mean, std) = self.normalization.mean_std();
-        resample_normalized(img, &b, self.size, mean, std, layout, out);
+        let AutoAugment::Rand(ra) = self.augment else {
+            resample_normalized(img, &b, self.size, mean, std, layout, out);
+            return;
+        };
+        // RandAugment works on 8-bit images, as after torchvision's / PIL's resize: resample to
+        // [0, 1], round to bytes, augment, then normalise into the layout
+        let n = self.size;
+        resample_normalized(img, &b, n, [0.0; 3], [1.0; 3], Layout::Hwc, out);
+        let mut small = RgbImage {
+            width: n,
+            height: n,
+            data: out
+                .iter()
+                .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+                .collect(),
+        };
+        let fill = mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8);
+        ra.apply(&mut small, fill, rng);
+        for (i, px) in small.data.chunks_exact(3).enumerate() {
+            let (y, x) = (i / n, i % n);
+            let at = match layout {
+                Layout::Hwc => i * 3,
+                Layout::Patches(p) => {
+                    let patch = (y / p) * (n / p) + x / p;
+                    patch * p * p * 3 + ((y % p) * p + x % p) * 3
+                }
+            };
+            for c in 0..3 {
+                out[at + c] = (px[c] as f32 / 255.0 - mean[c]) / std[c];
+            }
+        }
     }
 }
 
@@ -262,6 +297,47 @@ pub enum Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn augmented_images_are_seeded_and_laid_out_like_the_plain_path() {
+        let img = RgbImage {
+            width: 40,
+            height: 30,
+            data: (0..40 * 30 * 3).map(|i| (i * 7 % 256) as u8).collect(),
+        };
+        let plain = ImageConfig {
+            size: 16,
+            transform: Transform::linear_probe(),
+            normalization: Normalization::Imagenet,
+            augment: AutoAugment::None,
+        };
+        let aug = ImageConfig {
+            augment: "rand-m9-mstd0.5-inc1-p1".parse().unwrap(),
+            ..plain
+        };
+        let run = |cfg: &ImageConfig, seed, layout| {
+            let mut out = vec![0f32; 16 * 16 * 3];
+            cfg.apply_into(&img, &mut crate::seed::rng(seed, 0, 0, 0), layout, &mut out);
+            out
+        };
+        assert_eq!(run(&aug, 5, Layout::Hwc), run(&aug, 5, Layout::Hwc));
+        assert_ne!(run(&aug, 5, Layout::Hwc), run(&plain, 5, Layout::Hwc));
+        // the patch layout holds the same values as the HWC one, patch by patch
+        let (hwc, patches) = (run(&aug, 6, Layout::Hwc), run(&aug, 6, Layout::Patches(4)));
+        for y in 0..16 {
+            for x in 0..16 {
+                for c in 0..3 {
+                    let p = (y / 4) * 4 + x / 4;
+                    let at = p * 48 + ((y % 4) * 4 + x % 4) * 3 + c;
+                    assert_eq!(hwc[(y * 16 + x) * 3 + c], patches[at]);
+                }
+            }
+        }
+        // an old configuration without the field reads as no augmentation
+        let json = r#"{"size":8,"transform":"resize","normalization":"none"}"#;
+        let cfg: ImageConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(cfg.augment, AutoAugment::None);
+    }
 
     #[test]
     fn rrc_boxes_respect_scale_and_ratio() {

@@ -2,6 +2,7 @@
 //! serde struct that round-trips through TOML and JSON and is saved with every checkpoint.
 
 use crate::{Error, Result};
+use m3ae_data::image::AutoAugment;
 use m3ae_data::mixup::MixupConfig;
 use m3ae_data::Normalization;
 use m3ae_model::{LayerDecayRule, Pooling};
@@ -10,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 /// Fine-tuning settings. The defaults are the official `finetune_main` flags (90 epochs, peak lr
 /// 1.5e-4 after 5 warmup epochs, cosine to 0, layer decay 0.75, AdamW b2 0.999 without weight
-/// decay, mixup 0.8 / cutmix 1.0 / switch 0.5 with label smoothing 0.1, no clipping), except the
-/// batch size (official 2, a typo-sized default; 256 here).
+/// decay, mixup 0.8 / cutmix 1.0 / switch 0.5 with label smoothing 0.1, RandAugment
+/// `rand-m9-mstd0.5-inc1` after the crop, no clipping), except the batch size (official 2, a
+/// typo-sized default; 256 here).
 ///
 /// ```
 /// use m3ae_eval::finetune::FinetuneConfig;
@@ -59,6 +61,9 @@ pub struct FinetuneConfig {
     pub att_drop: f64,
     /// Area range of the training RandomResizedCrop (a horizontal flip follows).
     pub crop_scale: (f64, f64),
+    /// Augmentation of the training images after the crop and flip: a timm RandAugment policy
+    /// (official: `"rand-m9-mstd0.5-inc1"`) or `"none"`.
+    pub auto_augment: AutoAugment,
     /// Pixel normalisation (training and evaluation).
     pub normalization: Normalization,
     /// Seed of the classifier head, the data order, the augmentation, mixup and dropout.
@@ -98,6 +103,7 @@ impl Default for FinetuneConfig {
             drop: 0.0,
             att_drop: 0.0,
             crop_scale: (0.08, 1.0),
+            auto_augment: AutoAugment::official_finetune(),
             normalization: Normalization::Cc12m,
             seed: 0,
             eval_every_epochs: 1,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 const SHUFFLE_BUFFER: usize = 16_384;
 
 /// The training loader: RandomResizedCrop with `cfg.crop_scale` and ratio (3/4, 4/3), a
-/// horizontal flip, endless epochs in a seeded shuffled order, drop-last, no masks, no text.
+/// horizontal flip, `cfg.auto_augment`, endless epochs in a seeded shuffled order, drop-last, no masks, no text.
 pub fn train_loader_config(cfg: &FinetuneConfig, model: &M3aeConfig) -> LoaderConfig {
     let mut lc = LoaderConfig::eval(cfg.batch_size, model.image_size, model.patch_size);
     lc.image = Some(ImageConfig {
@@ -27,6 +27,7 @@ pub fn train_loader_config(cfg: &FinetuneConfig, model: &M3aeConfig) -> LoaderCo
             flip: true,
         },
         normalization: cfg.normalization,
+        augment: cfg.auto_augment,
     });
     lc.seed = cfg.seed;
     lc.epochs = None;
