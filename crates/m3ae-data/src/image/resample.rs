@@ -222,17 +222,7 @@ fn resample_normalized_body(
             for ((a, s), bi) in acc.iter_mut().zip(scale.iter()).zip(bias.iter()) {
                 *a = a.clamp(0.0, 255.0) * s + bi;
             }
-            match layout {
-                Layout::Hwc => out[j * row_len..(j + 1) * row_len].copy_from_slice(acc),
-                Layout::Patches(p) => {
-                    let g = size / p;
-                    let (gy, py) = (j / p, j % p);
-                    for (gx, chunk) in acc.chunks_exact(p * 3).enumerate() {
-                        let o = ((gy * g + gx) * p * p + py * p) * 3;
-                        out[o..o + p * 3].copy_from_slice(chunk);
-                    }
-                }
-            }
+            layout.write_row(size, j, acc, out);
         }
     }
 }

@@ -269,18 +269,12 @@ impl ImageConfig {
         };
         let fill = mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8);
         ra.apply(&mut small, fill, rng);
-        for (i, px) in small.data.chunks_exact(3).enumerate() {
-            let (y, x) = (i / n, i % n);
-            let at = match layout {
-                Layout::Hwc => i * 3,
-                Layout::Patches(p) => {
-                    let patch = (y / p) * (n / p) + x / p;
-                    patch * p * p * 3 + ((y % p) * p + x % p) * 3
-                }
-            };
-            for c in 0..3 {
-                out[at + c] = (px[c] as f32 / 255.0 - mean[c]) / std[c];
+        let mut row = vec![0f32; n * 3];
+        for (j, bytes) in small.data.chunks_exact(n * 3).enumerate() {
+            for (k, (r, &v)) in row.iter_mut().zip(bytes).enumerate() {
+                *r = (v as f32 / 255.0 - mean[k % 3]) / std[k % 3];
             }
+            layout.write_row(n, j, &row, out);
         }
     }
 }
@@ -292,6 +286,25 @@ pub enum Layout {
     Hwc,
     /// `[(size / P)^2, P * P * 3]`: the layout of [`m3ae_model::patchify`] with patch size `P`.
     Patches(usize),
+}
+
+impl Layout {
+    /// Writes row `j` of a `size x size` image (`size * 3` values, HWC order) to its places in
+    /// `out`, an image in this layout.
+    #[inline(always)]
+    pub(crate) fn write_row(self, size: usize, j: usize, row: &[f32], out: &mut [f32]) {
+        match self {
+            Layout::Hwc => out[j * row.len()..(j + 1) * row.len()].copy_from_slice(row),
+            Layout::Patches(p) => {
+                let g = size / p;
+                let (gy, py) = (j / p, j % p);
+                for (gx, chunk) in row.chunks_exact(p * 3).enumerate() {
+                    let o = ((gy * g + gx) * p * p + py * p) * 3;
+                    out[o..o + p * 3].copy_from_slice(chunk);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
