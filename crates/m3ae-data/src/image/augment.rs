@@ -19,6 +19,7 @@
 
 use super::RgbImage;
 use rand::Rng;
+use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -242,13 +243,6 @@ impl From<AutoAugment> for String {
     }
 }
 
-/// A standard normal draw (Box-Muller).
-fn gauss<R: Rng>(rng: &mut R) -> f64 {
-    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
-    let u2: f64 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-}
-
 /// `v` or `-v` with probability 1/2 each (timm's `_randomly_negate`).
 fn negate<R: Rng>(v: f64, rng: &mut R) -> f64 {
     if rng.random::<f64>() > 0.5 {
@@ -310,7 +304,7 @@ impl RandAugment {
             if self.magnitude_std == f64::INFINITY {
                 m *= rng.random::<f64>();
             } else if self.magnitude_std > 0.0 {
-                m += self.magnitude_std * gauss(rng);
+                m += self.magnitude_std * rng.sample::<f64, _>(StandardNormal);
             }
             let m = m.min(self.magnitude_max).max(0.0);
             ops.push(self.op(kind, m, rng));
