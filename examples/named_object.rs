@@ -3,9 +3,11 @@
 //! For held-out scenes (the test split) every patch that touches the main object is masked
 //! (plus random others up to the model's mask ratio), and the model is given a caption that
 //! names only that object ("large red circle at the top left"), with all of its words visible.
-//! The same masked image is reconstructed three times: with that caption, with the caption's
-//! colour word swapped for another colour, and with no caption at all. A model that reads the
-//! caption puts the object there, in the named colour; the swapped caption changes its colour.
+//! The same masked image is reconstructed four times: with that caption, with the caption's
+//! colour word swapped for another colour, with its shape word swapped for another shape, and
+//! with no caption at all. A model that reads the caption puts the object there, in the named
+//! colour; the swapped colour changes its colour, and a model that draws shapes from words
+//! scores worse with the swapped shape than with the right one.
 //!
 //! ```text
 //! cargo run --release --example named_object                        # runs/tiny-scenes
@@ -13,15 +15,18 @@
 //! ```
 //!
 //! Prints, over `--scenes` scenes, the mean squared error (RGB in [0, 1]) on the hidden object's
-//! patches for each caption, for the plain background (a model that draws no object) and for
-//! the object drawn from its caption alone (named shape, colour and size at its cell's centre:
-//! what reading the words could give),
-//! and writes `--rows` of them as a PNG (default
+//! patches for each caption, and for four drawings that need no model: the plain background (a
+//! model that draws no object), the object drawn from its caption alone (named shape, colour and
+//! size at its cell's centre: what reading the words could give), the same in another shape (a
+//! model that reads the words but draws the wrong shape), and the mean of the same drawn in each
+//! shape the training split uses (the best a model that reads place, colour and size but not the
+//! shape could draw at the cell's centre). The last two tell how much of the caption's worth is
+//! the shape. It writes `--rows` of them as a PNG (default
 //! `<checkpoint>/named-object.png`): original | masked input | with the caption | colour
-//! swapped | no caption, the caption under each row in the text output.
+//! swapped | shape swapped | no caption, the captions of each row in the text output.
 
 use anyhow::{bail, Context, Result};
-use m3ae::data::scenes::COLOURS;
+use m3ae::data::scenes::{Object, COLOURS, SHAPES, SHAPE_WORDS};
 use m3ae::data::{CaptionedScenes, Normalization, RgbImage, SceneSplit, ScenesConfig};
 use m3ae::eval::panels::{panel_scale, upscale, write_png};
 use m3ae::eval::{find_tokenizer, load_model, reconstruct_with, MaskNoise, ModelSource};
@@ -82,9 +87,13 @@ fn main() -> Result<()> {
         ..Default::default()
     })?;
     let norm = Normalization::Cc12m;
+    // the shapes the training split draws (a swapped shape word is one the model was trained on)
+    let train_shapes: Vec<usize> = (0..SHAPES.len())
+        .filter(|s| !scenes.config().held_out_shapes.contains(s))
+        .collect();
     let mut rng = m3ae::data::seed::rng(seed, 0, 0, 0);
-    let (mut sums, mut shown) = ([0f64; 5], 0usize);
-    let mut canvas_rows: Vec<[Vec<u8>; 5]> = Vec::new();
+    let (mut sums, mut shown) = ([0f64; 8], 0usize);
+    let mut canvas_rows: Vec<[Vec<u8>; 6]> = Vec::new();
     for i in 0..count {
         let scene = scenes.scene(i);
         let o = scene.objects[0];
@@ -102,6 +111,13 @@ fn main() -> Result<()> {
         let caption = o.phrase();
         let other = (o.colour + 1 + i % 7) % 8; // another colour the training split uses
         let swapped = caption.replacen(COLOURS[o.colour].0, COLOURS[other].0, 1);
+        let others: Vec<usize> = train_shapes
+            .iter()
+            .copied()
+            .filter(|&s| s != o.shape)
+            .collect();
+        let other_shape = others[i % others.len()];
+        let reshaped = caption.replacen(SHAPE_WORDS[o.shape][0], SHAPE_WORDS[other_shape][0], 1);
         let image = RgbImage {
             width: size,
             height: size,
@@ -112,7 +128,12 @@ fn main() -> Result<()> {
             text: Some(text),
         };
         let mut panels = Vec::new();
-        for cap in [Some(caption.as_str()), Some(swapped.as_str()), None] {
+        for cap in [
+            Some(caption.as_str()),
+            Some(swapped.as_str()),
+            Some(reshaped.as_str()),
+            None,
+        ] {
             let r = reconstruct_with(&model, &image, cap.map(|c| (c, &tok)), seed, &masks, norm)?;
             if let Some(c) = cap {
                 let kept = tok
@@ -136,15 +157,29 @@ fn main() -> Result<()> {
         }
         // what a model that draws only the background would score
         let background = scenes.scene_layers(i).background;
-        sums[3] += patch_mse(&background, original, &hidden, grid, patch);
+        sums[4] += patch_mse(&background, original, &hidden, grid, patch);
         // what a model that read the caption perfectly could draw: the named object at its
         // cell's centre with its size's mean radius (jitter and size variation are not in words)
-        let named = scenes.render_on_background(i, &[scenes.as_named(&o)]);
-        sums[4] += patch_mse(&named, original, &hidden, grid, patch);
+        let named = scenes.as_named(&o);
+        let drawn = scenes.render_on_background(i, &[named]);
+        sums[5] += patch_mse(&drawn, original, &hidden, grid, patch);
+        // the same in another shape, and the mean of the same in every training shape: what
+        // the words are worth to a model that reads all of them but the shape
+        let with_shape =
+            |shape: usize| scenes.render_on_background(i, &[Object { shape, ..named }]);
+        sums[6] += patch_mse(&with_shape(other_shape), original, &hidden, grid, patch);
+        let mut mean = vec![0f64; drawn.len()];
+        for &s in &train_shapes {
+            for (m, &v) in mean.iter_mut().zip(&with_shape(s)) {
+                *m += v as f64 / train_shapes.len() as f64;
+            }
+        }
+        let mean: Vec<u8> = mean.iter().map(|v| v.round() as u8).collect();
+        sums[7] += patch_mse(&mean, original, &hidden, grid, patch);
         shown += 1;
         if canvas_rows.len() < rows {
             println!(
-                "row {}: \"{caption}\" | swapped: \"{swapped}\"",
+                "row {}: \"{caption}\" | colour swapped: \"{swapped}\" | shape swapped: \"{reshaped}\"",
                 canvas_rows.len() + 1
             );
             canvas_rows.push([
@@ -153,6 +188,7 @@ fn main() -> Result<()> {
                 panels[0].panels[3].clone(),
                 panels[1].panels[3].clone(),
                 panels[2].panels[3].clone(),
+                panels[3].panels[3].clone(),
             ]);
         }
     }
@@ -168,9 +204,12 @@ fn main() -> Result<()> {
     for (name, s) in [
         "names the object",
         "names it in another colour",
+        "names it as another shape",
         "none",
         "(oracle: the plain background, no object)",
         "(oracle: the object drawn where and as the caption says)",
+        "(oracle: the same drawn in another shape)",
+        "(oracle: the mean of the same drawn in each training shape)",
     ]
     .iter()
     .zip(sums)
@@ -180,7 +219,8 @@ fn main() -> Result<()> {
     let scale = panel_scale(size);
     let side = size * scale;
     let gap = 4;
-    let w = 5 * side + 4 * gap;
+    let columns = canvas_rows.first().map_or(0, |r| r.len());
+    let w = columns * side + columns.saturating_sub(1) * gap;
     let h = canvas_rows.len() * side + canvas_rows.len().saturating_sub(1) * gap;
     let mut data = vec![255u8; w * h * 3];
     for (row, panels) in canvas_rows.iter().enumerate() {
