@@ -21,7 +21,8 @@
 //! model that reads the words but draws the wrong shape), and the mean of the same drawn in each
 //! shape the training split uses (the best a model that reads place, colour and size but not the
 //! shape could draw at the cell's centre). The last two tell how much of the caption's worth is
-//! the shape. It writes `--rows` of them as a PNG (default
+//! the shape; a line for small and one for large objects gives that share for each size. It
+//! writes `--rows` of them as a PNG (default
 //! `<checkpoint>/named-object.png`): original | masked input | with the caption | colour
 //! swapped | shape swapped | no caption, the captions of each row in the text output.
 
@@ -94,7 +95,10 @@ fn main() -> Result<()> {
     let mut rng = m3ae::data::seed::rng(seed, 0, 0, 0);
     let (mut sums, mut shown) = ([0f64; 8], 0usize);
     let mut canvas_rows: Vec<[Vec<u8>; 6]> = Vec::new();
+    // per size (small, large): scenes, and the sums of three oracles
+    let mut by_size = [(0usize, [0f64; 3]); 2];
     for i in 0..count {
+        let before = sums;
         let scene = scenes.scene(i);
         let o = scene.objects[0];
         let hidden = o.patches(grid, patch);
@@ -176,6 +180,12 @@ fn main() -> Result<()> {
         }
         let mean: Vec<u8> = mean.iter().map(|v| v.round() as u8).collect();
         sums[7] += patch_mse(&mean, original, &hidden, grid, patch);
+        // the same three oracles by the object's size: [background, right shape, mean of shapes]
+        let by = &mut by_size[usize::from(o.large)];
+        by.0 += 1;
+        for (k, s) in [4, 5, 7].into_iter().enumerate() {
+            by.1[k] += sums[s] - before[s];
+        }
         shown += 1;
         if canvas_rows.len() < rows {
             println!(
@@ -215,6 +225,20 @@ fn main() -> Result<()> {
     .zip(sums)
     {
         println!("| {name} | {:.4} |", s / shown as f64);
+    }
+    // how much of what the words can take off is the shape, for small and for large objects
+    for (size, (n, [background, right, mean])) in ["small", "large"].iter().zip(by_size) {
+        if n > 0 {
+            let gap = background - right;
+            println!(
+                "{size} objects ({n} scenes): background {:.4}, right shape {:.4}, mean of shapes \
+                 {:.4}: the shape is {:.1}% of what the words can take off",
+                background / n as f64,
+                right / n as f64,
+                mean / n as f64,
+                100.0 * (mean - right) / gap.max(f64::MIN_POSITIVE)
+            );
+        }
     }
     let scale = panel_scale(size);
     let side = size * scale;
