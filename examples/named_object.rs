@@ -20,9 +20,12 @@
 //! size at its cell's centre: what reading the words could give), the same in another shape (a
 //! model that reads the words but draws the wrong shape), and the mean of the same drawn in each
 //! shape the training split uses (the best a model that reads place, colour and size but not the
-//! shape could draw at the cell's centre). The last two tell how much of the caption's worth is
-//! the shape; a line for small and one for large objects gives that share for each size. It
-//! writes `--rows` of them as a PNG (default
+//! shape could draw at the cell's centre), then the last two averaged over the position jitter
+//! and size variation the words do not give (`CaptionedScenes::named_variants`): the drawings of
+//! least squared error from the words with and without the shape. Their difference, over what
+//! the words can take off the background's error, is the share of the caption's worth that is
+//! the shape, printed for all scenes and for small and large objects apart. It writes `--rows` of
+//! them as a PNG (default
 //! `<checkpoint>/named-object.png`): original | masked input | with the caption | colour
 //! swapped | shape swapped | no caption, the captions of each row in the text output.
 
@@ -93,10 +96,10 @@ fn main() -> Result<()> {
         .filter(|s| !scenes.config().held_out_shapes.contains(s))
         .collect();
     let mut rng = m3ae::data::seed::rng(seed, 0, 0, 0);
-    let (mut sums, mut shown) = ([0f64; 8], 0usize);
+    let (mut sums, mut shown) = ([0f64; 10], 0usize);
     let mut canvas_rows: Vec<[Vec<u8>; 6]> = Vec::new();
-    // per size (small, large): scenes, and the sums of three oracles
-    let mut by_size = [(0usize, [0f64; 3]); 2];
+    // per size (small, large): scenes, and the sums of five oracles
+    let mut by_size = [(0usize, [0f64; 5]); 2];
     for i in 0..count {
         let before = sums;
         let scene = scenes.scene(i);
@@ -180,10 +183,29 @@ fn main() -> Result<()> {
         }
         let mean: Vec<u8> = mean.iter().map(|v| v.round() as u8).collect();
         sums[7] += patch_mse(&mean, original, &hidden, grid, patch);
-        // the same three oracles by the object's size: [background, right shape, mean of shapes]
+        // the same two averaged over the jitter and size variation the words do not give: the
+        // least-squares drawings from the words with and without the shape
+        let variants = scenes.named_variants(&o, 3);
+        let average = |shapes: &[usize]| -> Vec<u8> {
+            let mut acc = vec![0f64; drawn.len()];
+            let n = (shapes.len() * variants.len()) as f64;
+            for &shape in shapes {
+                for v in &variants {
+                    let img = scenes.render_on_background(i, &[Object { shape, ..*v }]);
+                    for (a, &p) in acc.iter_mut().zip(&img) {
+                        *a += p as f64 / n;
+                    }
+                }
+            }
+            acc.iter().map(|v| v.round() as u8).collect()
+        };
+        sums[8] += patch_mse(&average(&[o.shape]), original, &hidden, grid, patch);
+        sums[9] += patch_mse(&average(&train_shapes), original, &hidden, grid, patch);
+        // four oracles by the object's size: [background, right shape, mean of shapes] at the
+        // cell's centre, and the two jitter averages
         let by = &mut by_size[usize::from(o.large)];
         by.0 += 1;
-        for (k, s) in [4, 5, 7].into_iter().enumerate() {
+        for (k, s) in [4, 5, 7, 8, 9].into_iter().enumerate() {
             by.1[k] += sums[s] - before[s];
         }
         shown += 1;
@@ -220,6 +242,8 @@ fn main() -> Result<()> {
         "(oracle: the object drawn where and as the caption says)",
         "(oracle: the same drawn in another shape)",
         "(oracle: the mean of the same drawn in each training shape)",
+        "(oracle: the named object averaged over the jitter and size the words do not give)",
+        "(oracle: the same averaged over the training shapes too)",
     ]
     .iter()
     .zip(sums)
@@ -227,16 +251,30 @@ fn main() -> Result<()> {
         println!("| {name} | {:.4} |", s / shown as f64);
     }
     // how much of what the words can take off is the shape, for small and for large objects
-    for (size, (n, [background, right, mean])) in ["small", "large"].iter().zip(by_size) {
+    let share = |background: f64, right: f64, mean: f64| {
+        100.0 * (mean - right) / (background - right).max(f64::MIN_POSITIVE)
+    };
+    println!(
+        "all ({shown} scenes): the shape is {:.1}% of what the words can take off (averaged \
+         over the jitter)",
+        share(sums[4], sums[8], sums[9])
+    );
+    for (size, (n, [background, right, mean, jittered, agnostic])) in
+        ["small", "large"].iter().zip(by_size)
+    {
         if n > 0 {
-            let gap = background - right;
+            let n = n as f64;
             println!(
-                "{size} objects ({n} scenes): background {:.4}, right shape {:.4}, mean of shapes \
-                 {:.4}: the shape is {:.1}% of what the words can take off",
-                background / n as f64,
-                right / n as f64,
-                mean / n as f64,
-                100.0 * (mean - right) / gap.max(f64::MIN_POSITIVE)
+                "{size} objects ({n} scenes): background {:.4}; at the cell's centre right shape \
+                 {:.4}, mean of shapes {:.4} (shape {:.1}%); averaged over the jitter right shape \
+                 {:.4}, mean of shapes {:.4} (shape {:.1}%)",
+                background / n,
+                right / n,
+                mean / n,
+                share(background, right, mean),
+                jittered / n,
+                agnostic / n,
+                share(background, jittered, agnostic)
             );
         }
     }

@@ -368,11 +368,11 @@ impl CaptionedScenes {
                 };
                 let large = if n == 1 { rng.random::<bool>() } else { main };
                 let cell = cells[k];
-                let jitter = |rng: &mut ChaCha8Rng| (rng.random::<f32>() - 0.5) * 0.08 * s;
+                let jitter = |rng: &mut ChaCha8Rng| (rng.random::<f32>() - 0.5) * JITTER * s;
                 let (cx, cy) = cell_centre(cell, s);
                 let cx = cx + jitter(rng);
                 let cy = cy + jitter(rng);
-                let radius = mean_radius(large, s) * (0.92 + 0.16 * rng.random::<f32>());
+                let radius = mean_radius(large, s) * (SIZE_MIN + SIZE_SPREAD * rng.random::<f32>());
                 Object {
                     shape,
                     colour,
@@ -560,6 +560,43 @@ impl CaptionedScenes {
         }
     }
 
+    /// What a caption naming `o` may stand for: `o` with its centre on an `n x n` grid over the
+    /// jitter about its cell's centre and its radius at `n` points over its size's variation
+    /// (the midpoints of equal bins of each uniform draw), `n^3` objects. The mean of their
+    /// renders approximates the drawing of least squared error that the words alone allow.
+    ///
+    /// ```
+    /// use m3ae_data::{CaptionedScenes, ScenesConfig};
+    /// let ds = CaptionedScenes::new(ScenesConfig::default())?;
+    /// let o = ds.scene(0).objects[0];
+    /// let v = ds.named_variants(&o, 3);
+    /// assert_eq!(v.len(), 27);
+    /// // the middle one is the object as named
+    /// assert_eq!(v[13], ds.as_named(&o));
+    /// # Ok::<(), m3ae_data::Error>(())
+    /// ```
+    pub fn named_variants(&self, o: &Object, n: usize) -> Vec<Object> {
+        let named = self.as_named(o);
+        let s = self.cfg.image_size as f32;
+        let mid = |k: usize| (k as f32 + 0.5) / n as f32 - 0.5;
+        let mut out = Vec::with_capacity(n * n * n);
+        for iy in 0..n {
+            for ix in 0..n {
+                for ir in 0..n {
+                    out.push(Object {
+                        center: (
+                            named.center.0 + mid(ix) * JITTER * s,
+                            named.center.1 + mid(iy) * JITTER * s,
+                        ),
+                        radius: named.radius * (SIZE_MIN + SIZE_SPREAD * (mid(ir) + 0.5)),
+                        ..named
+                    });
+                }
+            }
+        }
+        out
+    }
+
     fn render(&self, objects: &[Object], rng: &mut ChaCha8Rng) -> Vec<u8> {
         self.render_with(objects, rng, true)
     }
@@ -625,6 +662,15 @@ fn cell_centre(cell: usize, s: f32) -> (f32, f32) {
         ((cell / 3) as f32 + 0.5) * s / 3.0,
     )
 }
+
+/// Width of the uniform jitter of an object's centre about its cell's centre, in each axis, as a
+/// fraction of the image side.
+const JITTER: f32 = 0.08;
+/// An object's radius is its size's mean radius times a uniform draw from
+/// `[SIZE_MIN, SIZE_MIN + SIZE_SPREAD)`.
+const SIZE_MIN: f32 = 0.92;
+/// See [`SIZE_MIN`].
+const SIZE_SPREAD: f32 = 0.16;
 
 /// The mean radius of a large or small object in an image of side `s` pixels.
 fn mean_radius(large: bool, s: f32) -> f32 {
