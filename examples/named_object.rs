@@ -98,10 +98,9 @@ fn main() -> Result<()> {
     let mut rng = m3ae::data::seed::rng(seed, 0, 0, 0);
     let (mut sums, mut shown) = ([0f64; 10], 0usize);
     let mut canvas_rows: Vec<[Vec<u8>; 6]> = Vec::new();
-    // per size (small, large): scenes, and the sums of five oracles
-    let mut by_size = [(0usize, [0f64; 5]); 2];
+    // per size (small, large): scenes, and the sums of the six oracles
+    let mut by_size = [(0usize, [0f64; 6]); 2];
     for i in 0..count {
-        let before = sums;
         let scene = scenes.scene(i);
         let o = scene.objects[0];
         let hidden = o.patches(grid, patch);
@@ -162,36 +161,16 @@ fn main() -> Result<()> {
         for (k, r) in panels.iter().enumerate() {
             sums[k] += patch_mse(&r.panels[3], original, &hidden, grid, patch);
         }
-        // what a model that draws only the background would score
-        let background = scenes.scene_layers(i).background;
-        sums[4] += patch_mse(&background, original, &hidden, grid, patch);
-        // what a model that read the caption perfectly could draw: the named object at its
-        // cell's centre with its size's mean radius (jitter and size variation are not in words)
+        // drawings that need no model, each scored on the hidden object's patches
         let named = scenes.as_named(&o);
-        let drawn = scenes.render_on_background(i, &[named]);
-        sums[5] += patch_mse(&drawn, original, &hidden, grid, patch);
-        // the same in another shape, and the mean of the same in every training shape: what
-        // the words are worth to a model that reads all of them but the shape
-        let with_shape =
-            |shape: usize| scenes.render_on_background(i, &[Object { shape, ..named }]);
-        sums[6] += patch_mse(&with_shape(other_shape), original, &hidden, grid, patch);
-        let mut mean = vec![0f64; drawn.len()];
-        for &s in &train_shapes {
-            for (m, &v) in mean.iter_mut().zip(&with_shape(s)) {
-                *m += v as f64 / train_shapes.len() as f64;
-            }
-        }
-        let mean: Vec<u8> = mean.iter().map(|v| v.round() as u8).collect();
-        sums[7] += patch_mse(&mean, original, &hidden, grid, patch);
-        // the same two averaged over the jitter and size variation the words do not give: the
-        // least-squares drawings from the words with and without the shape
         let variants = scenes.named_variants(&o, 3);
-        let average = |shapes: &[usize]| -> Vec<u8> {
-            let mut acc = vec![0f64; drawn.len()];
-            let n = (shapes.len() * variants.len()) as f64;
+        // the mean of `shapes` drawn as each of `objects` on the scene's plain background
+        let average = |shapes: &[usize], objects: &[Object]| -> Vec<u8> {
+            let mut acc = vec![0f64; size * size * 3];
+            let n = (shapes.len() * objects.len()) as f64;
             for &shape in shapes {
-                for v in &variants {
-                    let img = scenes.render_on_background(i, &[Object { shape, ..*v }]);
+                for o in objects {
+                    let img = scenes.render_on_background(i, &[Object { shape, ..*o }]);
                     for (a, &p) in acc.iter_mut().zip(&img) {
                         *a += p as f64 / n;
                     }
@@ -199,14 +178,26 @@ fn main() -> Result<()> {
             }
             acc.iter().map(|v| v.round() as u8).collect()
         };
-        sums[8] += patch_mse(&average(&[o.shape]), original, &hidden, grid, patch);
-        sums[9] += patch_mse(&average(&train_shapes), original, &hidden, grid, patch);
-        // four oracles by the object's size: [background, right shape, mean of shapes] at the
-        // cell's centre, and the two jitter averages
+        let oracles = [
+            // a model that draws only the background
+            scenes.scene_layers(i).background,
+            // the named object at its cell's centre with its size's mean radius (jitter and
+            // size variation are not in the words), in its shape, in another, and the mean of
+            // the training shapes (every word read but the shape)
+            average(&[o.shape], &[named]),
+            average(&[other_shape], &[named]),
+            average(&train_shapes, &[named]),
+            // the first and last averaged over the jitter and size variation the words do not
+            // give: the least-squares drawings from the words with and without the shape
+            average(&[o.shape], &variants),
+            average(&train_shapes, &variants),
+        ];
         let by = &mut by_size[usize::from(o.large)];
         by.0 += 1;
-        for (k, s) in [4, 5, 7, 8, 9].into_iter().enumerate() {
-            by.1[k] += sums[s] - before[s];
+        for (k, img) in oracles.iter().enumerate() {
+            let e = patch_mse(img, original, &hidden, grid, patch);
+            sums[4 + k] += e;
+            by.1[k] += e;
         }
         shown += 1;
         if canvas_rows.len() < rows {
@@ -259,21 +250,14 @@ fn main() -> Result<()> {
          over the jitter)",
         share(sums[4], sums[8], sums[9])
     );
-    for (size, (n, [background, right, mean, jittered, agnostic])) in
-        ["small", "large"].iter().zip(by_size)
-    {
+    for (size, (n, e)) in ["small", "large"].iter().zip(by_size) {
         if n > 0 {
-            let n = n as f64;
+            let [background, right, _, mean, jittered, agnostic] = e.map(|v| v / n as f64);
             println!(
-                "{size} objects ({n} scenes): background {:.4}; at the cell's centre right shape \
-                 {:.4}, mean of shapes {:.4} (shape {:.1}%); averaged over the jitter right shape \
-                 {:.4}, mean of shapes {:.4} (shape {:.1}%)",
-                background / n,
-                right / n,
-                mean / n,
+                "{size} objects ({n} scenes): background {background:.4}; at the cell's centre \
+                 right shape {right:.4}, mean of shapes {mean:.4} (shape {:.1}%); averaged over \
+                 the jitter right shape {jittered:.4}, mean of shapes {agnostic:.4} (shape {:.1}%)",
                 share(background, right, mean),
-                jittered / n,
-                agnostic / n,
                 share(background, jittered, agnostic)
             );
         }

@@ -578,17 +578,18 @@ impl CaptionedScenes {
     pub fn named_variants(&self, o: &Object, n: usize) -> Vec<Object> {
         let named = self.as_named(o);
         let s = self.cfg.image_size as f32;
-        let mid = |k: usize| (k as f32 + 0.5) / n as f32 - 0.5;
+        // the midpoint of bin k of n over [0, 1)
+        let at = |k: usize| (k as f32 + 0.5) / n as f32;
         let mut out = Vec::with_capacity(n * n * n);
         for iy in 0..n {
             for ix in 0..n {
                 for ir in 0..n {
                     out.push(Object {
                         center: (
-                            named.center.0 + mid(ix) * JITTER * s,
-                            named.center.1 + mid(iy) * JITTER * s,
+                            named.center.0 + (at(ix) - 0.5) * JITTER * s,
+                            named.center.1 + (at(iy) - 0.5) * JITTER * s,
                         ),
-                        radius: named.radius * (SIZE_MIN + SIZE_SPREAD * (mid(ir) + 0.5)),
+                        radius: named.radius * (SIZE_MIN + SIZE_SPREAD * at(ir)),
                         ..named
                     });
                 }
