@@ -1,7 +1,7 @@
 //! Tensor kernels for the M3AE training hot path.
 //!
 //! The model never calls candle's fused `LayerNorm` / `softmax_last_dim` (they have no backward in
-//! candle 0.11 and silently stop gradients). It calls the three entry points of this crate instead:
+//! candle 0.11 and silently stop gradients). It calls the entry points of this crate instead:
 //!
 //! * [`layer_norm`]: LayerNorm over the last axis with scale and bias (flax semantics, eps given).
 //! * [`masked_attention`]: multi-head scaled dot-product attention with a key-padding mask applied

@@ -9,7 +9,7 @@
 //! figure); elsewhere on device tensors ([`optim::UpdatePath`]), batches reach the device ahead
 //! of the step through a [`DeviceFeed`], and checkpoints are written from host copies and read
 //! back onto any device. `train.precision` ([`m3ae_model::Precision`]) selects f32 or bf16
-//! matmuls (CUDA only).
+//! matmuls (fast on CUDA; on the CPU the bf16 numerics run on f32 GEMMs).
 
 pub mod bench;
 pub mod checkpoint;
