@@ -254,7 +254,7 @@ fn linear_probe_converts_to_backbone_and_head() -> anyhow::Result<()> {
         f32_bits(&ckpt.batch_stats["bn.var"].to_tensor(&dev)?)
     );
     // The probe predicts on backbone features.
-    let feats = Tensor::randn(0f32, 1.0, (3, 64), &dev)?;
+    let feats = m3ae::kernels::testing::tensor(&[3, 64], 17, 1.0, &dev)?;
     assert_eq!(head.predict(&feats)?.dims(), &[3]);
     // LARS state is not AdamW.
     let e = official::convert_official(&pkl, &out, true)

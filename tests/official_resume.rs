@@ -22,7 +22,7 @@ fn synthetic_batch(cfg: &M3aeConfig, with_text: bool, dev: &Device) -> anyhow::R
         )
     };
     let image_masking = Masking::new(&noise(li, 1), b, cfg.image_keep(li), dev)?;
-    let patches = Tensor::randn(0f32, 1.0, (b, li, cfg.patch_dim()), dev)?;
+    let patches = m3ae::kernels::testing::tensor(&[b, li, cfg.patch_dim()], 18, 1.0, dev)?;
     let (ids, padding, text_masking) = if with_text {
         let ids: Vec<u32> = (0..b * t)
             .map(|i| (i * 37 % cfg.text_vocab_size) as u32)

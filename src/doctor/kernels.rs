@@ -16,7 +16,8 @@
 use super::{pass_if, row, Outcome, Row};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use m3ae_kernels::{fused, reference, testing::uniform};
+use m3ae_kernels::testing::{self, uniform};
+use m3ae_kernels::{fused, reference};
 
 /// Relative error `max|a - b| / max|b|` (`max|a - b|` when `b` is 0), on the CPU in f32.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -35,9 +36,7 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 /// Deterministic values in `[-scale, scale)` of `shape` on the CPU.
 fn tensor(shape: &[usize], seed: u64, scale: f32) -> Result<Tensor> {
-    let n = shape.iter().product();
-    let v: Vec<f32> = uniform(seed, n).into_iter().map(|x| x * scale).collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    Ok(testing::tensor(shape, seed, scale, &Device::Cpu)?)
 }
 
 /// Key-padding patterns (1 = padded): none, random, all keys but one, sample 0 fully padded,

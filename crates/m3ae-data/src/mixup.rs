@@ -23,7 +23,7 @@
 //! ```
 //! use m3ae_data::mixup::{mixup_cutmix, MixChoice, MixupConfig};
 //! use candle_core::{Device, Tensor};
-//! let images = Tensor::randn(0f32, 1.0, (4, 8, 8, 3), &Device::Cpu)?;
+//! let images = Tensor::arange(0f32, 768.0, &Device::Cpu)?.reshape((4, 8, 8, 3))?;
 //! let mixed = mixup_cutmix(&images, &[0, 3, 1, 4], 5, &MixupConfig::default(), 7, 0)?;
 //! assert_eq!(mixed.images.dims(), &[4, 8, 8, 3]);
 //! for row in mixed.labels.to_vec2::<f32>()? {

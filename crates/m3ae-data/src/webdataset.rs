@@ -33,10 +33,13 @@ pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
 
 /// A list of WebDataset shards.
 ///
-/// ```no_run
-/// use m3ae_data::{Partition, Source, WebDataset};
+/// ```
+/// use m3ae_data::WebDataset;
 /// let ds = WebDataset::from_spec("cc12m/{00000..02175}.tar")?;
-/// for rec in ds.open(&Partition::whole(0, 0))? { let _ = rec?; }
+/// assert_eq!(ds.shards().len(), 2176);
+/// assert_eq!(ds.shards()[1], std::path::Path::new("cc12m/00001.tar"));
+/// // Read as a `Source`: `for rec in ds.open(&Partition::whole(0, 0))? { ... }`, each record a
+/// // sample or a bad sample with its reason.
 /// # Ok::<(), m3ae_data::Error>(())
 /// ```
 #[derive(Debug, Clone)]

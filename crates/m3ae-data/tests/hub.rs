@@ -101,11 +101,10 @@ fn online_lookup_uses_the_cache_first_and_names_the_repo_when_the_hub_is_unreach
         revision: None,
         endpoint: Some("http://127.0.0.1:9".into()),
     };
-    if opts.is_offline() {
-        // HF_HUB_OFFLINE is set in this environment: the online path cannot be exercised, and
-        // the offline path is the test above.
-        return;
-    }
+    assert!(
+        !opts.is_offline(),
+        "HF_HUB_OFFLINE is set: this test checks the online path; run it without that variable"
+    );
     assert!(Tokenizer::from_pretrained("test-org/cached", &opts).is_ok());
     let e = hub_file("test-org/elsewhere", "tokenizer.json", &opts)
         .unwrap_err()

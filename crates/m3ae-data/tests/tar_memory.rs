@@ -93,18 +93,15 @@ fn headers_claiming_gigabytes_are_bad_shards_with_bounded_memory() {
         let ds = WebDataset::new(vec![path.clone()]).unwrap();
         let base = LIVE.load(Ordering::SeqCst);
         PEAK.store(base, Ordering::SeqCst);
-        let started = std::time::Instant::now();
         let recs: Vec<Record> = ds
             .open(&Partition::whole(0, 0))
             .unwrap()
             .map(|r| r.unwrap())
             .collect();
         let listed = ds.json_values("category", None);
-        let took = started.elapsed();
         let peak = PEAK.load(Ordering::SeqCst) - base;
         // the reader's 1 MiB buffer, the channel and a few small records
         assert!(peak < 8 << 20, "{kind}: {peak} bytes at the peak");
-        assert!(took.as_secs() < 5, "{kind}: took {took:?}");
         assert_eq!(recs.len(), 1, "{kind}: {recs:?}");
         let Record::Bad(b) = &recs[0] else {
             panic!("{kind}: expected a bad record, got {:?}", recs[0])

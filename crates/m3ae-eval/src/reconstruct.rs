@@ -313,10 +313,10 @@ mod tests {
             let cfg = M3aeConfig::preset("tiny")?;
             let model = AnyModel::init(Variant::M3ae, &cfg, 5, &Device::Cpu)?;
             let cfg = model.config().clone();
-            let patches = Tensor::randn(
-                0f32,
+            let patches = m3ae_kernels::testing::tensor(
+                &[2, cfg.num_patches(), cfg.patch_dim()],
+                15,
                 1.0,
-                (2, cfg.num_patches(), cfg.patch_dim()),
                 &Device::Cpu,
             )?;
             let input = ModelInput {
@@ -337,7 +337,8 @@ mod tests {
         let model = AnyModel::init(Variant::M3ae, &cfg, 3, &Device::Cpu)?;
         let cfg = model.config().clone();
         let dev = Device::Cpu;
-        let patches = Tensor::randn(0f32, 1.0, (1, cfg.num_patches(), cfg.patch_dim()), &dev)?;
+        let patches =
+            m3ae_kernels::testing::tensor(&[1, cfg.num_patches(), cfg.patch_dim()], 16, 1.0, &dev)?;
         let a = model.cls_attention(&patches, None)?;
         assert_eq!(a.len(), 1 + cfg.num_patches());
         assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-4);

@@ -29,3 +29,29 @@ pub fn uniform(seed: u64, n: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// A tensor of `shape` on `device` holding [`uniform`]`(seed, n)` times `scale`: deterministic
+/// inputs in `[-scale, scale)` for tests, the same on every machine (candle's `Tensor::randn`
+/// draws from an unseeded generator on the CPU).
+///
+/// ```
+/// use candle_core::Device;
+/// use m3ae_kernels::testing::tensor;
+/// let t = tensor(&[2, 3], 5, 0.5, &Device::Cpu)?;
+/// assert_eq!(t.dims(), &[2, 3]);
+/// assert_eq!(t.flatten_all()?.to_vec1::<f32>()?, tensor(&[6], 5, 0.5, &Device::Cpu)?.to_vec1::<f32>()?);
+/// assert!(t.abs()?.max_all()?.to_scalar::<f32>()? < 0.5);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn tensor(
+    shape: &[usize],
+    seed: u64,
+    scale: f32,
+    device: &candle_core::Device,
+) -> candle_core::Result<candle_core::Tensor> {
+    let v: Vec<f32> = uniform(seed, shape.iter().product())
+        .into_iter()
+        .map(|x| x * scale)
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, device)
+}

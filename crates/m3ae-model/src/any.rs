@@ -293,7 +293,12 @@ mod tests {
             assert_eq!(any.as_mae().is_some(), !any.is_m3ae());
             assert_eq!(any.params().len(), any.specs().len());
             assert_eq!(any.config(), &cfg.resolved());
-            let patches = Tensor::randn(0f32, 1.0, (2, cfg.num_patches(), cfg.patch_dim()), &dev)?;
+            let patches = m3ae_kernels::testing::tensor(
+                &[2, cfg.num_patches(), cfg.patch_dim()],
+                12,
+                1.0,
+                &dev,
+            )?;
             let want = match variant {
                 Variant::M3ae => M3ae::init(&cfg, 4, &dev)?.represent(&patches)?,
                 Variant::Mae => Mae::init(&cfg, 4, &dev)?.represent(&patches)?,

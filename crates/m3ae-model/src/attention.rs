@@ -96,7 +96,7 @@ mod tests {
             let mut cfg = M3aeConfig::preset("tiny")?;
             cfg.kernels = kernels;
             let (li, t) = (cfg.num_patches(), cfg.text_length);
-            let patches = Tensor::randn(0f32, 1.0, (2, li, cfg.patch_dim()), &dev)?;
+            let patches = m3ae_kernels::testing::tensor(&[2, li, cfg.patch_dim()], 11, 1.0, &dev)?;
             let ids = Tensor::arange(0u32, (2 * t) as u32, &dev)?.reshape((2, t))?;
             let pad: Vec<f32> = (0..2 * t).map(|i| f32::from(i % t >= 3 + i / t)).collect();
             let input = ModelInput {
@@ -144,7 +144,7 @@ mod tests {
         let cfg = M3aeConfig::preset("tiny")?;
         let li = cfg.num_patches();
         let model = M3ae::init(&cfg, 7, &dev)?;
-        let patches = Tensor::randn(0f32, 1.0, (2, li, cfg.patch_dim()), &dev)?;
+        let patches = m3ae_kernels::testing::tensor(&[2, li, cfg.patch_dim()], 11, 1.0, &dev)?;
         let ids = Tensor::new(&[[3u32, 7, 9, 0, 0]], &dev)?;
         let pad = Tensor::new(&[[0f32, 0., 0., 1., 1.]], &dev)?;
         let a = model.cls_attention(&patches, Some((&ids, &pad)))?;

@@ -445,7 +445,8 @@ mod tests {
         let dev = Device::Cpu;
         let cfg = small();
         let mae = Mae::init(&cfg, 3, &dev)?;
-        let patches = Tensor::randn(0f32, 1.0, (3, cfg.num_patches(), cfg.patch_dim()), &dev)?;
+        let patches =
+            m3ae_kernels::testing::tensor(&[3, cfg.num_patches(), cfg.patch_dim()], 13, 1.0, &dev)?;
         let repr = mae.forward_representation(&patches)?;
         for pooling in [Pooling::Cls, Pooling::Mean] {
             let c = ClassifierConfig {
@@ -542,7 +543,8 @@ mod tests {
         let back = Classifier::load(&path, &dev)?;
         assert_eq!(back.config(), clf.config());
         assert_eq!(back.model_config(), clf.model_config());
-        let x = Tensor::randn(0f32, 1.0, (2, cfg.num_patches(), cfg.patch_dim()), &dev)?;
+        let x =
+            m3ae_kernels::testing::tensor(&[2, cfg.num_patches(), cfg.patch_dim()], 14, 1.0, &dev)?;
         assert_eq!(max_diff(&back.forward(&x)?, &clf.forward(&x)?), 0.0);
         // a model checkpoint is not a classifier
         let model = AnyModel::init(Variant::Mae, &cfg, 1, &dev)?;
@@ -594,7 +596,8 @@ mod tests {
             .to_string();
         assert!(e.contains("decoder.LayerNorm_0.scale"), "{e}");
         let back = Classifier::from_official(&cfg, c, official, Unexpected::Ignore, "f", &dev)?;
-        let x = Tensor::randn(0f32, 1.0, (2, cfg.num_patches(), cfg.patch_dim()), &dev)?;
+        let x =
+            m3ae_kernels::testing::tensor(&[2, cfg.num_patches(), cfg.patch_dim()], 14, 1.0, &dev)?;
         assert_eq!(max_diff(&back.forward(&x)?, &clf.forward(&x)?), 0.0);
         Ok(())
     }

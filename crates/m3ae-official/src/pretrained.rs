@@ -15,6 +15,9 @@
 //!    and, if the repository has them, `config.json` and `tokenizer.json` are downloaded into the
 //!    cache. Without the feature a name that is not a local path is an error saying so.
 //!
+//! The sketch compiles but does not run (it needs the weights); `tests/hub.rs` and
+//! `tests/examples.rs` load models this way and check them.
+//!
 //! ```no_run
 //! use m3ae_official::pretrained::{FromPretrained, HubOptions};
 //! use m3ae_model::M3ae;

@@ -9,6 +9,10 @@
 //! data position ([`BatchSource::merge_positions`]) and alone writes checkpoints, metrics and
 //! runs the hooks.
 //!
+//! The sketch below compiles but does not run (it needs a trainer and a data source); the same
+//! loop runs, with its results checked, in `tests/extension_points.rs` and
+//! `examples/custom_training_loop.rs`.
+//!
 //! ```no_run
 //! # fn demo(trainer: m3ae_train::Trainer<m3ae_model::M3ae>,
 //! #         source: impl m3ae_train::BatchSource) -> m3ae_train::Result<()> {

@@ -4,6 +4,9 @@
 //! training loop of [`m3ae_train::Learner`], with the validation top-1 every epoch and the best
 //! classifier kept.
 //!
+//! The sketch compiles but does not run (it needs a checkpoint and the data); the tests in
+//! `crates/m3ae-eval/tests/finetune.rs` run it and check the results.
+//!
 //! ```no_run
 //! use m3ae_eval::finetune::{Finetune, FinetuneConfig};
 //! use m3ae_eval::{DataOptions, ModelSource};

@@ -116,8 +116,10 @@ fn attention_shared_bytes(l: usize, dh: usize) -> usize {
 }
 
 /// The first CUDA device, or an error naming why there is none. The GPU tests are
-/// `#[ignore]`d (run by `scripts/gpu-check.sh` with `--ignored`) and fail through this when run
-/// on a machine without a GPU, instead of passing without checking anything.
+/// `#[ignore]`d (run them on a GPU machine with a Rust toolchain: `cargo test -p m3ae-kernels
+/// --features cuda --test cuda -- --ignored`; where there is none, as on the lent GPU machine,
+/// `m3ae doctor --device cuda` checks the same kernels) and fail through this when run on a
+/// machine without a GPU, instead of passing without checking anything.
 pub fn first_gpu() -> candle_core::Result<candle_core::Device> {
     candle_core::Device::new_cuda(0).map_err(|e| {
         let e = e.to_string();
