@@ -331,8 +331,10 @@ fn text_top_k(c: &mut Criterion) {
 
 /// One pre-LN transformer block, forward and forward+backward (gradients of the input and all
 /// twelve parameters): `fused` is the one-op block (`m3ae_kernels::transformer_block`),
-/// `fused-ops` the same block composed from the fused per-op kernels (what the model ran before
-/// the one-op block), `reference` composed from reference ops. Shapes: the `small` encoder at
+/// `fused-bf16-<backend>` the same with bf16 products (`m3ae_kernels::fused::bf16`; the backend
+/// this CPU runs: `avx512-bf16`, or `emulated` in f32 arithmetic), `fused-ops` the block
+/// composed from the fused per-op kernels (what the model ran before the one-op block),
+/// `reference` composed from reference ops. Shapes: the `small` encoder at
 /// 224 px with 75% image and text masking (B32, L66, width 384, 6 heads) and the `small`
 /// decoder (L261, width 512, 16 heads) at batch 8; every other sample pads the last quarter of
 /// its keys. One element = one FLOP (forward `2 N (12 C^2) + 4 N L C`, forward+backward 3x).
@@ -386,11 +388,23 @@ fn transformer_block(c: &mut Criterion) {
         let flops = 2 * n * 12 * wd * wd + 4 * n * lu * wd;
         let mut g = c.benchmark_group(format!("transformer_block/{name}"));
         g.sample_size(10);
-        let paths: [(&str, &dyn Fn() -> Tensor); 3] = [
+        let bf16 = format!("fused-bf16-{}", m3ae_kernels::fused::bf16::backend().name());
+        let paths: [(&str, &dyn Fn() -> Tensor); 4] = [
             ("fused", &|| {
                 KernelPath::Fused
                     .transformer_block(x.as_tensor(), &params, heads, Some(&pad), 1e-6)
                     .unwrap()
+            }),
+            (&bf16, &|| {
+                m3ae_kernels::fused::transformer_block_with(
+                    x.as_tensor(),
+                    &params,
+                    heads,
+                    Some(&pad),
+                    1e-6,
+                    candle_core::DType::BF16,
+                )
+                .unwrap()
             }),
             ("fused-ops", &|| {
                 m3ae_kernels::fused::transformer_block_composed(
@@ -420,10 +434,67 @@ fn transformer_block(c: &mut Criterion) {
     }
 }
 
+/// The products of a block at the `small` decoder's shape (B8 x L261 = 2,088 rows, width 512,
+/// MLP 2,048): forward `rows x 4C <- rows x C`, backward data `rows x C <- rows x 4C` and
+/// weight gradient `4C x C <- (rows)`, in f32 (`gemm` crate, as the one-op block runs them) and
+/// with bf16 operands on each bf16 backend this CPU runs (`m3ae_kernels::fused::bf16`). One
+/// element = one FLOP (`2 m n k`).
+fn bf16_gemm(c: &mut Criterion) {
+    use m3ae_kernels::fused::bf16::{self, Backend};
+    let (rows, width, mlp) = (2088usize, 512usize, 2048usize);
+    let mut backends = vec![Backend::Emulated];
+    if bf16::cpu_has_avx512_bf16() {
+        backends.push(Backend::Avx512Bf16);
+    }
+    let data = |len: usize, seed: usize| -> Vec<f32> {
+        var(&[len], seed).as_tensor().to_vec1::<f32>().unwrap()
+    };
+    // (name, m, n, k, lhs strides, rhs strides): operands stored as the block stores them
+    let cases = [
+        ("fc1_fwd", rows, mlp, width, (width, 1), (1, width)),
+        ("fc1_bwd_data", rows, width, mlp, (mlp, 1), (width, 1)),
+        ("fc1_bwd_weight", mlp, width, rows, (1, mlp), (width, 1)),
+    ];
+    let mut g = c.benchmark_group("bf16_gemm");
+    g.sample_size(10);
+    for (name, m, n, k, ls, rs) in cases {
+        let (lhs, rhs) = (data(m * k, 60), data(k * n, 61));
+        let mut dst = vec![0f32; m * n];
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        g.bench_function(format!("{name}/f32"), |bch| {
+            bch.iter(|| {
+                m3ae_kernels::fused::bf16::gemm_f32(
+                    (m, n, k),
+                    (&mut dst, n),
+                    false,
+                    (&lhs, ls.0, ls.1),
+                    (&rhs, rs.0, rs.1),
+                )
+            })
+        });
+        for &b in &backends {
+            g.bench_function(format!("{name}/bf16-{}", b.name()), |bch| {
+                bch.iter(|| {
+                    bf16::gemm_with(
+                        b,
+                        (m, n, k),
+                        (&mut dst, n),
+                        false,
+                        (&lhs, ls.0, ls.1),
+                        (&rhs, rs.0, rs.1),
+                    )
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     attention,
     transformer_block,
+    bf16_gemm,
     layer_norm_and_gelu,
     linear,
     text_head,

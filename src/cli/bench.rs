@@ -38,7 +38,8 @@ pub struct BenchArgs {
     kernels: String,
     #[command(flatten)]
     device: super::DeviceArg,
-    /// Compute precision: `f32`, or `bf16` matmuls (fast on CUDA; on the CPU slower than f32).
+    /// Compute precision: `f32`, or `bf16` matmuls (on the CPU: AVX512-BF16 where the CPU has
+    /// it, else emulated at about f32 speed).
     #[arg(long, default_value = "f32", value_parser = super::parse_precision)]
     precision: m3ae_model::Precision,
 }

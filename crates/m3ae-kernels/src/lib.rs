@@ -22,6 +22,10 @@
 //! CPU has it); [`KernelPath::Reference`] runs plain compositions of differentiable candle ops in
 //! [`mod@reference`], the ground truth every fused op is tested against.
 //!
+//! On the fused path the transformer block and the dense layer also take their products in bf16
+//! ([`fused::transformer_block_with`], [`fused::linear_with`]): bf16-rounded operands summed in
+//! f32, on the CPU's AVX512-BF16 instructions where it has them ([`fused::bf16`]).
+//!
 //! ```
 //! use candle_core::{Device, Tensor};
 //! let x = Tensor::new(&[[1f32, 2., 3.]], &Device::Cpu)?;

@@ -588,6 +588,50 @@ fn linear_matches_reference_and_finite_differences() {
     );
 }
 
+/// The dense layer with bf16 products against f32 products of the bf16-rounded operands:
+/// `y = r(x) r(W)^T + b`, `dx = r(dy) r(W)`, `dW = r(dy)^T r(x)`, `db = colsum(dy)`.
+#[test]
+fn bf16_linear_is_the_f32_product_of_rounded_operands() {
+    let r = |t: &Tensor| {
+        let v: Vec<f32> = flat(t).iter().map(|&x| fused::bf16::round(x)).collect();
+        Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+    };
+    for (i, (rows, inp, out)) in [(7usize, 48usize, 36usize), (300, 64, 192), (1, 3, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let x = tensor(&[rows, inp], 11 + i as u64, 1.0);
+        let w = tensor(&[out, inp], 12 + i as u64, 0.3);
+        let b = tensor(&[out], 13 + i as u64, 1.0);
+        let g = tensor(&[rows, out], 14 + i as u64, 1.0);
+        let (xv, wv, bv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&w).unwrap(),
+            Var::from_tensor(&b).unwrap(),
+        );
+        let y = fused::linear_with(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), DType::BF16)
+            .unwrap();
+        let gr = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let get = |v: &Var| gr.get(v.as_tensor()).unwrap().clone();
+        let want_y = reference::linear(&r(&x), &r(&w), &b).unwrap();
+        let want_dx = r(&g).matmul(&r(&w)).unwrap();
+        let want_dw = r(&g).t().unwrap().matmul(&r(&x)).unwrap();
+        let want_db = g.sum(0).unwrap();
+        let ctx = format!("{rows}x{inp}->{out}");
+        assert!(rel_err(&y, &want_y) <= 1e-6, "y {ctx}");
+        assert!(rel_err(&get(&xv), &want_dx) <= 1e-6, "dx {ctx}");
+        assert!(rel_err(&get(&wv), &want_dw) <= 1e-6, "dw {ctx}");
+        assert!(rel_err(&get(&bv), &want_db) <= 1e-6, "db {ctx}");
+        // and it is not the f32 layer
+        if inp > 3 {
+            assert!(
+                rel_err(&y, &fused::linear(&x, &w, &b).unwrap()) > 1e-4,
+                "{ctx}"
+            );
+        }
+    }
+}
+
 #[test]
 fn packed_qkv_attention_matches_reference() {
     for (i, &(b, l, heads, dh)) in [

@@ -1,9 +1,10 @@
 //! The one-op fused transformer block against the block composed from reference ops: output,
 //! gradient of the input and of every parameter, at the model's shapes (tiny encoder and
 //! decoder, ViT-S), with and without padding keys, batch 1; plus thread-count independence, the
-//! no-gradient path and the rejection of bad shapes.
+//! no-gradient path and the rejection of bad shapes. The same block with bf16 products against
+//! the f32 reference.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use m3ae_kernels::{BlockParams, KernelPath};
 
 mod common;
@@ -62,12 +63,22 @@ fn run(
     pad: Option<&Tensor>,
     w: &Tensor,
 ) -> Vec<Tensor> {
+    run_block(x, p, w, |x, bp| {
+        path.transformer_block(x, bp, heads, pad, 1e-6).unwrap()
+    })
+}
+
+/// As [`run`] for any block function `f(x, params)`.
+fn run_block(
+    x: &Tensor,
+    p: &[Tensor],
+    w: &Tensor,
+    f: impl Fn(&Tensor, &BlockParams<'_>) -> Tensor,
+) -> Vec<Tensor> {
     let xv = Var::from_tensor(x).unwrap();
     let pv: Vec<Var> = p.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
     let pt: Vec<Tensor> = pv.iter().map(|v| v.as_tensor().clone()).collect();
-    let y = path
-        .transformer_block(xv.as_tensor(), &block_params(&pt), heads, pad, 1e-6)
-        .unwrap();
+    let y = f(xv.as_tensor(), &block_params(&pt));
     let g = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
     let mut out = vec![y, g.get(xv.as_tensor()).expect("gradient of x").clone()];
     for (v, name) in pv.iter().zip(NAMES) {
@@ -161,6 +172,80 @@ fn untracked_inputs_give_the_same_output_without_saving_state() {
     let y = m3ae_kernels::transformer_block(&x, &block_params(&pt), 2, None, 1e-6).unwrap();
     let g = y.sum_all().unwrap().backward().unwrap();
     assert!(pv.iter().all(|v| g.get(v.as_tensor()).is_some()));
+}
+
+/// bf16 products (operands rounded to bf16, f32 sums): within what the rounding of the operands
+/// moves of the f32 reference, and measurably different from it, at the tiny and ViT-S shapes.
+#[test]
+fn bf16_products_stay_within_bf16_rounding_of_the_f32_block() {
+    for (b, l, c, heads, pad, seed) in [
+        (3, 21, 128, 4, Pad::Random, 1),
+        (2, 70, 64, 4, Pad::Suffix, 2),
+        (2, 64, 384, 6, Pad::None, 3),
+    ] {
+        let x = tensor(&[b, l, c], seed, 1.0);
+        let w = tensor(&[b, l, c], seed + 100, 1.0);
+        let p = params(c, 4 * c, seed + 200);
+        let pad_t = padding(b, l, pad, seed + 300);
+        let bf = run_block(&x, &p, &w, |x, bp| {
+            m3ae_kernels::fused::transformer_block_with(
+                x,
+                bp,
+                heads,
+                pad_t.as_ref(),
+                1e-6,
+                DType::BF16,
+            )
+            .unwrap()
+        });
+        let r = run(KernelPath::Reference, &x, &p, heads, pad_t.as_ref(), &w);
+        let ctx = format!("b{b} l{l} c{c} {pad:?}");
+        // bf16 keeps 8 significant bits (relative rounding up to 2^-9 = 0.2%); errors of the
+        // two rounded operands of each product add up through the block's chain of products
+        let err = rel_err(&bf[0], &r[0]);
+        assert!((1e-4..=1e-2).contains(&err), "output {ctx}: {err}");
+        for (i, name) in ["x"].iter().chain(NAMES.iter()).enumerate() {
+            let err = rel_err(&bf[i + 1], &r[i + 1]);
+            // fc2's bias gradient is colsum(dy): no product on its way
+            let range = if *name == "fc2.bias" {
+                0.0..=1e-5
+            } else {
+                1e-3..=2e-2
+            };
+            assert!(range.contains(&err), "d {name} {ctx}: {err}");
+        }
+    }
+    // bf16 products on CUDA or with bf16 tensors are not the one-op block: refused, not ignored
+    let x = tensor(&[1, 4, 16], 1, 1.0).to_dtype(DType::BF16).unwrap();
+    let p = params(16, 64, 2);
+    let e = m3ae_kernels::fused::transformer_block_with(
+        &x,
+        &block_params(&p),
+        2,
+        None,
+        1e-6,
+        DType::BF16,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("one-op block"), "{e}");
+}
+
+#[test]
+fn bf16_block_is_bit_identical_for_any_thread_count() {
+    let (b, l, c) = (3, 29, 64);
+    let x = tensor(&[b, l, c], 17, 1.0);
+    let w = tensor(&[b, l, c], 18, 1.0);
+    let p = params(c, 4 * c, 19);
+    let pad = padding(b, l, Pad::Random, 20);
+    assert_same_for_any_thread_count("bf16 transformer block", || {
+        run_block(&x, &p, &w, |x, bp| {
+            m3ae_kernels::fused::transformer_block_with(x, bp, 4, pad.as_ref(), 1e-6, DType::BF16)
+                .unwrap()
+        })
+        .iter()
+        .map(flat)
+        .collect()
+    });
 }
 
 #[test]

@@ -18,11 +18,11 @@
 //! let e = parse_device("cuda:0").unwrap_err().to_string();
 //! assert!(e.contains("cuda:0") && e.contains("without the `cuda` feature"), "{e}");
 //! # }
-//! // bf16 runs on the CPU too, with a one-line notice that it is there for its numerics
+//! // bf16 runs on the CPU too, with a one-line notice saying how this CPU computes it
 //! let cpu = candle_core::Device::Cpu;
 //! assert!(Precision::Bf16.check(&cpu, "train.precision").is_ok());
 //! let note = Precision::Bf16.notice(&cpu, "train.precision").unwrap();
-//! assert!(note.contains("train.precision = \"bf16\"") && note.contains("slower than f32"));
+//! assert!(note.contains("train.precision = \"bf16\"") && note.contains("AVX512-BF16"));
 //! assert!(Precision::F32.notice(&cpu, "train.precision").is_none());
 //! # Ok::<(), m3ae_model::Error>(())
 //! ```
@@ -166,7 +166,8 @@ pub enum Precision {
     F32,
     /// The dense layers' matmuls in bf16 (inputs and weights cast to bf16, the product cast
     /// back to f32; see [`crate::layers::Dense`]). On CUDA this is the fast path; on the CPU
-    /// it gives the same numerics at a lower speed ([`Precision::notice`]).
+    /// it runs on AVX512-BF16 where the CPU has it, else at about f32 speed
+    /// ([`Precision::notice`]).
     Bf16,
 }
 
@@ -193,18 +194,22 @@ impl Precision {
     }
 
     /// The one-line notice a run at this precision on `device` should print, if any: bf16 on
-    /// the CPU. There candle's bf16 matmul widens its bf16 inputs to f32, multiplies in f32
-    /// and rounds the product to bf16, which are the numerics of bf16 hardware (bf16 inputs,
-    /// f32 accumulation) but slower than an f32 step, and the one-op fused block (f32 only)
-    /// steps aside for the composed ops. It is there to check a bf16
-    /// recipe on a machine without a GPU, not for speed: the fast CPU bf16 kernels (AMX,
-    /// AVX512-BF16) are not written yet.
+    /// the CPU, saying what computes it. The dense layers' products (in the one-op transformer
+    /// blocks and the fused dense layers) run with bf16 operands and f32 sums
+    /// (`m3ae_kernels::fused::bf16`): on `VDPBF16PS` where the CPU has AVX512-BF16, otherwise
+    /// with the operands rounded to bf16 and multiplied in f32, which gives bf16 numerics at
+    /// about f32 speed (a way to check a bf16 recipe on any CPU).
     pub fn notice(self, device: &Device, setting: &str) -> Option<String> {
+        use m3ae_kernels::fused::bf16;
         (self == Precision::Bf16 && device.is_cpu()).then(|| {
+            let how = if bf16::backend().is_native() {
+                "on the CPU's AVX512-BF16 instructions"
+            } else {
+                "emulated in f32 arithmetic (this CPU has no AVX512-BF16), at about f32 speed"
+            };
             format!(
-                "{setting} = \"bf16\" on the CPU: bf16 matmul inputs with f32 accumulation, \
-                 computed by widening to f32 outside the fused f32 block, so slower than f32; \
-                 use it to check a bf16 recipe, \"f32\" for speed"
+                "{setting} = \"bf16\" on the CPU: the dense layers' products take bf16 \
+                 operands and sum in f32, {how} (m3ae_kernels::fused::bf16)"
             )
         })
     }

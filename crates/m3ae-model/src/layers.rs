@@ -5,16 +5,19 @@
 //! `forward_with` methods when they get a [`Stochastic`] key (training); every other forward is
 //! deterministic. The sites and the official facts are in [`crate::stochastic`].
 //!
-//! With [`KernelPath::Fused`], a [`Block`] on the CPU in f32 runs as one op with a hand-written
-//! backward ([`m3ae_kernels::transformer_block`]) whenever no dropout, attention dropout or drop
-//! path is active and no attention map is traced; otherwise (and at bf16, on other devices, and
-//! with [`KernelPath::Reference`]) it composes the per-op kernels below.
+//! With [`KernelPath::Fused`], a [`Block`] on the CPU (f32 tensors) runs as one op with a
+//! hand-written backward ([`m3ae_kernels::fused::transformer_block_with`]) whenever no dropout,
+//! attention dropout or drop path is active and no attention map is traced; otherwise (and on
+//! other devices, and with [`KernelPath::Reference`]) it composes the per-op kernels below.
 //!
 //! Precision ([`Precision`], set with `with_precision`): at [`Precision::Bf16`] every [`Dense`]
 //! layer casts its input and weight to bf16 for the matmul and the product back to f32 before
 //! the (f32) bias is added; LayerNorm, attention, GELU and the losses stay f32, and so do the
 //! weights and their gradients (the casts are differentiable). This is the mixed-precision path
-//! of training on CUDA; the default [`Precision::F32`] adds no op.
+//! of training on CUDA; the default [`Precision::F32`] adds no op. On the CPU with
+//! [`KernelPath::Fused`], the one-op block and the [`Dense`] layers at bf16 round the same
+//! operands to bf16 and sum in f32 but keep the f32 sum (no rounding of the product to bf16;
+//! `m3ae_kernels::fused::bf16`), as bf16 matrix hardware accumulates.
 
 use crate::device::Precision;
 use crate::params::ParamStore;
@@ -56,6 +59,20 @@ impl Dense {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self.precision {
             Precision::F32 => Ok(self.path.linear(x, &self.weight, &self.bias)?),
+            // the fused CPU layer rounds the same operands and keeps the f32 sum, as the
+            // one-op block does (module docs)
+            Precision::Bf16
+                if self.path == KernelPath::Fused
+                    && x.device().is_cpu()
+                    && x.dtype() == DType::F32 =>
+            {
+                Ok(m3ae_kernels::fused::linear_with(
+                    x,
+                    &self.weight,
+                    &self.bias,
+                    DType::BF16,
+                )?)
+            }
             Precision::Bf16 => cast_linear(x, &self.weight, &self.bias, DType::BF16),
         }
     }
@@ -324,14 +341,13 @@ impl Block {
         Ok((y, probs.expect("probabilities were asked for")))
     }
 
-    /// Whether this forward runs as the one-op fused block: fused kernels, f32 on the CPU, no
-    /// attention map asked for, and no dropout or drop path active (rates of 0 add no op, so
-    /// they do not count).
+    /// Whether this forward runs as the one-op fused block: fused kernels, f32 tensors on the
+    /// CPU (the products at the block's precision), no attention map asked for, and no dropout
+    /// or drop path active (rates of 0 add no op, so they do not count).
     fn one_op(&self, x: &Tensor, trace: bool, st: Option<&Stochastic>) -> bool {
         let r = self.rates;
         let stochastic = st.is_some() && (r.drop > 0.0 || r.att_drop > 0.0 || r.drop_path > 0.0);
         self.path == KernelPath::Fused
-            && self.precision == Precision::F32
             && !trace
             && !stochastic
             && x.device().is_cpu()
@@ -355,8 +371,14 @@ impl Block {
                 fc1: (&m.fc1.weight, &m.fc1.bias),
                 fc2: (&m.fc2.weight, &m.fc2.bias),
             };
-            let y =
-                m3ae_kernels::fused::transformer_block(x, &params, a.heads, key_padding, LN_EPS)?;
+            let y = m3ae_kernels::fused::transformer_block_with(
+                x,
+                &params,
+                a.heads,
+                key_padding,
+                LN_EPS,
+                self.precision.matmul_dtype(),
+            )?;
             return Ok((y, None));
         }
         let r = self.rates;

@@ -232,6 +232,69 @@ fn bad_inputs_are_rejected_with_clear_messages() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[test]
+fn fused_layers_at_bf16_run_the_bf16_kernels_and_the_reference_ones_cast() -> anyhow::Result<()> {
+    use m3ae_kernels::{fused, BlockParams};
+    use m3ae_model::layers::{cast_linear, Block, Dense, LN_EPS};
+    use m3ae_model::Precision;
+    let dev = Device::Cpu;
+    let cfg = M3aeConfig::preset("tiny")?;
+    let model = M3ae::init(&cfg, 4, &dev)?;
+    let p = model.params();
+    let c = cfg.emb_dim;
+    let x = m3ae_kernels::testing::tensor(&[2, 5, c], 7, 1.0, &dev)?;
+    let get = |n: &str| p.get(&format!("encoder.blocks.0.{n}"));
+    let (w, b) = (get("mlp.fc1.weight")?, get("mlp.fc1.bias")?);
+    for (path, want) in [
+        (
+            KernelPath::Fused,
+            fused::linear_with(&x, &w, &b, DType::BF16)?,
+        ),
+        (KernelPath::Reference, cast_linear(&x, &w, &b, DType::BF16)?),
+    ] {
+        let y = Dense::new(p, "encoder.blocks.0.mlp.fc1", path)?
+            .with_precision(Precision::Bf16)
+            .forward(&x)?;
+        assert_eq!(rel(&y, &want)?, 0.0, "{path:?} dense layer");
+    }
+    let t = [
+        "norm1.weight",
+        "norm1.bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+    ]
+    .map(|n| get(n).unwrap());
+    let params = BlockParams {
+        norm1: (&t[0], &t[1]),
+        qkv: (&t[2], &t[3]),
+        proj: (&t[4], &t[5]),
+        norm2: (&t[6], &t[7]),
+        fc1: (&t[8], &t[9]),
+        fc2: (&t[10], &t[11]),
+    };
+    let block = Block::new(p, "encoder.blocks.0", cfg.num_heads, KernelPath::Fused)?;
+    let y16 = block
+        .clone()
+        .with_precision(Precision::Bf16)
+        .forward(&x, None)?;
+    let want =
+        fused::transformer_block_with(&x, &params, cfg.num_heads, None, LN_EPS, DType::BF16)?;
+    assert_eq!(rel(&y16, &want)?, 0.0, "one-op block at bf16");
+    assert!(
+        rel(&y16, &block.forward(&x, None)?)? > 1e-4,
+        "bf16 differs from f32"
+    );
+    Ok(())
+}
+
 /// `max|a - b| / max|b|`.
 fn rel(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
     let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -539,38 +602,53 @@ fn drop_path_passes_a_sample_through_a_block_whose_branches_are_both_dropped() -
 #[test]
 fn bf16_matmuls_stay_close_to_f32_and_every_f32_weight_gets_an_f32_gradient() -> anyhow::Result<()>
 {
-    // the cast-around-matmul path of `train.precision = "bf16"` is device-generic: checked here
-    // on the CPU (training refuses bf16 on the CPU only because it would be slow)
+    // Both bf16 paths, on the CPU: the reference kernels cast around candle's matmul (the path
+    // CUDA runs, device-generic) and the fused ones take bf16-rounded operands in the one-op
+    // block and the dense layers (m3ae_kernels::fused::bf16).
     use m3ae_model::Precision;
     let dev = Device::Cpu;
-    let mut cfg = M3aeConfig::preset("tiny")?;
-    cfg.output_head_depth = 1;
-    let f32_model = M3ae::init(&cfg, 4, &dev)?;
-    let bf16_model = f32_model.clone().with_precision(Precision::Bf16);
-    assert_eq!(bf16_model.precision(), Precision::Bf16);
-    assert_eq!(f32_model.precision(), Precision::F32);
-    let input = batch(&cfg, 2, &dev)?;
-    let (li, t) = (cfg.num_patches(), cfg.text_length);
-    let im = Masking::new(&noise(li, 5), 2, cfg.image_keep(li), &dev)?;
-    let tm = Masking::new(&noise(t, 6), 2, cfg.text_keep(t), &dev)?;
-    let loss = |m: &M3ae| -> anyhow::Result<Tensor> {
-        let out = m.forward_train(&input, Some(&im), Some(&tm))?;
-        Ok(m.losses(&input, &out)?.total)
-    };
-    let (a, b) = (loss(&f32_model)?, loss(&bf16_model)?);
-    assert_eq!(b.dtype(), DType::F32, "losses stay f32");
-    let (a, b) = (a.to_scalar::<f32>()?, b.to_scalar::<f32>()?);
-    assert!(a != b, "bf16 must change the matmuls");
-    assert!((a - b).abs() / a.abs() < 2e-2, "f32 {a} vs bf16 {b}");
-    let grads = loss(&bf16_model)?.backward()?;
-    for (name, var) in bf16_model.params().vars() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        assert_eq!(g.dtype(), DType::F32, "{name}");
-        assert_eq!(var.dtype(), DType::F32, "{name}");
-        let n = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
-        assert!(n > 0.0 && n.is_finite(), "{name}: {n}");
+    let mut bf16_losses = Vec::new();
+    for kernels in [KernelPath::Reference, KernelPath::Fused] {
+        let mut cfg = M3aeConfig::preset("tiny")?;
+        cfg.output_head_depth = 1;
+        cfg.kernels = kernels;
+        let f32_model = M3ae::init(&cfg, 4, &dev)?;
+        let bf16_model = f32_model.clone().with_precision(Precision::Bf16);
+        assert_eq!(bf16_model.precision(), Precision::Bf16);
+        assert_eq!(f32_model.precision(), Precision::F32);
+        let input = batch(&cfg, 2, &dev)?;
+        let (li, t) = (cfg.num_patches(), cfg.text_length);
+        let im = Masking::new(&noise(li, 5), 2, cfg.image_keep(li), &dev)?;
+        let tm = Masking::new(&noise(t, 6), 2, cfg.text_keep(t), &dev)?;
+        let loss = |m: &M3ae| -> anyhow::Result<Tensor> {
+            let out = m.forward_train(&input, Some(&im), Some(&tm))?;
+            Ok(m.losses(&input, &out)?.total)
+        };
+        let (a, b) = (loss(&f32_model)?, loss(&bf16_model)?);
+        assert_eq!(b.dtype(), DType::F32, "losses stay f32");
+        let (a, b) = (a.to_scalar::<f32>()?, b.to_scalar::<f32>()?);
+        assert!(a != b, "{kernels:?}: bf16 must change the matmuls");
+        assert!(
+            (a - b).abs() / a.abs() < 2e-2,
+            "{kernels:?}: f32 {a} vs bf16 {b}"
+        );
+        bf16_losses.push(b);
+        let grads = loss(&bf16_model)?.backward()?;
+        for (name, var) in bf16_model.params().vars() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{kernels:?}: no gradient for {name}"));
+            assert_eq!(g.dtype(), DType::F32, "{name}");
+            assert_eq!(var.dtype(), DType::F32, "{name}");
+            let n = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(n > 0.0 && n.is_finite(), "{kernels:?} {name}: {n}");
+        }
     }
+    // the two paths differ only in rounding the products to bf16 (the cast path does)
+    let (r, f) = (bf16_losses[0], bf16_losses[1]);
+    assert!(
+        (r - f).abs() / r.abs() < 1e-2,
+        "reference bf16 {r} vs fused bf16 {f}"
+    );
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The fused pre-LN transformer block (CPU, f32): one candle op for
+//! The fused pre-LN transformer block (CPU, f32 tensors): one candle op for
 //! `x1 = x + proj(attn(qkv(LN1(x))))`, `y = x1 + fc2(gelu(fc1(LN2(x1))))`, with a hand-written
 //! backward that returns the gradient of `x` and of all twelve parameters.
 //!
@@ -33,6 +33,9 @@
 //! and are reused from call to call. The parameters arrive as one flat tensor (the twelve tensors flattened and
 //! concatenated in [`PARAM_ORDER`]; candle's `cat` backward hands each tensor its slice of the
 //! gradient), because candle's custom ops take at most three tensors.
+//! At bf16 precision the twelve products (four forward, eight backward) take bf16-rounded operands
+//! and sum in f32 ([`super::bf16`]: `VDPBF16PS` where the CPU has AVX512-BF16); everything else,
+//! attention's products included, stays f32, and so do the saved activations and the gradients.
 //! Dropout, attention dropout and drop path are not supported here: the model runs its composed
 //! block when any of them is active.
 
@@ -166,22 +169,27 @@ fn give(v: Vec<f32>) {
 // Products
 
 /// `dst (m x n) = [dst +] lhs (m x k) rhs (k x n)`, operands as (slice, row stride, column
-/// stride).
+/// stride); with `bf16`, the operands are rounded to bf16 and summed in f32 ([`super::bf16`]).
 fn mm(
+    bf16: bool,
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
     lhs: (&[f32], usize, usize),
     rhs: (&[f32], usize, usize),
 ) {
-    gemm_strided(
-        (m, n, k),
-        (dst, n),
-        accumulate,
-        lhs,
-        rhs,
-        parallelism(m, n, k),
-    );
+    if bf16 {
+        super::bf16::gemm((m, n, k), (dst, n), accumulate, lhs, rhs);
+    } else {
+        gemm_strided(
+            (m, n, k),
+            (dst, n),
+            accumulate,
+            lhs,
+            rhs,
+            parallelism(m, n, k),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -480,13 +488,22 @@ pub(crate) struct FusedBlock {
     padding: Option<Arc<Vec<f32>>>,
     /// Whether a backward may follow (otherwise nothing is saved and `gelu'` is not computed).
     train: bool,
+    /// Whether the products (not attention's) run with bf16 operands ([`super::bf16`]).
+    bf16: bool,
     saved: Mutex<Option<Arc<Saved>>>,
 }
 
 impl FusedBlock {
-    pub(crate) fn new(dims: BlockDims, eps: f64, padding: Option<Vec<f32>>, train: bool) -> Self {
+    pub(crate) fn new(
+        dims: BlockDims,
+        eps: f64,
+        padding: Option<Vec<f32>>,
+        train: bool,
+        bf16: bool,
+    ) -> Self {
         Self {
             dims,
+            bf16,
             eps: eps as f32,
             scale: 1.0 / ((dims.c / dims.heads) as f32).sqrt(),
             padding: padding.map(Arc::new),
@@ -522,14 +539,35 @@ impl FusedBlock {
         let mut st1 = vec![0f32; 2 * n];
         layer_norm(x, g1, b1, &mut a, Ok(&mut st1), self.eps);
         let mut qkv = filled(n, None, b_qkv);
-        mm((n, 3 * c, c), &mut qkv, true, (&a, c, 1), (w_qkv, 1, c));
+        mm(
+            self.bf16,
+            (n, 3 * c, c),
+            &mut qkv,
+            true,
+            (&a, c, 1),
+            (w_qkv, 1, c),
+        );
         let (o, att) = packed_forward(&qkv, pad, d.attention(), self.scale);
         let mut x1 = filled(n, Some(x), b_proj);
-        mm((n, c, c), &mut x1, true, (&o, c, 1), (w_proj, 1, c));
+        mm(
+            self.bf16,
+            (n, c, c),
+            &mut x1,
+            true,
+            (&o, c, 1),
+            (w_proj, 1, c),
+        );
         let mut st2 = vec![0f32; 2 * n];
         layer_norm(&x1, g2, b2, &mut a, Ok(&mut st2), self.eps);
         let mut h = filled(n, None, b_fc1);
-        mm((n, m, c), &mut h, true, (&a, c, 1), (w_fc1, 1, c));
+        mm(
+            self.bf16,
+            (n, m, c),
+            &mut h,
+            true,
+            (&a, c, 1),
+            (w_fc1, 1, c),
+        );
         give(a);
         let mut gp = if self.train {
             uninit_buffer(n * m)
@@ -549,7 +587,14 @@ impl FusedBlock {
             unsafe { gp.set_len(n * m) };
         }
         let mut y = filled(n, Some(&x1), b_fc2);
-        mm((n, c, m), &mut y, true, (&h, m, 1), (w_fc2, 1, m));
+        mm(
+            self.bf16,
+            (n, c, m),
+            &mut y,
+            true,
+            (&h, m, 1),
+            (w_fc2, 1, m),
+        );
         let saved = train.then_some(Saved {
             st1,
             qkv,
@@ -574,9 +619,23 @@ impl FusedBlock {
         let pad = self.padding.as_deref().map(|p| p.as_slice());
 
         // MLP: dW2 = dy^T g, dh = (dy W2) * gelu'(h), db1 = colsum(dh)
-        mm((c, m, n), dw_fc2, false, (dy, 1, c), (&s.g, m, 1));
+        mm(
+            self.bf16,
+            (c, m, n),
+            dw_fc2,
+            false,
+            (dy, 1, c),
+            (&s.g, m, 1),
+        );
         let mut dh = take(n * m);
-        mm((n, m, c), &mut dh, false, (dy, c, 1), (w_fc2, m, 1));
+        mm(
+            self.bf16,
+            (n, m, c),
+            &mut dh,
+            false,
+            (dy, c, 1),
+            (w_fc2, m, 1),
+        );
         let dhp = SharedMut(dh.as_mut_ptr());
         let sums = par_rows_sum(n, m, |r, part| {
             // SAFETY: rows `r` of `dh` belong to this task.
@@ -587,9 +646,16 @@ impl FusedBlock {
         // fc1: dW1 = dh^T LN2(x1) (recomputed), da2 = dh W1
         let mut a = take(n * c);
         layer_norm(&s.x1, g2, b2, &mut a, Err(&s.st2), self.eps);
-        mm((m, c, n), dw_fc1, false, (&dh, 1, m), (&a, c, 1));
+        mm(self.bf16, (m, c, n), dw_fc1, false, (&dh, 1, m), (&a, c, 1));
         let mut da = take(n * c);
-        mm((n, c, m), &mut da, false, (&dh, m, 1), (w_fc1, c, 1));
+        mm(
+            self.bf16,
+            (n, c, m),
+            &mut da,
+            false,
+            (&dh, m, 1),
+            (w_fc1, c, 1),
+        );
         give(dh);
         // LayerNorm 2 + residual: dx1 = dy + LN2'(da2); dgamma2, dbeta2, db_fc2 = colsum(dy),
         // db_proj = colsum(dx1)
@@ -613,9 +679,23 @@ impl FusedBlock {
         db_fc2.copy_from_slice(&sums[2 * c..3 * c]);
         db_proj.copy_from_slice(&sums[3 * c..]);
         // projection: dW = dx1^T o, do = dx1 Wp
-        mm((c, c, n), dw_proj, false, (&dx1, 1, c), (&s.o, c, 1));
+        mm(
+            self.bf16,
+            (c, c, n),
+            dw_proj,
+            false,
+            (&dx1, 1, c),
+            (&s.o, c, 1),
+        );
         let mut d_o = take(n * c);
-        mm((n, c, c), &mut d_o, false, (&dx1, c, 1), (w_proj, c, 1));
+        mm(
+            self.bf16,
+            (n, c, c),
+            &mut d_o,
+            false,
+            (&dx1, c, 1),
+            (w_proj, c, 1),
+        );
         // attention
         let dqkv = packed_backward(&s.qkv, &s.o, &d_o, &s.att, pad, d.attention(), self.scale);
         give(d_o);
@@ -630,8 +710,16 @@ impl FusedBlock {
             col_sum_rows(&dqkv[r.start * 3 * c..r.end * 3 * c], part);
         });
         db_qkv.copy_from_slice(&sums);
-        mm((3 * c, c, n), dw_qkv, false, (&dqkv, 1, 3 * c), (&a, c, 1));
         mm(
+            self.bf16,
+            (3 * c, c, n),
+            dw_qkv,
+            false,
+            (&dqkv, 1, 3 * c),
+            (&a, c, 1),
+        );
+        mm(
+            self.bf16,
             (n, c, 3 * c),
             &mut da,
             false,

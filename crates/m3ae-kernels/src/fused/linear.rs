@@ -1,12 +1,16 @@
 //! Fused dense layer `y = x W^T + b` (CPU) whose forward and backward call the GEMM directly on
 //! contiguous buffers: forward one GEMM into a bias-initialised output; backward
-//! `dX = dY W`, `dW = dY^T X` and `db = colsum(dY)` (fixed-order reduction).
+//! `dX = dY W`, `dW = dY^T X` and `db = colsum(dY)` (fixed-order reduction). With bf16 products
+//! the three GEMMs take bf16-rounded operands and sum in f32 ([`super::bf16`]).
 
 use super::storage::{f32_slice, output, storage_slice, zeroed_buffer};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-pub(crate) struct FusedLinear;
+pub(crate) struct FusedLinear {
+    /// Whether the products take bf16-rounded operands ([`super::bf16`]).
+    pub(crate) bf16: bool,
+}
 
 pub(super) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
@@ -18,9 +22,10 @@ pub(super) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 }
 
 /// `dst (m x n, row-major) = [dst +] lhs (m x k, strides rs/cs) * rhs (k x n, strides rs/cs)`,
-/// on rayon when large enough.
+/// on rayon when large enough; with `bf16`, on bf16-rounded operands ([`super::bf16::gemm`]).
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
+    bf16: bool,
     m: usize,
     n: usize,
     k: usize,
@@ -31,6 +36,15 @@ fn gemm_into(
     rhs: &[f32],
     (rrs, rcs): (usize, usize),
 ) {
+    if bf16 {
+        return super::bf16::gemm(
+            (m, n, k),
+            (dst, n),
+            accumulate,
+            (lhs, lrs, lcs),
+            (rhs, rrs, rcs),
+        );
+    }
     gemm_strided(
         (m, n, k),
         (dst, n),
@@ -128,7 +142,18 @@ impl CustomOp3 for FusedLinear {
                 r.copy_from_slice(b);
             }
         });
-        gemm_into(rows, out, inp, &mut y, true, x, (inp, 1), w, (1, inp));
+        gemm_into(
+            self.bf16,
+            rows,
+            out,
+            inp,
+            &mut y,
+            true,
+            x,
+            (inp, 1),
+            w,
+            (1, inp),
+        );
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -152,9 +177,31 @@ impl CustomOp3 for FusedLinear {
             storage_slice(&ds, dl)?,
         );
         let mut dx = zeroed_buffer(rows * inp);
-        gemm_into(rows, inp, out, &mut dx, false, dv, (out, 1), wv, (inp, 1));
+        gemm_into(
+            self.bf16,
+            rows,
+            inp,
+            out,
+            &mut dx,
+            false,
+            dv,
+            (out, 1),
+            wv,
+            (inp, 1),
+        );
         let mut dw = zeroed_buffer(out * inp);
-        gemm_into(out, inp, rows, &mut dw, false, dv, (1, out), xv, (inp, 1));
+        gemm_into(
+            self.bf16,
+            out,
+            inp,
+            rows,
+            &mut dw,
+            false,
+            dv,
+            (1, out),
+            xv,
+            (inp, 1),
+        );
         // bias: column sums over fixed 256-row chunks, added in chunk order
         let partials: Vec<Vec<f32>> = dv
             .par_chunks(256 * out.max(1))

@@ -10,6 +10,7 @@
 //! Each of these fallbacks on a non-CPU device is logged once per process (`log::warn!`).
 
 mod attention;
+pub mod bf16;
 mod block;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -300,6 +301,50 @@ pub fn transformer_block(
     key_padding: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    transformer_block_with(x, params, heads, key_padding, eps, DType::F32)
+}
+
+/// [`transformer_block`] with its dense layers' products computed in `products`: `F32`, or
+/// `BF16` for bf16-rounded operands summed in f32 ([`bf16`]: the numerics of bf16 hardware, on
+/// `VDPBF16PS` where the CPU has AVX512-BF16). Inputs, outputs, attention, LayerNorm and GELU
+/// stay f32. `BF16` needs the one-op block's conditions (CPU, f32 tensors) and is an error
+/// elsewhere, as is any other dtype.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use m3ae_kernels::{fused, testing::tensor, BlockParams};
+/// let dev = Device::Cpu;
+/// let (c, m) = (8, 16);
+/// let ones = Tensor::ones(c, DType::F32, &dev)?;
+/// let zeros = Tensor::zeros(c, DType::F32, &dev)?;
+/// let (w_qkv, b_qkv) = (tensor(&[3 * c, c], 1, 0.3, &dev)?, tensor(&[3 * c], 2, 0.1, &dev)?);
+/// let (w_proj, b_proj) = (tensor(&[c, c], 3, 0.3, &dev)?, tensor(&[c], 4, 0.1, &dev)?);
+/// let (w_fc1, b_fc1) = (tensor(&[m, c], 5, 0.3, &dev)?, tensor(&[m], 6, 0.1, &dev)?);
+/// let (w_fc2, b_fc2) = (tensor(&[c, m], 7, 0.3, &dev)?, tensor(&[c], 8, 0.1, &dev)?);
+/// let params = BlockParams {
+///     norm1: (&ones, &zeros),
+///     qkv: (&w_qkv, &b_qkv),
+///     proj: (&w_proj, &b_proj),
+///     norm2: (&ones, &zeros),
+///     fc1: (&w_fc1, &b_fc1),
+///     fc2: (&w_fc2, &b_fc2),
+/// };
+/// let x = tensor(&[2, 5, c], 9, 1.0, &dev)?;
+/// let y32 = fused::transformer_block_with(&x, &params, 2, None, 1e-6, DType::F32)?;
+/// let y16 = fused::transformer_block_with(&x, &params, 2, None, 1e-6, DType::BF16)?;
+/// assert_eq!(y16.dtype(), DType::F32);
+/// let diff = (&y32 - &y16)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff > 0.0 && diff < 0.05, "{diff}"); // bf16 operands: about 3 significant digits
+/// # Ok::<(), m3ae_kernels::Error>(())
+/// ```
+pub fn transformer_block_with(
+    x: &Tensor,
+    params: &BlockParams<'_>,
+    heads: usize,
+    key_padding: Option<&Tensor>,
+    eps: f64,
+    products: DType,
+) -> Result<Tensor> {
     let (b, l, c, m) = crate::reference::block_shapes(x, params, heads)?;
     check_padding("transformer_block", key_padding, b, l)?;
     let tensors = params.tensors();
@@ -308,6 +353,21 @@ pub fn transformer_block(
         && tensors
             .iter()
             .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    let bf16 = match products {
+        DType::F32 => false,
+        DType::BF16 if f32_cpu => true,
+        other => {
+            return Err(Error::Value {
+                op: "transformer_block",
+                msg: format!(
+                    "products in {other:?} need the one-op block (CPU, f32 tensors); \
+                     x is {:?} on {:?}",
+                    x.dtype(),
+                    x.device().location()
+                ),
+            })
+        }
+    };
     if !f32_cpu {
         return crate::composed_block(KernelPath::Fused, x, params, heads, key_padding, eps);
     }
@@ -320,7 +380,7 @@ pub fn transformer_block(
     // Without a tracked input no backward can follow: run without saving anything.
     let train = x.track_op() || flat.track_op();
     let dims = block::BlockDims { b, l, c, m, heads };
-    let op = block::FusedBlock::new(dims, eps, host_padding(key_padding)?, train);
+    let op = block::FusedBlock::new(dims, eps, host_padding(key_padding)?, train, bf16);
     Ok(if train {
         x.apply_op2(&flat, op)?
     } else {
@@ -392,6 +452,26 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 
 /// Fused dense layer; same contract as [`crate::linear`].
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    linear_with(x, weight, bias, DType::F32)
+}
+
+/// [`linear`] with its products in `products`: `F32`, or `BF16` for bf16-rounded operands
+/// summed in f32 ([`bf16`]), forward and backward; the output and the gradients stay in the
+/// inputs' dtype. `BF16` runs on the CPU only (an error elsewhere), as does any other dtype.
+pub fn linear_with(x: &Tensor, weight: &Tensor, bias: &Tensor, products: DType) -> Result<Tensor> {
+    let bf16 = match products {
+        DType::F32 => false,
+        DType::BF16 if x.device().is_cpu() => true,
+        other => {
+            return Err(Error::Value {
+                op: "linear",
+                msg: format!(
+                    "products in {other:?} run on the CPU only; x is on {:?}",
+                    x.device().location()
+                ),
+            })
+        }
+    };
     if !x.device().is_cpu() {
         return crate::reference::linear(x, weight, bias);
     }
@@ -400,7 +480,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let y = x2.apply_op3(
         &f32_contiguous(weight)?,
         &f32_contiguous(bias)?,
-        linear::FusedLinear,
+        linear::FusedLinear { bf16 },
     )?;
     Ok(y.reshape(out_dims)?.to_dtype(x.dtype())?)
 }
