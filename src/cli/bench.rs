@@ -38,8 +38,8 @@ pub struct BenchArgs {
     kernels: String,
     #[command(flatten)]
     device: super::DeviceArg,
-    /// Compute precision: `f32`, or `bf16` matmuls (on the CPU: AVX512-BF16 where the CPU has
-    /// it, else emulated at about f32 speed).
+    /// Compute precision: `f32`, or `bf16` matmuls (on the CPU: AMX or AVX512-BF16 where the
+    /// CPU has them, else emulated at about f32 speed).
     #[arg(long, default_value = "f32", value_parser = super::parse_precision)]
     precision: m3ae_model::Precision,
 }

@@ -39,8 +39,8 @@ pub struct PretrainArgs {
     #[arg(long, value_name = "cpu|cuda|cuda:N", value_parser = super::parse_device_spec)]
     device: Option<m3ae_model::DeviceSpec>,
     /// Compute precision (`train.precision`): `f32`, or `bf16` matmuls with f32 master
-    /// weights (on the CPU: AVX512-BF16 where the CPU has it, else emulated at about f32
-    /// speed).
+    /// weights (on the CPU: AMX or AVX512-BF16 where the CPU has them, else emulated at
+    /// about f32 speed).
     #[arg(long, value_parser = super::parse_precision)]
     precision: Option<m3ae_model::Precision>,
     /// Continue the newest checkpoint of the run directory; with a DIR, start this run from that

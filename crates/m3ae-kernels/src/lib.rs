@@ -24,7 +24,7 @@
 //!
 //! On the fused path the transformer block and the dense layer also take their products in bf16
 //! ([`fused::transformer_block_with`], [`fused::linear_with`]): bf16-rounded operands summed in
-//! f32, on the CPU's AVX512-BF16 instructions where it has them ([`fused::bf16`]).
+//! f32, on the CPU's AMX or AVX512-BF16 instructions where it has them ([`fused::bf16`]).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};

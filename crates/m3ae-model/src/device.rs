@@ -22,7 +22,7 @@
 //! let cpu = candle_core::Device::Cpu;
 //! assert!(Precision::Bf16.check(&cpu, "train.precision").is_ok());
 //! let note = Precision::Bf16.notice(&cpu, "train.precision").unwrap();
-//! assert!(note.contains("train.precision = \"bf16\"") && note.contains("AVX512-BF16"));
+//! assert!(note.contains("train.precision = \"bf16\"") && note.contains("sum in f32"));
 //! assert!(Precision::F32.notice(&cpu, "train.precision").is_none());
 //! # Ok::<(), m3ae_model::Error>(())
 //! ```
@@ -166,7 +166,7 @@ pub enum Precision {
     F32,
     /// The dense layers' matmuls in bf16 (inputs and weights cast to bf16, the product cast
     /// back to f32; see [`crate::layers::Dense`]). On CUDA this is the fast path; on the CPU
-    /// it runs on AVX512-BF16 where the CPU has it, else at about f32 speed
+    /// it runs on AMX or AVX512-BF16 where the CPU has them, else at about f32 speed
     /// ([`Precision::notice`]).
     Bf16,
 }
@@ -196,16 +196,19 @@ impl Precision {
     /// The one-line notice a run at this precision on `device` should print, if any: bf16 on
     /// the CPU, saying what computes it. The dense layers' products (in the one-op transformer
     /// blocks and the fused dense layers) run with bf16 operands and f32 sums
-    /// (`m3ae_kernels::fused::bf16`): on `VDPBF16PS` where the CPU has AVX512-BF16, otherwise
-    /// with the operands rounded to bf16 and multiplied in f32, which gives bf16 numerics at
-    /// about f32 speed (a way to check a bf16 recipe on any CPU).
+    /// (`m3ae_kernels::fused::bf16`): on AMX tiles or `VDPBF16PS` where the CPU has AMX-BF16 or
+    /// AVX512-BF16, otherwise with the operands rounded to bf16 and multiplied in f32, which
+    /// gives bf16 numerics at about f32 speed (a way to check a bf16 recipe on any CPU).
     pub fn notice(self, device: &Device, setting: &str) -> Option<String> {
         use m3ae_kernels::fused::bf16;
         (self == Precision::Bf16 && device.is_cpu()).then(|| {
-            let how = if bf16::backend().is_native() {
-                "on the CPU's AVX512-BF16 instructions"
-            } else {
-                "emulated in f32 arithmetic (this CPU has no AVX512-BF16), at about f32 speed"
+            let how = match bf16::backend() {
+                bf16::Backend::Amx => "on the CPU's AMX tiles",
+                bf16::Backend::Avx512Bf16 => "on the CPU's AVX512-BF16 instructions",
+                _ => {
+                    "emulated in f32 arithmetic (no AMX or AVX512-BF16 kernel runs here), at \
+                     about f32 speed"
+                }
             };
             format!(
                 "{setting} = \"bf16\" on the CPU: the dense layers' products take bf16 \

@@ -66,8 +66,8 @@ pub struct TrainConfig {
     /// Consecutive non-finite steps that stop the run.
     pub max_bad_steps: u32,
     /// Compute precision: `f32`, or `bf16` matmuls with f32 master weights, optimiser state,
-    /// normalisation statistics and losses (on the CPU: AVX512-BF16 where the CPU has it, else
-    /// emulated at about f32 speed; see [`Precision::notice`]).
+    /// normalisation statistics and losses (on the CPU: AMX or AVX512-BF16 where the CPU has them,
+    /// else emulated at about f32 speed; see [`Precision::notice`]).
     pub precision: Precision,
 }
 

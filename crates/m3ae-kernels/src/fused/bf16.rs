@@ -6,8 +6,10 @@
 //! summed in f32, as bf16 hardware does. Operands and result are f32 buffers with any strides, so
 //! callers keep f32 master weights and f32 activations and change nothing but the call.
 //!
-//! Three implementations ([`Backend`]) give the same numerics up to the order of the f32 sums:
+//! Four implementations ([`Backend`]) give the same numerics up to the order of the f32 sums:
 //!
+//! * [`Backend::Amx`]: the packed GEMM with an AMX micro-kernel (`TDPBF16PS` on 16 x 16 tiles of
+//!   f32 sums, four per 32 x 32 block of the result; Intel Sapphire Rapids and later, Linux).
 //! * [`Backend::Avx512Bf16`]: a packed GEMM whose micro-kernel is `VDPBF16PS` (AVX512-BF16: AMD
 //!   Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later). Operands are rounded while
 //!   they are packed into bf16 panels, so no pass of its own converts them; each instruction
@@ -15,16 +17,15 @@
 //! * [`Backend::Emulated`]: every CPU. The operands are rounded into f32 copies and multiplied
 //!   by the f32 GEMM (`gemm` crate): bf16 numerics at about f32 speed (the copies cost a few
 //!   percent of a product), so a bf16 recipe can be checked on a CPU without bf16 arithmetic.
-//! * [`Backend::Portable`]: the packed GEMM of the first with a scalar micro-kernel that does
-//!   what `VDPBF16PS` does lane by lane. It is slow and exists to test the packing and blocking
-//!   on every CPU; the AVX512-BF16 kernel is then tested against it where the CPU has one.
+//! * [`Backend::Portable`]: the packed GEMM with a scalar micro-kernel that does what the bf16
+//!   instructions do lane by lane. It is slow and exists to test the packing and blocking on
+//!   every CPU (the tests run it on both kernels' layouts); the hardware kernels are tested
+//!   against it where the CPU has them.
 //!
-//! [`backend`] picks the fastest the CPU offers, once per process; `M3AE_BF16_GEMM=emulated`
-//! forces the emulated one (for side-by-side measurements on a CPU with AVX512-BF16).
-//!
-//! AMX (`TDPBF16PS`, Intel Sapphire Rapids and later) is not used yet: its instructions are
-//! not stable in Rust's `core::arch`, and a CPU with AMX also has AVX512-BF16, which this module
-//! uses.
+//! [`backend`] picks the fastest the process can run, once, and uses a native kernel only after
+//! a small product on it agrees with the scalar model; `M3AE_BF16_GEMM=<name>` asks for one (for
+//! side-by-side measurements). The AMX kernel is written with `asm!` (AMX's intrinsics are not
+//! stable in Rust); the process asks Linux for the AMX state before its first use.
 
 use super::linear::{gemm_strided, parallelism};
 use std::sync::OnceLock;
@@ -60,18 +61,22 @@ pub fn round(x: f32) -> f32 {
 /// An implementation of [`gemm()`]; see the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// AMX `TDPBF16PS` micro-kernel on packed bf16 panels (the CPU must have AMX-BF16 and the
+    /// operating system must grant the process AMX state: Linux, [`amx_usable`]).
+    Amx,
     /// `VDPBF16PS` micro-kernel on packed bf16 panels (the CPU must have AVX512-BF16).
     Avx512Bf16,
     /// Operands rounded to bf16 in f32 copies, multiplied by the f32 GEMM.
     Emulated,
-    /// The packed GEMM with a scalar model of `VDPBF16PS` (for tests).
+    /// The packed GEMM with a scalar model of `VDPBF16PS` on its layout (for tests).
     Portable,
 }
 
 impl Backend {
-    /// A short name for notices and benchmark labels.
+    /// A short name for notices, benchmark labels and `M3AE_BF16_GEMM`.
     pub fn name(self) -> &'static str {
         match self {
+            Backend::Amx => "amx",
             Backend::Avx512Bf16 => "avx512-bf16",
             Backend::Emulated => "emulated",
             Backend::Portable => "portable",
@@ -81,7 +86,16 @@ impl Backend {
     /// Whether bf16 products run on bf16 arithmetic of the CPU (faster than f32), rather than
     /// on f32 arithmetic with the numerics of bf16.
     pub fn is_native(self) -> bool {
-        self == Backend::Avx512Bf16
+        matches!(self, Backend::Amx | Backend::Avx512Bf16)
+    }
+
+    /// Whether this process can run the backend.
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Amx => amx_usable(),
+            Backend::Avx512Bf16 => cpu_has_avx512_bf16(),
+            Backend::Emulated | Backend::Portable => true,
+        }
     }
 }
 
@@ -98,18 +112,127 @@ pub fn cpu_has_avx512_bf16() -> bool {
     }
 }
 
-/// The backend [`gemm()`] uses in this process: [`Backend::Avx512Bf16`] where the CPU has it,
-/// else [`Backend::Emulated`]; `M3AE_BF16_GEMM=emulated` forces the latter.
+/// Whether this process may run AMX bf16 instructions: the CPU reports AMX-TILE and AMX-BF16
+/// (CPUID leaf 7), and Linux grants the process the AMX tile state (`arch_prctl(
+/// ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, requested once; without it the first tile
+/// instruction would kill the process). Always false elsewhere.
+pub fn amx_usable() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        static USABLE: OnceLock<bool> = OnceLock::new();
+        *USABLE.get_or_init(|| {
+            // leaf 7 only where the CPU reports a maximum leaf of at least 7
+            use std::arch::x86_64::{__cpuid, __cpuid_count};
+            let leaf7 = (__cpuid(0).eax >= 7).then(|| __cpuid_count(7, 0));
+            let Some(leaf7) = leaf7 else { return false };
+            let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+            if !(amx_bf16 && amx_tile) {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain system call with integer arguments; it only changes which
+            // register state the kernel lets this process use.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            }
+        })
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// The backend [`gemm()`] uses in this process, chosen once: [`Backend::Amx`] where the process
+/// can run it, else [`Backend::Avx512Bf16`] where the CPU has it, else [`Backend::Emulated`].
+/// A native backend is used only after it has multiplied a small product (partial tiles,
+/// several blocks of `k`) to within float rounding of its scalar model; otherwise the next one
+/// is tried and a warning is logged. `M3AE_BF16_GEMM=<name>` ([`Backend::name`]) asks for one
+/// backend (still checked; an unavailable one falls back, with a warning).
 pub fn backend() -> Backend {
     static CHOICE: OnceLock<Backend> = OnceLock::new();
     *CHOICE.get_or_init(|| {
         let forced = std::env::var("M3AE_BF16_GEMM").ok();
-        if forced.as_deref() != Some("emulated") && cpu_has_avx512_bf16() {
-            Backend::Avx512Bf16
-        } else {
-            Backend::Emulated
+        let order = [Backend::Amx, Backend::Avx512Bf16];
+        let candidates: Vec<Backend> = match forced.as_deref() {
+            None | Some("") => order.to_vec(),
+            Some(name) => match order.iter().find(|b| b.name() == name) {
+                Some(&b) => vec![b],
+                None if name == Backend::Emulated.name() => Vec::new(),
+                None => {
+                    log::warn!(
+                        "M3AE_BF16_GEMM={name:?}: expected amx, avx512-bf16 or emulated; \
+                         choosing by the CPU"
+                    );
+                    order.to_vec()
+                }
+            },
+        };
+        for b in candidates {
+            if !b.is_available() {
+                if forced.is_some() {
+                    log::warn!("M3AE_BF16_GEMM={}: not available here", b.name());
+                }
+                continue;
+            }
+            match self_check(b) {
+                Ok(()) => return b,
+                Err(e) => log::warn!(
+                    "bf16 products: the {} kernel disagrees with its model on this CPU ({e}); \
+                     not used",
+                    b.name()
+                ),
+            }
         }
+        Backend::Emulated
     })
+}
+
+/// Multiplies a small product with partial tiles, an odd `k` over two blocks and
+/// accumulation on `backend` and on its scalar model; `Err` names the worst difference.
+fn self_check(backend: Backend) -> Result<(), String> {
+    let (m, n, k) = (45, 37, 1200 + 77);
+    let val = |i: usize, salt: usize| ((i * 7919 + salt) % 251) as f32 / 125.0 - 1.0;
+    let lhs: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
+    let rhs: Vec<f32> = (0..k * n).map(|i| val(i, 2)).collect();
+    let init: Vec<f32> = (0..m * n).map(|i| val(i, 3)).collect();
+    let (mut got, mut want) = (init.clone(), init);
+    // lhs read transposed, as the weight-gradient products do
+    let (l, r) = ((&lhs[..], 1, m), (&rhs[..], n, 1));
+    gemm_with(backend, (m, n, k), (&mut got, n), true, l, r);
+    match backend {
+        Backend::Amx => packed::gemm(
+            &packed::Scalar::<packed::AmxLayout>(Default::default()),
+            (m, n, k),
+            (&mut want, n),
+            true,
+            l,
+            r,
+        ),
+        _ => gemm_with(Backend::Portable, (m, n, k), (&mut want, n), true, l, r),
+    }
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| {
+            if g.is_finite() {
+                (g - w).abs()
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0f32, f32::max);
+    // sums of 1,277 products below 1 in magnitude: orders of summation differ by ~1e-4 at most
+    if worst <= 1e-3 {
+        Ok(())
+    } else {
+        Err(format!("largest difference {worst}"))
+    }
 }
 
 /// `dst (m x n, row stride drs) = [dst +] lhs (m x k) * rhs (k x n)` with bf16-rounded operands
@@ -134,8 +257,8 @@ pub fn gemm(
     gemm_with(backend(), shape, dst, accumulate, lhs, rhs)
 }
 
-/// [`gemm()`] on a given backend (for tests and benchmarks). Panics where the backend is
-/// [`Backend::Avx512Bf16`] and the CPU lacks it, or where a slice is too short for its strides.
+/// [`gemm()`] on a given backend (for tests and benchmarks). Panics where the backend is not
+/// available ([`Backend::is_available`]), or where a slice is too short for its strides.
 pub fn gemm_with(
     backend: Backend,
     (m, n, k): (usize, usize, usize),
@@ -175,9 +298,14 @@ pub fn gemm_with(
                 parallelism(m, n, k),
             );
         }
-        Backend::Portable => {
-            packed::gemm(&packed::Scalar, (m, n, k), (dst, drs), accumulate, lhs, rhs)
-        }
+        Backend::Portable => packed::gemm(
+            &packed::Scalar::<packed::VdpLayout>(Default::default()),
+            (m, n, k),
+            (dst, drs),
+            accumulate,
+            lhs,
+            rhs,
+        ),
         Backend::Avx512Bf16 => {
             assert!(
                 cpu_has_avx512_bf16(),
@@ -185,6 +313,11 @@ pub fn gemm_with(
             );
             #[cfg(target_arch = "x86_64")]
             packed::gemm(&packed::Avx512, (m, n, k), (dst, drs), accumulate, lhs, rhs);
+        }
+        Backend::Amx => {
+            assert!(amx_usable(), "bf16 gemm: this process cannot use AMX-BF16");
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            packed::gemm(&packed::Amx, (m, n, k), (dst, drs), accumulate, lhs, rhs);
         }
     }
 }
@@ -222,33 +355,39 @@ fn rounded(xs: &[f32]) -> Vec<f32> {
     out
 }
 
-/// The packed GEMM: operands rounded and packed into bf16 panels laid out for `VDPBF16PS`, then
-/// multiplied tile by tile by a micro-kernel ([`MicroKernel`]).
+/// The packed GEMM: operands rounded and packed into bf16 panels laid out for the bf16
+/// instructions, then multiplied tile by tile by a micro-kernel ([`MicroKernel`]).
 ///
-/// Layout: `k` is cut into pairs (an odd `k` gets a zero partner). A panel of `lhs` holds [`MR`]
-/// rows as one `u32` per row and pair (`lo` = even element, `hi` = odd), pair-major; a panel of
-/// `rhs` holds [`NR`] columns as two bf16 per column and pair, pair-major. One step of the
-/// micro-kernel broadcasts a row's pair and multiplies it with the pairs of 16 columns.
+/// Layout: `k` is cut into pairs (an odd `k` gets a zero partner, and each kernel may ask for
+/// the pairs to be padded with zeros to a multiple of its own). A panel of `rhs` holds `NR`
+/// columns as two bf16 per column and pair, pair-major (the layout both `VDPBF16PS` and AMX's
+/// `TDPBF16PS` read: one pair of a column per 32-bit lane). A panel of `lhs` holds `MR` rows as
+/// one `u32` per row and pair (`lo` = even element, `hi` = odd), pair-major for `VDPBF16PS`
+/// (one broadcast per row and pair) or row-major for AMX (a tile row is 16 pairs of one row).
 mod packed {
     use super::bits;
     use crate::fused::SharedMut;
 
-    /// Rows of a micro-tile.
-    pub const MR: usize = 12;
-    /// Columns of a micro-tile (two vectors of 16 f32).
+    /// Columns of a micro-tile for every kernel (two vectors or two tiles of 16 f32).
     pub const NR: usize = 32;
-    /// Elements of `k` per packed block (a multiple of 2).
-    const KC: usize = 256;
     /// Columns per packed block of `rhs`.
     const NC: usize = 2048;
-    /// Most rows per packed block of `lhs`.
-    const MC: usize = 16 * MR;
 
     /// One micro-tile: `c (mr x nr) = [c +] A-panel * B-panel` over `kp` pairs.
     pub trait MicroKernel: Sync {
+        /// Rows of a micro-tile.
+        const MR: usize;
+        /// Elements of `k` per packed block (a multiple of 2 * `KP_ALIGN`).
+        const KC: usize;
+        /// The pairs of a block are padded with zeros to a multiple of this.
+        const KP_ALIGN: usize;
+        /// Whether the `lhs` panel is row-major (else pair-major).
+        const LHS_ROW_MAJOR: bool;
+
         /// # Safety
-        /// `a` holds `kp * MR` words, `b` holds `kp * NR * 2` halves, and `c` covers `mr` rows of
-        /// stride `ldc` with `nr` columns each (`mr <= MR`, `nr <= NR`).
+        /// `a` holds `kp * MR` words, `b` holds `kp * NR * 2` halves (`kp` a multiple of
+        /// `KP_ALIGN`), and `c` covers `mr` rows of stride `ldc` with `nr` columns each
+        /// (`mr <= MR`, `nr <= NR`).
         #[allow(clippy::too_many_arguments)]
         unsafe fn run(
             &self,
@@ -262,12 +401,64 @@ mod packed {
         );
     }
 
-    /// The lanes of `VDPBF16PS` in scalar code: per column, the odd pair's product and then the
-    /// even one's are added to the f32 sum, each product exact in f32 (the instruction also
-    /// flushes subnormal inputs and outputs to zero, which this model does not).
-    pub struct Scalar;
+    /// `c (mr x nr) = [c +] acc`, the first `nr` of each of the first `mr` rows of `acc`.
+    ///
+    /// # Safety
+    /// As [`MicroKernel::run`]'s `c`.
+    unsafe fn store<const W: usize>(
+        acc: &[[f32; W]],
+        c: *mut f32,
+        ldc: usize,
+        (mr, nr): (usize, usize),
+        accumulate: bool,
+    ) {
+        for (r, row) in acc.iter().enumerate().take(mr) {
+            let out = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
+            for (o, &s) in out.iter_mut().zip(row) {
+                *o = if accumulate { *o + s } else { s };
+            }
+        }
+    }
 
-    impl MicroKernel for Scalar {
+    /// The lanes of the bf16 dot-product instructions in scalar code, on the layout of kernel
+    /// `K`: per column, the odd pair's product and then the even one's are added to the f32
+    /// sum, each product exact in f32 (the instructions also flush subnormal inputs and outputs
+    /// to zero, which this model does not).
+    pub struct Scalar<K>(pub std::marker::PhantomData<K>);
+
+    /// Layout parameters of [`Avx512`] for the scalar model.
+    pub struct VdpLayout;
+    /// Layout parameters of [`Amx`] for the scalar model.
+    pub struct AmxLayout;
+
+    /// A kernel's layout constants (shared by the hardware kernel and its scalar model).
+    pub trait Layout: Sync {
+        const MR: usize;
+        const KC: usize;
+        const KP_ALIGN: usize;
+        const LHS_ROW_MAJOR: bool;
+    }
+
+    impl Layout for VdpLayout {
+        const MR: usize = 12;
+        const KC: usize = 256;
+        const KP_ALIGN: usize = 1;
+        const LHS_ROW_MAJOR: bool = false;
+    }
+
+    impl Layout for AmxLayout {
+        const MR: usize = 32;
+        const KC: usize = 1024;
+        const KP_ALIGN: usize = 16;
+        const LHS_ROW_MAJOR: bool = true;
+    }
+
+    impl<K: Layout> MicroKernel for Scalar<K> {
+        const MR: usize = K::MR;
+        const KC: usize = K::KC;
+        const KP_ALIGN: usize = K::KP_ALIGN;
+        const LHS_ROW_MAJOR: bool = K::LHS_ROW_MAJOR;
+
         unsafe fn run(
             &self,
             kp: usize,
@@ -275,15 +466,19 @@ mod packed {
             b: *const u16,
             c: *mut f32,
             ldc: usize,
-            (mr, nr): (usize, usize),
+            tile: (usize, usize),
             accumulate: bool,
         ) {
             let f = |h: u32| f32::from_bits(h << 16);
-            let mut acc = [[0f32; NR]; MR];
+            let mut acc = vec![[0f32; NR]; K::MR];
             for p in 0..kp {
                 let bp = std::slice::from_raw_parts(b.add(p * NR * 2), NR * 2);
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let w = *a.add(p * MR + r);
+                    let w = if K::LHS_ROW_MAJOR {
+                        *a.add(r * kp + p)
+                    } else {
+                        *a.add(p * K::MR + r)
+                    };
                     let (a0, a1) = (f(w & 0xFFFF), f(w >> 16));
                     for (j, s) in row.iter_mut().enumerate() {
                         *s += a1 * f(bp[2 * j + 1] as u32);
@@ -291,22 +486,22 @@ mod packed {
                     }
                 }
             }
-            for (r, row) in acc.iter().enumerate().take(mr) {
-                let out = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
-                for (o, &s) in out.iter_mut().zip(row) {
-                    *o = if accumulate { *o + s } else { s };
-                }
-            }
+            store(&acc, c, ldc, tile, accumulate)
         }
     }
 
-    /// The `VDPBF16PS` micro-kernel: 12 x 2 accumulator registers, two loads of the `rhs` panel
-    /// and one broadcast of an `lhs` pair per pair of `k`.
+    /// The `VDPBF16PS` micro-kernel (AVX512-BF16): 12 x 2 accumulator registers, two loads of
+    /// the `rhs` panel and one broadcast of an `lhs` pair per pair of `k`.
     #[cfg(target_arch = "x86_64")]
     pub struct Avx512;
 
     #[cfg(target_arch = "x86_64")]
     impl MicroKernel for Avx512 {
+        const MR: usize = VdpLayout::MR;
+        const KC: usize = VdpLayout::KC;
+        const KP_ALIGN: usize = VdpLayout::KP_ALIGN;
+        const LHS_ROW_MAJOR: bool = VdpLayout::LHS_ROW_MAJOR;
+
         unsafe fn run(
             &self,
             kp: usize,
@@ -333,6 +528,7 @@ mod packed {
         accumulate: bool,
     ) {
         use std::arch::x86_64::*;
+        const MR: usize = VdpLayout::MR;
         let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for p in 0..kp {
@@ -368,51 +564,144 @@ mod packed {
         }
     }
 
-    /// Packs rows `k0..k0 + kc` and columns `j0..j0 + nc` of `rhs` into `NR`-column panels.
+    /// The AMX micro-kernel (`TDPBF16PS`): a 32 x 32 tile of `c` in four 16 x 16 accumulator
+    /// tiles (tmm0-3), two 16-row tiles of `lhs` (tmm4-5) and two 16-column tiles of `rhs`
+    /// (tmm6-7) per 16 pairs of `k`. The tile configuration is loaded at the start of each
+    /// micro-tile and released at its end, so no thread keeps AMX state between calls.
+    /// Written with `asm!` (AMX's intrinsics are not stable in Rust).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    pub struct Amx;
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    impl MicroKernel for Amx {
+        const MR: usize = AmxLayout::MR;
+        const KC: usize = AmxLayout::KC;
+        const KP_ALIGN: usize = AmxLayout::KP_ALIGN;
+        const LHS_ROW_MAJOR: bool = AmxLayout::LHS_ROW_MAJOR;
+
+        unsafe fn run(
+            &self,
+            kp: usize,
+            a: *const u32,
+            b: *const u16,
+            c: *mut f32,
+            ldc: usize,
+            tile: (usize, usize),
+            accumulate: bool,
+        ) {
+            use std::arch::asm;
+            /// Palette 1, every tile 16 rows of 64 bytes.
+            #[repr(C, align(64))]
+            struct Config([u8; 64]);
+            // a static, so that the 64-byte block has its declared alignment
+            static CONFIG: Config = {
+                let mut c = [0u8; 64];
+                c[0] = 1;
+                let mut t = 0;
+                while t < 8 {
+                    c[16 + 2 * t] = 64; // bytes per row (little-endian u16)
+                    c[48 + t] = 16; // rows
+                    t += 1;
+                }
+                Config(c)
+            };
+            #[repr(C, align(64))]
+            struct Out([[f32; NR]; 32]);
+            let mut out = Out([[0f32; NR]; 32]);
+            let a_stride = kp * 4; // bytes between lhs rows
+            let b_stride = NR * 4; // bytes between pairs of the rhs panel
+            let a1 = (a as *const u8).add(16 * a_stride);
+            asm!(
+                "ldtilecfg [{cfg}]",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                cfg = in(reg) CONFIG.0.as_ptr(),
+                options(nostack, readonly),
+            );
+            for s in 0..kp / 16 {
+                let pa0 = (a as *const u8).add(s * 64);
+                let pa1 = a1.add(s * 64);
+                let pb = (b as *const u8).add(s * 16 * b_stride);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) pa0,
+                    a1 = in(reg) pa1,
+                    b0 = in(reg) pb,
+                    b1 = in(reg) pb.add(64),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) b_stride,
+                    options(nostack, readonly),
+                );
+            }
+            let o = out.0.as_mut_ptr() as *mut u8;
+            let so = NR * 4;
+            asm!(
+                "tilestored [{o0} + {so}*1], tmm0",
+                "tilestored [{o1} + {so}*1], tmm1",
+                "tilestored [{o2} + {so}*1], tmm2",
+                "tilestored [{o3} + {so}*1], tmm3",
+                "tilerelease",
+                o0 = in(reg) o,
+                o1 = in(reg) o.add(64),
+                o2 = in(reg) o.add(16 * so),
+                o3 = in(reg) o.add(16 * so + 64),
+                so = in(reg) so,
+                options(nostack),
+            );
+            store(&out.0, c, ldc, tile, accumulate)
+        }
+    }
+
+    /// Packs rows `k0..k0 + kc` and columns `j0..j0 + nc` of `rhs` into `NR`-column panels of
+    /// `kp` pairs (`kp >= kc / 2`; the pairs past `kc` are zero).
     fn pack_rhs(
         (rhs, rs, cs): (&[f32], usize, usize),
-        (k0, kc): (usize, usize),
+        (k0, kc, kp): (usize, usize, usize),
         (j0, nc): (usize, usize),
         out: &mut Vec<u16>,
     ) {
-        let kp = kc.div_ceil(2);
         let panels = nc.div_ceil(NR);
         out.clear();
         out.resize(panels * kp * NR * 2, 0);
         for (q, panel) in out.chunks_exact_mut(kp * NR * 2).enumerate() {
             let cols = (nc - q * NR).min(NR);
-            for p in 0..kp {
-                let dst = &mut panel[p * NR * 2..(p + 1) * NR * 2];
-                for t in 0..2 {
-                    let kk = 2 * p + t;
-                    if kk >= kc {
-                        break;
-                    }
-                    let row = (k0 + kk) * rs;
-                    for j in 0..cols {
-                        dst[2 * j + t] = bits(rhs[row + (j0 + q * NR + j) * cs]);
-                    }
+            for kk in 0..kc {
+                let dst = &mut panel[(kk / 2) * NR * 2..(kk / 2 + 1) * NR * 2];
+                let row = (k0 + kk) * rs;
+                for j in 0..cols {
+                    dst[2 * j + kk % 2] = bits(rhs[row + (j0 + q * NR + j) * cs]);
                 }
             }
         }
     }
 
-    /// Packs rows `i0..i0 + mc` and columns `k0..k0 + kc` of `lhs` into `MR`-row panels.
+    /// Packs rows `i0..i0 + mc` and columns `k0..k0 + kc` of `lhs` into panels of `mr` rows and
+    /// `kp` pairs, pair-major or row-major.
+    #[allow(clippy::too_many_arguments)]
     fn pack_lhs(
         (lhs, rs, cs): (&[f32], usize, usize),
         (i0, mc): (usize, usize),
-        (k0, kc): (usize, usize),
+        (k0, kc, kp): (usize, usize, usize),
+        (mr, row_major): (usize, bool),
         out: &mut Vec<u32>,
     ) {
-        let kp = kc.div_ceil(2);
-        let panels = mc.div_ceil(MR);
+        let panels = mc.div_ceil(mr);
         out.clear();
-        out.resize(panels * kp * MR, 0);
-        for (q, panel) in out.chunks_exact_mut(kp * MR).enumerate() {
-            let rows = (mc - q * MR).min(MR);
+        out.resize(panels * kp * mr, 0);
+        for (q, panel) in out.chunks_exact_mut(kp * mr).enumerate() {
+            let rows = (mc - q * mr).min(mr);
             for r in 0..rows {
-                let base = (i0 + q * MR + r) * rs;
-                for p in 0..kp {
+                let base = (i0 + q * mr + r) * rs;
+                for p in 0..kc.div_ceil(2) {
                     let k = k0 + 2 * p;
                     let lo = bits(lhs[base + k * cs]) as u32;
                     let hi = if 2 * p + 1 < kc {
@@ -420,51 +709,56 @@ mod packed {
                     } else {
                         0
                     };
-                    panel[p * MR + r] = lo | (hi << 16);
+                    let at = if row_major { r * kp + p } else { p * mr + r };
+                    panel[at] = lo | (hi << 16);
                 }
             }
         }
     }
 
     /// The packed product on `kernel`; arguments as [`super::gemm_with`] (already checked).
-    pub fn gemm(
-        kernel: &impl MicroKernel,
+    pub fn gemm<K: MicroKernel>(
+        kernel: &K,
         (m, n, k): (usize, usize, usize),
         (dst, drs): (&mut [f32], usize),
         accumulate: bool,
         lhs: (&[f32], usize, usize),
         rhs: (&[f32], usize, usize),
     ) {
-        // Enough row blocks for every thread to get two, but not below one micro-tile.
+        // Enough row blocks for every thread to get two, at most 16 micro-tiles of rows each.
         let threads = rayon::current_num_threads().max(1);
-        let mc = m.div_ceil(2 * threads).next_multiple_of(MR).clamp(MR, MC);
+        let mc = m
+            .div_ceil(2 * threads)
+            .next_multiple_of(K::MR)
+            .clamp(K::MR, 16 * K::MR);
         let blocks = m.div_ceil(mc);
         let c = SharedMut(dst.as_mut_ptr());
         let mut bpack = Vec::new();
         for j0 in (0..n).step_by(NC) {
             let nc = (n - j0).min(NC);
-            for k0 in (0..k).step_by(KC) {
-                let kc = (k - k0).min(KC);
-                let kp = kc.div_ceil(2);
-                pack_rhs(rhs, (k0, kc), (j0, nc), &mut bpack);
+            for k0 in (0..k).step_by(K::KC) {
+                let kc = (k - k0).min(K::KC);
+                let kp = kc.div_ceil(2).next_multiple_of(K::KP_ALIGN);
+                pack_rhs(rhs, (k0, kc, kp), (j0, nc), &mut bpack);
                 let add = accumulate || k0 > 0;
                 let bp = &bpack;
                 crate::fused::for_each_index(blocks, |blk| {
                     let i0 = blk * mc;
                     let rows = (m - i0).min(mc);
                     let mut apack = Vec::new();
-                    pack_lhs(lhs, (i0, rows), (k0, kc), &mut apack);
+                    let layout = (K::MR, K::LHS_ROW_MAJOR);
+                    pack_lhs(lhs, (i0, rows), (k0, kc, kp), layout, &mut apack);
                     for q in 0..nc.div_ceil(NR) {
                         let cols = (nc - q * NR).min(NR);
                         let b = bp[q * kp * NR * 2..].as_ptr();
-                        for s in 0..rows.div_ceil(MR) {
-                            let tile_rows = (rows - s * MR).min(MR);
-                            let a = apack[s * kp * MR..].as_ptr();
+                        for s in 0..rows.div_ceil(K::MR) {
+                            let tile_rows = (rows - s * K::MR).min(K::MR);
+                            let a = apack[s * kp * K::MR..].as_ptr();
                             // SAFETY: the panels hold `kp` pairs each; the tile's rows
                             // `i0 + s*MR ..` and columns `j0 + q*NR ..` lie inside `dst`
                             // (checked by the caller), and row blocks are disjoint per task.
                             unsafe {
-                                let cp = c.ptr().add((i0 + s * MR) * drs + j0 + q * NR);
+                                let cp = c.ptr().add((i0 + s * K::MR) * drs + j0 + q * NR);
                                 kernel.run(kp, a, b, cp, drs, (tile_rows, cols), add);
                             }
                         }
@@ -539,9 +833,18 @@ mod tests {
         }
     }
 
-    /// `backend` against the exact bf16 product, on shapes with partial tiles, odd `k`, several
-    /// `k` and `n` blocks, transposed operands and accumulation.
-    fn check_backend(backend: Backend) {
+    type Product<'a> = &'a dyn Fn(
+        (usize, usize, usize),
+        (&mut [f32], usize),
+        bool,
+        (&[f32], usize, usize),
+        (&[f32], usize, usize),
+    );
+
+    /// `product` against the exact bf16 product, on shapes with partial tiles, odd `k`, several
+    /// `k` blocks of either layout (256 and 1,024) and `n` blocks, transposed operands and
+    /// accumulation.
+    fn check(name: &str, product: Product<'_>) {
         let shapes = [
             (1, 1, 1),
             (5, 7, 3),
@@ -550,6 +853,7 @@ mod tests {
             (25, 70, 257),
             (40, 2100, 6),
             (300, 65, 600),
+            (70, 40, 2100),
         ];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
             for transposed in [false, true] {
@@ -574,8 +878,7 @@ mod tests {
                         (&r, rs.0, rs.1),
                     );
                     let mut got = init.clone();
-                    gemm_with(
-                        backend,
+                    product(
                         (m, n, k),
                         (&mut got, drs),
                         accumulate,
@@ -586,14 +889,14 @@ mod tests {
                         for j in 0..drs {
                             let (g, w) = (got[i * drs + j], want[i * drs + j]);
                             if j >= n {
-                                assert_eq!(g, init[i * drs + j], "{backend:?} wrote past n");
+                                assert_eq!(g, init[i * drs + j], "{name} wrote past n");
                                 continue;
                             }
                             // f32 sums of k terms of magnitude <= 4
                             let tol = 1e-6 * (k as f32 * 4.0 + w.abs()) + 1e-6;
                             assert!(
                                 (g - w).abs() <= tol,
-                                "{backend:?} {m}x{n}x{k} t{transposed} a{accumulate} ({i},{j}): \
+                                "{name} {m}x{n}x{k} t{transposed} a{accumulate} ({i},{j}): \
                                  {g} vs {w}"
                             );
                         }
@@ -603,10 +906,30 @@ mod tests {
         }
     }
 
+    fn check_backend(backend: Backend) {
+        check(backend.name(), &|s, d, a, l, r| {
+            gemm_with(backend, s, d, a, l, r)
+        });
+    }
+
     #[test]
     fn emulated_and_portable_backends_match_the_exact_bf16_product() {
         check_backend(Backend::Emulated);
         check_backend(Backend::Portable);
+        // the scalar model on the AMX kernel's layout (row-major lhs panels of 32 rows, pairs
+        // padded to multiples of 16, k blocks of 1,024)
+        let amx_model = packed::Scalar::<packed::AmxLayout>(Default::default());
+        check("amx layout", &|s, d, a, l, r| {
+            packed::gemm(&amx_model, s, d, a, l, r)
+        });
+    }
+
+    #[test]
+    fn the_chosen_backend_passed_its_check_and_the_emulated_one_always_does() {
+        let b = backend();
+        assert!(b.is_available() && b != Backend::Portable, "{b:?}");
+        assert_eq!(self_check(b), Ok(()));
+        assert_eq!(self_check(Backend::Emulated), Ok(()));
     }
 
     /// The `VDPBF16PS` kernel, which only a CPU with AVX512-BF16 runs (run it there with
@@ -620,6 +943,18 @@ mod tests {
             "this CPU has no AVX512-BF16: the test cannot run here"
         );
         check_backend(Backend::Avx512Bf16);
+    }
+
+    /// The AMX kernel, which only a CPU with AMX-BF16 under Linux runs (run it there with
+    /// `cargo test --release -p m3ae-kernels -- --ignored amx`).
+    #[test]
+    #[ignore = "needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later) and Linux"]
+    fn amx_backend_matches_the_exact_bf16_product() {
+        assert!(
+            amx_usable(),
+            "this process cannot use AMX-BF16 (CPU or kernel): the test cannot run here"
+        );
+        check_backend(Backend::Amx);
     }
 
     #[test]

@@ -34,7 +34,7 @@
 //! concatenated in [`PARAM_ORDER`]; candle's `cat` backward hands each tensor its slice of the
 //! gradient), because candle's custom ops take at most three tensors.
 //! At bf16 precision the twelve products (four forward, eight backward) take bf16-rounded operands
-//! and sum in f32 ([`super::bf16`]: `VDPBF16PS` where the CPU has AVX512-BF16); everything else,
+//! and sum in f32 ([`super::bf16`]: AMX or `VDPBF16PS` where the CPU has them); everything else,
 //! attention's products included, stays f32, and so do the saved activations and the gradients.
 //! Dropout, attention dropout and drop path are not supported here: the model runs its composed
 //! block when any of them is active.

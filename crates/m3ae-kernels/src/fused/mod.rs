@@ -306,7 +306,7 @@ pub fn transformer_block(
 
 /// [`transformer_block`] with its dense layers' products computed in `products`: `F32`, or
 /// `BF16` for bf16-rounded operands summed in f32 ([`bf16`]: the numerics of bf16 hardware, on
-/// `VDPBF16PS` where the CPU has AVX512-BF16). Inputs, outputs, attention, LayerNorm and GELU
+/// AMX or `VDPBF16PS` where the CPU has them). Inputs, outputs, attention, LayerNorm and GELU
 /// stay f32. `BF16` needs the one-op block's conditions (CPU, f32 tensors) and is an error
 /// elsewhere, as is any other dtype.
 ///
