@@ -27,7 +27,7 @@
 //! side-by-side measurements). The AMX kernel is written with `asm!` (AMX's intrinsics are not
 //! stable in Rust); the process asks Linux for the AMX state before its first use.
 
-use super::linear::{gemm_strided, parallelism};
+use super::linear::{empty_product, gemm_strided, parallelism};
 use std::sync::OnceLock;
 
 /// The nearest bf16 of `x` (ties to even) as the upper half of an f32's bits; NaN stays NaN
@@ -267,15 +267,7 @@ pub fn gemm_with(
     lhs: (&[f32], usize, usize),
     rhs: (&[f32], usize, usize),
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * drs..i * drs + n].fill(0.0);
-            }
-        }
+    if empty_product((m, n, k), (dst, drs), accumulate) {
         return;
     }
     assert!(dst.len() >= (m - 1) * drs + n, "bf16 gemm: dst too short");
@@ -375,19 +367,13 @@ mod packed {
 
     /// One micro-tile: `c (mr x nr) = [c +] A-panel * B-panel` over `kp` pairs.
     pub trait MicroKernel: Sync {
-        /// Rows of a micro-tile.
-        const MR: usize;
-        /// Elements of `k` per packed block (a multiple of 2 * `KP_ALIGN`).
-        const KC: usize;
-        /// The pairs of a block are padded with zeros to a multiple of this.
-        const KP_ALIGN: usize;
-        /// Whether the `lhs` panel is row-major (else pair-major).
-        const LHS_ROW_MAJOR: bool;
+        /// The packing this kernel reads.
+        type Layout: Layout;
 
         /// # Safety
         /// `a` holds `kp * MR` words, `b` holds `kp * NR * 2` halves (`kp` a multiple of
         /// `KP_ALIGN`), and `c` covers `mr` rows of stride `ldc` with `nr` columns each
-        /// (`mr <= MR`, `nr <= NR`).
+        /// (`mr <= MR`, `nr <= NR`; constants of [`MicroKernel::Layout`]).
         #[allow(clippy::too_many_arguments)]
         unsafe fn run(
             &self,
@@ -431,11 +417,15 @@ mod packed {
     /// Layout parameters of [`Amx`] for the scalar model.
     pub struct AmxLayout;
 
-    /// A kernel's layout constants (shared by the hardware kernel and its scalar model).
+    /// A kernel's packing (shared by the hardware kernel and its scalar model).
     pub trait Layout: Sync {
+        /// Rows of a micro-tile.
         const MR: usize;
+        /// Elements of `k` per packed block (a multiple of 2 * `KP_ALIGN`).
         const KC: usize;
+        /// The pairs of a block are padded with zeros to a multiple of this.
         const KP_ALIGN: usize;
+        /// Whether the `lhs` panel is row-major (else pair-major).
         const LHS_ROW_MAJOR: bool;
     }
 
@@ -454,10 +444,7 @@ mod packed {
     }
 
     impl<K: Layout> MicroKernel for Scalar<K> {
-        const MR: usize = K::MR;
-        const KC: usize = K::KC;
-        const KP_ALIGN: usize = K::KP_ALIGN;
-        const LHS_ROW_MAJOR: bool = K::LHS_ROW_MAJOR;
+        type Layout = K;
 
         unsafe fn run(
             &self,
@@ -497,10 +484,7 @@ mod packed {
 
     #[cfg(target_arch = "x86_64")]
     impl MicroKernel for Avx512 {
-        const MR: usize = VdpLayout::MR;
-        const KC: usize = VdpLayout::KC;
-        const KP_ALIGN: usize = VdpLayout::KP_ALIGN;
-        const LHS_ROW_MAJOR: bool = VdpLayout::LHS_ROW_MAJOR;
+        type Layout = VdpLayout;
 
         unsafe fn run(
             &self,
@@ -574,10 +558,7 @@ mod packed {
 
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     impl MicroKernel for Amx {
-        const MR: usize = AmxLayout::MR;
-        const KC: usize = AmxLayout::KC;
-        const KP_ALIGN: usize = AmxLayout::KP_ALIGN;
-        const LHS_ROW_MAJOR: bool = AmxLayout::LHS_ROW_MAJOR;
+        type Layout = AmxLayout;
 
         unsafe fn run(
             &self,
@@ -725,20 +706,21 @@ mod packed {
         lhs: (&[f32], usize, usize),
         rhs: (&[f32], usize, usize),
     ) {
+        let (mr, kc_max) = (K::Layout::MR, K::Layout::KC);
         // Enough row blocks for every thread to get two, at most 16 micro-tiles of rows each.
         let threads = rayon::current_num_threads().max(1);
         let mc = m
             .div_ceil(2 * threads)
-            .next_multiple_of(K::MR)
-            .clamp(K::MR, 16 * K::MR);
+            .next_multiple_of(mr)
+            .clamp(mr, 16 * mr);
         let blocks = m.div_ceil(mc);
         let c = SharedMut(dst.as_mut_ptr());
         let mut bpack = Vec::new();
         for j0 in (0..n).step_by(NC) {
             let nc = (n - j0).min(NC);
-            for k0 in (0..k).step_by(K::KC) {
-                let kc = (k - k0).min(K::KC);
-                let kp = kc.div_ceil(2).next_multiple_of(K::KP_ALIGN);
+            for k0 in (0..k).step_by(kc_max) {
+                let kc = (k - k0).min(kc_max);
+                let kp = kc.div_ceil(2).next_multiple_of(K::Layout::KP_ALIGN);
                 pack_rhs(rhs, (k0, kc, kp), (j0, nc), &mut bpack);
                 let add = accumulate || k0 > 0;
                 let bp = &bpack;
@@ -746,19 +728,19 @@ mod packed {
                     let i0 = blk * mc;
                     let rows = (m - i0).min(mc);
                     let mut apack = Vec::new();
-                    let layout = (K::MR, K::LHS_ROW_MAJOR);
+                    let layout = (mr, K::Layout::LHS_ROW_MAJOR);
                     pack_lhs(lhs, (i0, rows), (k0, kc, kp), layout, &mut apack);
                     for q in 0..nc.div_ceil(NR) {
                         let cols = (nc - q * NR).min(NR);
                         let b = bp[q * kp * NR * 2..].as_ptr();
-                        for s in 0..rows.div_ceil(K::MR) {
-                            let tile_rows = (rows - s * K::MR).min(K::MR);
-                            let a = apack[s * kp * K::MR..].as_ptr();
+                        for s in 0..rows.div_ceil(mr) {
+                            let tile_rows = (rows - s * mr).min(mr);
+                            let a = apack[s * kp * mr..].as_ptr();
                             // SAFETY: the panels hold `kp` pairs each; the tile's rows
                             // `i0 + s*MR ..` and columns `j0 + q*NR ..` lie inside `dst`
                             // (checked by the caller), and row blocks are disjoint per task.
                             unsafe {
-                                let cp = c.ptr().add((i0 + s * K::MR) * drs + j0 + q * NR);
+                                let cp = c.ptr().add((i0 + s * mr) * drs + j0 + q * NR);
                                 kernel.run(kp, a, b, cp, drs, (tile_rows, cols), add);
                             }
                         }

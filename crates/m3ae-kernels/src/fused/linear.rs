@@ -55,6 +55,27 @@ fn gemm_into(
     );
 }
 
+/// Does a product with no terms (`m`, `n` or `k` zero), if it is one: with `k = 0` the result is
+/// zero (`dst` cleared, or left as it is when accumulating). Returns whether it was.
+pub(super) fn empty_product(
+    (m, n, k): (usize, usize, usize),
+    (dst, drs): (&mut [f32], usize),
+    accumulate: bool,
+) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * drs..i * drs + n].fill(0.0);
+            }
+        }
+        return true;
+    }
+    false
+}
+
 /// `dst (m x n, row stride drs) = [dst +] lhs (m x k) * rhs (k x n)` with any strides: the one
 /// checked entry to the `gemm` crate of the fused ops (dense layer, text head).
 pub(super) fn gemm_strided(
@@ -65,15 +86,7 @@ pub(super) fn gemm_strided(
     (rhs, rrs, rcs): (&[f32], usize, usize),
     par: gemm::Parallelism,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * drs..i * drs + n].fill(0.0);
-            }
-        }
+    if empty_product((m, n, k), (dst, drs), accumulate) {
         return;
     }
     assert!(dst.len() >= (m - 1) * drs + n);
