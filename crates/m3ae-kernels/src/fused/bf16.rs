@@ -194,8 +194,17 @@ pub fn backend() -> Backend {
 }
 
 /// Multiplies a small product with partial tiles, an odd `k` over two blocks and
-/// accumulation on `backend` and on its scalar model; `Err` names the worst difference.
+/// accumulation on `backend` and on its scalar model; `Err` names the worst difference. It runs
+/// on a pool of its own with one thread: [`backend`] may first be called from inside a parallel
+/// task, and other threads wait for it meanwhile.
 fn self_check(backend: Backend) -> Result<(), String> {
+    match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
+        Ok(pool) => pool.install(|| check_against_model(backend)),
+        Err(e) => Err(format!("no thread for the check: {e}")),
+    }
+}
+
+fn check_against_model(backend: Backend) -> Result<(), String> {
     let (m, n, k) = (45, 37, 1200 + 77);
     let val = |i: usize, salt: usize| ((i * 7919 + salt) % 251) as f32 / 125.0 - 1.0;
     let lhs: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
