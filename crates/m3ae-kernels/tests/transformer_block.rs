@@ -149,12 +149,18 @@ fn fused_block_is_bit_identical_for_any_thread_count() {
     let w = tensor(&[b, l, c], 8, 1.0);
     let p = params(c, 4 * c, 9);
     let pad = padding(b, l, Pad::Random, 10);
-    assert_same_for_any_thread_count("transformer block", || {
-        run(KernelPath::Fused, &x, &p, 4, pad.as_ref(), &w)
+    // with f32 and with bf16 products
+    for products in [DType::F32, DType::BF16] {
+        assert_same_for_any_thread_count(&format!("transformer block, {products:?}"), || {
+            run_block(&x, &p, &w, |x, bp| {
+                m3ae_kernels::fused::transformer_block_with(x, bp, 4, pad.as_ref(), 1e-6, products)
+                    .unwrap()
+            })
             .iter()
             .map(flat)
             .collect()
-    });
+        });
+    }
 }
 
 #[test]
@@ -228,24 +234,6 @@ fn bf16_products_stay_within_bf16_rounding_of_the_f32_block() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("one-op block"), "{e}");
-}
-
-#[test]
-fn bf16_block_is_bit_identical_for_any_thread_count() {
-    let (b, l, c) = (3, 29, 64);
-    let x = tensor(&[b, l, c], 17, 1.0);
-    let w = tensor(&[b, l, c], 18, 1.0);
-    let p = params(c, 4 * c, 19);
-    let pad = padding(b, l, Pad::Random, 20);
-    assert_same_for_any_thread_count("bf16 transformer block", || {
-        run_block(&x, &p, &w, |x, bp| {
-            m3ae_kernels::fused::transformer_block_with(x, bp, 4, pad.as_ref(), 1e-6, DType::BF16)
-                .unwrap()
-        })
-        .iter()
-        .map(flat)
-        .collect()
-    });
 }
 
 #[test]

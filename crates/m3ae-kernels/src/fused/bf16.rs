@@ -206,10 +206,8 @@ fn self_check(backend: Backend) -> Result<(), String> {
 
 fn check_against_model(backend: Backend) -> Result<(), String> {
     let (m, n, k) = (45, 37, 1200 + 77);
-    let val = |i: usize, salt: usize| ((i * 7919 + salt) % 251) as f32 / 125.0 - 1.0;
-    let lhs: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
-    let rhs: Vec<f32> = (0..k * n).map(|i| val(i, 2)).collect();
-    let init: Vec<f32> = (0..m * n).map(|i| val(i, 3)).collect();
+    let uniform = crate::testing::uniform;
+    let (lhs, rhs, init) = (uniform(1, m * k), uniform(2, k * n), uniform(3, m * n));
     let (mut got, mut want) = (init.clone(), init);
     // lhs read transposed, as the weight-gradient products do
     let (l, r) = ((&lhs[..], 1, m), (&rhs[..], n, 1));
@@ -764,14 +762,11 @@ mod packed {
 mod tests {
     use super::*;
 
-    /// A deterministic operand with values of several magnitudes and signs.
+    /// A deterministic operand in [-2, 2).
     fn operand(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 4.0
-            })
+        crate::testing::uniform(seed as u64, len)
+            .into_iter()
+            .map(|x| 2.0 * x)
             .collect()
     }
 

@@ -289,6 +289,30 @@ pub fn qkv_attention_dropout(
     Ok(f32_contiguous(qkv)?.apply_op1(op)?.to_dtype(qkv.dtype())?)
 }
 
+/// Whether `products` (the dtype an op's products run in) asks for bf16 products: `F32` is
+/// always accepted, `BF16` where `fits` (the op's fused CPU form can run on input `x`; it needs
+/// `needs`), anything else is an error naming `op`.
+fn bf16_products(
+    op: &'static str,
+    products: DType,
+    fits: bool,
+    needs: &str,
+    x: &Tensor,
+) -> Result<bool> {
+    match products {
+        DType::F32 => Ok(false),
+        DType::BF16 if fits => Ok(true),
+        other => Err(Error::Value {
+            op,
+            msg: format!(
+                "products in {other:?} need {needs}; x is {:?} on {:?}",
+                x.dtype(),
+                x.device().location()
+            ),
+        }),
+    }
+}
+
 /// Fused transformer block; same contract as [`crate::transformer_block`]. On the CPU with `x`
 /// and every parameter in f32 it is one op with a hand-written backward (module docs of
 /// `block`); the parameters are flattened and concatenated into one tensor for it, in
@@ -353,21 +377,13 @@ pub fn transformer_block_with(
         && tensors
             .iter()
             .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
-    let bf16 = match products {
-        DType::F32 => false,
-        DType::BF16 if f32_cpu => true,
-        other => {
-            return Err(Error::Value {
-                op: "transformer_block",
-                msg: format!(
-                    "products in {other:?} need the one-op block (CPU, f32 tensors); \
-                     x is {:?} on {:?}",
-                    x.dtype(),
-                    x.device().location()
-                ),
-            })
-        }
-    };
+    let bf16 = bf16_products(
+        "transformer_block",
+        products,
+        f32_cpu,
+        "the one-op block (CPU, f32 tensors)",
+        x,
+    )?;
     if !f32_cpu {
         return crate::composed_block(KernelPath::Fused, x, params, heads, key_padding, eps);
     }
@@ -459,19 +475,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// summed in f32 ([`bf16`]), forward and backward; the output and the gradients stay in the
 /// inputs' dtype. `BF16` runs on the CPU only (an error elsewhere), as does any other dtype.
 pub fn linear_with(x: &Tensor, weight: &Tensor, bias: &Tensor, products: DType) -> Result<Tensor> {
-    let bf16 = match products {
-        DType::F32 => false,
-        DType::BF16 if x.device().is_cpu() => true,
-        other => {
-            return Err(Error::Value {
-                op: "linear",
-                msg: format!(
-                    "products in {other:?} run on the CPU only; x is on {:?}",
-                    x.device().location()
-                ),
-            })
-        }
-    };
+    let bf16 = bf16_products("linear", products, x.device().is_cpu(), "the CPU", x)?;
     if !x.device().is_cpu() {
         return crate::reference::linear(x, weight, bias);
     }
