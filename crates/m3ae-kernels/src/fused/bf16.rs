@@ -324,13 +324,13 @@ pub fn gemm_with(
 /// The f32 product with [`gemm()`]'s arguments, as the one-op block runs it at f32 precision (the
 /// `gemm` crate, on rayon when large enough): the baseline of side-by-side benchmarks.
 pub fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
+    shape: (usize, usize, usize),
     dst: (&mut [f32], usize),
     accumulate: bool,
     lhs: (&[f32], usize, usize),
     rhs: (&[f32], usize, usize),
 ) {
-    gemm_strided((m, n, k), dst, accumulate, lhs, rhs, parallelism(m, n, k))
+    super::linear::product(false, shape, dst, accumulate, lhs, rhs)
 }
 
 /// The elements of `xs` rounded to bf16 (in parallel for large spans).

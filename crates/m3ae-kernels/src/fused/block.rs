@@ -40,7 +40,7 @@
 //! block when any of them is active.
 
 use super::attention::{packed_backward, packed_forward, PackedState};
-use super::linear::{gemm_strided, parallelism};
+use super::linear::product;
 use super::storage::{f32_slice, output, storage_slice, uninit_buffer, zeroed_buffer};
 use super::{math, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -178,18 +178,7 @@ fn mm(
     lhs: (&[f32], usize, usize),
     rhs: (&[f32], usize, usize),
 ) {
-    if bf16 {
-        super::bf16::gemm((m, n, k), (dst, n), accumulate, lhs, rhs);
-    } else {
-        gemm_strided(
-            (m, n, k),
-            (dst, n),
-            accumulate,
-            lhs,
-            rhs,
-            parallelism(m, n, k),
-        );
-    }
+    product(bf16, (m, n, k), (dst, n), accumulate, lhs, rhs)
 }
 
 // ---------------------------------------------------------------------------------------------

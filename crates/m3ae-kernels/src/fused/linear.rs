@@ -21,8 +21,8 @@ pub(super) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     }
 }
 
-/// `dst (m x n, row-major) = [dst +] lhs (m x k, strides rs/cs) * rhs (k x n, strides rs/cs)`,
-/// on rayon when large enough; with `bf16`, on bf16-rounded operands ([`super::bf16::gemm`]).
+/// `dst (m x n, row-major) = [dst +] lhs (m x k, strides rs/cs) * rhs (k x n, strides rs/cs)`
+/// ([`product`]).
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
     bf16: bool,
@@ -36,23 +36,34 @@ fn gemm_into(
     rhs: &[f32],
     (rrs, rcs): (usize, usize),
 ) {
-    if bf16 {
-        return super::bf16::gemm(
-            (m, n, k),
-            (dst, n),
-            accumulate,
-            (lhs, lrs, lcs),
-            (rhs, rrs, rcs),
-        );
-    }
-    gemm_strided(
+    product(
+        bf16,
         (m, n, k),
         (dst, n),
         accumulate,
         (lhs, lrs, lcs),
         (rhs, rrs, rcs),
-        parallelism(m, n, k),
     );
+}
+
+/// `dst (m x n, row stride drs) = [dst +] lhs (m x k) * rhs (k x n)`, operands as (slice, row
+/// stride, column stride): with `bf16`, on bf16-rounded operands ([`super::bf16::gemm`]), else
+/// the f32 GEMM, on rayon when large enough. The products of the dense layer and the one-op
+/// block.
+pub(super) fn product(
+    bf16: bool,
+    shape: (usize, usize, usize),
+    dst: (&mut [f32], usize),
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) {
+    if bf16 {
+        super::bf16::gemm(shape, dst, accumulate, lhs, rhs)
+    } else {
+        let (m, n, k) = shape;
+        gemm_strided(shape, dst, accumulate, lhs, rhs, parallelism(m, n, k))
+    }
 }
 
 /// Does a product with no terms (`m`, `n` or `k` zero), if it is one: with `k = 0` the result is
