@@ -154,10 +154,17 @@ pub fn rows(dev: &Device, plan: &Plan, gpu: Option<&str>) -> Vec<Row> {
             };
             let name = format!("{preset} {sizes}, batch {batch}, {precision}");
             out.push(row("throughput", name, tol, || {
-                if precision == Precision::Bf16 && dev.is_cpu() {
-                    // the CPU's bf16 is the numerics of bf16 at less than f32's speed
-                    // (`Precision::notice`): nothing to measure against a bf16 peak
-                    return Ok((Status::Skip, "bf16 on the CPU is for numerics, not speed".into()));
+                if precision == Precision::Bf16
+                    && dev.is_cpu()
+                    && !m3ae_kernels::fused::bf16::backend().is_native()
+                {
+                    // without AMX or AVX512-BF16 the CPU's bf16 is the numerics of bf16 at
+                    // about f32's speed (`Precision::notice`): no bf16 speed to measure
+                    return Ok((
+                        Status::Skip,
+                        "bf16 on this CPU is emulated in f32 arithmetic: for numerics, not speed"
+                            .into(),
+                    ));
                 }
                 let cfg = m.config(preset)?;
                 if dev.is_cpu() {
