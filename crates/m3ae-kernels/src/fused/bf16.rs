@@ -11,9 +11,11 @@
 //! * [`Backend::Amx`]: the packed GEMM with an AMX micro-kernel (`TDPBF16PS` on 16 x 16 tiles of
 //!   f32 sums, four per 32 x 32 block of the result; Intel Sapphire Rapids and later, Linux).
 //! * [`Backend::Avx512Bf16`]: a packed GEMM whose micro-kernel is `VDPBF16PS` (AVX512-BF16: AMD
-//!   Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later). Operands are rounded while
-//!   they are packed into bf16 panels, so no pass of its own converts them; each instruction
-//!   multiplies 16 pairs of bf16 and adds them to 16 f32 accumulators.
+//!   Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later). Each operand is rounded
+//!   once per product, in parallel and in its memory order, by `VCVTNE2PS2BF16` while it is
+//!   packed (the left one into a row-major matrix of bf16 pairs that the micro-kernel reads in
+//!   place, the right one into panels); each `VDPBF16PS` multiplies 16 pairs of bf16 and adds
+//!   them to 16 f32 accumulators.
 //! * [`Backend::Emulated`]: every CPU. The operands are rounded into f32 copies and multiplied
 //!   by the f32 GEMM (`gemm` crate): bf16 numerics at about f32 speed (the copies cost a few
 //!   percent of a product), so a bf16 recipe can be checked on a CPU without bf16 arithmetic.
@@ -99,11 +101,13 @@ impl Backend {
     }
 }
 
-/// Whether this CPU has AVX512-BF16 (and the AVX-512 foundation its kernel uses).
+/// Whether this CPU has AVX512-BF16 (and the AVX-512 foundation and byte/word instructions its
+/// kernel and packing use; every CPU with AVX512-BF16 has them).
 pub fn cpu_has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -354,23 +358,22 @@ fn rounded(xs: &[f32]) -> Vec<f32> {
     out
 }
 
-/// The packed GEMM: operands rounded and packed into bf16 panels laid out for the bf16
-/// instructions, then multiplied tile by tile by a micro-kernel ([`MicroKernel`]).
+/// The packed GEMM: operands rounded and packed into bf16 laid out for the bf16 instructions,
+/// then multiplied tile by tile by a micro-kernel ([`MicroKernel`]).
 ///
 /// Layout: `k` is cut into pairs (an odd `k` gets a zero partner, and each kernel may ask for
 /// the pairs to be padded with zeros to a multiple of its own). A panel of `rhs` holds `NR`
 /// columns as two bf16 per column and pair, pair-major (the layout both `VDPBF16PS` and AMX's
-/// `TDPBF16PS` read: one pair of a column per 32-bit lane). A panel of `lhs` holds `MR` rows as
-/// one `u32` per row and pair (`lo` = even element, `hi` = odd), pair-major for `VDPBF16PS`
-/// (one broadcast per row and pair) or row-major for AMX (a tile row is 16 pairs of one row).
+/// `TDPBF16PS` read: one pair of a column per 32-bit lane). `lhs` becomes one row-major matrix
+/// of one `u32` per row and pair (`lo` = even element, `hi` = odd), its rows padded to a whole
+/// micro-tile: `VDPBF16PS` broadcasts one word per row and pair from it, and an AMX tile row is
+/// 16 consecutive words of one row.
 mod packed {
     use super::bits;
     use crate::fused::SharedMut;
 
     /// Columns of a micro-tile for every kernel (two vectors or two tiles of 16 f32).
     pub const NR: usize = 32;
-    /// Columns per packed block of `rhs`.
-    const NC: usize = 2048;
 
     /// One micro-tile: `c (mr x nr) = [c +] A-panel * B-panel` over `kp` pairs.
     pub trait MicroKernel: Sync {
@@ -378,20 +381,28 @@ mod packed {
         type Layout: Layout;
 
         /// # Safety
-        /// `a` holds `kp * MR` words, `b` holds `kp * NR * 2` halves (`kp` a multiple of
-        /// `KP_ALIGN`), and `c` covers `mr` rows of stride `ldc` with `nr` columns each
-        /// (`mr <= MR`, `nr <= NR`; constants of [`MicroKernel::Layout`]).
+        /// `a` holds `MR` rows of `kp` words at a stride of `lda` words, `b` holds `kp * NR * 2`
+        /// halves (`kp` a multiple of `KP_ALIGN`), and `c` covers `mr` rows of stride `ldc`
+        /// with `nr` columns each (`mr <= MR`, `nr <= NR`; constants of
+        /// [`MicroKernel::Layout`]).
         #[allow(clippy::too_many_arguments)]
         unsafe fn run(
             &self,
             kp: usize,
             a: *const u32,
+            lda: usize,
             b: *const u16,
             c: *mut f32,
             ldc: usize,
             tile: (usize, usize),
             accumulate: bool,
         );
+
+        /// Whether packing for this kernel may round with the CPU's `VCVTNE2PS2BF16`
+        /// ([`Convert::Native`]).
+        fn native_convert(&self) -> bool {
+            false
+        }
     }
 
     /// `c (mr x nr) = [c +] acc`, the first `nr` of each of the first `mr` rows of `acc`.
@@ -430,24 +441,20 @@ mod packed {
         const MR: usize;
         /// Elements of `k` per packed block (a multiple of 2 * `KP_ALIGN`).
         const KC: usize;
-        /// The pairs of a block are padded with zeros to a multiple of this.
+        /// The pairs of `k` are padded with zeros to a multiple of this.
         const KP_ALIGN: usize;
-        /// Whether the `lhs` panel is row-major (else pair-major).
-        const LHS_ROW_MAJOR: bool;
     }
 
     impl Layout for VdpLayout {
         const MR: usize = 12;
         const KC: usize = 256;
         const KP_ALIGN: usize = 1;
-        const LHS_ROW_MAJOR: bool = false;
     }
 
     impl Layout for AmxLayout {
         const MR: usize = 32;
         const KC: usize = 1024;
         const KP_ALIGN: usize = 16;
-        const LHS_ROW_MAJOR: bool = true;
     }
 
     impl<K: Layout> MicroKernel for Scalar<K> {
@@ -457,6 +464,7 @@ mod packed {
             &self,
             kp: usize,
             a: *const u32,
+            lda: usize,
             b: *const u16,
             c: *mut f32,
             ldc: usize,
@@ -468,11 +476,7 @@ mod packed {
             for p in 0..kp {
                 let bp = std::slice::from_raw_parts(b.add(p * NR * 2), NR * 2);
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let w = if K::LHS_ROW_MAJOR {
-                        *a.add(r * kp + p)
-                    } else {
-                        *a.add(p * K::MR + r)
-                    };
+                    let w = *a.add(r * lda + p);
                     let (a0, a1) = (f(w & 0xFFFF), f(w >> 16));
                     for (j, s) in row.iter_mut().enumerate() {
                         *s += a1 * f(bp[2 * j + 1] as u32);
@@ -497,13 +501,18 @@ mod packed {
             &self,
             kp: usize,
             a: *const u32,
+            lda: usize,
             b: *const u16,
             c: *mut f32,
             ldc: usize,
             tile: (usize, usize),
             accumulate: bool,
         ) {
-            avx512_tile(kp, a, b, c, ldc, tile, accumulate)
+            avx512_tile(kp, (a, lda), b, (c, ldc), tile, accumulate)
+        }
+
+        fn native_convert(&self) -> bool {
+            true
         }
     }
 
@@ -511,10 +520,9 @@ mod packed {
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn avx512_tile(
         kp: usize,
-        a: *const u32,
+        (a, lda): (*const u32, usize),
         b: *const u16,
-        c: *mut f32,
-        ldc: usize,
+        (c, ldc): (*mut f32, usize),
         (mr, nr): (usize, usize),
         accumulate: bool,
     ) {
@@ -525,9 +533,9 @@ mod packed {
         for p in 0..kp {
             let b0 = bh(_mm512_loadu_si512(b.add(p * NR * 2) as *const _));
             let b1 = bh(_mm512_loadu_si512(b.add(p * NR * 2 + 32) as *const _));
-            let ap = a.add(p * MR);
+            let ap = a.add(p);
             for (r, row) in acc.iter_mut().enumerate() {
-                let av = bh(_mm512_set1_epi32(*ap.add(r) as i32));
+                let av = bh(_mm512_set1_epi32(*ap.add(r * lda) as i32));
                 row[0] = _mm512_dpbf16_ps(row[0], av, b0);
                 row[1] = _mm512_dpbf16_ps(row[1], av, b1);
             }
@@ -571,6 +579,7 @@ mod packed {
             &self,
             kp: usize,
             a: *const u32,
+            lda: usize,
             b: *const u16,
             c: *mut f32,
             ldc: usize,
@@ -596,7 +605,7 @@ mod packed {
             #[repr(C, align(64))]
             struct Out([[f32; NR]; 32]);
             let mut out = Out([[0f32; NR]; 32]);
-            let a_stride = kp * 4; // bytes between lhs rows
+            let a_stride = lda * 4; // bytes between lhs rows
             let b_stride = NR * 4; // bytes between pairs of the rhs panel
             let a1 = (a as *const u8).add(16 * a_stride);
             asm!(
@@ -647,64 +656,305 @@ mod packed {
             );
             store(&out.0, c, ldc, tile, accumulate)
         }
+
+        fn native_convert(&self) -> bool {
+            super::cpu_has_avx512_bf16()
+        }
     }
 
-    /// Packs rows `k0..k0 + kc` and columns `j0..j0 + nc` of `rhs` into `NR`-column panels of
-    /// `kp` pairs (`kp >= kc / 2`; the pairs past `kc` are zero).
-    fn pack_rhs(
-        (rhs, rs, cs): (&[f32], usize, usize),
-        (k0, kc, kp): (usize, usize, usize),
-        (j0, nc): (usize, usize),
-        out: &mut Vec<u16>,
-    ) {
-        let panels = nc.div_ceil(NR);
-        out.clear();
-        out.resize(panels * kp * NR * 2, 0);
-        for (q, panel) in out.chunks_exact_mut(kp * NR * 2).enumerate() {
-            let cols = (nc - q * NR).min(NR);
-            for kk in 0..kc {
-                let dst = &mut panel[(kk / 2) * NR * 2..(kk / 2 + 1) * NR * 2];
-                let row = (k0 + kk) * rs;
-                for j in 0..cols {
-                    dst[2 * j + kk % 2] = bits(rhs[row + (j0 + q * NR + j) * cs]);
-                }
+    /// A raw pointer that the packing tasks share; each task writes a disjoint region.
+    #[derive(Clone, Copy)]
+    struct Shared<T>(*mut T);
+    // SAFETY: every user hands each task a disjoint region (see the callers' SAFETY notes).
+    unsafe impl<T> Send for Shared<T> {}
+    unsafe impl<T> Sync for Shared<T> {}
+    impl<T> Shared<T> {
+        /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+        fn ptr(&self) -> *mut T {
+            self.0
+        }
+    }
+
+    /// One `u32` of a packed operand: `lo` (even `k`) in the low half, `hi` in the high half.
+    #[inline(always)]
+    fn pair(lo: f32, hi: f32) -> u32 {
+        bits(lo) as u32 | ((bits(hi) as u32) << 16)
+    }
+
+    /// How packing rounds f32 to bf16.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum Convert {
+        /// [`bits`], element by element: exactly the numerics of the module docs.
+        Scalar,
+        /// `VCVTNE2PS2BF16`, 32 elements per instruction: the same rounding (to nearest, ties
+        /// to even; NaN stays NaN), except that subnormal inputs become zero, which changes no
+        /// product: the bf16 dot-product instructions treat subnormal operands as zero anyway.
+        Native,
+    }
+
+    impl Convert {
+        /// `dst[i] = bits(src[i])`.
+        pub(super) fn run(self, src: &[f32], dst: &mut [u16]) {
+            debug_assert_eq!(src.len(), dst.len());
+            #[cfg(target_arch = "x86_64")]
+            if self == Convert::Native {
+                // SAFETY: `Native` is chosen only where the CPU has AVX512-BF16 (and with it
+                // AVX512-BW, checked by `cpu_has_avx512_bf16`).
+                return unsafe { native::run(src, dst) };
+            }
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = bits(x);
+            }
+        }
+
+        /// `dst[i] = pair(lo[i], hi[i])`.
+        pub(super) fn interleave(self, lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+            debug_assert!(lo.len() == dst.len() && hi.len() == dst.len());
+            #[cfg(target_arch = "x86_64")]
+            if self == Convert::Native {
+                // SAFETY: as in `run`.
+                return unsafe { native::interleave(lo, hi, dst) };
+            }
+            for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                *d = pair(l, h);
             }
         }
     }
 
-    /// Packs rows `i0..i0 + mc` and columns `k0..k0 + kc` of `lhs` into panels of `mr` rows and
-    /// `kp` pairs, pair-major or row-major.
-    #[allow(clippy::too_many_arguments)]
+    /// The AVX512-BF16 conversions of [`Convert::Native`].
+    #[cfg(target_arch = "x86_64")]
+    mod native {
+        use std::arch::x86_64::*;
+
+        /// A mask of the first `n` (at most 16) lanes.
+        fn lanes(n: usize) -> __mmask16 {
+            if n >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << n) - 1
+            }
+        }
+
+        /// # Safety
+        /// The CPU must have AVX512-BF16 and AVX512-BW; `dst` is as long as `src`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        pub unsafe fn run(src: &[f32], dst: &mut [u16]) {
+            let n = src.len();
+            let mut i = 0;
+            while i < n {
+                let (m0, m1) = (lanes(n - i), lanes((n - i).saturating_sub(16)));
+                let x0 = _mm512_maskz_loadu_ps(m0, src.as_ptr().add(i));
+                let x1 = _mm512_maskz_loadu_ps(m1, src.as_ptr().wrapping_add(i + 16));
+                // the low 16 halves come from the second operand
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
+                let mask = (m0 as u32) | ((m1 as u32) << 16);
+                _mm512_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, mask, v);
+                i += 32;
+            }
+        }
+
+        /// # Safety
+        /// As [`run`]; `lo`, `hi` and `dst` have one length.
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        pub unsafe fn interleave(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+            // halves 0..16 from `lo`, 16..32 from `hi`, into lo0 hi0 lo1 hi1 ...
+            let order = _mm512_set_epi16(
+                31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+            );
+            let n = dst.len();
+            let mut i = 0;
+            while i < n {
+                let m = lanes(n - i);
+                let l = _mm512_maskz_loadu_ps(m, lo.as_ptr().add(i));
+                let h = _mm512_maskz_loadu_ps(m, hi.as_ptr().add(i));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(h, l));
+                let v = _mm512_permutexvar_epi16(order, v);
+                _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i) as *mut i32, m, v);
+                i += 16;
+            }
+        }
+    }
+
+    thread_local! {
+        /// The packed operands of the last product on this thread, kept so that a training
+        /// step does not allocate (and fault in) megabytes per product.
+        static WORKSPACE: std::cell::Cell<(Vec<u32>, Vec<u32>)> =
+            const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// `buf` at least `len` long (reusing its allocation; the caller writes every element it
+    /// reads).
+    fn at_least<T: Copy + Default>(buf: &mut Vec<T>, len: usize) {
+        if buf.len() < len {
+            buf.clear();
+            buf.resize(len, T::default());
+        }
+    }
+
+    /// `words` viewed as their halves (little-endian: the low half first).
+    fn halves(words: &mut [u32]) -> &mut [u16] {
+        // SAFETY: u16 has a smaller alignment than u32 and every bit pattern is valid.
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u16, 2 * words.len()) }
+    }
+
+    /// Pairs (and rows) gathered before they are written transposed.
+    const BLOCK: usize = 64;
+
+    /// Rounds `lhs` (`m x k`) into `out`: `rows` rows (`rows >= m`) of `lda` words (`lda >=
+    /// k / 2`), one word per pair of `k` ([`pair`]); the pairs past `k` and the rows past `m`
+    /// are zero. Tasks of [`BLOCK`] rows in parallel, each reading its operand in memory order.
     fn pack_lhs(
+        cv: Convert,
         (lhs, rs, cs): (&[f32], usize, usize),
-        (i0, mc): (usize, usize),
-        (k0, kc, kp): (usize, usize, usize),
-        (mr, row_major): (usize, bool),
+        (m, k): (usize, usize),
+        (rows, lda): (usize, usize),
         out: &mut Vec<u32>,
     ) {
-        let panels = mc.div_ceil(mr);
-        out.clear();
-        out.resize(panels * kp * mr, 0);
-        for (q, panel) in out.chunks_exact_mut(kp * mr).enumerate() {
-            let rows = (mc - q * mr).min(mr);
-            for r in 0..rows {
-                let base = (i0 + q * mr + r) * rs;
-                for p in 0..kc.div_ceil(2) {
-                    let k = k0 + 2 * p;
-                    let lo = bits(lhs[base + k * cs]) as u32;
-                    let hi = if 2 * p + 1 < kc {
-                        bits(lhs[base + (k + 1) * cs]) as u32
-                    } else {
-                        0
-                    };
-                    let at = if row_major { r * kp + p } else { p * mr + r };
-                    panel[at] = lo | (hi << 16);
+        let kp = k.div_ceil(2);
+        at_least(out, rows * lda);
+        out[m * lda..rows * lda].fill(0);
+        let o = Shared(out.as_mut_ptr());
+        crate::fused::for_each_index(m.div_ceil(BLOCK), |t| {
+            let (i0, i1) = (t * BLOCK, ((t + 1) * BLOCK).min(m));
+            // SAFETY: rows `i0..i1` of `out` (`lda` words each) belong to this task alone.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(o.ptr().add(i0 * lda), (i1 - i0) * lda) };
+            if cs == 1 {
+                // rows are contiguous: a row's pairs are its elements in order
+                for (i, d) in (i0..i1).zip(dst.chunks_exact_mut(lda)) {
+                    let d = halves(d);
+                    cv.run(&lhs[i * rs..i * rs + k], &mut d[..k]);
+                    d[k..].fill(0);
+                }
+            } else if rs == 1 {
+                // columns are contiguous (a transposed operand): interleave two columns into
+                // one word of every row, BLOCK pairs at a time, then write them row by row
+                let mut tmp = vec![0u32; BLOCK * BLOCK];
+                let zeros = vec![0f32; i1 - i0];
+                let col = |kk: usize| &lhs[kk * cs + i0..kk * cs + i1];
+                for p0 in (0..kp).step_by(BLOCK) {
+                    let pairs = (kp - p0).min(BLOCK);
+                    for (p, t) in (p0..p0 + pairs).zip(tmp.chunks_exact_mut(BLOCK)) {
+                        let hi = if 2 * p + 1 < k {
+                            col(2 * p + 1)
+                        } else {
+                            &zeros
+                        };
+                        cv.interleave(col(2 * p), hi, &mut t[..i1 - i0]);
+                    }
+                    for (r, d) in dst.chunks_exact_mut(lda).enumerate() {
+                        for (p, w) in d[p0..p0 + pairs].iter_mut().enumerate() {
+                            *w = tmp[p * BLOCK + r];
+                        }
+                    }
+                }
+                for d in dst.chunks_exact_mut(lda) {
+                    d[kp..].fill(0);
+                }
+            } else {
+                for (i, d) in (i0..i1).zip(dst.chunks_exact_mut(lda)) {
+                    for (p, w) in d.iter_mut().enumerate() {
+                        let at = |kk: usize| if kk < k { lhs[i * rs + kk * cs] } else { 0.0 };
+                        *w = pair(at(2 * p), at(2 * p + 1));
+                    }
                 }
             }
+        });
+    }
+
+    /// Rounds `rhs` (`k x n`) into `out`: panels of `NR` columns (the last one zero-padded),
+    /// each `kp` pairs of `k` (`kp >= k / 2`; the pairs past `k` are zero), a pair of a column
+    /// as one word ([`pair`]), pair-major. Panels in parallel.
+    fn pack_rhs(
+        cv: Convert,
+        (rhs, rs, cs): (&[f32], usize, usize),
+        (k, n): (usize, usize),
+        kp: usize,
+        out: &mut Vec<u32>,
+    ) {
+        let (pairs, panel, panels) = (k.div_ceil(2), kp * NR, n.div_ceil(NR));
+        // pair `p` of column `j` of a panel at word `p * NR + j`
+        at_least(out, panels * panel);
+        for q in 0..panels {
+            out[q * panel + pairs * NR..(q + 1) * panel].fill(0);
         }
+        let o = Shared(out.as_mut_ptr());
+        if cs == 1 {
+            // rows are contiguous: tasks of BLOCK pairs read whole rows (in memory order) and
+            // interleave two of them into one pair of every panel
+            let zeros = vec![0f32; n];
+            crate::fused::for_each_index(pairs.div_ceil(BLOCK), |t| {
+                for p in t * BLOCK..((t + 1) * BLOCK).min(pairs) {
+                    let lo = &rhs[2 * p * rs..2 * p * rs + n];
+                    let hi = match 2 * p + 1 < k {
+                        true => &rhs[(2 * p + 1) * rs..(2 * p + 1) * rs + n],
+                        false => &zeros[..],
+                    };
+                    for q in 0..panels {
+                        let (j0, cols) = (q * NR, (n - q * NR).min(NR));
+                        // SAFETY: pair `p` of every panel belongs to this task alone.
+                        let d = unsafe {
+                            std::slice::from_raw_parts_mut(o.ptr().add(q * panel + p * NR), NR)
+                        };
+                        cv.interleave(&lo[j0..j0 + cols], &hi[j0..j0 + cols], &mut d[..cols]);
+                        d[cols..].fill(0);
+                    }
+                }
+            });
+            return;
+        }
+        crate::fused::for_each_index(panels, |q| {
+            // SAFETY: panel `q` of `out` belongs to this task alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(o.ptr().add(q * panel), panel) };
+            let (j0, cols) = (q * NR, (n - q * NR).min(NR));
+            if rs == 1 {
+                // columns are contiguous: a column's pairs are its elements in order; convert
+                // BLOCK pairs of every column, then write them pair by pair
+                let mut tmp = vec![0u32; NR * BLOCK];
+                for p0 in (0..pairs).step_by(BLOCK) {
+                    let np = (pairs - p0).min(BLOCK);
+                    let (k0, k1) = (2 * p0, (2 * (p0 + np)).min(k));
+                    for (j, t) in tmp.chunks_exact_mut(BLOCK).take(cols).enumerate() {
+                        let c = (j0 + j) * cs;
+                        let t = halves(&mut t[..np]);
+                        cv.run(&rhs[c + k0..c + k1], &mut t[..k1 - k0]);
+                        t[k1 - k0..].fill(0);
+                    }
+                    for (p, d) in dst[p0 * NR..(p0 + np) * NR]
+                        .chunks_exact_mut(NR)
+                        .enumerate()
+                    {
+                        for (j, w) in d[..cols].iter_mut().enumerate() {
+                            *w = tmp[j * BLOCK + p];
+                        }
+                        d[cols..].fill(0);
+                    }
+                }
+            } else {
+                for (p, d) in dst.chunks_exact_mut(NR).take(pairs).enumerate() {
+                    for (j, w) in d.iter_mut().enumerate() {
+                        let at = |kk: usize| {
+                            if j < cols && kk < k {
+                                rhs[kk * rs + (j0 + j) * cs]
+                            } else {
+                                0.0
+                            }
+                        };
+                        *w = pair(at(2 * p), at(2 * p + 1));
+                    }
+                }
+            }
+        });
     }
 
     /// The packed product on `kernel`; arguments as [`super::gemm_with`] (already checked).
+    ///
+    /// Both operands are rounded and packed once, in parallel (each element read once); the
+    /// micro-kernel then reads `lhs` rows in place, so no panel of it is copied per block of
+    /// the result. Tasks are blocks of rows (a multiple of the thread count, at most 16
+    /// micro-tiles each); inside one, blocks of `k` ([`Layout::KC`]), then `rhs` panels
+    /// (each reused from L1 by every micro-tile of the block), then micro-tiles.
     pub fn gemm<K: MicroKernel>(
         kernel: &K,
         (m, n, k): (usize, usize, usize),
@@ -713,48 +963,51 @@ mod packed {
         lhs: (&[f32], usize, usize),
         rhs: (&[f32], usize, usize),
     ) {
-        let (mr, kc_max) = (K::Layout::MR, K::Layout::KC);
-        // Enough row blocks for every thread to get two, at most 16 micro-tiles of rows each.
+        let (mr, kc) = (K::Layout::MR, K::Layout::KC);
+        let lda = k.div_ceil(2).next_multiple_of(K::Layout::KP_ALIGN);
+        let (mut apack, mut bpack) = WORKSPACE.take();
+        let cv = if kernel.native_convert() {
+            Convert::Native
+        } else {
+            Convert::Scalar
+        };
+        pack_lhs(cv, lhs, (m, k), (m.next_multiple_of(mr), lda), &mut apack);
+        pack_rhs(cv, rhs, (k, n), lda, &mut bpack);
         let threads = rayon::current_num_threads().max(1);
-        let mc = m
-            .div_ceil(2 * threads)
-            .next_multiple_of(mr)
-            .clamp(mr, 16 * mr);
-        let blocks = m.div_ceil(mc);
+        let tiles = m.div_ceil(mr);
+        let blocks = tiles
+            .div_ceil(16)
+            .max(2 * threads)
+            .next_multiple_of(threads)
+            .min(tiles);
+        let mc = tiles.div_ceil(blocks) * mr;
         let c = SharedMut(dst.as_mut_ptr());
-        let mut bpack = Vec::new();
-        for j0 in (0..n).step_by(NC) {
-            let nc = (n - j0).min(NC);
-            for k0 in (0..k).step_by(kc_max) {
-                let kc = (k - k0).min(kc_max);
-                let kp = kc.div_ceil(2).next_multiple_of(K::Layout::KP_ALIGN);
-                pack_rhs(rhs, (k0, kc, kp), (j0, nc), &mut bpack);
-                let add = accumulate || k0 > 0;
-                let bp = &bpack;
-                crate::fused::for_each_index(blocks, |blk| {
-                    let i0 = blk * mc;
-                    let rows = (m - i0).min(mc);
-                    let mut apack = Vec::new();
-                    let layout = (mr, K::Layout::LHS_ROW_MAJOR);
-                    pack_lhs(lhs, (i0, rows), (k0, kc, kp), layout, &mut apack);
-                    for q in 0..nc.div_ceil(NR) {
-                        let cols = (nc - q * NR).min(NR);
-                        let b = bp[q * kp * NR * 2..].as_ptr();
-                        for s in 0..rows.div_ceil(mr) {
-                            let tile_rows = (rows - s * mr).min(mr);
-                            let a = apack[s * kp * mr..].as_ptr();
-                            // SAFETY: the panels hold `kp` pairs each; the tile's rows
-                            // `i0 + s*MR ..` and columns `j0 + q*NR ..` lie inside `dst`
-                            // (checked by the caller), and row blocks are disjoint per task.
-                            unsafe {
-                                let cp = c.ptr().add((i0 + s * mr) * drs + j0 + q * NR);
-                                kernel.run(kp, a, b, cp, drs, (tile_rows, cols), add);
-                            }
+        let (ap, bp) = (&apack, &bpack);
+        crate::fused::for_each_index(m.div_ceil(mc), |blk| {
+            let i0 = blk * mc;
+            let rows = (m - i0).min(mc);
+            for p0 in (0..lda).step_by(kc / 2) {
+                let kp = (lda - p0).min(kc / 2);
+                let add = accumulate || p0 > 0;
+                for q in 0..n.div_ceil(NR) {
+                    let cols = (n - q * NR).min(NR);
+                    let b = bp[(q * lda + p0) * NR..].as_ptr() as *const u16;
+                    for s in 0..rows.div_ceil(mr) {
+                        let tile_rows = (rows - s * mr).min(mr);
+                        let a = ap[(i0 + s * mr) * lda + p0..].as_ptr();
+                        // SAFETY: the packed `lhs` has `mr`-padded rows of `lda` words and
+                        // the panel `kp` pairs from `p0`; the tile's rows `i0 + s*MR ..` and
+                        // columns `q*NR ..` lie inside `dst` (checked by the caller), and row
+                        // blocks are disjoint per task.
+                        unsafe {
+                            let cp = c.ptr().add((i0 + s * mr) * drs + q * NR);
+                            kernel.run(kp, a, lda, b, cp, drs, (tile_rows, cols), add);
                         }
                     }
-                });
+                }
             }
-        }
+        });
+        WORKSPACE.set((apack, bpack));
     }
 }
 
@@ -929,6 +1182,77 @@ mod tests {
             "this CPU has no AVX512-BF16: the test cannot run here"
         );
         check_backend(Backend::Avx512Bf16);
+    }
+
+    /// `VCVTNE2PS2BF16` packing rounds as [`bits`] does (ties, NaN, infinities, overflow, both
+    /// signs) except that subnormal inputs become zero, at every length around its 16- and
+    /// 32-lane steps.
+    #[test]
+    #[ignore = "needs a CPU with AVX512-BF16 (AMD Zen 4 or later, Intel Cooper Lake, Sapphire \
+                Rapids or later)"]
+    fn avx512_bf16_packing_rounds_as_the_scalar_model() {
+        use packed::Convert;
+        assert!(
+            cpu_has_avx512_bf16(),
+            "this CPU has no AVX512-BF16: the test cannot run here"
+        );
+        let mut special = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0 - 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::MAX,
+            -f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+            3.3e38,
+        ];
+        special.extend(operand(200, 11));
+        let subnormal = f32::MIN_POSITIVE / 4.0;
+        special.push(subnormal);
+        let same = |native: u16, scalar: u16, x: f32| {
+            if x.is_nan() {
+                f32::from_bits((native as u32) << 16).is_nan()
+            } else if x.is_subnormal() {
+                native & 0x7FFF == 0
+            } else {
+                native == scalar
+            }
+        };
+        for len in (0..70).chain([special.len()]) {
+            let src = &special[special.len() - len..];
+            let (mut n, mut sc) = (vec![7u16; len], vec![0u16; len]);
+            Convert::Native.run(src, &mut n);
+            Convert::Scalar.run(src, &mut sc);
+            for i in 0..len {
+                assert!(
+                    same(n[i], sc[i], src[i]),
+                    "len {len}, {}: {:#x} vs {:#x}",
+                    src[i],
+                    n[i],
+                    sc[i]
+                );
+            }
+            let hi: Vec<f32> = src.iter().rev().copied().collect();
+            let (mut n, mut sc) = (vec![7u32; len], vec![0u32; len]);
+            Convert::Native.interleave(src, &hi, &mut n);
+            Convert::Scalar.interleave(src, &hi, &mut sc);
+            for i in 0..len {
+                let (lo_ok, hi_ok) = (
+                    same(n[i] as u16, sc[i] as u16, src[i]),
+                    same((n[i] >> 16) as u16, (sc[i] >> 16) as u16, hi[i]),
+                );
+                assert!(
+                    lo_ok && hi_ok,
+                    "interleave len {len}, {i}: {:#x} vs {:#x}",
+                    n[i],
+                    sc[i]
+                );
+            }
+        }
     }
 
     /// The AMX kernel, which only a CPU with AMX-BF16 under Linux runs (run it there with
