@@ -865,7 +865,8 @@ mod packed {
 
     /// Rounds `rhs` (`k x n`) into `out`: panels of `NR` columns (the last one zero-padded),
     /// each `kp` pairs of `k` (`kp >= k / 2`; the pairs past `k` are zero), a pair of a column
-    /// as one word ([`pair`]), pair-major. Panels in parallel.
+    /// as one word ([`pair`]), pair-major. In parallel: by blocks of pairs where the rows of
+    /// `rhs` are contiguous (each task reads whole rows), else by panels.
     fn pack_rhs(
         cv: Convert,
         (rhs, rs, cs): (&[f32], usize, usize),
