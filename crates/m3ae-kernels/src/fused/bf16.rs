@@ -709,14 +709,33 @@ mod packed {
 
         /// `dst[i] = pair(lo[i], hi[i])`.
         pub(super) fn interleave(self, lo: &[f32], hi: &[f32], dst: &mut [u32]) {
-            debug_assert!(lo.len() == dst.len() && hi.len() == dst.len());
+            assert!(lo.len() == dst.len() && hi.len() == dst.len());
+            let chunk = dst.len().next_multiple_of(16).max(16);
+            // SAFETY: one chunk covering `dst`.
+            unsafe { self.interleave_to(lo, hi, dst.as_mut_ptr(), (chunk, 0)) }
+        }
+
+        /// `pair(lo[i], hi[i])` into `dst`, in chunks of `chunk` words (a multiple of 16)
+        /// `stride` words apart: element `i` at `(i / chunk) * stride + i % chunk`. One call
+        /// writes a row of `rhs` into the same pair of every panel.
+        ///
+        /// # Safety
+        /// `dst` must be valid for those writes, and `hi` as long as `lo`.
+        pub(super) unsafe fn interleave_to(
+            self,
+            lo: &[f32],
+            hi: &[f32],
+            dst: *mut u32,
+            (chunk, stride): (usize, usize),
+        ) {
+            debug_assert!(hi.len() == lo.len() && chunk % 16 == 0);
             #[cfg(target_arch = "x86_64")]
             if self == Convert::Native {
-                // SAFETY: as in `run`.
-                return unsafe { native::interleave(lo, hi, dst) };
+                // SAFETY: as in `run`; the caller vouches for `dst`.
+                return native::interleave_to(lo, hi, dst, (chunk, stride));
             }
-            for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                *d = pair(l, h);
+            for (i, (&l, &h)) in lo.iter().zip(hi).enumerate() {
+                *dst.add((i / chunk) * stride + i % chunk) = pair(l, h);
             }
         }
     }
@@ -754,15 +773,20 @@ mod packed {
         }
 
         /// # Safety
-        /// As [`run`]; `lo`, `hi` and `dst` have one length.
+        /// As [`run`], and as [`super::Convert::interleave_to`].
         #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-        pub unsafe fn interleave(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+        pub unsafe fn interleave_to(
+            lo: &[f32],
+            hi: &[f32],
+            dst: *mut u32,
+            (chunk, stride): (usize, usize),
+        ) {
             // halves 0..16 from `lo`, 16..32 from `hi`, into lo0 hi0 lo1 hi1 ...
             let order = _mm512_set_epi16(
                 31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
                 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
             );
-            let n = dst.len();
+            let n = lo.len();
             let mut i = 0;
             while i < n {
                 let m = lanes(n - i);
@@ -770,7 +794,8 @@ mod packed {
                 let h = _mm512_maskz_loadu_ps(m, hi.as_ptr().add(i));
                 let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(h, l));
                 let v = _mm512_permutexvar_epi16(order, v);
-                _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i) as *mut i32, m, v);
+                let out = dst.add((i / chunk) * stride + i % chunk);
+                _mm512_mask_storeu_epi32(out as *mut i32, m, v);
                 i += 16;
             }
         }
@@ -892,14 +917,14 @@ mod packed {
                         true => &rhs[(2 * p + 1) * rs..(2 * p + 1) * rs + n],
                         false => &zeros[..],
                     };
-                    for q in 0..panels {
-                        let (j0, cols) = (q * NR, (n - q * NR).min(NR));
-                        // SAFETY: pair `p` of every panel belongs to this task alone.
-                        let d = unsafe {
-                            std::slice::from_raw_parts_mut(o.ptr().add(q * panel + p * NR), NR)
-                        };
-                        cv.interleave(&lo[j0..j0 + cols], &hi[j0..j0 + cols], &mut d[..cols]);
-                        d[cols..].fill(0);
+                    // SAFETY: pair `p` of every panel belongs to this task alone; columns
+                    // `q * NR ..` go to panel `q`.
+                    unsafe {
+                        cv.interleave_to(lo, hi, o.ptr().add(p * NR), (NR, panel));
+                        let last = (panels - 1) * panel + p * NR;
+                        for j in n - (panels - 1) * NR..NR {
+                            *o.ptr().add(last + j) = 0;
+                        }
                     }
                 }
             });
