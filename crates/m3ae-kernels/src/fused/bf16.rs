@@ -979,7 +979,7 @@ mod packed {
     /// Both operands are rounded and packed once, in parallel (each element read once); the
     /// micro-kernel then reads `lhs` rows in place, so no panel of it is copied per block of
     /// the result. Tasks are blocks of rows (a multiple of the thread count, at most 16
-    /// micro-tiles each); inside one, blocks of `k` ([`Layout::KC`]), then `rhs` panels
+    /// micro-tiles each, equal to one micro-tile); inside one, blocks of `k` ([`Layout::KC`]), then `rhs` panels
     /// (each reused from L1 by every micro-tile of the block), then micro-tiles.
     pub fn gemm<K: MicroKernel>(
         kernel: &K,
@@ -1006,12 +1006,14 @@ mod packed {
             .max(2 * threads)
             .next_multiple_of(threads)
             .min(tiles);
-        let mc = tiles.div_ceil(blocks) * mr;
         let c = SharedMut(dst.as_mut_ptr());
         let (ap, bp) = (&apack, &bpack);
-        crate::fused::for_each_index(m.div_ceil(mc), |blk| {
-            let i0 = blk * mc;
-            let rows = (m - i0).min(mc);
+        crate::fused::for_each_index(blocks, |blk| {
+            // micro-tiles spread evenly: blocks differ by one tile at most, so every thread
+            // gets the same share
+            let (t0, t1) = (blk * tiles / blocks, (blk + 1) * tiles / blocks);
+            let i0 = t0 * mr;
+            let rows = (t1 * mr).min(m) - i0;
             for p0 in (0..lda).step_by(kc / 2) {
                 let kp = (lda - p0).min(kc / 2);
                 let add = accumulate || p0 > 0;
