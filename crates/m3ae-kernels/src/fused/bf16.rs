@@ -546,12 +546,7 @@ mod packed {
                 if lo >= nr {
                     break;
                 }
-                let cols = (nr - lo).min(16);
-                let mask: __mmask16 = if cols == 16 {
-                    0xFFFF
-                } else {
-                    (1u16 << cols) - 1
-                };
+                let mask = native::lanes(nr - lo);
                 let dst = c.add(r * ldc + lo);
                 let v = if accumulate {
                     _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), v)
@@ -662,19 +657,6 @@ mod packed {
         }
     }
 
-    /// A raw pointer that the packing tasks share; each task writes a disjoint region.
-    #[derive(Clone, Copy)]
-    struct Shared<T>(*mut T);
-    // SAFETY: every user hands each task a disjoint region (see the callers' SAFETY notes).
-    unsafe impl<T> Send for Shared<T> {}
-    unsafe impl<T> Sync for Shared<T> {}
-    impl<T> Shared<T> {
-        /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-        fn ptr(&self) -> *mut T {
-            self.0
-        }
-    }
-
     /// One `u32` of a packed operand: `lo` (even `k`) in the low half, `hi` in the high half.
     #[inline(always)]
     fn pair(lo: f32, hi: f32) -> u32 {
@@ -745,8 +727,8 @@ mod packed {
     mod native {
         use std::arch::x86_64::*;
 
-        /// A mask of the first `n` (at most 16) lanes.
-        fn lanes(n: usize) -> __mmask16 {
+        /// A mask of the first `n` lanes (all 16 where `n >= 16`).
+        pub fn lanes(n: usize) -> __mmask16 {
             if n >= 16 {
                 0xFFFF
             } else {
@@ -839,7 +821,7 @@ mod packed {
         let kp = k.div_ceil(2);
         at_least(out, rows * lda);
         out[m * lda..rows * lda].fill(0);
-        let o = Shared(out.as_mut_ptr());
+        let o = SharedMut(out.as_mut_ptr());
         crate::fused::for_each_index(m.div_ceil(BLOCK), |t| {
             let (i0, i1) = (t * BLOCK, ((t + 1) * BLOCK).min(m));
             // SAFETY: rows `i0..i1` of `out` (`lda` words each) belong to this task alone.
@@ -905,7 +887,7 @@ mod packed {
         for q in 0..panels {
             out[q * panel + pairs * NR..(q + 1) * panel].fill(0);
         }
-        let o = Shared(out.as_mut_ptr());
+        let o = SharedMut(out.as_mut_ptr());
         if cs == 1 {
             // rows are contiguous: tasks of BLOCK pairs read whole rows (in memory order) and
             // interleave two of them into one pair of every panel

@@ -128,15 +128,21 @@ pub(crate) fn for_each_index(n: usize, f: impl Fn(usize) + Sync + Send) {
 }
 
 /// A raw pointer that parallel tasks share; each task touches a disjoint set of elements.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut(pub(crate) *mut f32);
+pub(crate) struct SharedMut<T = f32>(pub(crate) *mut T);
 // SAFETY: every user hands each task a disjoint region (see the callers' SAFETY notes).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+// (not derived: a derive would ask `T: Copy`, and copying the pointer never copies a `T`)
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<T> {}
 
-impl SharedMut {
+impl<T> SharedMut<T> {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    pub(crate) fn ptr(&self) -> *mut f32 {
+    pub(crate) fn ptr(&self) -> *mut T {
         self.0
     }
 }
